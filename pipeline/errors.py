@@ -1,0 +1,44 @@
+"""Typed errors for everything a user can get wrong.
+
+Every user-facing error says where (file, field), what is wrong, and how to fix it. The CLI turns
+a ForgeError into one line on stderr and exit code 2; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+
+class ForgeError(Exception):
+    """A problem the user can fix. `str()` is the whole message."""
+
+    def __init__(self, where: str, problem: str, fix: str | None = None):
+        self.where = where
+        self.problem = problem
+        self.fix = fix
+        text = f"{where}: {problem}" if where else problem
+        if fix:
+            text += f" Fix: {fix}"
+        super().__init__(text)
+
+
+class RecipeError(ForgeError):
+    """A recipe (or the GPU catalog) is malformed or asks for something impossible."""
+
+
+class StageInputError(ForgeError):
+    """A stage's upstream output is missing, stale or does not match its manifest."""
+
+
+class SourceError(ForgeError):
+    """A model or data source cannot be reached or is corrupt."""
+
+
+class CalibrationError(ForgeError):
+    """Calibration did not produce a usable quantized model."""
+
+
+class RegistryError(ForgeError):
+    """Publishing or pulling an artifact was refused."""
+
+
+class VerificationError(RegistryError):
+    """A file does not match the digest its manifest records."""
