@@ -172,17 +172,20 @@ def _adhoc_plan(args: argparse.Namespace, catalog):
 
 
 def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
-    from pipeline.planfile import PLAN_FILE, build_plan, render_plan
+    from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_artifacts
 
-    text = render_plan(build_plan(catalog, include_all=args.all))
+    plan = build_plan(catalog, include_all=args.all)
+    wanted = {PLAN_FILE: render_plan(plan), DVC_FILE: with_artifacts(DVC_FILE.read_text(), plan)}
     if args.check:
-        current = PLAN_FILE.read_text() if PLAN_FILE.exists() else ""
-        if current != text:
-            raise RecipeError(str(PLAN_FILE), "is stale: recipes/ changed since it was generated.", "run `make plan` and commit plan.yaml.")
-        print(f"{PLAN_FILE} is fresh.")
+        stale = [str(path) for path, text in wanted.items() if not path.exists() or path.read_text() != text]
+        if stale:
+            raise RecipeError(", ".join(stale), "stale: recipes/ changed since it was generated.",
+                              "run `make plan` and commit plan.yaml and dvc.yaml.")
+        print(f"{PLAN_FILE} and the artifacts of {DVC_FILE} are fresh.")
         return 0
-    PLAN_FILE.write_text(text)
-    print(f"wrote {PLAN_FILE}")
+    for path, text in wanted.items():
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 
@@ -246,10 +249,20 @@ def stage_verbs() -> dict[str, Callable[[argparse._SubParsersAction], None]]:
     return registry_of_verbs()
 
 
+# Only these verbs may reach the Hugging Face Hub (weights; hub calibration data). Every other
+# stage runs offline, so a compute step can never download silently.
+ONLINE_VERBS = {"download", "calibration-set"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     parser = build_parser(stage_verbs())
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    if args.verb not in ONLINE_VERBS:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
     except ForgeError as exc:

@@ -232,6 +232,17 @@ class Recipe:
         resolved = {"model": self.model.spec.model_dump(mode="json"), "variant": self.spec.model_dump(mode="json")}
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
+    def section_digest(self, section: str) -> str:
+        """sha256 of one recipe section, so a stage can record exactly the part it read."""
+        data: Any = {"model": self.model.spec.model_dump(mode="json"), **self.spec.model_dump(mode="json")}
+        for part in section.split("."):  # e.g. "targets.h200"
+            data = data[part]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def provenance(self, *sections: str) -> dict[str, Any]:
+        """What a stage's manifest records about the recipe: its id, path and the sections it read."""
+        return {"id": self.id, "path": str(self.path), "sections": {s: self.section_digest(s) for s in sections}}
+
     def resolved(self) -> dict[str, Any]:
         return {
             "id": self.id,

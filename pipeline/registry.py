@@ -1,0 +1,856 @@
+"""Publish and pull versioned, verifiable artifact bundles; pick the right one for a local GPU.
+
+An artifact is a bundle directory (quantized checkpoint, runtime config, stage manifests) plus a
+metadata dict, published under a name `<model>-<format>-<gpu>` such as
+`smollm2-135m-instruct-fp8-h200`. The registry is a plain directory tree, reached through fsspec,
+so the same code serves a local path and s3://, gs://, az://, ssh:// URLs.
+
+Layout under the registry root::
+
+    blobs/sha256/<first2>/<hexdigest>                  file contents, content-addressed, immutable
+    artifacts/<name>/versions/<vX.Y.Z>.json            one manifest per version, written once
+    artifacts/<name>/stages/<stage>/<seq:08d>.json     stage-label events, append-only
+
+A manifest holds the metadata and the file list (relpath, sha256, size). Nothing is ever
+rewritten: there is no shared index file that racing writers could corrupt. `list_artifacts()`
+derives the index by listing `artifacts/`, and a stage label is whichever event of that stage
+has the highest sequence number.
+
+Write order (so a reader never sees a manifest whose blobs are missing): blobs first, each
+written to a temporary name and moved into place; the manifest last, created *exclusively*.
+Versions are `vMAJOR.MINOR.PATCH`, the first `v1.0.0`, each publish bumps PATCH. Two publishers
+racing for the same version cannot both win: the loser sees the file exists and retries with
+the next version.
+
+Exclusive create, per backend:
+  * local directories: the manifest is written to a temporary file in the same directory and
+    hard-linked to its final name; link(2) fails with EEXIST if the name exists, so the final
+    name appears atomically, complete, at most once. Filesystems without hard links fall back
+    to open(O_CREAT | O_EXCL) (still exclusive, but a reader may briefly see a partial file).
+  * other fsspec backends: `fs.open(path, "xb")`. s3fs sends `If-None-Match: *` (s3fs PR #917,
+    fixed for small files in #974; needs botocore >= 1.33), adlfs maps it to overwrite=False
+    (adlfs PR #491), gcsfs to ifGenerationMatch=0. **Limitation**: fsspec leaves "x" to the
+    backend ("may be implemented by the backend", fsspec spec.py `open`); a backend that ignores
+    it writes like "wb". To narrow that window the registry checks existence first and reads
+    the manifest back after writing; a writer that finds someone else's bytes retries with the
+    next version. Two writers whose write and read-back interleave exactly can still lose one
+    manifest on such a backend (its blobs stay; republishing restores it). Backends with
+    listing caches (s3fs) have them invalidated before every version listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import RegistryError, VerificationError
+from pipeline.gpu_detect import LocalGpu
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,127}$"
+NAME_RULE = "lower-case letters, digits, '_' and '-' only, starting with a letter or digit, at most 128 characters"
+VERSION_PATTERN = r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$"
+FIRST_VERSION = (1, 0, 0)
+MANIFEST_SCHEMA = "forge-artifact/1"
+MANIFEST_FILENAME = "forge-artifact.json"
+PASSING_VERDICT = "pass"
+CHUNK = 1 << 20
+MAX_PUBLISH_ATTEMPTS = 1000
+
+_EXAMPLE_NAME = "smollm2-135m-instruct-fp8-h200"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    name: str
+    version: str
+    manifest_url: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    name: str
+    stage: str
+    version: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    """One row of `forge list`: facts from the newest version, plus every version and stage."""
+
+    name: str
+    versions: tuple[str, ...]
+    stages: dict[str, str]
+    latest: str
+    model: str
+    format: str
+    gpu: str
+    compute_capability: str
+    bits_per_weight: float
+    gate_verdict: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    name: str
+    version: str
+    dest: Path
+    files: int
+    total_bytes: int
+    overridden: tuple[str, ...]  # compatibility problems accepted because force=True
+
+
+@dataclass(frozen=True)
+class GitTag:
+    tag: str
+    commit: str
+
+
+# --------------------------------------------------------------------------- names and versions
+
+
+def _suggest_name(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9_-]+", "-", name.lower())
+    slug = re.sub(r"-{2,}", "-", slug).strip("-_")
+    return slug[:128]
+
+
+def validate_name(name: str, kind: str = "artifact name") -> str:
+    """Return `name` if it matches NAME_PATTERN, else raise RegistryError with a suggested fix.
+
+    Names become path components and git tag parts (GTO forbids dots), so anything that could
+    escape a directory ('/', '..') or be read as a version ('.') is refused, as is upper case
+    (case-insensitive filesystems would merge two artifacts).
+    """
+    if isinstance(name, str) and re.fullmatch(NAME_PATTERN, name):
+        return name
+    suggestion = _suggest_name(name) if isinstance(name, str) else ""
+    fix = f"use {suggestion!r}." if suggestion else f"use a name like {_EXAMPLE_NAME!r}."
+    raise RegistryError(f"{kind} {name!r}", f"must match {NAME_PATTERN} ({NAME_RULE}).", fix)
+
+
+def artifact_name(model: str, format: str, gpu: str) -> str:
+    """The conventional artifact name `<model>-<format>-<gpu>`, validated."""
+    return validate_name(f"{model}-{format}-{gpu}")
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    match = re.fullmatch(VERSION_PATTERN, version) if isinstance(version, str) else None
+    if not match:
+        raise RegistryError(
+            f"version {version!r}", "is not a version of the form vMAJOR.MINOR.PATCH.", "write e.g. 'v1.0.0'."
+        )
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def format_version(numbers: tuple[int, int, int]) -> str:
+    return "v{}.{}.{}".format(*numbers)
+
+
+def _next_version(existing: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
+    newest = max(existing, default=None)
+    if newest is None:
+        return FIRST_VERSION
+    return newest[0], newest[1], newest[2] + 1
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def validate_metadata(metadata: Mapping[str, Any]) -> None:
+    """Check the metadata fields the registry relies on; report every problem at once.
+
+    Required: model, format, gpu (strings); compute_capability ("9.0"); bits_per_weight (number);
+    tp (int >= 1); runtime_versions ({package: version}); gate ({"verdict": "pass"|..., ...}).
+    Optional and used when present: accuracy / throughput (nested dicts of numbers, shown by
+    list), memory_plan, min_gpu_memory_bytes (int, checked by GPU selection).
+    """
+    problems = []
+    for key in ("model", "format", "gpu"):
+        if not isinstance(metadata.get(key), str) or not metadata.get(key):
+            problems.append(f"{key} must be a non-empty string")
+    cc = metadata.get("compute_capability")
+    if not isinstance(cc, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", cc):
+        problems.append(f"compute_capability must be a string like '9.0', got {cc!r}")
+    bpw = metadata.get("bits_per_weight")
+    if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or bpw <= 0:
+        problems.append(f"bits_per_weight must be a positive number, got {bpw!r}")
+    tp = metadata.get("tp")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        problems.append(f"tp must be an integer >= 1, got {tp!r}")
+    runtimes = metadata.get("runtime_versions")
+    if not isinstance(runtimes, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in runtimes.items()
+    ):
+        problems.append(f"runtime_versions must map package names to version strings, got {runtimes!r}")
+    gate = metadata.get("gate")
+    if not isinstance(gate, Mapping) or not isinstance(gate.get("verdict"), str):
+        problems.append(f"gate must be a mapping with a string 'verdict', got {gate!r}")
+    mem = metadata.get("min_gpu_memory_bytes")
+    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int) or mem < 0):
+        problems.append(f"min_gpu_memory_bytes must be a non-negative integer, got {mem!r}")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"must be JSON-serialisable ({exc})")
+    if problems:
+        raise RegistryError(
+            "publish metadata",
+            "; ".join(problems) + ".",
+            "have the publish stage fill these fields from the build and evaluate manifests.",
+        )
+
+
+def _strip_timestamps(value: Any) -> Any:
+    # Idempotence compares content, not when it was produced: keys named "timestamp" or ending
+    # in "_at" (created_at, evaluated_at...) are ignored at any depth.
+    if isinstance(value, Mapping):
+        return {
+            k: _strip_timestamps(v)
+            for k, v in value.items()
+            if not (k == "timestamp" or (isinstance(k, str) and k.endswith("_at")))
+        }
+    if isinstance(value, (list, tuple)):
+        return [_strip_timestamps(v) for v in value]
+    return value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _same_content(manifest: Mapping[str, Any], files: list[dict], metadata: Mapping[str, Any]) -> bool:
+    theirs = [(f["relpath"], f["sha256"], f["size"]) for f in manifest.get("files", [])]
+    ours = [(f["relpath"], f["sha256"], f["size"]) for f in files]
+    if sorted(theirs) != sorted(ours):
+        return False
+    return _canonical(_strip_timestamps(manifest.get("metadata", {}))) == _canonical(
+        _strip_timestamps(json.loads(_canonical(metadata)))
+    )
+
+
+def _flat_numbers(value: Any, prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            out.update(_flat_numbers(sub, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------- compatibility and selection
+
+
+def compatibility_problems(
+    manifest: Mapping[str, Any],
+    local_gpu: LocalGpu | None,
+    runtime_versions: Mapping[str, str | None] | None,
+) -> list[str]:
+    """Why this artifact should not run here; empty when it should.
+
+    A TensorRT-LLM engine is bound to its compute capability and TensorRT version (TRT-LLM issues
+    #222, #574), and ModelOpt / TRT-LLM / transformers versions are coupled, so an exact match
+    of compute capability and of every runtime the caller reports is required. Runtimes the
+    caller does not report (absent, or None = not installed) are not compared.
+    """
+    meta = manifest.get("metadata", {})
+    problems = []
+    if local_gpu is not None and meta.get("compute_capability") != local_gpu.compute_capability:
+        problems.append(
+            f"built for compute capability {meta.get('compute_capability')} ({meta.get('gpu')}), "
+            f"this GPU ({local_gpu.name}) is {local_gpu.compute_capability}"
+        )
+    built = meta.get("runtime_versions", {})
+    for package, local in sorted((runtime_versions or {}).items()):
+        if local is None or package not in built:
+            continue
+        if built[package] != local:
+            problems.append(f"built with {package} {built[package]}, this machine has {local}")
+    return problems
+
+
+def reject_reason(manifest: Mapping[str, Any], gpu: LocalGpu) -> str | None:
+    """Why `select_for_gpu` would never choose this manifest for `gpu`; None if it is a candidate."""
+    meta = manifest.get("metadata", {})
+    verdict = meta.get("gate", {}).get("verdict")
+    if verdict != PASSING_VERDICT:
+        return f"accuracy gate verdict is {verdict!r}, not {PASSING_VERDICT!r}"
+    if meta.get("compute_capability") != gpu.compute_capability:
+        built = meta.get("compute_capability")
+        return f"built for compute capability {built}, local GPU is {gpu.compute_capability}"
+    tp = meta.get("tp", 1)
+    if tp > gpu.count:
+        return f"needs {tp} GPUs (tensor parallel), {gpu.count} available"
+    need = meta.get("min_gpu_memory_bytes")
+    if need is not None and need > gpu.memory_bytes:
+        return f"needs {need} bytes of GPU memory, local GPU has {gpu.memory_bytes}"
+    return None
+
+
+def select_for_gpu(manifests: list[dict], gpu: LocalGpu) -> dict | None:
+    """Pick the artifact to run on `gpu`, in the manner of NVIDIA NIM's profile selection.
+
+    Candidates: gate verdict "pass", the same compute capability, tp within the local GPU
+    count, and (when recorded) memory need within the local GPU. Among them prefer the exact
+    SKU (`metadata.gpu == gpu.sku`: its runtime config was sized for this card's memory), then
+    fewer bits per weight, then the newest version; the name breaks remaining ties so the
+    answer never depends on input order. None when nothing qualifies (see `reject_reason`).
+    """
+    candidates = [m for m in manifests if reject_reason(m, gpu) is None]
+    if not candidates:
+        return None
+
+    def rank(manifest: Mapping[str, Any]) -> tuple:
+        meta = manifest["metadata"]
+        major, minor, patch = parse_version(manifest["version"])
+        exact = gpu.sku is not None and meta.get("gpu") == gpu.sku
+        return (0 if exact else 1, float(meta["bits_per_weight"]), -major, -minor, -patch, manifest["name"])
+
+    return min(candidates, key=rank)
+
+
+# --------------------------------------------------------------------------- bundle hashing
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _bundle_files(bundle_dir: Path) -> list[dict]:
+    if not bundle_dir.is_dir():
+        raise RegistryError(
+            f"bundle {bundle_dir}", "is not a directory.", "pass the build stage's bundle output directory."
+        )
+    files = []
+    for root, dirs, names in os.walk(bundle_dir):
+        dirs.sort()
+        for fname in sorted(names):
+            path = Path(root) / fname
+            relpath = path.relative_to(bundle_dir).as_posix()
+            if relpath == MANIFEST_FILENAME:
+                # A pulled bundle carries its registry manifest; republishing it must not nest it.
+                log.info("skipping %s in %s: it is written by pull, not part of the artifact", relpath, bundle_dir)
+                continue
+            if not path.is_file():
+                continue
+            sha, size = _hash_file(path)
+            files.append({"relpath": relpath, "sha256": sha, "size": size})
+    files.sort(key=lambda f: f["relpath"])
+    if not files:
+        raise RegistryError(f"bundle {bundle_dir}", "contains no files.", "publish the build stage's output directory.")
+    return files
+
+
+def _safe_relpath(relpath: str, where: str) -> str:
+    parts = relpath.split("/")
+    if not relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in relpath:
+        raise VerificationError(
+            where, f"manifest lists an unsafe file path {relpath!r}.", "the manifest is corrupt; re-publish."
+        )
+    return relpath
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+class Registry:
+    """A registry rooted at `url` (a local directory or any fsspec URL). Creates nothing until written to."""
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = os.fspath(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/") or "/"
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    # ---- paths
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _blob_path(self, sha: str) -> str:
+        return self._path("blobs", "sha256", sha[:2], sha)
+
+    def _manifest_path(self, name: str, version: str) -> str:
+        return self._path("artifacts", name, "versions", f"{version}.json")
+
+    def _url(self, path: str) -> str:
+        return path if self._local else self.fs.unstrip_protocol(path)
+
+    # ---- low-level io
+
+    def _ls_names(self, path: str) -> list[str]:
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+    def _read_json(self, path: str) -> dict:
+        with self.fs.open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            return json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VerificationError(
+                self._url(path),
+                f"is not valid JSON ({exc}).",
+                "restore this file from a copy of the registry; registry files are never rewritten.",
+            ) from exc
+
+    def _create_exclusive(self, path: str, data: bytes) -> None:
+        """Create `path` holding `data`; FileExistsError if it exists (see module docstring)."""
+        parent = posixpath.dirname(path)
+        self.fs.makedirs(parent, exist_ok=True)
+        if self._local:
+            self._create_exclusive_local(path, data)
+            return
+        if self.fs.exists(path):
+            raise FileExistsError(path)
+        with self.fs.open(path, "xb") as fh:
+            fh.write(data)
+        self.fs.invalidate_cache(path)
+        if self.fs.cat_file(path) != data:
+            raise FileExistsError(path)
+
+    @staticmethod
+    def _create_exclusive_local(path: str, data: bytes) -> None:
+        parent = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic; EEXIST if another writer took the name
+                return
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                log.debug("hard links unsupported in %s (%s); using O_EXCL", parent, exc)
+            fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd2, "wb") as fh:
+                fh.write(data)
+        finally:
+            os.unlink(tmp)
+
+    def _upload_blob(self, source: Path, sha: str, size: int) -> bool:
+        """Copy `source` into the blob store unless present; True if it uploaded."""
+        final = self._blob_path(sha)
+        self.fs.invalidate_cache(posixpath.dirname(final))
+        if self.fs.exists(final):
+            if self.fs.size(final) == size:
+                return False
+            log.warning("blob %s has the wrong size in the registry; uploading it again", sha)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, self.fs.open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            if digest.hexdigest() != sha:
+                raise RegistryError(
+                    f"bundle file {source}",
+                    "changed while it was being published.",
+                    "let the stage that writes it finish, then publish again.",
+                )
+            self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm_file(tmp)
+            raise
+        return True
+
+    # ---- reading
+
+    def _require_root(self) -> None:
+        if not self.fs.exists(self.root):
+            raise RegistryError(
+                f"registry {self.url}",
+                "does not exist.",
+                "check the registry URL, or publish an artifact first.",
+            )
+
+    def names(self) -> list[str]:
+        """Every artifact name with at least one version."""
+        return [
+            n
+            for n in self._ls_names(self._path("artifacts"))
+            if re.fullmatch(NAME_PATTERN, n) and self._version_numbers(n)
+        ]
+
+    def _version_numbers(self, name: str) -> list[tuple[int, int, int]]:
+        found = []
+        for entry in self._ls_names(self._path("artifacts", name, "versions")):
+            stem, ext = posixpath.splitext(entry)
+            if ext == ".json" and re.fullmatch(VERSION_PATTERN, stem):
+                found.append(parse_version(stem))
+        return sorted(found)
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of `name`, oldest first (semantic order, not string order)."""
+        validate_name(name)
+        return [format_version(v) for v in self._version_numbers(name)]
+
+    def stages(self, name: str) -> dict[str, str]:
+        """Current stage labels of `name`: stage -> version (the newest event of each stage wins)."""
+        validate_name(name)
+        current = {}
+        for stage in self._ls_names(self._path("artifacts", name, "stages")):
+            events = [
+                e
+                for e in self._ls_names(self._path("artifacts", name, "stages", stage))
+                if re.fullmatch(r"[0-9]{8}\.json", e)
+            ]
+            if events:
+                event = self._read_json(self._path("artifacts", name, "stages", stage, events[-1]))
+                current[stage] = event["version"]
+        return current
+
+    def _unknown_name(self, name: str) -> RegistryError:
+        known = self.names()
+        return RegistryError(
+            f"registry {self.url}",
+            f"has no artifact {name!r}; it has: {', '.join(known) if known else 'none'}.",
+            "run `forge list` and pick one of those names.",
+        )
+
+    def resolve(self, name: str, version: str | None = None, stage: str | None = None) -> str:
+        """The version that `version` / `stage` / (neither: newest) designates."""
+        validate_name(name)
+        if version is not None and stage is not None:
+            raise RegistryError(f"artifact {name}", "both a version and a stage were given.", "give one of them.")
+        existing = self.versions(name)
+        if not existing:
+            self._require_root()
+            raise self._unknown_name(name)
+        if stage is not None:
+            labels = self.stages(name)
+            if stage not in labels:
+                listing = ", ".join(f"{s} -> {v}" for s, v in sorted(labels.items())) or "none"
+                raise RegistryError(
+                    f"artifact {name}",
+                    f"has no stage {stage!r}; its stages are: {listing}.",
+                    f"assign it first, or pull a version ({', '.join(existing)}).",
+                )
+            return labels[stage]
+        if version is None:
+            return existing[-1]
+        if version not in existing:
+            raise RegistryError(
+                f"artifact {name}",
+                f"has no version {version!r}; it has: {', '.join(existing)}.",
+                "pick one of those versions, or omit the version for the newest.",
+            )
+        return version
+
+    def get_manifest(self, name: str, version: str | None = None, stage: str | None = None) -> dict:
+        """The manifest of the given version, the version a stage points at, or the newest."""
+        resolved = self.resolve(name, version=version, stage=stage)
+        return self._read_json(self._manifest_path(name, resolved))
+
+    def manifests(self, model: str | None = None) -> list[dict]:
+        """Every version's manifest (select_for_gpu input), optionally only metadata.model == `model`."""
+        out = []
+        for name in self.names():
+            for version in self.versions(name):
+                manifest = self._read_json(self._manifest_path(name, version))
+                if model is None or manifest.get("metadata", {}).get("model") == model:
+                    out.append(manifest)
+        return out
+
+    def list_artifacts(self, gpu: str | None = None) -> list[ArtifactSummary]:
+        """One summary per artifact, sorted by name; `gpu` keeps only artifacts built for that catalog SKU."""
+        summaries = []
+        for name in self.names():
+            versions = tuple(self.versions(name))
+            meta = self._read_json(self._manifest_path(name, versions[-1]))["metadata"]
+            if gpu is not None and meta.get("gpu") != gpu:
+                continue
+            metrics = {
+                **_flat_numbers(meta.get("accuracy"), "accuracy"),
+                **_flat_numbers(meta.get("throughput"), "throughput"),
+            }
+            summaries.append(
+                ArtifactSummary(
+                    name=name,
+                    versions=versions,
+                    stages=self.stages(name),
+                    latest=versions[-1],
+                    model=meta.get("model", ""),
+                    format=meta.get("format", ""),
+                    gpu=meta.get("gpu", ""),
+                    compute_capability=meta.get("compute_capability", ""),
+                    bits_per_weight=float(meta.get("bits_per_weight", 0.0)),
+                    gate_verdict=meta.get("gate", {}).get("verdict", ""),
+                    metrics=metrics,
+                )
+            )
+        return summaries
+
+    # ---- writing
+
+    def publish(
+        self,
+        bundle_dir: str | os.PathLike,
+        name: str,
+        metadata: Mapping[str, Any],
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> PublishResult:
+        """Publish `bundle_dir` as the next version of `name`; created=False if the newest is identical."""
+        validate_name(name)
+        validate_metadata(metadata)
+        bundle = Path(bundle_dir)
+        files = _bundle_files(bundle)
+        meta = json.loads(_canonical(metadata))  # a plain-JSON copy: the caller's dict is never kept
+
+        uploaded = sum(self._upload_blob(bundle / f["relpath"], f["sha256"], f["size"]) for f in files)
+        log.info("%s: %d files, %d new blobs", name, len(files), uploaded)
+
+        for _ in range(MAX_PUBLISH_ATTEMPTS):
+            existing = self._version_numbers(name)
+            if existing:
+                newest = format_version(existing[-1])
+                if _same_content(self._read_json(self._manifest_path(name, newest)), files, meta):
+                    log.info("%s %s already has this content; nothing published", name, newest)
+                    return PublishResult(name, newest, self._url(self._manifest_path(name, newest)), created=False)
+            version = format_version(_next_version(existing))
+            manifest = {
+                "schema": MANIFEST_SCHEMA,
+                "name": name,
+                "version": version,
+                "published_at": now().isoformat(timespec="seconds"),
+                "metadata": meta,
+                "files": files,
+                "total_bytes": sum(f["size"] for f in files),
+            }
+            path = self._manifest_path(name, version)
+            try:
+                self._create_exclusive(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+            except FileExistsError:
+                log.info("%s %s was taken by another publisher; trying the next version", name, version)
+                continue
+            log.info("published %s %s", name, version)
+            return PublishResult(name, version, self._url(path), created=True)
+        raise RegistryError(
+            f"artifact {name}",
+            f"lost the race for a new version {MAX_PUBLISH_ATTEMPTS} times.",
+            "check that the registry backend supports exclusive create, then publish again.",
+        )
+
+    def assign_stage(self, name: str, version: str, stage: str) -> StageAssignment:
+        """Label `version` of `name` with `stage` by appending an event (earlier labels stay as history)."""
+        validate_name(stage, kind="stage name")
+        resolved = self.resolve(name, version=version)
+        folder = self._path("artifacts", name, "stages", stage)
+        for _ in range(MAX_PUBLISH_ATTEMPTS):
+            seqs = [int(e[:8]) for e in self._ls_names(folder) if re.fullmatch(r"[0-9]{8}\.json", e)]
+            seq = max(seqs, default=0) + 1
+            event = {
+                "name": name,
+                "stage": stage,
+                "version": resolved,
+                "seq": seq,
+                "assigned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            try:
+                self._create_exclusive(
+                    posixpath.join(folder, f"{seq:08d}.json"),
+                    (json.dumps(event, sort_keys=True) + "\n").encode(),
+                )
+            except FileExistsError:
+                continue
+            return StageAssignment(name, stage, resolved, seq)
+        raise RegistryError(f"artifact {name}", f"could not append a {stage!r} event.", "try again.")
+
+    # ---- pulling
+
+    def pull(
+        self,
+        name: str,
+        dest: str | os.PathLike,
+        *,
+        version: str | None = None,
+        stage: str | None = None,
+        force: bool = False,
+        local_gpu: LocalGpu | None = None,
+        runtime_versions: Mapping[str, str | None] | None = None,
+    ) -> PullResult:
+        """Download, verify and place an artifact at `dest` (all or nothing), with `forge-artifact.json`."""
+        manifest = self.get_manifest(name, version=version, stage=stage)
+        resolved = manifest["version"]
+        where = f"{name} {resolved}"
+        problems = compatibility_problems(manifest, local_gpu, runtime_versions)
+        if problems and not force:
+            raise RegistryError(
+                where,
+                "does not match this machine: " + "; ".join(problems) + ".",
+                "pull the artifact built for this GPU and runtime (`forge list`), or pass --force to pull anyway.",
+            )
+        for problem in problems:
+            log.warning("%s: pulling despite: %s", where, problem)
+
+        target = Path(dest).absolute()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise RegistryError(
+                f"destination {target}",
+                "already exists and is not an empty directory.",
+                "pull into a new directory, or remove this one first.",
+            )
+        created_parents = [p for p in reversed(target.parents) if not p.exists()]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        try:
+            for entry in manifest["files"]:
+                self._fetch_verified(entry, staging, where)
+            (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            try:
+                os.rename(staging, target)  # replaces an empty directory atomically on POSIX
+            except OSError as exc:
+                raise RegistryError(
+                    f"destination {target}",
+                    f"could not be put in place ({exc}).",
+                    "pull into a new directory.",
+                ) from exc
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            for parent in reversed(created_parents):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            raise
+        log.info("pulled %s into %s", where, target)
+        return PullResult(
+            name, resolved, target, len(manifest["files"]), manifest.get("total_bytes", 0), tuple(problems)
+        )
+
+    def _fetch_verified(self, entry: Mapping[str, Any], staging: Path, where: str) -> None:
+        relpath = _safe_relpath(entry["relpath"], where)
+        out = staging / relpath
+        out.parent.mkdir(parents=True, exist_ok=True)
+        blob = self._blob_path(entry["sha256"])
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self.fs.open(blob, "rb") as src, open(out, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    dst.write(chunk)
+        except FileNotFoundError as exc:
+            raise VerificationError(
+                where,
+                f"file {relpath}: blob sha256 {entry['sha256']} is missing from the registry.",
+                "re-publish the artifact from its bundle.",
+            ) from exc
+        if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
+            raise VerificationError(
+                where,
+                f"file {relpath}: expected sha256 {entry['sha256']} ({entry['size']} bytes), "
+                f"got sha256 {digest.hexdigest()} ({size} bytes).",
+                "the registry copy is corrupt or truncated; re-publish the artifact from its bundle.",
+            )
+
+
+# --------------------------------------------------------------------------- GTO git tags
+
+
+def _git(repo_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, check=False)
+
+
+def _require_repo(repo_dir: Path) -> str:
+    """HEAD's commit of the git repository at `repo_dir`."""
+    if _git(repo_dir, "rev-parse", "--git-dir").returncode != 0:
+        raise RegistryError(
+            f"git tags in {repo_dir}",
+            "this directory is not a git repository.",
+            "run `git init` there, or pass the repository that holds the recipes.",
+        )
+    head = _git(repo_dir, "rev-parse", "--verify", "-q", "HEAD^{commit}")
+    if head.returncode != 0:
+        raise RegistryError(
+            f"git tags in {repo_dir}", "the repository has no commits yet.", "commit the recipes first."
+        )
+    return head.stdout.strip()
+
+
+def _create_tag(repo_dir: Path, tag: str, commit: str, message: str) -> GitTag:
+    if _git(repo_dir, "rev-parse", "-q", "--verify", f"refs/tags/{tag}").returncode == 0:
+        raise RegistryError(
+            f"git tag {tag}",
+            f"already exists in {repo_dir}.",
+            "tags are immutable records; publish a new version instead of re-tagging.",
+        )
+    done = _git(repo_dir, "tag", "-a", tag, "-m", message, commit)
+    if done.returncode != 0:
+        raise RegistryError(f"git tag {tag}", f"`git tag -a` failed: {done.stderr.strip()}", "fix the git error above.")
+    return GitTag(tag, commit)
+
+
+def tag_version(repo_dir: str | os.PathLike, name: str, version: str, message: str) -> GitTag:
+    """Create GTO's version-registration tag `name@vX.Y.Z` (annotated) on HEAD."""
+    validate_name(name)
+    parse_version(version)
+    repo = Path(repo_dir)
+    return _create_tag(repo, f"{name}@{version}", _require_repo(repo), message)
+
+
+def tag_stage(repo_dir: str | os.PathLike, name: str, stage: str, message: str, version: str | None = None) -> GitTag:
+    """Create GTO's stage-assignment tag `name#stage#N` (annotated).
+
+    It goes on the commit of `name@version` when `version` is given (so GTO reads it as
+    assigning that version), else on HEAD. N is one more than the largest N of any stage tag of
+    this artifact, as GTO numbers them (iterative/gto, gto/tag.py `name_tag`).
+    """
+    validate_name(name)
+    validate_name(stage, kind="stage name")
+    repo = Path(repo_dir)
+    commit = _require_repo(repo)
+    if version is not None:
+        parse_version(version)
+        found = _git(repo, "rev-parse", "-q", "--verify", f"refs/tags/{name}@{version}^{{commit}}")
+        if found.returncode != 0:
+            raise RegistryError(
+                f"git tags in {repo}",
+                f"there is no tag {name}@{version} to assign a stage to.",
+                "register it first (tag_version), or omit the version to tag HEAD.",
+            )
+        commit = found.stdout.strip()
+    listed = _git(repo, "tag", "--list", f"{name}#*")
+    numbers = [int(m[1]) for t in listed.stdout.split() if (m := re.fullmatch(rf"{re.escape(name)}#[^#]+#([0-9]+)", t))]
+    return _create_tag(repo, f"{name}#{stage}#{max(numbers, default=0) + 1}", commit, message)

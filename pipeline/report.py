@@ -1,0 +1,385 @@
+"""The comparison report: every model × format × GPU target side by side.
+
+Input: one entry per built target, a JSON-able mapping with this schema (validated, unknown keys
+rejected):
+
+    model: str                   # e.g. "smollm2-135m"
+    format: str                  # "bf16" for the baseline, or fp8 / nvfp4 / mxfp4
+    gpu: str                     # GPU catalog key, e.g. "h200"
+    tp: int                      # tensor-parallel size (>= 1)
+    gate: GateReport.to_dict() | null   # {verdict, rows: [{metric, baseline, quantized, direction,
+                                        #   recovery, threshold, verdict, reason}]}; null: not gated
+    memory: {weights_bytes: int, kv_capacity_tokens: int, ...}   # sizing's memory plan; extra
+                                                                  # keys are kept, not shown
+    throughput: {decode_tok_s_max_batch: float, source: "predicted" | "measured"} | null
+    joules_per_token: float | null
+    usd_per_mtok: float | null
+
+Output under `out_dir`: report.md (one table per model, then gate details), recovery_<model>.png
+and throughput.png (matplotlib, Agg canvas), and DVC-plot-friendly recovery.csv / recovery.json
+(one row per target × metric) and targets.csv / targets.json (one row per target).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import StageInputError
+from pipeline.gates import GateReport, format_recovery
+
+log = logging.getLogger(__name__)
+
+
+class _GateRowIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str
+    baseline: float | None
+    quantized: float | None
+    direction: Literal["higher", "lower"]
+    recovery: float | Literal["inf", "-inf"] | None
+    threshold: float
+    verdict: Literal["pass", "fail"]
+    reason: str
+
+
+class _GateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    verdict: Literal["pass", "fail"]
+    rows: tuple[_GateRowIn, ...]
+
+
+class MemoryPlan(BaseModel):
+    """The part of sizing's plan the report shows; other keys pass through untouched."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    weights_bytes: int = Field(ge=0)
+    kv_capacity_tokens: int = Field(ge=0)
+
+
+class Throughput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    decode_tok_s_max_batch: float = Field(ge=0)
+    source: Literal["predicted", "measured"]
+
+
+class TargetEntry(BaseModel):
+    """One model × format × GPU × TP target (schema in the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    format: str = Field(min_length=1)
+    gpu: str = Field(min_length=1)
+    tp: int = Field(ge=1)
+    gate: _GateIn | None = None
+    memory: MemoryPlan
+    throughput: Throughput | None = None
+    joules_per_token: float | None = Field(default=None, ge=0)
+    usd_per_mtok: float | None = Field(default=None, ge=0)
+
+    @property
+    def target(self) -> str:
+        return f"{self.format}@{self.gpu}x{self.tp}"
+
+    def gate_report(self) -> GateReport | None:
+        return None if self.gate is None else GateReport.from_dict(self.gate.model_dump())
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    plots: tuple[Path, ...]
+    tables: tuple[Path, ...]
+
+
+def load_entries(raw: Sequence[Mapping[str, Any]], where: str = "report input") -> list[TargetEntry]:
+    """Validate entries; an error names the entry index and field."""
+    entries = []
+    for i, item in enumerate(raw):
+        try:
+            entries.append(TargetEntry.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in exc.errors()
+            )
+            raise StageInputError(f"{where}[{i}]", f"{problems}.", "see the schema in pipeline/report.py.") from exc
+    seen: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(entries):
+        key = (e.model, e.target)
+        if key in seen:
+            raise StageInputError(
+                f"{where}[{i}]", f"{e.model} {e.target} also appears at [{seen[key]}].", "give each target once."
+            )
+        seen[key] = i
+    return entries
+
+
+def write_report(
+    raw_entries: Sequence[Mapping[str, Any]], out_dir: Path, title: str = "forge comparison report"
+) -> ReportFiles:
+    """Write report.md, PNG plots and CSV/JSON tables for `raw_entries` into `out_dir`."""
+    entries = load_entries(raw_entries)
+    if not entries:
+        raise StageInputError("report input", "no targets to report.", "build or plan at least one target first.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_model: dict[str, list[TargetEntry]] = {}
+    for e in entries:
+        by_model.setdefault(e.model, []).append(e)
+
+    recovery_rows = _recovery_rows(entries)
+    target_rows = _target_rows(entries)
+    tables = (
+        _write_csv(out_dir / "recovery.csv", recovery_rows),
+        _write_json(out_dir / "recovery.json", recovery_rows),
+        _write_csv(out_dir / "targets.csv", target_rows),
+        _write_json(out_dir / "targets.json", target_rows),
+    )
+    plots = [
+        _plot_recovery(model, targets, out_dir / f"recovery_{_slug(model)}.png")
+        for model, targets in by_model.items()
+        if any(t.gate for t in targets)
+    ]
+    plots.append(_plot_throughput(entries, out_dir / "throughput.png"))
+
+    markdown = out_dir / "report.md"
+    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None]), encoding="utf-8")
+    log.info("report: %s (%d targets, %d models)", markdown, len(entries), len(by_model))
+    return ReportFiles(markdown=markdown, plots=tuple(p for p in plots if p is not None), tables=tables)
+
+
+# ---------------------------------------------------------------------------------- tables
+
+
+def _recovery_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
+    rows = []
+    for e in entries:
+        report = e.gate_report()
+        for r in report.rows if report else ():
+            rows.append(
+                {
+                    "model": e.model,
+                    "format": e.format,
+                    "gpu": e.gpu,
+                    "tp": e.tp,
+                    "target": e.target,
+                    "metric": r.metric,
+                    "direction": r.direction,
+                    "baseline": r.baseline,
+                    "quantized": r.quantized,
+                    # DVC plots and CSV readers want numbers: an infinite recovery is reported as
+                    # None here and as "∞" in report.md (the gate JSON keeps the string "inf").
+                    "recovery": r.recovery if r.recovery is not None and math.isfinite(r.recovery) else None,
+                    "threshold": r.threshold,
+                    "verdict": r.verdict,
+                }
+            )
+    return rows
+
+
+def _target_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
+    rows = []
+    for e in entries:
+        report = e.gate_report()
+        values = [r.recovery for r in report.rows if r.recovery is not None] if report else []
+        rows.append(
+            {
+                "model": e.model,
+                "format": e.format,
+                "gpu": e.gpu,
+                "tp": e.tp,
+                "target": e.target,
+                "gate": report.verdict if report else None,
+                "min_recovery": min(values) if values and math.isfinite(min(values)) else None,
+                "weights_bytes": e.memory.weights_bytes,
+                "kv_capacity_tokens": e.memory.kv_capacity_tokens,
+                "decode_tok_s_max_batch": e.throughput.decode_tok_s_max_batch if e.throughput else None,
+                "throughput_source": e.throughput.source if e.throughput else None,
+                "joules_per_token": e.joules_per_token,
+                "usd_per_mtok": e.usd_per_mtok,
+            }
+        )
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    fields = list(rows[0]) if rows else ["model", "target"]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return path
+
+
+def _write_json(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------- markdown
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _model_table(targets: Sequence[TargetEntry]) -> str:
+    metrics: list[str] = []
+    for t in targets:
+        report = t.gate_report()
+        for r in report.rows if report else ():
+            if r.metric not in metrics:
+                metrics.append(r.metric)
+    head = [
+        "format",
+        "GPU",
+        "TP",
+        "gate",
+        *(f"recovery {m}" for m in metrics),
+        "weights GiB",
+        "KV capacity (tokens)",
+        "decode tok/s (max batch)",
+        "J/token",
+        "$/Mtok",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for t in targets:
+        report = t.gate_report()
+        by_metric = {r.metric: r for r in report.rows} if report else {}
+        cells = [t.format, t.gpu, str(t.tp), report.verdict.upper() if report else "not gated"]
+        for m in metrics:
+            r = by_metric.get(m)
+            cells.append("—" if r is None else format_recovery(r.recovery) + ("" if r.verdict == "pass" else " ✗"))
+        tput = f"{t.throughput.decode_tok_s_max_batch:,.0f} ({t.throughput.source})" if t.throughput else "—"
+        cells += [
+            _gib(t.memory.weights_bytes),
+            f"{t.memory.kv_capacity_tokens:,}",
+            tput,
+            _opt(t.joules_per_token, ".4g"),
+            _opt(t.usd_per_mtok, ".4g"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path]) -> str:
+    out = [f"# {title}\n"]
+    out.append(
+        "Recovery is quantized / baseline for higher-is-better metrics and baseline / quantized for "
+        "lower-is-better ones (1.0 = no loss); ✗ marks a metric below its threshold. Throughput is "
+        "labelled *predicted* (roofline from the memory plan) or *measured* (trtllm-bench).\n"
+    )
+    for model, targets in by_model.items():
+        out.append(f"## {model}\n")
+        out.append(_model_table(targets))
+        plot = next((p for p in plots if p.name == f"recovery_{_slug(model)}.png"), None)
+        if plot:
+            out.append(f"![recovery for {model}]({plot.name})\n")
+        for t in targets:
+            report = t.gate_report()
+            if report and report.verdict == "fail":
+                out.append(f"### {t.target}: accuracy gate failed\n")
+                out.append(report.to_markdown())
+    if any(p.name == "throughput.png" for p in plots):
+        out.append("## Throughput\n\n![decode tok/s per target](throughput.png)\n")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "model"
+
+
+def _figure(width: float, height: float):
+    # A bare Figure renders with the Agg canvas on savefig and touches no pyplot global state.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _plot_recovery(model: str, targets: Sequence[TargetEntry], path: Path) -> Path:
+    gated = [(t, t.gate_report()) for t in targets if t.gate]
+    metrics: list[str] = []
+    for _, report in gated:
+        for r in report.rows:
+            if r.metric not in metrics:
+                metrics.append(r.metric)
+    fig = _figure(max(6.0, 1.2 * len(metrics) * max(1, len(gated)) * 0.5 + 3), 4.5)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(gated))
+    thresholds = set()
+    for k, (t, report) in enumerate(gated):
+        by_metric = {r.metric: r for r in report.rows}
+        xs, ys, colors = [], [], []
+        for i, m in enumerate(metrics):
+            r = by_metric.get(m)
+            if r is None or r.recovery is None or not math.isfinite(r.recovery):
+                continue
+            xs.append(i + (k - (len(gated) - 1) / 2) * width)
+            ys.append(r.recovery)
+            colors.append(None if r.verdict == "pass" else "black")
+            thresholds.add(r.threshold)
+        bars = ax.bar(xs, ys, width=width, label=t.target)
+        for bar, edge in zip(bars, colors):
+            if edge:
+                bar.set_edgecolor(edge)
+                bar.set_hatch("//")
+    for th in sorted(thresholds):
+        ax.axhline(th, color="red", linestyle="--", linewidth=1, label=f"threshold {th:g}")
+    ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("recovery (1.0 = baseline)")
+    ax.set_title(f"{model}: accuracy recovery (hatched bars fail their gate)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
+
+
+def _plot_throughput(entries: Sequence[TargetEntry], path: Path) -> Path | None:
+    rows = [e for e in entries if e.throughput]
+    if not rows:
+        return None
+    fig = _figure(max(6.0, 0.6 * len(rows) + 2), 4.5)
+    ax = fig.subplots()
+    labels = [f"{e.model}\n{e.target}" for e in rows]
+    values = [e.throughput.decode_tok_s_max_batch for e in rows]
+    bars = ax.bar(
+        range(len(rows)), values, color=["tab:blue" if e.throughput.source == "measured" else "tab:gray" for e in rows]
+    )
+    for bar, e in zip(bars, rows):
+        if e.throughput.source == "predicted":
+            bar.set_hatch("..")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("decode tok/s at max batch")
+    ax.set_title("Decode throughput per target", fontsize=10)
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[
+            Patch(facecolor="tab:blue", label="measured"),
+            Patch(facecolor="tab:gray", hatch="..", label="predicted"),
+        ],
+        fontsize=8,
+    )
+    fig.savefig(path)
+    return path

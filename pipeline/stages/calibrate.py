@@ -1,0 +1,148 @@
+"""Stage `calibrate`: real ModelOpt post-training quantization of one model to one format.
+
+Out (`--out`): `checkpoint/` (ModelOpt's unified HF checkpoint, verified after export),
+`quant_state.pt` (ModelOpt state + calibrated quantizer buffers, to rebuild the fake-quant model
+for evaluation), `recipe.resolved.yaml`, `manifest.json`. Metrics (`--metrics`): perplexity of the
+BF16 baseline and of the quantized model on the same held-out tokens, time and peak memory.
+
+Order matters: ModelOpt's export converts the in-memory weights to the packed format, after which
+the model cannot run a forward pass (FACTS.md), so perplexity and the state are taken first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+from pathlib import Path
+
+import yaml
+
+from pipeline.formats import FORMATS, KV_CACHE_DTYPES
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.manifest import (
+    Timer, build_manifest, input_entry, read_manifest, staged_output, verify_files, write_json, write_manifest,
+)
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.validate import validate_recipe
+
+log = logging.getLogger(__name__)
+
+QUANT_STATE_FILE = "quant_state.pt"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="quantize with ModelOpt, export the unified checkpoint, verify it",
+                       epilog="example: forge calibrate recipes/smollm2-135m-instruct/fp8.yaml "
+                              "--model data/models/smollm2-135m-instruct --calibration data/calibration/smollm2-135m-instruct-fp8 "
+                              "--out data/quantized/smollm2-135m-instruct-fp8 --metrics metrics/calibrate/smollm2-135m-instruct-fp8.json")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="download stage output")
+    p.add_argument("--calibration", type=Path, required=True, help="calibration-set stage output")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True)
+    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args.recipe, args.model, args.calibration, args.out, args.metrics, args.catalog)
+
+
+def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Path, metrics_path: Path,
+         catalog_path: Path = DEFAULT_CATALOG) -> int:
+    from pipeline.calibdata import load_materialized
+    from pipeline.modeling import load_checkpoint, perplexity
+    from pipeline.quant import modelopt_glue as glue
+    from pipeline.quant.simulate import reference_fp4_simulation
+    from pipeline.stages.calibration_set import TENSORS_FILE
+
+    recipe = load_recipe(recipe_path)
+    validate_recipe(recipe, load_catalog(catalog_path))
+    inputs = check_inputs(recipe, Path(model_dir), Path(calibration_dir))
+    timer = Timer()
+    with timer("load"):
+        loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR)
+        tensors = load_materialized(Path(calibration_dir) / TENSORS_FILE)
+    rows = recipe.spec.calibration.num_samples
+    calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
+    with timer("baseline_perplexity"):
+        baseline_ppl = perplexity(loaded.model, heldout_ids)
+
+    quant = recipe.spec.quant
+    fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
+    config = glue.build_quant_config(fmt.modelopt_config, quant.kv_cache_dtype, list(quant.exclude))
+    batch = recipe.spec.calibration.batch_size
+    batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
+               for i in range(0, rows, batch)]
+    with timer("calibrate"):
+        result = glue.calibrate(loaded.model, config, batches, progress=True)
+    with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
+        quantized_ppl = perplexity(loaded.model, heldout_ids)
+
+    with staged_output(out_dir) as tmp:
+        glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
+        with timer("export"):
+            glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
+        loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
+        export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name)
+        (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        details = {
+            "format": fmt.name, "kv_cache_dtype": kv.name, "quant_algo": fmt.quant_algo,
+            "kv_cache_quant_algo": kv.kv_cache_quant_algo, "modelopt_config": fmt.modelopt_config,
+            "exclude": list(quant.exclude), "device": loaded.device, "dtype": loaded.dtype,
+            "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
+            "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
+            "export": export,
+        }
+        write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, timer.seconds, details,
+                                           recipe=recipe.provenance("model", "quant", "calibration")))
+
+    metrics = {
+        "perplexity_baseline": baseline_ppl,
+        "perplexity_quantized": quantized_ppl,
+        "perplexity_delta_pct": 100 * (quantized_ppl / baseline_ppl - 1),
+        "heldout_tokens": int(heldout_ids.numel()),
+        "calibration_tokens": int(calibration_ids.numel()),
+        "calibrate_seconds": timer.seconds["calibrate"],
+        "stage_seconds": sum(timer.seconds.values()),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": result.peak_cuda_bytes,
+        "checkpoint_bytes": export["total_bytes"],
+        # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
+        # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
+        "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
+    }
+    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_path, metrics)
+    log.info("%s: perplexity %.3f -> %.3f (%+.1f%%), calibrate %.1f s", recipe.id, baseline_ppl, quantized_ppl,
+             metrics["perplexity_delta_pct"], timer.seconds["calibrate"])
+    return 0
+
+
+def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict:
+    """Upstream outputs exist, are intact, and were made for this recipe's calibration section."""
+    from pipeline.errors import StageInputError
+
+    for directory, stage in ((model_dir, "download"), (calibration_dir, "calibration-set")):
+        verify_files(directory, read_manifest(directory, stage))
+    made_for = read_manifest(calibration_dir, "calibration-set")["recipe"]["sections"]["calibration"]
+    if made_for != recipe.section_digest("calibration"):
+        raise StageInputError(str(calibration_dir), "was made for a different calibration section of this recipe.",
+                              "re-run it: dvc repro calibration-set@" + recipe.id)
+    return {"model": input_entry(model_dir, "download"), "calibration": input_entry(calibration_dir, "calibration-set")}
+
+
+def verify_export(checkpoint_dir: Path, format_name: str, kv_name: str) -> dict:
+    from pipeline.quant.export_check import EXPORT_RULES, KV_EXPORT_RULES, verify_unified_export
+
+    fmt, kv = FORMATS[format_name], KV_CACHE_DTYPES[kv_name]
+    report = verify_unified_export(checkpoint_dir, fmt.quant_algo, kv.kv_cache_quant_algo, EXPORT_RULES[format_name],
+                                   KV_EXPORT_RULES.get(kv_name))
+    return report.to_dict()
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

