@@ -56,7 +56,7 @@ class HfSource(Closed):
 
 class LocalSource(Closed):
     kind: Literal["local"]
-    path: str = Field(description="a local HF checkpoint directory (config.json + *.safetensors)")
+    path: str = Field(description="a local HF checkpoint directory (config.json + *.safetensors); relative to model.yaml")
 
 
 class PypiGgufSource(Closed):
@@ -69,7 +69,7 @@ class PypiGgufSource(Closed):
 
 class LocalGgufSource(Closed):
     kind: Literal["gguf"]
-    path: str = Field(description="a local .gguf file, converted to a HF checkpoint by transformers")
+    path: str = Field(description="a local .gguf file, converted to a HF checkpoint by transformers; relative to model.yaml")
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 

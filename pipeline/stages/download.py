@@ -72,7 +72,7 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
     if isinstance(spec, LocalGgufSource):
         from pipeline.manifest import sha256_file
 
-        path = (model.directory / spec.path) if not Path(spec.path).is_absolute() else Path(spec.path)
+        path = model.directory / spec.path  # a relative path is relative to model.yaml
         if not path.is_file():
             raise SourceError(f"{model.directory / MODEL_FILE}: source.path", f"{path} does not exist.", "fix the path.")
         actual = sha256_file(path)
@@ -85,7 +85,7 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
         snap = sources.snapshot_hf(spec.repo_id, spec.revision, checkpoint_dir, trust_remote_code=spec.trust_remote_code)
         return {"kind": spec.kind, "repo_id": spec.repo_id, "revision": spec.revision, "files": list(snap.files)}
     if isinstance(spec, LocalSource):
-        copy = sources.copy_local(Path(spec.path), checkpoint_dir)
+        copy = sources.copy_local(model.directory / spec.path, checkpoint_dir)
         return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied}
     raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe.py.")
 
