@@ -809,8 +809,13 @@ def _require_repo(repo_dir: Path) -> str:
     return head.stdout.strip()
 
 
+def has_tag(repo_dir: str | os.PathLike, tag: str) -> bool:
+    """Whether the git repository at `repo_dir` has the tag `tag` (lets a re-run skip tags it made before)."""
+    return _git(Path(repo_dir), "rev-parse", "-q", "--verify", f"refs/tags/{tag}").returncode == 0
+
+
 def _create_tag(repo_dir: Path, tag: str, commit: str, message: str) -> GitTag:
-    if _git(repo_dir, "rev-parse", "-q", "--verify", f"refs/tags/{tag}").returncode == 0:
+    if has_tag(repo_dir, tag):
         raise RegistryError(
             f"git tag {tag}",
             f"already exists in {repo_dir}.",

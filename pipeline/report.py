@@ -11,13 +11,20 @@ rejected):
                                         #   recovery, threshold, verdict, reason}]}; null: not gated
     memory: {weights_bytes: int, kv_capacity_tokens: int, ...}   # sizing's memory plan; extra
                                                                   # keys are kept, not shown
-    throughput: {decode_tok_s_max_batch: float, source: "predicted" | "measured"} | null
+    throughput: {decode_tok_s_max_batch: float, source: "predicted" | "measured",
+                 predicted_tok_s: float | null,            # the roofline, beside a measurement
+                 measured_over_predicted: float | null} | null
     joules_per_token: float | null
+    power_source: "nvml" | "tdp" | null                   # how joules_per_token was powered
     usd_per_mtok: float | null
+    eval_path: str | null        # how the gate's quantized scores were produced (simulated-cpu, ...)
+    perplexity: {baseline: float, quantized: float} | null   # calibrate stage's held-out perplexity
 
-Output under `out_dir`: report.md (one table per model, then gate details), recovery_<model>.png
-and throughput.png (matplotlib, Agg canvas), and DVC-plot-friendly recovery.csv / recovery.json
-(one row per target × metric) and targets.csv / targets.json (one row per target).
+Output under `out_dir`: report.md (one table per model, then gate details, then what is missing),
+figures/recovery_<model>.png and figures/throughput.png (matplotlib, Agg canvas), and
+DVC-plot-friendly tables in plots/: recovery.csv / recovery.json (one row per target × metric) and
+throughput.csv / throughput.json (one row per target). Every table row has a `label` naming model,
+target (and metric) uniquely, the nominal axis for `dvc plots`.
 """
 
 from __future__ import annotations
@@ -74,6 +81,15 @@ class Throughput(BaseModel):
 
     decode_tok_s_max_batch: float = Field(ge=0)
     source: Literal["predicted", "measured"]
+    predicted_tok_s: float | None = Field(default=None, ge=0)
+    measured_over_predicted: float | None = Field(default=None, ge=0)
+
+
+class Perplexity(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    baseline: float = Field(gt=0)
+    quantized: float = Field(gt=0)
 
 
 class TargetEntry(BaseModel):
@@ -89,7 +105,10 @@ class TargetEntry(BaseModel):
     memory: MemoryPlan
     throughput: Throughput | None = None
     joules_per_token: float | None = Field(default=None, ge=0)
+    power_source: Literal["nvml", "tdp"] | None = None
     usd_per_mtok: float | None = Field(default=None, ge=0)
+    eval_path: str | None = None
+    perplexity: Perplexity | None = None
 
     @property
     def target(self) -> str:
@@ -104,6 +123,10 @@ class ReportFiles:
     markdown: Path
     plots: tuple[Path, ...]
     tables: tuple[Path, ...]
+
+
+FIGURES_DIR = "figures"
+TABLES_DIR = "plots"
 
 
 def load_entries(raw: Sequence[Mapping[str, Any]], where: str = "report input") -> list[TargetEntry]:
@@ -130,14 +153,22 @@ def load_entries(raw: Sequence[Mapping[str, Any]], where: str = "report input") 
 
 
 def write_report(
-    raw_entries: Sequence[Mapping[str, Any]], out_dir: Path, title: str = "forge comparison report"
+    raw_entries: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    title: str = "forge comparison report",
+    missing: Sequence[str] = (),
 ) -> ReportFiles:
-    """Write report.md, PNG plots and CSV/JSON tables for `raw_entries` into `out_dir`."""
+    """Write report.md, PNG plots and CSV/JSON tables for `raw_entries` into `out_dir`.
+
+    `missing` lines (e.g. a planned target whose metrics file does not exist) are listed in the
+    report under their own heading, so an absent result is visible, never silently dropped."""
     entries = load_entries(raw_entries)
-    if not entries:
+    if not entries and not missing:
         raise StageInputError("report input", "no targets to report.", "build or plan at least one target first.")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    figures, tables_dir = out_dir / FIGURES_DIR, out_dir / TABLES_DIR
+    for directory in (out_dir, figures, tables_dir):
+        directory.mkdir(parents=True, exist_ok=True)
     by_model: dict[str, list[TargetEntry]] = {}
     for e in entries:
         by_model.setdefault(e.model, []).append(e)
@@ -145,25 +176,32 @@ def write_report(
     recovery_rows = _recovery_rows(entries)
     target_rows = _target_rows(entries)
     tables = (
-        _write_csv(out_dir / "recovery.csv", recovery_rows),
-        _write_json(out_dir / "recovery.json", recovery_rows),
-        _write_csv(out_dir / "targets.csv", target_rows),
-        _write_json(out_dir / "targets.json", target_rows),
+        _write_csv(tables_dir / "recovery.csv", recovery_rows, RECOVERY_COLUMNS),
+        _write_json(tables_dir / "recovery.json", recovery_rows),
+        _write_csv(tables_dir / "throughput.csv", target_rows, TARGET_COLUMNS),
+        _write_json(tables_dir / "throughput.json", target_rows),
     )
     plots = [
-        _plot_recovery(model, targets, out_dir / f"recovery_{_slug(model)}.png")
+        _plot_recovery(model, targets, figures / f"recovery_{_slug(model)}.png")
         for model, targets in by_model.items()
         if any(t.gate for t in targets)
     ]
-    plots.append(_plot_throughput(entries, out_dir / "throughput.png"))
+    plots.append(_plot_throughput(entries, figures / "throughput.png"))
 
     markdown = out_dir / "report.md"
-    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None]), encoding="utf-8")
-    log.info("report: %s (%d targets, %d models)", markdown, len(entries), len(by_model))
+    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None], missing), encoding="utf-8")
+    log.info("report: %s (%d targets, %d models, %d missing)", markdown, len(entries), len(by_model), len(missing))
     return ReportFiles(markdown=markdown, plots=tuple(p for p in plots if p is not None), tables=tables)
 
 
 # ---------------------------------------------------------------------------------- tables
+
+
+RECOVERY_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "metric", "direction", "baseline",
+                    "quantized", "recovery", "threshold", "verdict", "eval_path")
+TARGET_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "gate", "min_recovery", "weights_bytes",
+                  "kv_capacity_tokens", "decode_tok_s_max_batch", "throughput_source", "predicted_tok_s",
+                  "measured_over_predicted", "joules_per_token", "power_source", "usd_per_mtok", "eval_path")
 
 
 def _recovery_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
@@ -173,6 +211,7 @@ def _recovery_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
         for r in report.rows if report else ():
             rows.append(
                 {
+                    "label": f"{e.model} {e.target} {r.metric}",
                     "model": e.model,
                     "format": e.format,
                     "gpu": e.gpu,
@@ -187,6 +226,7 @@ def _recovery_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
                     "recovery": r.recovery if r.recovery is not None and math.isfinite(r.recovery) else None,
                     "threshold": r.threshold,
                     "verdict": r.verdict,
+                    "eval_path": e.eval_path,
                 }
             )
     return rows
@@ -199,6 +239,7 @@ def _target_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
         values = [r.recovery for r in report.rows if r.recovery is not None] if report else []
         rows.append(
             {
+                "label": f"{e.model} {e.target}",
                 "model": e.model,
                 "format": e.format,
                 "gpu": e.gpu,
@@ -210,15 +251,20 @@ def _target_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
                 "kv_capacity_tokens": e.memory.kv_capacity_tokens,
                 "decode_tok_s_max_batch": e.throughput.decode_tok_s_max_batch if e.throughput else None,
                 "throughput_source": e.throughput.source if e.throughput else None,
+                "predicted_tok_s": e.throughput.predicted_tok_s if e.throughput else None,
+                "measured_over_predicted": e.throughput.measured_over_predicted if e.throughput else None,
                 "joules_per_token": e.joules_per_token,
+                "power_source": e.power_source,
                 "usd_per_mtok": e.usd_per_mtok,
+                "eval_path": e.eval_path,
             }
         )
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    fields = list(rows[0]) if rows else ["model", "target"]
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
+    # Fixed columns: a header even without rows, so `dvc plots show` reads an empty table, not an error.
+    fields = list(columns)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -265,42 +311,72 @@ def _model_table(targets: Sequence[TargetEntry]) -> str:
     for t in targets:
         report = t.gate_report()
         by_metric = {r.metric: r for r in report.rows} if report else {}
-        cells = [t.format, t.gpu, str(t.tp), report.verdict.upper() if report else "not gated"]
+        gate = report.verdict.upper() if report else "not gated"
+        cells = [t.format, t.gpu, str(t.tp), f"{gate} ({t.eval_path})" if report and t.eval_path else gate]
         for m in metrics:
             r = by_metric.get(m)
             cells.append("—" if r is None else format_recovery(r.recovery) + ("" if r.verdict == "pass" else " ✗"))
-        tput = f"{t.throughput.decode_tok_s_max_batch:,.0f} ({t.throughput.source})" if t.throughput else "—"
         cells += [
             _gib(t.memory.weights_bytes),
             f"{t.memory.kv_capacity_tokens:,}",
-            tput,
-            _opt(t.joules_per_token, ".4g"),
+            _throughput_cell(t.throughput),
+            _opt(t.joules_per_token, ".4g") + (f" ({t.power_source})" if t.power_source and t.joules_per_token else ""),
             _opt(t.usd_per_mtok, ".4g"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _markdown(title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path]) -> str:
+def _throughput_cell(tput: Throughput | None) -> str:
+    if tput is None:
+        return "—"
+    label = tput.source
+    if tput.source == "measured" and tput.predicted_tok_s is not None:
+        ratio = f"{tput.measured_over_predicted:.2f}× of " if tput.measured_over_predicted is not None else ""
+        label += f", {ratio}{tput.predicted_tok_s:,.0f} predicted"
+    return f"{tput.decode_tok_s_max_batch:,.0f} ({label})"
+
+
+def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
+    lines = ["| format | GPU | baseline ppl | quantized ppl | change |", "|---|---|---:|---:|---:|"]
+    for t in targets:
+        if t.perplexity:
+            p = t.perplexity
+            lines.append(f"| {t.format} | {t.gpu} | {p.baseline:.3f} | {p.quantized:.3f} | "
+                         f"{100 * (p.quantized / p.baseline - 1):+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(
+    title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path], missing: Sequence[str] = ()
+) -> str:
     out = [f"# {title}\n"]
     out.append(
         "Recovery is quantized / baseline for higher-is-better metrics and baseline / quantized for "
         "lower-is-better ones (1.0 = no loss); ✗ marks a metric below its threshold. Throughput is "
-        "labelled *predicted* (roofline from the memory plan) or *measured* (trtllm-bench).\n"
+        "labelled *predicted* (roofline from the memory plan) or *measured* (trtllm-bench); J/token "
+        "is labelled by its power source (*nvml* measured, *tdp* assumed). The gate column names how "
+        "the quantized scores were produced (simulated-cpu, modelopt-cuda or trtllm-serve).\n"
     )
     for model, targets in by_model.items():
         out.append(f"## {model}\n")
         out.append(_model_table(targets))
         plot = next((p for p in plots if p.name == f"recovery_{_slug(model)}.png"), None)
         if plot:
-            out.append(f"![recovery for {model}]({plot.name})\n")
+            out.append(f"![recovery for {model}]({FIGURES_DIR}/{plot.name})\n")
+        if any(t.perplexity for t in targets):
+            out.append("Held-out perplexity measured by the calibrate stage:\n")
+            out.append(_perplexity_table(targets))
         for t in targets:
             report = t.gate_report()
             if report and report.verdict == "fail":
                 out.append(f"### {t.target}: accuracy gate failed\n")
                 out.append(report.to_markdown())
     if any(p.name == "throughput.png" for p in plots):
-        out.append("## Throughput\n\n![decode tok/s per target](throughput.png)\n")
+        out.append(f"## Throughput\n\n![decode tok/s per target]({FIGURES_DIR}/throughput.png)\n")
+    if missing:
+        out.append("## Missing results\n")
+        out.append("\n".join(f"- {line}" for line in missing) + "\n")
     return "\n".join(out)
 
 

@@ -142,7 +142,7 @@ def main(
             "build", recipe.artifact_name(gpu), stage,
             inputs={"quantized": input_entry(Path(quantized_dir), "calibrate")},
             timings=timer.seconds, details=details,
-            recipe={"id": recipe.id, "path": str(recipe.path), "digest": recipe.digest()},
+            recipe=recipe.provenance("quant", f"targets.{gpu}", "build"),
         )
         write_manifest(stage, manifest)
     write_metrics(Path(metrics_path), metrics(plan, linked, result))

@@ -99,7 +99,7 @@ def test_bundle_holds_planner_sized_options_commands_and_manifest(smol):
     manifest = read_manifest(out, "build")
     d = manifest["details"]
     assert manifest["subject"] == "smollm2-135m-instruct-fp8-h200"
-    assert manifest["recipe"]["digest"] == recipe.digest()
+    assert manifest["recipe"]["sections"]["targets.h200"] == recipe.section_digest("targets.h200")
     assert (d["model"], d["format"], d["gpu"], d["compute_capability"], d["tp"]) == ("smollm2-135m-instruct", "fp8", "h200", "9.0", 1)
     upstream_tools = read_manifest(quantized, "calibrate")["tools"]
     assert d["made_for"] == {"tensorrt_llm": "1.2.1", "nvidia-modelopt": upstream_tools["nvidia-modelopt"]}

@@ -56,17 +56,17 @@ def entries():
 
 def test_report_files_and_numbers(entries, tmp_path):
     files = write_report(entries, tmp_path / "report")
-    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    names = sorted(p.relative_to(tmp_path / "report").as_posix() for p in (tmp_path / "report").rglob("*.*"))
     assert names == sorted(
         [
             "report.md",
-            "recovery_smollm2-135m.png",
-            "recovery_tiny.png",
-            "throughput.png",
-            "recovery.csv",
-            "recovery.json",
-            "targets.csv",
-            "targets.json",
+            "figures/recovery_smollm2-135m.png",
+            "figures/recovery_tiny.png",
+            "figures/throughput.png",
+            "plots/recovery.csv",
+            "plots/recovery.json",
+            "plots/throughput.csv",
+            "plots/throughput.json",
         ]
     )
     for png in files.plots:
@@ -89,24 +89,29 @@ def test_report_files_and_numbers(entries, tmp_path):
     assert f"recovery {0.60 / 0.7483:.4f} < 0.95" in md
     # a quantized perplexity of 0 gives an infinite recovery: shown as ∞, not a crash
     assert "| fp8 | h100 | 1 | PASS | 1.0023 | ∞ |" in md
-    assert "![recovery for smollm2-135m](recovery_smollm2-135m.png)" in md
+    assert "![recovery for smollm2-135m](figures/recovery_smollm2-135m.png)" in md
+    assert "![decode tok/s per target](figures/throughput.png)" in md
+    assert "## Missing results" not in md
 
 
 def test_dvc_tables(entries, tmp_path):
     write_report(entries, tmp_path)
-    rows = json.loads((tmp_path / "recovery.json").read_text())
+    rows = json.loads((tmp_path / "plots" / "recovery.json").read_text())
     assert len(rows) == 6  # 3 gated targets x 2 metrics
     nv = next(r for r in rows if r["target"] == "nvfp4@b200x1" and r["metric"] == "forge_mc/acc,none")
     assert nv["recovery"] == pytest.approx(0.60 / 0.7483) and nv["verdict"] == "fail"
     inf = next(r for r in rows if r["model"] == "tiny" and r["metric"].startswith("forge_prose"))
     assert inf["recovery"] is None  # strict JSON; report.md shows ∞
-    with (tmp_path / "targets.csv").open() as fh:
+    assert nv["label"] == "smollm2-135m nvfp4@b200x1 forge_mc/acc,none"
+    assert len({r["label"] for r in rows}) == len(rows)  # the nominal axis of `dvc plots`
+    with (tmp_path / "plots" / "throughput.csv").open() as fh:
         targets = list(csv.DictReader(fh))
     assert [t["target"] for t in targets] == ["bf16@h200x1", "fp8@h200x1", "nvfp4@b200x1", "fp8@h100x1"]
     assert targets[1]["decode_tok_s_max_batch"] == "35500.0" and targets[1]["throughput_source"] == "measured"
     assert targets[0]["gate"] == "" and targets[2]["gate"] == "fail"
     assert float(targets[2]["min_recovery"]) == pytest.approx(133.31 / 204.5)
-    assert json.loads((tmp_path / "targets.json").read_text())[0]["weights_bytes"] == 269_060_552
+    assert json.loads((tmp_path / "plots" / "throughput.json").read_text())[0]["weights_bytes"] == 269_060_552
+    assert [t["label"] for t in targets][:2] == ["smollm2-135m bf16@h200x1", "smollm2-135m fp8@h200x1"]
 
 
 def test_bad_entries_are_named(entries):
@@ -126,3 +131,29 @@ def test_bad_entries_are_named(entries):
 def test_empty_report_is_an_error(tmp_path):
     with pytest.raises(StageInputError, match="no targets to report"):
         write_report([], tmp_path)
+
+
+def test_measured_labels_paths_perplexity_and_missing_targets(entries, tmp_path):
+    fp8 = {
+        **entries[1],
+        "throughput": {"decode_tok_s_max_batch": 35500.0, "source": "measured", "predicted_tok_s": 100000.0,
+                       "measured_over_predicted": 0.355},
+        "power_source": "nvml",
+        "eval_path": "trtllm-serve",
+        "perplexity": {"baseline": 15.30, "quantized": 15.63},
+    }
+    files = write_report([fp8], tmp_path, missing=["smollm2-135m-nvfp4-b200: metrics/build/x.json missing"])
+    md = files.markdown.read_text()
+    assert "| fp8 | h200 | 1 | PASS (trtllm-serve) |" in md
+    assert "| 35,500 (measured, 0.35× of 100,000 predicted) | 0.0123 (nvml) | 0.456 |" in md
+    assert "| fp8 | h200 | 15.300 | 15.630 | +2.2% |" in md
+    assert md.endswith("## Missing results\n\n- smollm2-135m-nvfp4-b200: metrics/build/x.json missing\n")
+    with (tmp_path / "plots" / "throughput.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert (row["power_source"], row["eval_path"], row["measured_over_predicted"]) == ("nvml", "trtllm-serve", "0.355")
+
+
+def test_only_missing_targets_still_make_a_report(tmp_path):
+    files = write_report([], tmp_path, missing=["a-fp8-h200: nothing ran"])
+    assert "- a-fp8-h200: nothing ran" in files.markdown.read_text()
+    assert (tmp_path / "plots" / "recovery.csv").read_text().startswith("label,model,format,gpu,tp,target,metric,")

@@ -1,0 +1,413 @@
+"""Stages `baseline` and `evaluate`: lm-eval accuracy of the unquantized model (once per model), then
+of each quantized model against it, judged by the recipe's gates.
+
+baseline (`--out`): `metrics.json` (the suite result, the suite's definition, how it ran) and
+`manifest.json`.
+
+evaluate (`--out`): `metrics.json`, `gate_report.json`, `gate_report.md`, `manifest.json`; and a
+flat file at `--metrics` for `dvc metrics show`. Two ways to score the quantized model, named in
+the metrics' `path`:
+  simulated-cpu / modelopt-cuda  the base checkpoint + the calibrate stage's quant state rebuilt
+                                 as ModelOpt's fake-quant model in memory; on CPU the NVFP4/MXFP4
+                                 quantizers run through forge's reference (ModelOpt's are CUDA-only).
+                                 The exported checkpoint itself cannot be scored through transformers
+                                 5.14, which drops ModelOpt's scales (FACTS.md).
+  trtllm-serve                   `--serve-url`: the bundle served by trtllm-serve, through lm-eval's
+                                 local-completions model.
+A failed gate is a result, not a crash: every file is written, a WARNING names the failing
+metrics, and the exit code is 0 unless the recipe sets `eval.strict` (then 1, after writing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import RecipeError, StageInputError
+from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
+from pipeline.gates import GatePolicy, GateReport, evaluate_gates
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    Timer,
+    build_manifest,
+    input_entry,
+    manifest_digest,
+    read_manifest,
+    staged_output,
+    verify_files,
+    write_json,
+    write_manifest,
+)
+from pipeline.recipe import MODEL_FILE, Model, Recipe, load_model, load_recipe
+from pipeline.validate import validate_recipe
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = Path("eval")  # suites/ and tasks/ below it
+CHECKPOINT_DIR = "checkpoint"
+QUANT_STATE_FILE = "quant_state.pt"
+METRICS_FILE = "metrics.json"
+GATE_JSON = "gate_report.json"
+GATE_MARKDOWN = "gate_report.md"
+# What AutoTokenizer needs: the config plus one vocabulary file (fast tokenizer, SentencePiece or BPE).
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+BASELINE_EXAMPLE = """example:
+  forge baseline recipes/smollm2-135m-instruct/model.yaml --model data/models/smollm2-135m-instruct \\
+      --out data/eval/smollm2-135m-instruct-baseline
+"""
+EVALUATE_EXAMPLE = """examples:
+  forge evaluate recipes/smollm2-135m-instruct/fp8.yaml --model data/models/smollm2-135m-instruct \\
+      --quantized data/quantized/smollm2-135m-instruct-fp8 --baseline data/eval/smollm2-135m-instruct-baseline \\
+      --out data/eval/smollm2-135m-instruct-fp8 --metrics metrics/evaluate/smollm2-135m-instruct-fp8.json
+  # on a GPU node, against the bundle served by `trtllm-serve checkpoint ...` (see the bundle's SERVE.md):
+  forge evaluate ... --serve-url http://127.0.0.1:8000
+"""
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="lm-eval the unquantized model on its model.yaml's eval suite",
+                       epilog=BASELINE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_yaml", type=Path, help="recipes/<model>/model.yaml")
+    p.add_argument("--model", type=Path, required=True, help="download stage output")
+    p.add_argument("--out", type=Path, required=True)
+    _add_eval_options(p)
+    p.set_defaults(func=run_baseline)
+
+    p = sub.add_parser("evaluate", help="lm-eval a quantized model and gate it against the baseline",
+                       epilog=EVALUATE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="download stage output (the base weights)")
+    p.add_argument("--quantized", type=Path, required=True, help="calibrate stage output")
+    p.add_argument("--baseline", type=Path, required=True, help="baseline stage output")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True, help="flat JSON metrics for `dvc metrics show`")
+    p.add_argument("--serve-url", help="score a running trtllm-serve (OpenAI API) instead of the fake-quant model")
+    p.add_argument("--served-model-name", default=CHECKPOINT_DIR,
+                   help="model name the server answers to (default: %(default)s, as the bundle's SERVE.md serves it)")
+    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    _add_eval_options(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-dir", type=Path, default=EVAL_DIR, help="holds suites/ and tasks/ (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="at most N documents per task (smoke runs); baseline and evaluate must agree")
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    return baseline_main(args.model_yaml, args.model, args.out, args.eval_dir, args.limit)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    return evaluate_main(args.recipe, args.model, args.quantized, args.baseline, args.out, args.metrics,
+                         args.serve_url, args.served_model_name, args.catalog, args.eval_dir, args.limit)
+
+
+# ---------------------------------------------------------------------------- the stages
+
+
+def baseline_main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Path = EVAL_DIR,
+                  limit: int | None = None) -> int:
+    from pipeline.evaluation import run_suite
+    from pipeline.modeling import load_checkpoint
+
+    model = load_model(Path(model_yaml).parent)
+    suite = load_eval_suite(model.spec.eval.suite, Path(eval_dir), limit)
+    inputs = {"model": check_model_dir(Path(model_dir), model)}
+    timer = Timer()
+    with timer("load"):
+        loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR)
+    with timer("evaluate"):
+        result = run_suite(loaded.model, loaded.tokenizer, suite, Path(eval_dir) / "tasks", loaded.device)
+    path = f"unquantized-{loaded.device}"
+    metrics = suite_metrics(result, suite, path, loaded.device, loaded.dtype)
+
+    with staged_output(Path(out_dir)) as tmp:
+        write_json(tmp / METRICS_FILE, metrics)
+        write_manifest(tmp, build_manifest(
+            "baseline", model.name, tmp, inputs, timer.seconds,
+            details={"suite": suite.name, "suite_sha256": metrics["suite_sha256"], "path": path,
+                     "metrics": result.metrics},
+            recipe={"model": model.name, "path": str(Path(model_yaml)),
+                    "sections": {"eval": _digest(model.spec.eval.model_dump(mode="json"))}},
+        ))
+    log.info("%s baseline on %s (%s): %s in %.1f s", model.name, suite.name, path, _summary(result.metrics),
+             timer.seconds["evaluate"])
+    return 0
+
+
+def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: Path, out_dir: Path,
+                  metrics_path: Path, serve_url: str | None = None, served_model_name: str = CHECKPOINT_DIR,
+                  catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None) -> int:
+    recipe = load_recipe(Path(recipe_path))
+    validate_recipe(recipe, load_catalog(Path(catalog_path)))
+    suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit)
+    policy = gate_policy(recipe, suite)
+    upstream = check_inputs(recipe, suite, Path(model_dir), Path(quantized_dir), Path(baseline_dir))
+    timer = Timer()
+    if serve_url:
+        scored = score_served(serve_url, served_model_name, upstream, suite, Path(eval_dir), timer)
+    else:
+        scored = score_fake_quant(upstream, suite, Path(eval_dir), timer)
+    report = evaluate_gates(upstream.baseline_metrics, scored.result.metrics, suite.directions(), policy,
+                            where=f"{recipe.path}: eval.gates")
+
+    metrics = suite_metrics(scored.result, suite, scored.path, scored.device, scored.dtype)
+    metrics["simulation"] = scored.simulation
+    with staged_output(Path(out_dir)) as tmp:
+        write_json(tmp / METRICS_FILE, metrics)
+        (tmp / GATE_JSON).write_text(report.to_json() + "\n")
+        (tmp / GATE_MARKDOWN).write_text(gate_markdown(recipe, scored.path, report))
+        write_manifest(tmp, build_manifest(
+            "evaluate", recipe.id, tmp, upstream.inputs, timer.seconds,
+            details={"suite": suite.name, "path": scored.path, "verdict": report.verdict,
+                     "failed": [r.metric for r in report.failed], "simulation": scored.simulation},
+            recipe=recipe.provenance("quant", "eval"),
+        ))
+    write_flat_metrics(Path(metrics_path), flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
+    return verdict_exit_code(recipe, report)
+
+
+# ---------------------------------------------------------------------------- checks before model work
+
+
+def load_eval_suite(name: str, eval_dir: Path, limit: int | None) -> EvalSuite:
+    suite = load_suite(name, eval_dir / "suites")
+    if limit is None:
+        return suite
+    if limit < 1:
+        raise RecipeError("--limit", f"must be >= 1, got {limit}.", "pass a positive number of documents per task.")
+    return suite.model_copy(update={"limit": limit})
+
+
+def suite_definition(suite: EvalSuite) -> dict[str, Any]:
+    """What makes two runs comparable: tasks, few-shot counts, limit and the gated metrics
+    (batch size changes no score, so it is left out)."""
+    return suite.model_dump(mode="json", exclude={"description", "batch_size"})
+
+
+def gate_policy(recipe: Recipe, suite: EvalSuite) -> GatePolicy:
+    """The recipe's gates; an override naming a metric the suite does not produce is refused now,
+    not after the evaluation ran."""
+    gates = recipe.spec.eval.gates
+    unknown = sorted(set(gates.overrides) - set(suite.directions()))
+    if unknown:
+        raise RecipeError(f"{recipe.path}: eval.gates.overrides",
+                          f"no metric {', '.join(repr(u) for u in unknown)} in eval suite {suite.name!r}.",
+                          f"use the suite's metric keys: {', '.join(suite.directions())}.")
+    return GatePolicy(gates.default_min_recovery, dict(gates.overrides))
+
+
+def check_model_dir(model_dir: Path, model: Model) -> dict[str, Any]:
+    manifest = read_manifest(model_dir, "download")
+    if manifest.get("subject") != model.name:
+        raise StageInputError(str(model_dir), f"holds model {manifest.get('subject')!r}, not {model.name!r}.",
+                              f"pass --model data/models/{model.name}.")
+    verify_files(model_dir, manifest)
+    return input_entry(model_dir, "download")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Verified inputs of the evaluate stage."""
+
+    model_dir: Path
+    checkpoint: Path  # the quantized checkpoint (its tokenizer is the one that ships)
+    quant_state: Path
+    baseline_metrics: dict[str, float]
+    inputs: dict[str, dict[str, Any]]
+
+
+def check_inputs(recipe: Recipe, suite: EvalSuite, model_dir: Path, quantized_dir: Path, baseline_dir: Path) -> Upstream:
+    """Everything evaluate reads exists, is intact and belongs together, before a model is loaded."""
+    model_input = check_model_dir(model_dir, recipe.model)
+    baseline = check_baseline(baseline_dir, recipe, suite, model_dir)
+    check_quantized_files(quantized_dir, recipe)
+    manifest = read_manifest(quantized_dir, "calibrate")
+    verify_files(quantized_dir, manifest)
+    made_for = manifest.get("recipe") or {}
+    if made_for.get("id") != recipe.id:
+        raise StageInputError(str(quantized_dir), f"was calibrated for recipe {made_for.get('id')!r}, not {recipe.id!r}.",
+                              f"pass --quantized data/quantized/{recipe.id}.")
+    if (made_for.get("sections") or {}).get("quant") != recipe.section_digest("quant"):
+        raise StageInputError(str(quantized_dir), f"was calibrated with a different quant section than {recipe.path} has now.",
+                              f"re-run it: dvc repro calibrate@{recipe.id}")
+    calibrated_on = ((manifest.get("inputs") or {}).get("model") or {}).get("manifest_sha256")
+    if calibrated_on != manifest_digest(model_dir):
+        # The quant state holds amax values of those weights; on other weights they are wrong.
+        raise StageInputError(str(quantized_dir), f"was calibrated on another download of the model than {model_dir}.",
+                              f"re-run it: dvc repro calibrate@{recipe.id}")
+    return Upstream(model_dir, quantized_dir / CHECKPOINT_DIR, quantized_dir / QUANT_STATE_FILE, baseline,
+                    {"model": model_input, "calibrate": input_entry(quantized_dir, "calibrate"),
+                     "baseline": input_entry(baseline_dir, "baseline")})
+
+
+def check_baseline(baseline_dir: Path, recipe: Recipe, suite: EvalSuite, model_dir: Path) -> dict[str, float]:
+    """The baseline exists, was run on this model's download and on exactly this suite; returns its metrics."""
+    model = recipe.model.name
+    rerun = f"dvc repro baseline@{model} (or forge baseline {recipe.model.directory / MODEL_FILE} --model {model_dir} --out {baseline_dir})"
+    if not (baseline_dir / MANIFEST_NAME).is_file():
+        raise StageInputError(str(baseline_dir), "no baseline evaluation here: the quantized model's scores would have "
+                              "nothing to be compared with.", f"run it first: {rerun}.")
+    manifest = read_manifest(baseline_dir, "baseline")
+    verify_files(baseline_dir, manifest)
+    if manifest.get("subject") != model:
+        raise StageInputError(str(baseline_dir), f"is the baseline of {manifest.get('subject')!r}, not of {model!r}.",
+                              f"pass --baseline data/eval/{model}-baseline.")
+    if ((manifest.get("inputs") or {}).get("model") or {}).get("manifest_sha256") != manifest_digest(model_dir):
+        raise StageInputError(str(baseline_dir), f"was evaluated on another download of {model} than {model_dir}.",
+                              f"re-run it: {rerun}.")
+    metrics = json.loads((baseline_dir / METRICS_FILE).read_text())
+    if metrics.get("suite") != suite.name:
+        raise StageInputError(
+            str(baseline_dir / METRICS_FILE),
+            f"the baseline ran eval suite {metrics.get('suite')!r}, but {recipe.path} gates on eval.suite {suite.name!r}.",
+            f"name the same suite in {recipe.model.directory / MODEL_FILE} (eval.suite) and in {recipe.path}, "
+            f"then re-run: {rerun}.",
+        )
+    differences = _differences(metrics.get("suite_definition") or {}, suite_definition(suite))
+    if differences:
+        raise StageInputError(
+            str(baseline_dir / METRICS_FILE),
+            f"the baseline ran suite {suite.name!r} with other settings ({'; '.join(differences)}).",
+            f"evaluate with the baseline's settings (e.g. the same --limit), or re-run: {rerun}.",
+        )
+    return {k: float(v) for k, v in metrics["metrics"].items()}
+
+
+def check_quantized_files(quantized_dir: Path, recipe: Recipe) -> None:
+    """The tokenizer ships with the quantized checkpoint (the bundle serves it); the quant state
+    rebuilds the fake-quant model. Named here so the refusal says exactly what is missing."""
+    rerun = f"re-run the calibrate stage: dvc repro calibrate@{recipe.id}"
+    if not (quantized_dir / MANIFEST_NAME).is_file():
+        read_manifest(quantized_dir, "calibrate")  # raises the standard "has not run" error
+    checkpoint = quantized_dir / CHECKPOINT_DIR
+    missing = [] if (checkpoint / TOKENIZER_CONFIG).is_file() else [TOKENIZER_CONFIG]
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_VOCABS):
+        missing.append(" or ".join(TOKENIZER_VOCABS))
+    if missing:
+        raise StageInputError(str(checkpoint), f"the quantized checkpoint has no tokenizer ({', '.join(missing)} missing): "
+                              "it cannot be served or evaluated.", f"{rerun} (it saves the tokenizer beside the export).")
+    if not (quantized_dir / QUANT_STATE_FILE).is_file():
+        raise StageInputError(str(quantized_dir / QUANT_STATE_FILE),
+                              "missing: the fake-quant model cannot be rebuilt for evaluation.", rerun + ".")
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class Scored:
+    result: SuiteResult
+    path: str  # simulated-cpu | modelopt-cuda | trtllm-serve
+    device: str | None
+    dtype: str | None
+    simulation: dict[str, Any] | None
+
+
+def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer: Timer) -> Scored:
+    """Base weights + calibrated quant state = ModelOpt's fake-quant model, scored in memory."""
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluation import run_suite
+    from pipeline.modeling import load_checkpoint
+    from pipeline.quant.modelopt_glue import restore_quant_state
+    from pipeline.quant.simulate import reference_fp4_simulation
+
+    with timer("load"):
+        loaded = load_checkpoint(upstream.model_dir / CHECKPOINT_DIR)
+        tokenizer = AutoTokenizer.from_pretrained(upstream.checkpoint)
+        model = restore_quant_state(loaded.model, upstream.quant_state).to(loaded.device)
+    with timer("evaluate"), reference_fp4_simulation(model) as simulation:
+        result = run_suite(model, tokenizer, suite, eval_dir / "tasks", loaded.device)
+    path = "modelopt-cuda" if loaded.device == "cuda" else "simulated-cpu"
+    details = {"applied": simulation.applied, "reason": simulation.reason, "semantics": simulation.semantics,
+               "routed": simulation.routed_by_kind(), "left_to_modelopt": simulation.left_to_modelopt}
+    return Scored(result, path, loaded.device, loaded.dtype, details)
+
+
+def score_served(serve_url: str, model_name: str, upstream: Upstream, suite: EvalSuite, eval_dir: Path,
+                 timer: Timer) -> Scored:
+    from pipeline.evaluation import run_suite_remote
+
+    with timer("evaluate"):
+        result = run_suite_remote(serve_url, model_name, upstream.checkpoint, suite, eval_dir / "tasks")
+    return Scored(result, "trtllm-serve", None, None, None)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def suite_metrics(result: SuiteResult, suite: EvalSuite, path: str, device: str | None, dtype: str | None) -> dict[str, Any]:
+    definition = suite_definition(suite)
+    return {**result.to_dict(), "path": path, "device": device, "dtype": dtype,
+            "suite_definition": definition, "suite_sha256": _digest(definition)}
+
+
+def gate_markdown(recipe: Recipe, path: str, report: GateReport) -> str:
+    head = (f"# Accuracy gate: {recipe.id}\n\nVerdict: **{report.verdict.upper()}** "
+            f"(quantized model scored via `{path}`; default minimum recovery "
+            f"{recipe.spec.eval.gates.default_min_recovery:g}).\n\n")
+    return head + report.to_markdown()
+
+
+def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: float) -> dict[str, Any]:
+    """For `dvc metrics show` and the report stage: one entry per gated metric, the verdict as
+    1/0 (numbers plot and diff) and as text, and how the numbers were produced."""
+    rows = report.to_dict()["rows"]
+    return {
+        "recipe": recipe.id,
+        "model": recipe.model.name,
+        "format": recipe.spec.quant.format,
+        "kv_cache_dtype": recipe.spec.quant.kv_cache_dtype,
+        "suite": scored.result.suite,
+        "path": scored.path,
+        "gate_passed": int(report.verdict == "pass"),
+        "gate_verdict": report.verdict,
+        "failed_metrics": [r.metric for r in report.failed],
+        "eval_seconds": scored.result.seconds,
+        "stage_seconds": round(seconds, 3),
+        "gates": {r["metric"]: {**{k: r[k] for k in ("baseline", "quantized", "recovery", "threshold", "direction",
+                                                      "verdict", "reason")}, "passed": int(r["verdict"] == "pass")}
+                  for r in rows},
+    }
+
+
+def write_flat_metrics(path: Path, values: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # allow_nan=False: strict JSON for DVC; an infinite recovery is already the string "inf".
+    path.write_text(json.dumps(values, indent=2, allow_nan=False) + "\n")
+
+
+def verdict_exit_code(recipe: Recipe, report: GateReport) -> int:
+    if report.verdict == "pass":
+        log.info("%s: accuracy gate PASS (%d metrics)", recipe.id, len(report.rows))
+        return 0
+    failing = ", ".join(f"{r.metric} ({r.reason})" for r in report.failed)
+    log.warning("%s: accuracy gate FAILED on %s; publish will refuse it%s", recipe.id, failing,
+                " (eval.strict: exit code 1)" if recipe.spec.eval.strict else "")
+    return 1 if recipe.spec.eval.strict else 0
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = sorted(set(before) | set(now))
+    return [f"{k}: baseline {before.get(k)!r}, now {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

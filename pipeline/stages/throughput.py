@@ -1,0 +1,297 @@
+"""Stage `throughput`: how fast one bundle serves on its target GPU, and what a token costs.
+
+Always: the planner's predicted decode and prefill throughput for the target (keys `predicted_*`,
+with the ceilings and serving shape they came from), and J/token and $/Mtok at TDP from them.
+Only on the target GPU with TensorRT-LLM's `trtllm-bench` on PATH: a throughput run (streamed, for
+TTFT/TPOT percentiles) and a latency run on a dataset generated for the recipe's input/output
+lengths, NVML power sampled while they run, and measured / predicted. Elsewhere `measured` is null
+and `measured_reason` says why; nothing is estimated in its place.
+
+Out: the flat JSON at `--metrics` (for `dvc metrics show` and the report stage). The bench dataset
+and trtllm-bench reports go to `--workdir` (default: a temporary directory, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ForgeError, RecipeError, StageInputError
+from pipeline.formats import FORMATS
+from pipeline.gpu_detect import LocalGpu, detect_local_gpu
+from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.manifest import manifest_digest, read_manifest, verify_files
+from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.sizing import Ceilings, Plan
+from pipeline.stages.build import CHECKPOINT_DIR, OPTIONS_FILE, model_id_for, write_metrics
+from pipeline.validate import plan_target, validate_recipe
+
+log = logging.getLogger(__name__)
+
+RUN_MODES = ("auto", "never", "require")
+# The memory side of the plan the bundle's llm_api_options were sized from; ceilings (datasheet or
+# probe) only move the roofline, so these must match exactly or the bundle is stale.
+PLAN_AGREEMENT_KEYS = ("weights_bytes_per_gpu", "kv_capacity_tokens", "max_batch_at_seq_len", "decode_batch")
+PERCENTILES = ("p50", "p90", "p99")
+DEFAULT_NUM_REQUESTS = 512
+BENCH_SEED = 0
+
+EXAMPLE = """examples:
+  forge throughput recipes/smollm2-135m-instruct/fp8.yaml --gpu h200 \\
+      --bundle data/bundles/smollm2-135m-instruct-fp8-h200 \\
+      --metrics metrics/throughput/smollm2-135m-instruct-fp8-h200.json
+  forge throughput ... --price 2.10 --run require   # on the H200 node, with trtllm-bench
+"""
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("throughput", help="predicted (always) and measured (on the target GPU) tok/s, J/token, $/Mtok",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--gpu", required=True, help="a target key of the recipe")
+    p.add_argument("--bundle", type=Path, required=True, help="build stage output for this target")
+    p.add_argument("--metrics", type=Path, required=True, help="flat JSON metrics for `dvc metrics show`")
+    p.add_argument("--price", type=float, help="USD per GPU-hour (default: the target's price_per_gpu_hour_usd)")
+    p.add_argument("--run", choices=RUN_MODES, default="auto",
+                   help="auto: benchmark when this machine has the target GPU and trtllm-bench; "
+                        "require: fail otherwise; never: predicted only (default: %(default)s)")
+    p.add_argument("--num-requests", type=int, default=DEFAULT_NUM_REQUESTS, help="bench dataset size (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, help="keep the bench dataset and trtllm-bench reports here")
+    p.add_argument("--measured-dir", type=Path, default=DEFAULT_MEASURED_DIR,
+                   help="`forge probe` results; a probe of the target GPU replaces datasheet ceilings (default: %(default)s)")
+    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args.recipe, args.gpu, args.bundle, args.metrics, args.price, args.run, args.num_requests,
+                args.workdir, args.measured_dir, args.catalog)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, price: float | None = None,
+         run_mode: str = "auto", num_requests: int = DEFAULT_NUM_REQUESTS, workdir: Path | None = None,
+         measured_dir: Path = DEFAULT_MEASURED_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:
+    recipe = load_recipe(Path(recipe_path))
+    catalog = load_catalog(Path(catalog_path))
+    check_target_named(recipe, gpu)
+    validate_recipe(recipe, catalog)
+    pricing = price_per_gpu_hour(recipe, gpu, price)
+    ceilings = ceilings_for(recipe, gpu, catalog[gpu], Path(measured_dir))
+    plan = plan_target(recipe, gpu, catalog, ceilings)
+    bundle_manifest = check_bundle(Path(bundle_dir), recipe, gpu, plan)
+    decision = decide_measurement(run_mode, detect_local_gpu({k: s.nvml_names for k, s in catalog.items()}),
+                                  gpu, catalog[gpu], recipe.spec.targets[gpu].tp, shutil.which("trtllm-bench"))
+
+    metrics = predicted_metrics(recipe, gpu, plan, ceilings, catalog[gpu], pricing)
+    metrics["bundle_manifest_sha256"] = bundle_manifest
+    if decision.run:
+        metrics.update(measure(recipe, gpu, Path(bundle_dir), plan, catalog[gpu], pricing, num_requests, workdir))
+    else:
+        metrics.update(measured=None, measured_reason=decision.reason)
+    write_metrics(Path(metrics_path), metrics)
+    log.info("%s: predicted decode %s tok/s at batch %s (%s ceilings); measured: %s", recipe.artifact_name(gpu),
+             _fmt(plan.decode_tok_s_max_batch), plan.roofline.get("decode_batch"), ceilings.source,
+             _fmt(metrics.get("measured_output_tok_s")) if decision.run else decision.reason)
+    return 0
+
+
+# ---------------------------------------------------------------------------- checks and inputs
+
+
+def check_target_named(recipe: Recipe, gpu: str) -> None:
+    if gpu not in recipe.spec.targets:
+        raise RecipeError(f"{recipe.path}: targets", f"no target '{gpu}' in this recipe.",
+                          f"pass --gpu {' or --gpu '.join(recipe.spec.targets)}.")
+
+
+@dataclass(frozen=True)
+class Pricing:
+    usd_per_gpu_hour: float | None
+    source: str | None  # where the price came from; None when none was given
+
+
+def price_per_gpu_hour(recipe: Recipe, gpu: str, override: float | None) -> Pricing:
+    if override is not None:
+        if override <= 0:
+            raise RecipeError("--price", f"must be > 0 USD per GPU-hour, got {override}.", "pass a positive price.")
+        return Pricing(override, "--price")
+    recipe_price = recipe.spec.targets[gpu].price_per_gpu_hour_usd
+    if recipe_price is None:
+        return Pricing(None, None)
+    return Pricing(recipe_price, f"{recipe.path}: targets.{gpu}.price_per_gpu_hour_usd")
+
+
+def ceilings_for(recipe: Recipe, gpu: str, spec: GpuSpec, measured_dir: Path) -> Ceilings:
+    """A `forge probe` of this GPU when one exists for the format's GEMM dtype, else the datasheet
+    (the same default pipeline.sizing.plan uses, spelled out so the metrics can show it)."""
+    compute_dtype = FORMATS[recipe.spec.quant.format].compute_dtype
+    measured = load_ceilings(gpu, compute_dtype, measured_dir)
+    return measured or Ceilings(spec.memory_bandwidth_bytes_per_s, spec.peak_flops(compute_dtype), "datasheet")
+
+
+def check_bundle(bundle_dir: Path, recipe: Recipe, gpu: str, plan: Plan) -> str:
+    """The bundle is intact, is this recipe's target, and was sized by the plan made now; returns
+    its manifest digest."""
+    manifest = read_manifest(bundle_dir, "build")
+    verify_files(bundle_dir, manifest)
+    details = manifest.get("details") or {}
+    made_for = ((manifest.get("recipe") or {}).get("id"), details.get("gpu"))
+    if made_for != (recipe.id, gpu):
+        raise StageInputError(str(bundle_dir), f"is the bundle of {made_for[0]!r} for {made_for[1]!r}, not of "
+                              f"{recipe.id!r} for {gpu!r}.", f"pass --bundle data/bundles/{recipe.artifact_name(gpu)}.")
+    sized, now = details.get("plan") or {}, plan.to_json()
+    differs = [f"{k} {sized.get(k)} (bundle) vs {now.get(k)} (now)" for k in PLAN_AGREEMENT_KEYS if sized.get(k) != now.get(k)]
+    if differs:
+        raise StageInputError(str(bundle_dir / "manifest.json"),
+                              f"the bundle was sized by another plan than {recipe.path} gives now: {'; '.join(differs)}.",
+                              f"re-run its build: dvc repro build@{recipe.artifact_name(gpu)}")
+    return manifest_digest(bundle_dir)
+
+
+@dataclass(frozen=True)
+class MeasureDecision:
+    run: bool
+    reason: str | None
+
+
+def decide_measurement(mode: str, local: LocalGpu | None, gpu: str, spec: GpuSpec, tp: int,
+                       trtllm_bench: str | None) -> MeasureDecision:
+    """Measure only on the target SKU itself: an H100 shares the H200's compute capability but not
+    its memory bandwidth, so its tok/s would be labelled with the wrong GPU."""
+    if mode not in RUN_MODES:
+        raise ForgeError("--run", f"unknown mode {mode!r}.", f"use one of {', '.join(RUN_MODES)}.")
+    if mode == "never":
+        return MeasureDecision(False, "not run: --run never")
+    missing = []
+    if local is None:
+        missing.append(f"a {spec.name} (no NVIDIA GPU visible through NVML)")
+    elif local.sku != gpu:
+        missing.append(f"a {spec.name} (this machine has {local.name})")
+    elif local.count < tp:
+        missing.append(f"{tp} x {spec.name} for TP {tp} (this machine has {local.count})")
+    if trtllm_bench is None:
+        missing.append("trtllm-bench on PATH (TensorRT-LLM)")
+    if not missing:
+        return MeasureDecision(True, None)
+    reason = f"not run: this machine lacks {' and '.join(missing)}"
+    if mode == "require":
+        raise ForgeError(f"{gpu}: --run require", f"a measurement is required, but this machine lacks {' and '.join(missing)}.",
+                         f"run on a {spec.name} node inside the NGC container nvcr.io/nvidia/tensorrt-llm/release, "
+                         "or pass --run auto.")
+    log.info("throughput measurement %s", reason)
+    return MeasureDecision(False, reason)
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+def predicted_metrics(recipe: Recipe, gpu: str, plan: Plan, ceilings: Ceilings, spec: GpuSpec,
+                      pricing: Pricing) -> dict[str, Any]:
+    """The planner's roofline for this target, every number prefixed `predicted_`, with its inputs."""
+    tp = plan.inputs["tp"]
+    out: dict[str, Any] = {
+        "recipe": recipe.id, "target": recipe.artifact_name(gpu), "model": recipe.model.name,
+        "format": recipe.spec.quant.format, "kv_cache_dtype": recipe.spec.quant.kv_cache_dtype, "gpu": gpu, "tp": tp,
+        "ceilings_source": ceilings.source,
+        "predicted_inputs": {
+            "memory_bandwidth_bytes_per_s": ceilings.memory_bandwidth_bytes_per_s,
+            "peak_flops": ceilings.peak_flops, "tdp_watts": spec.tdp_watts,
+            **{k: plan.inputs[k] for k in ("max_input_len", "max_output_len", "seq_len", "concurrency", "max_num_tokens",
+                                           "kv_cache_free_gpu_memory_fraction")},
+        },
+        "predicted_weights_bytes": plan.weights_bytes,
+        "predicted_kv_capacity_tokens": plan.kv_capacity_tokens,
+        "predicted_decode_batch": plan.roofline.get("decode_batch"),
+        "predicted_decode_tok_s_batch1": plan.decode_tok_s_batch1,
+        "predicted_decode_tok_s_max_batch": plan.decode_tok_s_max_batch,
+        "predicted_decode_tok_s_per_user_max_batch": plan.roofline.get("decode_tok_s_per_user_max_batch"),
+        "predicted_decode_bound_max_batch": plan.roofline.get("decode_bound_max_batch"),
+        "predicted_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
+        "price_per_gpu_hour_usd": pricing.usd_per_gpu_hour,
+        "price_source": pricing.source,
+    }
+    if plan.decode_tok_s_max_batch:
+        energy = energy_and_cost(plan.decode_tok_s_max_batch, None, spec.tdp_watts, tp, pricing.usd_per_gpu_hour)
+        out.update({f"predicted_{k}": energy[k] for k in ("power_source", "joules_per_token", "gpu_hours_per_mtok",
+                                                            "usd_per_mtok")})
+    return out
+
+
+def measure(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: GpuSpec, pricing: Pricing,
+            num_requests: int, workdir: Path | None) -> dict[str, Any]:
+    """trtllm-bench throughput + latency on a dataset of the recipe's lengths; flat measured keys."""
+    if workdir is not None:
+        return _measure_in(recipe, gpu, bundle_dir, plan, spec, pricing, num_requests, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
+        return _measure_in(recipe, gpu, bundle_dir, plan, spec, pricing, num_requests, Path(tmp))
+
+
+def _measure_in(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: GpuSpec, pricing: Pricing,
+                num_requests: int, work: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from pipeline.perf import NotRun, bench_commands, make_bench_dataset, measured_summary, run_bench
+
+    target = recipe.spec.targets[gpu]
+    tokenizer = AutoTokenizer.from_pretrained(bundle_dir / CHECKPOINT_DIR)
+    dataset = make_bench_dataset(tokenizer, num_requests, target.max_input_len, target.max_output_len, BENCH_SEED,
+                                 work / "bench_dataset.jsonl")
+    commands = bench_commands(model_id_for(recipe), bundle_dir / CHECKPOINT_DIR, dataset.path, bundle_dir / OPTIONS_FILE,
+                              target.tp, work / "reports", work / "workspace",
+                              concurrency=plan.roofline.get("decode_batch") or None, num_requests=num_requests)
+    predicted = {"throughput": plan.decode_tok_s_max_batch, "latency": plan.decode_tok_s_batch1}
+    runs: dict[str, Any] = {}
+    for command in commands:
+        outcome = run_bench(command)
+        if isinstance(outcome, NotRun):
+            runs[command.mode] = {"not_run": outcome.reason}
+            continue
+        runs[command.mode] = measured_summary(outcome, predicted[command.mode], spec.tdp_watts, pricing.usd_per_gpu_hour)
+    dataset_info = {"path": str(dataset.path), "num_requests": dataset.num_requests, "input_len": dataset.input_len,
+                    "output_len": dataset.output_len, "seed": dataset.seed, "sha256": dataset.sha256}
+    return {"measured": {"dataset": dataset_info, **runs}, **flat_measured(runs)}
+
+
+def flat_measured(runs: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys for `dvc metrics show`; percentiles in ms, throughputs in output tok/s."""
+    out: dict[str, Any] = {}
+    throughput = runs.get("throughput") or {}
+    if "measured" in throughput:
+        m = throughput["measured"]
+        out.update(measured_output_tok_s=m["output_tok_s"], measured_output_tok_s_per_gpu=m["output_tok_s_per_gpu"],
+                   measured_output_tok_s_per_user=m["output_tok_s_per_user"],
+                   measured_request_throughput_req_s=m["request_throughput_req_s"],
+                   measured_over_predicted=throughput["measured_over_predicted"])
+        for name in ("ttft_ms", "tpot_ms"):
+            for p in PERCENTILES:
+                out[f"measured_{name}_{p}"] = (m.get(name) or {}).get(p)
+        energy = throughput["energy"]
+        out.update({f"measured_{k}": energy[k] for k in ("power_source", "watts", "joules_per_token",
+                                                          "gpu_hours_per_mtok", "usd_per_mtok")})
+    latency = runs.get("latency") or {}
+    if "measured" in latency:
+        m = latency["measured"]
+        out.update(measured_latency_output_tok_s=m["output_tok_s"],
+                   measured_latency_over_predicted_batch1=latency["measured_over_predicted"],
+                   measured_latency_ttft_ms_p50=(m.get("ttft_ms") or {}).get("p50"),
+                   measured_latency_tpot_ms_p50=(m.get("tpot_ms") or {}).get("p50"))
+    not_run = {mode: r["not_run"] for mode, r in runs.items() if "not_run" in r}
+    if not_run:
+        out["measured_reason"] = "; ".join(f"{mode}: {why}" for mode, why in not_run.items())
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"

@@ -1,0 +1,163 @@
+"""CI check run after `make repro` (.ci/run): the promises of the main job hold.
+
+1. Every planned target (plan.yaml `targets`) has a publish receipt in data/published/<target>/.
+2. Each published artifact pulls into a fresh directory with `forge pull` (which verifies every
+   file's sha256 against the registry manifest), and the pulled files are byte-for-byte the bundle's.
+3. Each refused one was refused for a failed accuracy gate, and at least one artifact was published.
+4. A second `dvc repro` publishes nothing new (the registry's versions and stage labels are unchanged)
+   and leaves `dvc status` with no changed stage.
+
+Usage (from anywhere): .venv/bin/python scripts/check_repro.py [--skip-repro]
+Exit code 0 when everything holds, 1 otherwise; a summary line per check either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.manifest import file_digests, read_manifest
+from pipeline.registry import MANIFEST_FILENAME
+from pipeline.stages.publish import RECEIPT_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN_FILE = ROOT / "plan.yaml"
+PUBLISHED_DIR = ROOT / "data" / "published"
+VENV_BIN = ROOT / ".venv" / "bin"
+FORGE = VENV_BIN / "forge"
+DVC = VENV_BIN / "dvc"
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    line: str
+
+
+def main(skip_repro: bool = False) -> int:
+    targets = planned_targets(PLAN_FILE)
+    receipts = {key: read_receipt(PUBLISHED_DIR / key) for key in targets}
+    checks = [check_receipt_present(key, receipt) for key, receipt in receipts.items()]
+    found = {key: receipt for key, receipt in receipts.items() if receipt is not None}
+    with tempfile.TemporaryDirectory(prefix="forge-check-pull-") as scratch:
+        checks += [check_pull(key, receipt, targets[key]["gpu"], Path(scratch) / key)
+                   for key, receipt in found.items() if receipt["published"]]
+    checks += [check_refusal(key, receipt) for key, receipt in found.items() if not receipt["published"]]
+    checks.append(check_something_published(found))
+    if not skip_repro:
+        registries = sorted({receipt["registry"] for receipt in found.values() if receipt["published"]})
+        before = {url: registry_snapshot(url) for url in registries}
+        checks.append(check_second_repro())
+        checks += [check_unchanged(url, before[url], registry_snapshot(url)) for url in registries]
+        checks.append(check_dvc_status())
+    for check in checks:
+        print(("ok    " if check.ok else "FAIL  ") + check.line)
+    failed = sum(not c.ok for c in checks)
+    print(f"check_repro: {len(checks) - failed} of {len(checks)} checks passed")
+    return 1 if failed else 0
+
+
+def planned_targets(plan_file: Path) -> dict[str, dict]:
+    return yaml.safe_load(plan_file.read_text())["targets"]
+
+
+def read_receipt(out_dir: Path) -> dict | None:
+    path = out_dir / RECEIPT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_receipt_present(key: str, receipt: dict | None) -> Check:
+    if receipt is None:
+        return Check(False, f"{key}: no publish receipt in {PUBLISHED_DIR / key} (did the publish stage run?)")
+    return Check(True, f"{key}: publish receipt found ({'published' if receipt['published'] else 'refused'})")
+
+
+def check_pull(key: str, receipt: dict, gpu: str, dest: Path) -> Check:
+    """`forge pull` verifies each file against the registry manifest; then compare with the bundle itself."""
+    name, version = receipt["name"], receipt["version"]
+    done = run([str(FORGE), "pull", name, "--version", version, "--registry", receipt["registry"], "--gpu", gpu,
+                "--dest", str(dest)])
+    if done.returncode != 0:
+        return Check(False, f"{key}: forge pull {name} {version} failed: {tail(done)}")
+    bundle = Path(read_manifest(PUBLISHED_DIR / key, "publish")["inputs"]["bundle"]["path"])
+    bundle = bundle if bundle.is_absolute() else ROOT / bundle
+    pulled = file_digests(dest, exclude=(MANIFEST_FILENAME,))
+    expected = file_digests(bundle, exclude=())
+    if pulled != expected:
+        differing = sorted(set(pulled) ^ set(expected) | {k for k in set(pulled) & set(expected)
+                                                           if pulled[k] != expected[k]})
+        return Check(False, f"{key}: pulled {name} {version} differs from {bundle}: {', '.join(differing[:5])}")
+    size = sum(entry["size"] for entry in pulled.values())
+    return Check(True, f"{key}: pulled {name} {version}, {len(pulled)} files ({size / 1e6:,.1f} MB) verified, "
+                       f"identical to {bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle}")
+
+
+def check_refusal(key: str, receipt: dict) -> Check:
+    failures = receipt.get("gate_failures") or []
+    if not failures or not str(receipt.get("reason", "")).startswith("accuracy gate failed"):
+        return Check(False, f"{key}: not published, but not for a failed gate: {receipt.get('reason')!r}")
+    return Check(True, f"{key}: refused for its accuracy gate ({', '.join(f['metric'] for f in failures)})")
+
+
+def check_something_published(receipts: dict[str, dict]) -> Check:
+    published = [key for key, receipt in receipts.items() if receipt["published"]]
+    if not published:
+        return Check(False, "no artifact was published: every target was refused or missing")
+    return Check(True, f"{len(published)} of {len(receipts)} targets published")
+
+
+def registry_snapshot(url: str) -> dict[str, dict]:
+    """{name: {versions, stages}} as `forge list --json` reports them."""
+    done = run([str(FORGE), "list", "--registry", url, "--json"])
+    if done.returncode != 0:
+        return {"error": {"versions": [], "stages": {}, "message": tail(done)}}
+    return {row["name"]: {"versions": row["versions"], "stages": row["stages"]} for row in json.loads(done.stdout)}
+
+
+def check_second_repro() -> Check:
+    done = run([str(DVC), "repro"])
+    if done.returncode != 0:
+        return Check(False, f"second dvc repro failed: {tail(done)}")
+    return Check(True, "second dvc repro finished")
+
+
+def check_unchanged(url: str, before: dict, after: dict) -> Check:
+    if before != after:
+        changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+        return Check(False, f"registry {url}: the second repro changed {', '.join(changed)}: {before} -> {after}")
+    count = sum(len(entry["versions"]) for entry in after.values())
+    return Check(True, f"registry {url}: nothing new published ({len(after)} artifacts, {count} versions)")
+
+
+def check_dvc_status() -> Check:
+    done = run([str(DVC), "status", "--json"])
+    if done.returncode != 0:
+        return Check(False, f"dvc status failed: {tail(done)}")
+    changed = json.loads(done.stdout or "{}")
+    if changed:
+        return Check(False, f"dvc status reports changed stages: {', '.join(sorted(changed))}")
+    return Check(True, "dvc status: every stage up to date")
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    # dvc.yaml's commands call `forge` by name: put the venv first on PATH, as the Makefile does.
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+
+
+def tail(done: subprocess.CompletedProcess, lines: int = 5) -> str:
+    return " | ".join((done.stderr or done.stdout).strip().splitlines()[-lines:])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-repro", action="store_true", help="skip the second `dvc repro` and `dvc status`")
+    sys.exit(main(parser.parse_args().skip_repro))
