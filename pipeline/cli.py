@@ -25,7 +25,12 @@ EXAMPLES = """examples:
   forge show recipes/smollm2-135m-instruct/fp8.yaml
   forge plan recipes/llama-3-3-70b-instruct/fp8.yaml
   forge plan --model-config recipes/llama-3-3-70b-instruct/config.json --format nvfp4 --gpu b200
-  forge plan --dvc                                 # regenerate plan.yaml for dvc.yaml
+  forge plan --dvc                                 # regenerate plan.yaml (+ dvc.yaml artifacts)
+  forge list --gpu h200                            # published artifacts for one GPU
+  forge pull smollm2-135m-instruct --gpu auto --dest ./model   # best artifact for this machine's GPU
+  forge probe                                      # measure this GPU's bandwidth and GEMM rates
+stage verbs (download, calibration-set, calibrate, baseline, evaluate, build, throughput, report,
+publish) are what dvc.yaml runs; `forge VERB --help` shows each one's arguments and an example.
 """
 
 
@@ -36,7 +41,10 @@ def configure_logging(verbose: bool) -> None:
 
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
         fmt = "%(message)s"
-    else:  # plain lines under DVC and CI
+    else:  # plain lines under DVC and CI, no progress bars (tqdm >= 4.66 reads TQDM_DISABLE)
+        import os
+
+        os.environ.setdefault("TQDM_DISABLE", "1")
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))

@@ -6,6 +6,8 @@
 3. Each refused one was refused for a failed accuracy gate, and at least one artifact was published.
 4. A second `dvc repro` publishes nothing new (the registry's versions and stage labels are unchanged)
    and leaves `dvc status` with no changed stage.
+5. Editing only one target's serving shape in a recipe changes only that target's stages (`dvc status`
+   names build@<target> and throughput@<target>, nothing upstream); the recipe is restored afterwards.
 
 Usage (from anywhere): .venv/bin/python scripts/check_repro.py [--skip-repro]
 Exit code 0 when everything holds, 1 otherwise; a summary line per check either way.
@@ -58,6 +60,7 @@ def main(skip_repro: bool = False) -> int:
         checks.append(check_second_repro())
         checks += [check_unchanged(url, before[url], registry_snapshot(url)) for url in registries]
         checks.append(check_dvc_status())
+        checks.append(check_serving_shape_edit(targets))
     for check in checks:
         print(("ok    " if check.ok else "FAIL  ") + check.line)
     failed = sum(not c.ok for c in checks)
@@ -145,6 +148,28 @@ def check_dvc_status() -> Check:
     if changed:
         return Check(False, f"dvc status reports changed stages: {', '.join(sorted(changed))}")
     return Check(True, "dvc status: every stage up to date")
+
+
+def check_serving_shape_edit(targets: dict[str, dict]) -> Check:
+    key, target = sorted(targets.items())[0]
+    recipe = ROOT / target["recipe"]
+    original = recipe.read_text()
+    data = yaml.safe_load(original)
+    data["targets"][target["gpu"]]["max_output_len"] += 1
+    try:
+        recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+        done = run([str(DVC), "status", "--json"])
+    finally:
+        recipe.write_text(original)
+    if done.returncode != 0:
+        return Check(False, f"dvc status after a serving-shape edit failed: {tail(done)}")
+    changed = set(json.loads(done.stdout or "{}"))
+    expected = {f"build@{key}", f"throughput@{key}"}
+    if changed != expected:
+        return Check(False, f"editing targets.{target['gpu']} of {target['recipe']} changed {sorted(changed)}, "
+                            f"expected exactly {sorted(expected)}")
+    return Check(True, f"editing targets.{target['gpu']}.max_output_len changes only {', '.join(sorted(expected))} "
+                       "(their downstream publish/report follow); calibrate and evaluate untouched")
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:

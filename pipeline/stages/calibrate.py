@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
+import sys
 from pathlib import Path
 
 import yaml
@@ -77,7 +78,7 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
     batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
                for i in range(0, rows, batch)]
     with timer("calibrate"):
-        result = glue.calibrate(loaded.model, config, batches, progress=True)
+        result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty())
     with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
         quantized_ppl = perplexity(loaded.model, heldout_ids)
 
