@@ -197,6 +197,37 @@ def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
     return 0
 
 
+def cmd_formats(args: argparse.Namespace) -> int:
+    """The format registry, KV-cache dtypes and GPU catalog, printed from their one source."""
+    from rich.console import Console
+    from rich.table import Table
+
+    catalog = load_catalog(args.catalog)
+    formats = Table(title="formats (pipeline/formats.py)")
+    for column in ("name", "elements", "block", "scale", "bits/weight", "min CC", "ModelOpt preset", "runs on"):
+        formats.add_column(column)
+    for f in FORMATS.values():
+        gpus = ", ".join(k for k, g in catalog.items() if f.min_compute_capability <= g.cc)
+        formats.add_row(f.name, f.element_type, str(f.block_size or "-"), f.scale_type or "-", f"{f.bits_per_weight:g}",
+                        str(f.min_compute_capability), f.modelopt_config or "-", gpus)
+    kv = Table(title="KV-cache dtypes")
+    for column in ("name", "bytes/element", "min CC", "ModelOpt preset"):
+        kv.add_column(column)
+    for k in KV_CACHE_DTYPES.values():
+        kv.add_row(k.name, f"{k.bytes_per_element:g}", str(k.min_compute_capability), k.modelopt_config or "-")
+    gpus = Table(title=f"GPUs ({args.catalog})")
+    for column in ("key", "name", "CC", "memory", "bandwidth", "dense TFLOP/s", "TDP"):
+        gpus.add_column(column)
+    for key, g in catalog.items():
+        gpus.add_row(key, g.name, g.compute_capability, f"{g.memory_bytes / 1e9:.0f} GB",
+                     f"{g.memory_bandwidth_bytes_per_s / 1e12:.2f} TB/s",
+                     " / ".join(f"{d} {v:g}" for d, v in g.tflops.items()), f"{g.tdp_watts:g} W")
+    console = Console()
+    for table in (formats, kv, gpus):
+        console.print(table)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -218,6 +249,10 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
     p.add_argument("paths", nargs="*", help="recipe files or directories (default: all under recipes/)")
     _add_common(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("formats", help="print the format registry, KV-cache dtypes and GPU catalog")
+    _add_common(p)
+    p.set_defaults(func=cmd_formats)
 
     p = sub.add_parser("show", help="print a resolved recipe", epilog="example: forge show recipes/smollm2-135m-instruct/fp8.yaml")
     p.add_argument("recipe")

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -73,7 +73,7 @@ class LocalGgufSource(Closed):
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 
-ModelSource = Annotated[Union[HfSource, LocalSource, PypiGgufSource, LocalGgufSource], Field(discriminator="kind")]
+ModelSource = Annotated[HfSource | LocalSource | PypiGgufSource | LocalGgufSource, Field(discriminator="kind")]
 
 
 class BaselineEval(Closed):

@@ -21,14 +21,13 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.errors import SourceError
-from pipeline.manifest import file_digests, sha256_file, staged_output
+from pipeline.manifest import sha256_file, staged_output
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,14 @@ import yaml
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import (
-    Timer, build_manifest, input_entry, read_manifest, staged_output, verify_files, write_json, write_manifest,
+    Timer,
+    build_manifest,
+    input_entry,
+    read_manifest,
+    staged_output,
+    verify_files,
+    write_json,
+    write_manifest,
 )
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.validate import validate_recipe
@@ -69,7 +76,7 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
     rows = recipe.spec.calibration.num_samples
     calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
     with timer("baseline_perplexity"):
-        baseline_ppl = perplexity(loaded.model, heldout_ids)
+        baseline_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
 
     quant = recipe.spec.quant
     fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
@@ -80,7 +87,7 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
     with timer("calibrate"):
         result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty())
     with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
-        quantized_ppl = perplexity(loaded.model, heldout_ids)
+        quantized_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
 
     with staged_output(out_dir) as tmp:
         glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)

@@ -57,7 +57,7 @@ from pipeline.registry import (
     tag_version,
     validate_name,
 )
-from pipeline.sizing import KV_BLOCK_TOKENS, Plan
+from pipeline.sizing import KV_BLOCK_TOKENS
 from pipeline.stages.build import check_target_named
 from pipeline.stages.evaluate import GATE_JSON
 from pipeline.validate import validate_recipe
@@ -224,7 +224,7 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog)
-    plan = check_target_named(recipe, gpu, catalog)
+    check_target_named(recipe, gpu, catalog)
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):
         bundle = read_verified(Path(bundle_dir), "build")

@@ -168,3 +168,11 @@ def test_plan_json_carries_the_documented_keys(capsys):
 
 def test_plan_file_is_fresh(capsys):
     assert main(["plan", "--dvc", "--check"]) == 0, capsys.readouterr().err
+
+
+def test_formats_verb_prints_every_registry_entry(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells to the terminal width
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    for name in (*FORMATS, *load_catalog()):
+        assert name in out

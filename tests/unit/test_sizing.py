@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import load_catalog
-from pipeline.sizing import ServingShape, count_params, ModelShape, plan
+from pipeline.sizing import ModelShape, ServingShape, count_params, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_70B = json.loads((ROOT / "recipes/llama-3-3-70b-instruct/config.json").read_text())

