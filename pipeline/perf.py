@@ -32,6 +32,7 @@ from typing import Any
 
 from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import ComputeCapability
+from pipeline.gpu_detect import match_sku
 from pipeline.gpus import GpuSpec
 from pipeline.sizing import Ceilings
 
@@ -230,22 +231,8 @@ def _probe_fp8(torch: ModuleType, device: Any, n: int, warmup: int, repetitions:
 
 
 def match_gpu_key(device_name: str, catalog: Mapping[str, GpuSpec]) -> str | None:
-    """The catalog key whose `nvml_names` substring occurs in `device_name` (case-insensitive);
-    the longest matching substring wins, so "H100 NVL" can sit beside "H100"."""
-    lowered = device_name.lower()
-    hits = sorted(
-        ((len(sub), key) for key, spec in catalog.items() for sub in spec.nvml_names if sub.lower() in lowered),
-        reverse=True,
-    )
-    if not hits:
-        return None
-    if len(hits) > 1 and hits[1][0] == hits[0][0] and hits[1][1] != hits[0][1]:
-        raise RecipeError(
-            "GPU catalog",
-            f"GPU name {device_name!r} matches '{hits[0][1]}' and '{hits[1][1]}' equally well.",
-            "make each GPU's nvml_names substrings distinct.",
-        )
-    return hits[0][1]
+    """The catalog key for an NVML/CUDA device name (pipeline.gpu_detect.match_sku's rules)."""
+    return match_sku(device_name, {key: spec.nvml_names for key, spec in catalog.items()})
 
 
 def gpu_key_for(device_name: str, catalog: Mapping[str, GpuSpec]) -> str:

@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import random_tiny_llama
 
 from pipeline.quant.reference import (
     mxfp4_quantize_dequantize,
@@ -101,18 +102,8 @@ def test_reference_matches_modelopt_cuda_fake_quant(fmt, dtype):
 def test_simulated_tiny_llama_matches_modelopt_on_cuda(fmt):
     needs_mx_extension(fmt)
     mtq = pytest.importorskip("modelopt.torch.quantization")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    pytest.importorskip("transformers")
+    model = random_tiny_llama(num_key_value_heads=4, max_position_embeddings=64).cuda()
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG if fmt == "nvfp4" else mtq.MXFP4_DEFAULT_CFG)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import random_tiny_llama
 
 pytest.importorskip("modelopt.torch.export")
 transformers = pytest.importorskip("transformers")
@@ -29,17 +30,7 @@ CASES = {
 
 
 def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return random_tiny_llama()
 
 
 @pytest.fixture(scope="module")

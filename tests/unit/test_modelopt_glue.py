@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import random_tiny_llama
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 transformers = pytest.importorskip("transformers")
@@ -26,17 +27,7 @@ LAYERS = 2
 
 
 def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return random_tiny_llama()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import random_tiny_llama
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 transformers = pytest.importorskip("transformers")
@@ -62,18 +63,7 @@ TIE_BLOCK = [6.0, 0.75, 1.75, 3.5, -0.75, -1.75, -3.5] + [0.0] * 25
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        max_position_embeddings=64,
-        architectures=["LlamaForCausalLM"],
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = random_tiny_llama(num_key_value_heads=4, max_position_embeddings=64)
     with torch.no_grad():
         q_proj = model.model.layers[0].self_attn.q_proj.weight
         q_proj[0, :32] = torch.tensor(TIE_BLOCK) * TIE_SCALE
