@@ -13,7 +13,8 @@ import time
 import pytest
 
 from pipeline.calibdata import load_calibration_set, load_materialized, materialize
-from pipeline.sources import convert_gguf_to_hf, fetch_pypi_wheel_member, file_digests
+from pipeline.manifest import file_digests
+from pipeline.sources import convert_gguf_to_hf, fetch_pypi_wheel_member
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
