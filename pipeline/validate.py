@@ -80,6 +80,17 @@ def check_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> P
     return target_plan
 
 
+def check_named_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> Plan:
+    """`check_target` for a GPU named on the command line, which must be one of the recipe's targets."""
+    if gpu_key not in recipe.spec.targets:
+        raise RecipeError(
+            f"{recipe.path}: targets",
+            f"no target '{gpu_key}' in this recipe.",
+            f"pass --gpu {' or --gpu '.join(recipe.spec.targets)}, or add a targets.{gpu_key} section.",
+        )
+    return check_target(recipe, gpu_key, catalog)
+
+
 def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Path(".")) -> dict[str, Plan]:
     """Every check for one recipe; returns the plan of each target. Raises the first problem."""
     calib = root / CALIBRATION_DIR / f"{recipe.spec.calibration.set}.yaml"

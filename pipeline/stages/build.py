@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ForgeError, RecipeError, StageInputError
+from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import (
@@ -50,7 +50,7 @@ from pipeline.trtllm import (
     serve_commands,
     serve_markdown,
 )
-from pipeline.validate import check_target
+from pipeline.validate import check_named_target
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def main(
     timer = Timer()
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
-    plan = check_target_named(recipe, gpu, catalog)
+    plan = check_named_target(recipe, gpu, catalog)
     upstream = read_upstream(Path(quantized_dir), recipe)
     cc = catalog[gpu].cc
     engine = recipe.spec.build.engine
@@ -151,16 +151,6 @@ def main(
 
 
 # ---------------------------------------------------------------------------- checks before writing
-
-
-def check_target_named(recipe: Recipe, gpu: str, catalog: dict) -> Plan:
-    if gpu not in recipe.spec.targets:
-        raise RecipeError(
-            f"{recipe.path}: targets",
-            f"no target '{gpu}' in this recipe.",
-            f"pass --gpu {' or --gpu '.join(recipe.spec.targets)}, or add a targets.{gpu} section.",
-        )
-    return check_target(recipe, gpu, catalog)
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,8 @@ from pipeline.registry import (
     validate_name,
 )
 from pipeline.sizing import KV_BLOCK_TOKENS
-from pipeline.stages.build import check_target_named
 from pipeline.stages.evaluate import GATE_JSON
-from pipeline.validate import validate_recipe
+from pipeline.validate import check_named_target, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog)
-    check_target_named(recipe, gpu, catalog)
+    check_named_target(recipe, gpu, catalog)
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):
         bundle = read_verified(Path(bundle_dir), "build")

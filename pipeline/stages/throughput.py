@@ -30,7 +30,7 @@ from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Ceilings, Plan
 from pipeline.stages.build import CHECKPOINT_DIR, OPTIONS_FILE, model_id_for, write_metrics
-from pipeline.validate import plan_target, validate_recipe
+from pipeline.validate import check_named_target, plan_target, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
          measured_dir: Path = DEFAULT_MEASURED_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
-    check_target_named(recipe, gpu)
     validate_recipe(recipe, catalog)
+    check_named_target(recipe, gpu, catalog)
     pricing = price_per_gpu_hour(recipe, gpu, price)
     ceilings = ceilings_for(recipe, gpu, catalog[gpu], Path(measured_dir))
     plan = plan_target(recipe, gpu, catalog, ceilings)
@@ -108,12 +108,6 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
 
 
 # ---------------------------------------------------------------------------- checks and inputs
-
-
-def check_target_named(recipe: Recipe, gpu: str) -> None:
-    if gpu not in recipe.spec.targets:
-        raise RecipeError(f"{recipe.path}: targets", f"no target '{gpu}' in this recipe.",
-                          f"pass --gpu {' or --gpu '.join(recipe.spec.targets)}.")
 
 
 @dataclass(frozen=True)

@@ -198,5 +198,5 @@ def test_bundle_of_another_recipe_is_refused(bundle, tmp_path):
 
 
 def test_unknown_target_is_refused(bundle, tmp_path):
-    with pytest.raises(ForgeError, match=r"fp8.yaml: targets: no target 'b200' in this recipe\. Fix: pass --gpu h200\."):
+    with pytest.raises(ForgeError, match=r"fp8.yaml: targets: no target 'b200' in this recipe\. Fix: pass --gpu h200, or add a targets.b200 section\."):
         throughput.main(FP8, "b200", bundle, tmp_path / "m.json")
