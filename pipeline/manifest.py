@@ -150,6 +150,21 @@ def write_json(path: Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_metrics(path: Path, values: dict[str, Any]) -> None:
+    """A stage's DVC metrics file, written atomically (a reader sees the old file or the new one) and
+    as strict JSON (`allow_nan=False`: DVC cannot read NaN/Infinity; callers spell infinity "inf")."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        Path(tmp).write_text(json.dumps(values, indent=2, allow_nan=False, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> Path:
     path = Path(output_dir) / MANIFEST_NAME
     write_json(path, manifest)

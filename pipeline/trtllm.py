@@ -483,3 +483,13 @@ def build_legacy_engine(
                          "see the log above; the limits come from the recipe's target (lower max_num_tokens or max_batch_size).")
     shutil.rmtree(trt_checkpoint)  # the engine supersedes it; the unified checkpoint stays in the bundle
     return engine_dir
+
+
+def served_model_id(recipe) -> str:
+    """The model name commands serve under: the Hub repo id when there is one (tokenizer and
+    chat-template lookups by name), else the bundle's checkpoint directory."""
+    from pipeline.layout import CHECKPOINT_DIR
+    from pipeline.recipe import HfSource
+
+    source = recipe.model.spec.source
+    return source.repo_id if isinstance(source, HfSource) else CHECKPOINT_DIR

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.layout import RECEIPT_FILE
 from pipeline.manifest import file_digests, read_manifest
 from pipeline.registry import MANIFEST_FILENAME
-from pipeline.stages.publish import RECEIPT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = ROOT / "plan.yaml"

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import yaml
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
     build_manifest,
@@ -35,8 +35,9 @@ from pipeline.manifest import (
     verify_files,
     write_json,
     write_manifest,
+    write_metrics,
 )
-from pipeline.recipe import HfSource, Recipe, load_recipe
+from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Plan
 from pipeline.trtllm import (
     LoadTestResult,
@@ -49,16 +50,14 @@ from pipeline.trtllm import (
     run_load_test,
     serve_commands,
     serve_markdown,
+    served_model_id,
 )
 from pipeline.validate import check_named_target
 
 log = logging.getLogger(__name__)
 
-OPTIONS_FILE = "llm_api_options.yaml"
 COMMANDS_FILE = "commands.json"
 SERVE_FILE = "SERVE.md"
-CHECKPOINT_DIR = "checkpoint"
-QUANT_STATE_FILE = "quant_state.pt"
 LOAD_TEST_MODES = ("auto", "never", "require")
 
 EXAMPLE = """example:
@@ -124,7 +123,7 @@ def main(
     target = recipe.spec.targets[gpu]
     fmt, kv = recipe.spec.quant.format, recipe.spec.quant.kv_cache_dtype
     options = llm_api_options(plan, target, fmt, kv, engine)
-    commands = serve_commands(options, plan, model_id_for(recipe), engine_dir="engine" if engine == "tensorrt" else None)
+    commands = serve_commands(options, plan, served_model_id(recipe), engine_dir="engine" if engine == "tensorrt" else None)
 
     with staged_output(Path(out_dir)) as stage:
         with timer("link_checkpoint"):
@@ -295,11 +294,6 @@ def write_options(path: Path, options: dict[str, Any], recipe: Recipe, gpu: str)
     path.write_text(header + yaml.safe_dump(options, sort_keys=False))
 
 
-def model_id_for(recipe: Recipe) -> str:
-    source = recipe.model.spec.source
-    return source.repo_id if isinstance(source, HfSource) else CHECKPOINT_DIR
-
-
 def bundle_details(recipe: Recipe, gpu: str, plan: Plan, options: dict[str, Any], upstream: Upstream,
                    linked: LinkedTree, result: LoadTestResult, gpu_name: str) -> dict[str, Any]:
     load = result.to_json()
@@ -347,16 +341,3 @@ def metrics(plan: Plan, linked: LinkedTree, result: LoadTestResult) -> dict[str,
         "load_tested": result.tested,
         "runtime_kv_capacity_tokens": result.runtime_kv_capacity_tokens,
     }
-
-
-def write_metrics(path: Path, values: dict[str, Any]) -> None:
-    """Atomic like the bundle: a reader sees the old metrics or the new ones, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        Path(tmp).write_text(json.dumps(values, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
     build_manifest,
@@ -28,16 +29,14 @@ from pipeline.manifest import (
     read_manifest,
     staged_output,
     verify_files,
-    write_json,
     write_manifest,
+    write_metrics,
 )
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.validate import validate_recipe
 
 log = logging.getLogger(__name__)
 
-QUANT_STATE_FILE = "quant_state.pt"
-CHECKPOINT_DIR = "checkpoint"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +63,6 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
     from pipeline.modeling import load_checkpoint, perplexity
     from pipeline.quant import modelopt_glue as glue
     from pipeline.quant.simulate import reference_fp4_simulation
-    from pipeline.stages.calibration_set import TENSORS_FILE
 
     recipe = load_recipe(recipe_path)
     validate_recipe(recipe, load_catalog(catalog_path))
@@ -72,7 +70,7 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
     timer = Timer()
     with timer("load"):
         loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR)
-        tensors = load_materialized(Path(calibration_dir) / TENSORS_FILE)
+        tensors = load_materialized(Path(calibration_dir) / CALIBRATION_TENSORS_FILE)
     rows = recipe.spec.calibration.num_samples
     calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
     with timer("baseline_perplexity"):
@@ -122,8 +120,7 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
         # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
         "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
     }
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_path, metrics)
+    write_metrics(Path(metrics_path), metrics)
     log.info("%s: perplexity %.3f -> %.3f (%+.1f%%), calibrate %.1f s", recipe.id, baseline_ppl, quantized_ppl,
              metrics["perplexity_delta_pct"], timer.seconds["calibrate"])
     return 0

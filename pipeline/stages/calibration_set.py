@@ -8,13 +8,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.layout import CALIBRATION_TENSORS_FILE
 from pipeline.manifest import Timer, build_manifest, input_entry, read_manifest, staged_output, write_manifest
 from pipeline.recipe import load_recipe
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_DIR = Path("calibration")
-TENSORS_FILE = "calibration.safetensors"
 # Rows after the calibration rows, cut from later documents of the same seeded order: 8 x seq_len
 # tokens is enough for a perplexity delta to separate FP8 from FP4 (FACTS: +2% vs +53%).
 HELDOUT_ROWS = 8
@@ -49,7 +49,7 @@ def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Pat
     with staged_output(out_dir) as tmp:
         with timer("materialize"):
             written = materialize(spec, tokenizer, section.num_samples + HELDOUT_ROWS, section.seq_len, section.seed,
-                                  section.chat_template, tmp / TENSORS_FILE)
+                                  section.chat_template, tmp / CALIBRATION_TENSORS_FILE)
         details = {"set": section.set, "calibration_rows": section.num_samples, "heldout_rows": HELDOUT_ROWS,
                    "seq_len": section.seq_len, "seed": section.seed, "chat_template": section.chat_template,
                    "tensors_sha256": written.sha256, "documents_used": written.documents_used,

@@ -32,6 +32,7 @@ from pipeline.errors import RecipeError, StageInputError
 from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
 from pipeline.gates import GatePolicy, GateReport, evaluate_gates
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.layout import CHECKPOINT_DIR, GATE_REPORT_FILE, QUANT_STATE_FILE
 from pipeline.manifest import (
     MANIFEST_NAME,
     Timer,
@@ -43,6 +44,7 @@ from pipeline.manifest import (
     verify_files,
     write_json,
     write_manifest,
+    write_metrics,
 )
 from pipeline.recipe import MODEL_FILE, Model, Recipe, load_model, load_recipe
 from pipeline.validate import validate_recipe
@@ -50,10 +52,7 @@ from pipeline.validate import validate_recipe
 log = logging.getLogger(__name__)
 
 EVAL_DIR = Path("eval")  # suites/ and tasks/ below it
-CHECKPOINT_DIR = "checkpoint"
-QUANT_STATE_FILE = "quant_state.pt"
 METRICS_FILE = "metrics.json"
-GATE_JSON = "gate_report.json"
 GATE_MARKDOWN = "gate_report.md"
 # What AutoTokenizer needs: the config plus one vocabulary file (fast tokenizer, SentencePiece or BPE).
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -167,7 +166,7 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
     metrics["simulation"] = scored.simulation
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
-        (tmp / GATE_JSON).write_text(report.to_json() + "\n")
+        (tmp / GATE_REPORT_FILE).write_text(report.to_json() + "\n")
         (tmp / GATE_MARKDOWN).write_text(gate_markdown(recipe, scored.path, report))
         write_manifest(tmp, build_manifest(
             "evaluate", recipe.id, tmp, upstream.inputs, timer.seconds,
@@ -175,7 +174,7 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
                      "failed": [r.metric for r in report.failed], "simulation": scored.simulation},
             recipe=recipe.provenance("quant", "eval"),
         ))
-    write_flat_metrics(Path(metrics_path), flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
+    write_metrics(Path(metrics_path), flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
     return verdict_exit_code(recipe, report)
 
 
@@ -382,12 +381,6 @@ def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: fl
                                                       "verdict", "reason")}, "passed": int(r["verdict"] == "pass")}
                   for r in rows},
     }
-
-
-def write_flat_metrics(path: Path, values: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: strict JSON for DVC; an infinite recovery is already the string "inf".
-    path.write_text(json.dumps(values, indent=2, allow_nan=False) + "\n")
 
 
 def verdict_exit_code(recipe: Recipe, report: GateReport) -> int:

@@ -31,6 +31,7 @@ from pipeline.formats import FORMATS
 from pipeline.gates import GateReport
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
 from pipeline.manifest import (
     Timer,
     build_manifest,
@@ -58,14 +59,12 @@ from pipeline.registry import (
     validate_name,
 )
 from pipeline.sizing import KV_BLOCK_TOKENS
-from pipeline.stages.evaluate import GATE_JSON
 from pipeline.validate import check_named_target, validate_recipe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = "registry"  # a directory relative to the working directory (the repo root under DVC)
 REGISTRY_ENV = "FORGE_REGISTRY"
-RECEIPT_FILE = "receipt.json"
 RERUN = "re-run the pipeline so every stage sees the same upstream outputs (`dvc repro`), then publish again."
 # Stages whose outputs a recipe drives (their manifests carry `recipe.id` and section digests), and
 # the sections without which an output cannot be tied to the recipe at all.
@@ -352,7 +351,7 @@ def check_recipe_record(recipe: Recipe, link: Link, record: Mapping[str, Any] | 
 
 
 def read_gate(evaluation: Verified) -> GateReport:
-    path = evaluation.path / GATE_JSON
+    path = evaluation.path / GATE_REPORT_FILE
     try:
         return GateReport.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -396,7 +395,7 @@ def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Verified,
                      for r in gate.rows},
         "throughput": predicted_throughput(plan),
         "gate": {"verdict": gate.verdict, "metrics": len(gate.rows),
-                 "report_sha256": sha256_file(evaluation.path / GATE_JSON)},
+                 "report_sha256": sha256_file(evaluation.path / GATE_REPORT_FILE)},
         "recipe": {"id": recipe.id, "path": str(recipe.path),
                    "sections": {s: recipe.section_digest(s) for s in (*METADATA_SECTIONS, f"targets.{gpu}")}},
         "lineage": [asdict(link) for link in lineage],

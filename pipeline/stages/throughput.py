@@ -25,11 +25,12 @@ from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
-from pipeline.manifest import manifest_digest, read_manifest, verify_files
+from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE
+from pipeline.manifest import manifest_digest, read_manifest, verify_files, write_metrics
 from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Ceilings, Plan
-from pipeline.stages.build import CHECKPOINT_DIR, OPTIONS_FILE, model_id_for, write_metrics
+from pipeline.trtllm import served_model_id
 from pipeline.validate import check_named_target, plan_target, validate_recipe
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def _measure_in(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: Gp
     tokenizer = AutoTokenizer.from_pretrained(bundle_dir / CHECKPOINT_DIR)
     dataset = make_bench_dataset(tokenizer, num_requests, target.max_input_len, target.max_output_len, BENCH_SEED,
                                  work / "bench_dataset.jsonl")
-    commands = bench_commands(model_id_for(recipe), bundle_dir / CHECKPOINT_DIR, dataset.path, bundle_dir / OPTIONS_FILE,
+    commands = bench_commands(served_model_id(recipe), bundle_dir / CHECKPOINT_DIR, dataset.path, bundle_dir / OPTIONS_FILE,
                               target.tp, work / "reports", work / "workspace",
                               concurrency=plan.roofline.get("decode_batch") or None, num_requests=num_requests)
     predicted = {"throughput": plan.decode_tok_s_max_batch, "latency": plan.decode_tok_s_batch1}
