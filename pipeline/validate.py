@@ -101,11 +101,20 @@ def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Pa
             f"unknown calibration set '{recipe.spec.calibration.set}'.",
             f"use one of {', '.join(known)} or add {calib}.",
         )
-    for where, suite in (
+    from pipeline.evaluation import load_suite
+
+    for where, name in (
         (f"{recipe.path}: eval.suite", recipe.spec.eval.suite),
         (f"{recipe.model.directory / 'model.yaml'}: eval.suite", recipe.model.spec.eval.suite),
     ):
-        if not (root / EVAL_SUITES_DIR / f"{suite}.yaml").is_file():
+        if not (root / EVAL_SUITES_DIR / f"{name}.yaml").is_file():
             known = sorted(p.stem for p in (root / EVAL_SUITES_DIR).glob("*.yaml"))
-            raise RecipeError(where, f"unknown eval suite '{suite}'.", f"use one of {', '.join(known)}.")
+            raise RecipeError(where, f"unknown eval suite '{name}'.", f"use one of {', '.join(known)}.")
+        load_suite(name, root / EVAL_SUITES_DIR)
+    suite = load_suite(recipe.spec.eval.suite, root / EVAL_SUITES_DIR)
+    unknown = sorted(set(recipe.spec.eval.gates.overrides) - set(suite.directions()))
+    if unknown:
+        raise RecipeError(f"{recipe.path}: eval.gates.overrides",
+                          f"no metric {', '.join(repr(u) for u in unknown)} in eval suite {suite.name!r}.",
+                          f"use the suite's metric keys: {', '.join(suite.directions())}.")
     return {gpu_key: check_target(recipe, gpu_key, catalog) for gpu_key in recipe.spec.targets}

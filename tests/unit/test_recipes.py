@@ -91,6 +91,15 @@ CASES = {
         "fp8", lambda d: d["targets"]["h200"].update(max_seq_len=100),
         "fp8.yaml: targets.h200: Value error, max_seq_len 100 < max_input_len + max_output_len (2560)",
     ),
+    "unknown eval suite": (
+        "fp8", lambda d: d["eval"].update(suite="mmlu-pro"),
+        "fp8.yaml: eval.suite: unknown eval suite 'mmlu-pro'. Fix: use one of smoke, standard.",
+    ),
+    "gate override for a metric the suite lacks": (
+        "fp8", lambda d: d["eval"]["gates"].update(overrides={"forge_mc/acc": 0.99}),
+        "fp8.yaml: eval.gates.overrides: no metric 'forge_mc/acc' in eval suite 'smoke'. "
+        "Fix: use the suite's metric keys: forge_mc/acc,none,",
+    ),
     "unknown calibration set": (
         "fp8", lambda d: d["calibration"].update(set="nope"),
         "fp8.yaml: calibration.set: unknown calibration set 'nope'. Fix: use one of",
