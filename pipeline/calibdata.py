@@ -624,13 +624,7 @@ def materialize(
                 "Turn use_chat_template off for this model (base models usually have none).",
             )
 
-    calib_dir = spec.source_file.parent
-    if isinstance(spec, GeneratedCalibrationSet):
-        available, documents = _generated_documents(spec, calib_dir, seed)
-    elif isinstance(spec, LocalCalibrationSet):
-        available, documents = _local_documents(spec, calib_dir, seed)
-    else:
-        available, documents = _hf_documents(spec, seed, hub_endpoint, hub_offline, hub_timeout_s)
+    available, documents = _documents(spec, seed, hub_endpoint, hub_offline, hub_timeout_s)
 
     eos = tokenizer.eos_token_id
     needed = num_samples * seq_len
@@ -720,15 +714,23 @@ def load_materialized(path: Path) -> CalibrationTensors:
     return CalibrationTensors(tensors["input_ids"], tensors["attention_mask"], info)
 
 
-def preview_documents(spec: CalibrationSetSpec, seed: int, count: int) -> Sequence[Document]:
-    """The first `count` documents materialize would use (for `forge show` and for reviewing text)."""
+def _documents(
+    spec: CalibrationSetSpec, seed: int, hub_endpoint: str | None, hub_offline: bool | None, hub_timeout_s: float
+) -> tuple[int, Iterator[Document]]:
+    """(documents available, the documents in seeded order) for any kind of set."""
     calib_dir = spec.source_file.parent
     if isinstance(spec, GeneratedCalibrationSet):
-        _, docs = _generated_documents(spec, calib_dir, seed)
-    elif isinstance(spec, LocalCalibrationSet):
-        _, docs = _local_documents(spec, calib_dir, seed)
-    else:
+        return _generated_documents(spec, calib_dir, seed)
+    if isinstance(spec, LocalCalibrationSet):
+        return _local_documents(spec, calib_dir, seed)
+    return _hf_documents(spec, seed, hub_endpoint, hub_offline, hub_timeout_s)
+
+
+def preview_documents(spec: CalibrationSetSpec, seed: int, count: int) -> Sequence[Document]:
+    """The first `count` documents materialize would use, for reviewing a set's text offline."""
+    if isinstance(spec, HFCalibrationSet):
         raise CalibrationError(
             f"calibration set '{spec.name}'", "preview needs the hub for kind hf.", "Preview a local or generated set."
         )
+    _, docs = _documents(spec, seed, None, True, 0.0)
     return [doc for _, doc in zip(range(count), docs)]

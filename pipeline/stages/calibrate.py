@@ -130,9 +130,10 @@ def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict
     """Upstream outputs exist, are intact, and were made for this recipe's calibration section."""
     from pipeline.errors import StageInputError
 
-    for directory, stage in ((model_dir, "download"), (calibration_dir, "calibration-set")):
-        verify_files(directory, read_manifest(directory, stage))
-    made_for = read_manifest(calibration_dir, "calibration-set")["recipe"]["sections"]["calibration"]
+    verify_files(model_dir, read_manifest(model_dir, "download"))
+    calibration_manifest = read_manifest(calibration_dir, "calibration-set")
+    verify_files(calibration_dir, calibration_manifest)
+    made_for = calibration_manifest["recipe"]["sections"]["calibration"]
     if made_for != recipe.section_digest("calibration"):
         raise StageInputError(str(calibration_dir), "was made for a different calibration section of this recipe.",
                               "re-run it: dvc repro calibration-set@" + recipe.id)
