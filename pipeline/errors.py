@@ -42,3 +42,7 @@ class RegistryError(ForgeError):
 
 class VerificationError(RegistryError):
     """A file does not match the digest its manifest records."""
+
+
+class ServeError(ForgeError):
+    """An engine could not be started, did not answer, or serves something other than asked."""

@@ -8,8 +8,8 @@ writes them in `results[task]`; the key a suite result uses is "<task>/<metric>,
 Two ways to run a suite:
 - `run_suite`: an in-memory `torch.nn.Module` (e.g. ModelOpt's fake-quantized model, which plain
   transformers cannot reload from the export) through `lm_eval.models.huggingface.HFLM`.
-- `run_suite_remote`: an OpenAI-compatible server such as `trtllm-serve`, through lm-eval's
-  `local-completions` model.
+- `run_suite_remote`: an OpenAI-compatible server (vLLM, `trtllm-serve`), through lm-eval's
+  `local-completions` model, after checking the server serves the checkpoint being scored.
 
 lm-eval is imported inside the functions that need it: importing it takes seconds, and schema
 loading (`forge validate`) must stay fast.
@@ -343,9 +343,20 @@ def run_suite_remote(
     tasks_dir: Path,
     batch_size: int | None = None,
     num_concurrent: int = 8,
+    *,
+    device: str | None = None,
+    launched_checkpoint: Path | None = None,
 ) -> SuiteResult:
-    """Score a model served behind an OpenAI-compatible completions endpoint on `suite`."""
+    """Score a model served behind an OpenAI-compatible completions endpoint on `suite`.
+
+    `tokenizer_dir` is the checkpoint being scored: before any request is scored, the server must
+    list `model_name` and serve exactly that checkpoint's files (pipeline/serving/identity.py), or
+    this raises ServeError. The result's `extra["served"]` records the engine, its version (from
+    `/version`), the device and the checkpoint digest that answered.
+    """
     from lm_eval.api.registry import get_model
+
+    from pipeline.serving.identity import check_served_identity
 
     # lm-eval's API models need its [api] extra; say so before any task is loaded.
     missing = [pkg for pkg in ("aiohttp", "tenacity", "requests") if importlib.util.find_spec(pkg) is None]
@@ -358,8 +369,11 @@ def run_suite_remote(
     specs = task_specs(suite, tasks_dir)
     start = time.perf_counter()
     args = remote_model_args(base_url, model_name, tokenizer_dir, num_concurrent=num_concurrent)
+    identity = check_served_identity(base_url, model_name, Path(tokenizer_dir), device=device,
+                                     launched_checkpoint=launched_checkpoint)
     lm = get_model("local-completions").create_from_arg_obj(args, {"batch_size": batch_size or 1})
-    return _evaluate(lm, suite, specs, tasks_dir, start, model_name=model_name, extra={"base_url": args["base_url"]})
+    return _evaluate(lm, suite, specs, tasks_dir, start, model_name=model_name,
+                     extra={"base_url": args["base_url"], "served": identity.to_dict()})
 
 
 def _evaluate(

