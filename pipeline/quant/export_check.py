@@ -1,7 +1,7 @@
 """Verify a ModelOpt unified HF checkpoint before anything is built from it.
 
-Reads only JSON files and safetensors headers (names, dtypes, shapes), never tensor data, so
-checking a 70B export costs milliseconds. The rules below were read off what
+Reads JSON files, safetensors headers (names, dtypes, shapes) and the per-tensor scalar scales
+of fused shards, never weight data, so checking a 70B export costs milliseconds. The rules below were read off what
 nvidia-modelopt 0.47 `export_hf_checkpoint` actually writes for a Llama model (checked by
 tests/unit/test_export_check.py on a tiny Llama, CPU):
 
@@ -10,6 +10,8 @@ tests/unit/test_export_check.py on a tiny Llama, CPU):
          weight_scale_2 F32 scalar (global); input_scale F32 scalar.
 - mxfp4: weight U8 [out, in/2]; weight_scale U8 (E8M0 exponents) [out, in/32]; no input
          scale: MXFP4 activations are scaled dynamically. quant_algo is written lower case.
+- fused shards (q/k/v, gate/up of one block): equal fp8 weight_scale and input_scale, equal
+  nvfp4 weight_scale_2 and input_scale (values read from the scalar tensors only).
 - KV cache (fp8 or nvfp4): `k_scale` on k_proj and `v_scale` on v_proj, F32 scalars, one pair
   per decoder layer; `kv_cache_quant_algo` "FP8" / "NVFP4".
 """
@@ -53,6 +55,8 @@ class ExportRule:
     values_per_element: int  # FP4 packs two values per U8 byte
     block_size: int | None
     scales: tuple[ScaleRule, ...]
+    # Per-tensor scales every shard of a fused group (FUSED_SHARD_GROUPS) must share.
+    fused_equal: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ EXPORT_RULES: dict[str, ExportRule] = {
         values_per_element=1,
         block_size=None,
         scales=(ScaleRule("weight_scale", "F32", False), ScaleRule("input_scale", "F32", False)),
+        fused_equal=("weight_scale", "input_scale"),
     ),
     "nvfp4": ExportRule(
         weight_dtype="U8",
@@ -78,6 +83,9 @@ EXPORT_RULES: dict[str, ExportRule] = {
             ScaleRule("weight_scale_2", "F32", False),
             ScaleRule("input_scale", "F32", False),
         ),
+        # The per-16 weight_scale stays per shard (F8_E4M3, checked above); only the global ones
+        # are shared.
+        fused_equal=("weight_scale_2", "input_scale"),
     ),
     "mxfp4": ExportRule(
         weight_dtype="U8",
@@ -86,6 +94,13 @@ EXPORT_RULES: dict[str, ExportRule] = {
         scales=(ScaleRule("weight_scale", "U8", True),),
     ),
 }
+
+# Sibling Linears that engines load into one fused GEMM, by the last component of their module
+# name: vLLM's `packed_modules_mapping` ("qkv_proj": q/k/v, "gate_up_proj": gate/up;
+# vllm/model_executor/models/llama.py) and TensorRT-LLM's WeightMode.FUSED_QKV_LINEAR /
+# FUSED_GATE_UP_LINEAR (tensorrt_llm/_torch/modules/linear.py). A fused GEMM has one scale, so
+# the shards' per-tensor scales must be equal (modelopt_glue.unify_fused_shard_scales).
+FUSED_SHARD_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # Keyed by the format registry's KV-cache names (pipeline/formats.py KV_CACHE_DTYPES).
 KV_EXPORT_RULES: dict[str, KvExportRule] = {
@@ -192,6 +207,8 @@ def verify_unified_export(
         q_bytes += info.nbytes
         problems.extend(_check_linear(module, info, tensors, rule))
 
+    problems.extend(_check_fused_scales(export_dir, quantized_modules, tensors, rule.fused_equal))
+
     kv_rule = kv_tensor_rules
     if kv_rule is None and expected_kv_algo is not None:
         kv_rule = KV_EXPORT_RULES.get(expected_kv_algo.lower())
@@ -255,6 +272,56 @@ def _check_linear(module: str, weight: TensorInfo, tensors: dict[str, TensorInfo
             expected_shape = (rows, math.ceil(in_features / rule.block_size))
         problems.extend(_check_scale(name, info, scale.dtype, expected_shape))
     return problems
+
+
+def fused_shard_groups(modules: set[str]) -> list[tuple[str, ...]]:
+    """Groups of quantized modules (full names) that engines fuse, complete groups only."""
+    groups = []
+    for parent in sorted({m.rsplit(".", 1)[0] for m in modules if "." in m}):
+        for names in FUSED_SHARD_GROUPS:
+            members = tuple(f"{parent}.{n}" for n in names)
+            if all(m in modules for m in members):
+                groups.append(members)
+    return groups
+
+
+def _check_fused_scales(
+    export_dir: Path, modules: set[str], tensors: dict[str, TensorInfo], suffixes: tuple[str, ...]
+) -> list[str]:
+    problems: list[str] = []
+    if not suffixes:
+        return problems
+    groups = fused_shard_groups(modules)
+    wanted = [f"{m}.{s}" for g in groups for m in g for s in suffixes if f"{m}.{s}" in tensors]
+    values = read_scalars(export_dir, wanted)
+    for group in groups:
+        for suffix in suffixes:
+            found = {m: values.get(f"{m}.{suffix}") for m in group}
+            if None in found.values() or len(set(found.values())) == 1:
+                continue  # a missing scale is reported by _check_linear
+            shown = ", ".join(f"{m.rsplit('.', 1)[-1]} {v:.6g}" for m, v in found.items())
+            problems.append(
+                f"{group[0].rsplit('.', 1)[0]}: fused shards have different {suffix} ({shown}); "
+                "engines fuse them into one GEMM with one scale"
+            )
+    return problems
+
+
+def read_scalars(export_dir: Path, names: list[str]) -> dict[str, float]:
+    """Values of one-element tensors, read from the shards that hold them (bytes, not the model)."""
+    from safetensors import safe_open
+
+    left, out = set(names), {}
+    for shard in sorted(export_dir.glob("*.safetensors")):
+        if not left:
+            break
+        with safe_open(str(shard), framework="pt") as f:
+            for key in left & set(f.keys()):
+                t = f.get_tensor(key)
+                if t.numel() == 1:
+                    out[key] = float(t.float().item())
+        left -= set(out)
+    return out
 
 
 def _check_scale(name: str, info: TensorInfo, dtype: str, expected_shape: tuple[int, ...]) -> list[str]:

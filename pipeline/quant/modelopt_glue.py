@@ -157,10 +157,12 @@ class CalibrationResult:
     peak_rss_bytes: int  # process-lifetime peak (getrusage), which includes model loading
     peak_cuda_bytes: int | None  # peak allocated during calibration; None on CPU
     quantizer_summary: QuantizerSummary
+    fused_groups: int = 0  # Linear groups reading one input whose scales were unified
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "seconds": self.seconds,
+            "fused_groups": self.fused_groups,
             "batches_seen": self.batches_seen,
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_cuda_bytes": self.peak_cuda_bytes,
@@ -175,6 +177,9 @@ def calibrate(
     progress: bool,
 ) -> CalibrationResult:
     """Insert ModelOpt quantizers into `model` (in place) and calibrate them on `batches`.
+
+    Then unifies the scales of Linears that read one input (`unify_fused_shard_scales`), so
+    the calibrated model is the one engines run after fusing q/k/v and gate/up.
 
     Runs on whatever device the model is on (the stage puts it on CUDA when one is present);
     each batch (`input_ids`, `attention_mask`) is moved there. Raises CalibrationError when a
@@ -216,6 +221,7 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     mtq.quantize(model, dict(quant_config), forward_loop)
+    fused_groups = unify_fused_shard_scales(model)
     seconds = time.perf_counter() - start
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     summary = check_calibrated(model)
@@ -231,7 +237,50 @@ def calibrate(
         peak_rss_bytes=_peak_rss_bytes(),
         peak_cuda_bytes=peak_cuda,
         quantizer_summary=summary,
+        fused_groups=fused_groups,
     )
+
+
+def unify_fused_shard_scales(model: nn.Module) -> int:
+    """Give Linears that read one input (q/k/v, gate/up) one shared set of per-tensor scales.
+
+    Engines run such groups as one fused GEMM with one scale each, so every one of them rescales
+    at load time when the shards' scales differ: vLLM's ModelOpt FP8 path re-quantizes the fused
+    weight to the shards' max `weight_scale` and takes the max `input_scale`
+    (vllm/model_executor/layers/quantization/modelopt.py `process_weights_after_loading` ->
+    utils/w8a8_utils.py `requantize_with_max_scale`, an op only vLLM's CUDA build has: the CPU
+    build refuses the checkpoint); TensorRT-LLM's FP8 linear does the same max-rescale and its
+    NVFP4 linear *asserts* equal `input_scale` and `weight_scale_2` across fused shards
+    (tensorrt_llm/_torch/modules/linear.py, FP8QDQLinearMethod / NVFP4LinearMethod
+    `load_weights_fused_qkv_linear`, `load_weights_fused_gate_up_linear`).
+
+    We do it once, here, with ModelOpt's own mechanism: `collect_shared_input_modules` finds
+    the groups by a dummy forward (quantizers disabled, so it runs on CPU for every format), and
+    `preprocess_linear_fusion` sets each group's input and per-tensor weight amax to the
+    group's max (modelopt/torch/export/unified_export_hf.py and quant_utils.py, 0.47). ModelOpt's
+    export calls the same pair, but skips FP8 groups (`_fuse_shared_input_modules` excludes
+    QUANTIZATION_FP8), which is why a plain FP8 export carries one weight_scale per shard.
+    Doing it right after calibration, before evaluation and `save_quant_state`, means the
+    fake-quant model we score is the one we export, and the export quantizes each weight once
+    from its high-precision values at the shared scale (the engines' load-time path rounds twice).
+    MX formats have no per-tensor amax, so their groups are left alone by
+    `preprocess_linear_fusion`. Returns the number of groups unified.
+    """
+    from modelopt.torch.export.quant_utils import preprocess_linear_fusion
+    from modelopt.torch.export.unified_export_hf import collect_shared_input_modules
+
+    device = _model_device(model)
+
+    def dummy_forward() -> None:
+        # The same probe ModelOpt's export runs (requantize_resmooth_fused_llm_layers).
+        model(torch.ones([1, 2], dtype=torch.long, device=device))
+
+    input_to_linear, _ = collect_shared_input_modules(model, dummy_forward)
+    groups = [modules for modules in input_to_linear.values() if len(modules) > 1]
+    for modules in groups:
+        preprocess_linear_fusion(modules)
+    log.info("unified per-tensor scales of %d fused-shard groups", len(groups))
+    return len(groups)
 
 
 def check_calibrated(model: nn.Module) -> QuantizerSummary:

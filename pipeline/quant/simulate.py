@@ -189,9 +189,9 @@ def reference_fp4_simulation(
 
     semantics="fake_quant" (default) reproduces what ModelOpt's GPU fake quant computes, so CPU
     and GPU evaluations agree; "export" reproduces the numerics of the exported checkpoint (which
-    for MXFP4 rounds ties toward zero). Neither reproduces the export's shared weight_scale_2 for
-    layers that read one input (q/k/v, gate/up: the export uses the group's largest weight amax);
-    each quantizer keeps its own calibrated amax, as ModelOpt's fake quant does.
+    for MXFP4 rounds ties toward zero). Both use each quantizer's calibrated amax, as ModelOpt's
+    fake quant does; `modelopt_glue.calibrate` has already given layers that read one input
+    (q/k/v, gate/up) their group's largest amax, which is the shared weight_scale_2 the export writes.
 
     Yields a SimulationReport. Raises CalibrationError, listing every offending quantizer, when an
     enabled NVFP4 quantizer has no usable calibrated amax or an enabled FP4 quantizer has a layout

@@ -140,3 +140,54 @@ def test_rules_cover_the_format_registry():
 
     assert set(EXPORT_RULES) == {n for n, f in FORMATS.items() if f.quantized}
     assert set(KV_EXPORT_RULES) == {n for n, k in KV_CACHE_DTYPES.items() if k.modelopt_config}
+
+
+def _scalars(d: Path) -> dict[str, float]:
+    tensors = safetensors_torch.load_file(d / "model.safetensors")
+    return {k: float(v.float().item()) for k, v in tensors.items() if v.numel() == 1}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "suffixes"), [("fp8", ("weight_scale", "input_scale")), ("nvfp4", ("weight_scale_2", "input_scale"))]
+)
+def test_fused_shards_share_scales_in_real_exports(exports, fmt, suffixes):
+    values = _scalars(exports[fmt])
+    for layer in range(LAYERS):
+        for parent, shards in ((f"model.layers.{layer}.self_attn", ("q_proj", "k_proj", "v_proj")),
+                               (f"model.layers.{layer}.mlp", ("gate_proj", "up_proj"))):
+            for suffix in suffixes:
+                got = {values[f"{parent}.{s}.{suffix}"] for s in shards}
+                assert len(got) == 1, (parent, suffix, got)
+    # The shared value is the group's max, not some other constant: o_proj/down_proj keep their own.
+    assert values["model.layers.0.self_attn.o_proj.weight_scale" if fmt == "fp8"
+                  else "model.layers.0.self_attn.o_proj.weight_scale_2"] != values[
+        f"model.layers.0.self_attn.q_proj.{suffixes[0]}"]
+
+
+def test_bare_modelopt_fp8_export_is_refused_for_unequal_shard_scales(tmp_path):
+    """What ModelOpt 0.47 writes without forge's unification: one weight_scale per shard."""
+    import modelopt.torch.quantization as mtq
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 32), generator=g)
+    mtq.quantize(model, build_quant_config("FP8_DEFAULT_CFG", "fp8", []), lambda m: m(input_ids=ids))
+    d = export_unified(model, tmp_path / "bare").path
+    with pytest.raises(CalibrationError) as err:
+        verify_unified_export(d, "FP8", "FP8", EXPORT_RULES["fp8"])
+    text = str(err.value)
+    assert "model.layers.0.self_attn: fused shards have different weight_scale (q_proj " in text
+    assert "model.layers.0.mlp: fused shards have different weight_scale (gate_proj " in text
+    # Activations of one group see one input, so their input_scale is equal even unfused.
+    assert "different input_scale" not in text
+
+
+def test_tampered_nvfp4_global_scale_is_refused(exports, tmp_path):
+    d = _copy(exports["nvfp4"], tmp_path)
+    tensors = safetensors_torch.load_file(d / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight_scale_2"
+    tensors[name] = tensors[name] * 2
+    safetensors_torch.save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CalibrationError, match=r"model.layers.1.mlp: fused shards have different weight_scale_2 "
+                                               r"\(gate_proj [0-9.e-]+, up_proj [0-9.e-]+\)"):
+        verify_unified_export(d, "NVFP4", None, EXPORT_RULES["nvfp4"])
