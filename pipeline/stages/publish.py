@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from pipeline.registry import (
     tag_version,
     validate_name,
 )
+from pipeline.serving.gate_source import choose_gate_source
 from pipeline.sizing import KV_BLOCK_TOKENS
 from pipeline.validate import check_named_target, validate_recipe
 
@@ -103,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", required=True, help="the recipe target (GPU catalog key) the bundle was built for")
     p.add_argument("--bundle", required=True, type=Path, help="the build stage's output directory")
     p.add_argument("--evaluation", required=True, type=Path, help="the evaluate stage's output directory")
+    p.add_argument("--served-evaluation", type=Path,
+                   help="the serve-eval stage's output: gate on it where the bundle was served (else on --evaluation)")
     p.add_argument("--out", required=True, type=Path, help="where the receipt goes (replaced atomically)")
     p.add_argument("--stage", help="stage label to assign, e.g. prod (default: the recipe's publish.stage)")
     p.add_argument("--tag", action="store_true", help="also create GTO git tags name@vX.Y.Z / name#stage#N here")
@@ -143,7 +146,8 @@ def registry_url(args: argparse.Namespace) -> str:
 
 def run_publish(args: argparse.Namespace) -> int:
     receipt = main(args.recipe, args.gpu, args.bundle, args.evaluation, registry_url(args), args.out,
-                   stage=args.stage, tag=args.tag, repo_dir=Path.cwd(), catalog_path=args.catalog)
+                   stage=args.stage, tag=args.tag, repo_dir=Path.cwd(), catalog_path=args.catalog,
+                   served_evaluation_dir=args.served_evaluation)
     return 1 if args.strict and receipt.gate_failed else 0
 
 
@@ -217,7 +221,7 @@ class Link:
 
 def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, registry: str, out_dir: Path, *,
          stage: str | None = None, tag: bool = False, repo_dir: Path = Path("."),
-         catalog_path: Path = DEFAULT_CATALOG) -> Receipt:
+         catalog_path: Path = DEFAULT_CATALOG, served_evaluation_dir: Path | None = None) -> Receipt:
     timer = Timer()
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
@@ -226,15 +230,18 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):
         bundle = read_verified(Path(bundle_dir), "build")
-        evaluation = read_verified(Path(evaluation_dir), "evaluate")
+        source = choose_gate_source(Path(evaluation_dir), served_evaluation_dir, Path(bundle_dir))
+        evaluation = read_verified(source.evaluation_dir, "evaluate")
         check_bundle_target(recipe, gpu, bundle)
         lineage = check_lineage(recipe, name, bundle, evaluation)
         gate = read_gate(evaluation)
     if gate.verdict != PASSING_VERDICT:
         receipt = refusal(name, registry, gate)
+        receipt = replace(receipt, reason=f"{receipt.reason} (gated on {source.scored_by})")
         log.warning("%s: not published: %s", name, receipt.reason)
     else:
         meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
+        meta["gate"]["scored_by"] = source.scored_by
         with timer("publish"):
             receipt = publish_verified(Registry(registry), registry, name, bundle, meta,
                                        stage or recipe.spec.publish.stage, Path(repo_dir) if tag else None)

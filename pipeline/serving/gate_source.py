@@ -1,0 +1,42 @@
+"""Which evaluation publish gates on: the served one where a real engine scored the bundle, else
+the simulated one; the verdict says which (`scored_by`).
+
+A served result beats the simulation because it is what a deployment delivers: served with its
+FP8 KV cache by vLLM, the fp8 recipe lost ~7 points of acc_norm where the simulation lost ~1
+(issue 10). Where no engine here runs the format (NVFP4, MXFP4 on a CPU machine), the served
+stage records "not served here: <reason>" and the gate falls back to the simulation, saying so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import RegistryError
+from pipeline.manifest import manifest_digest, read_manifest
+
+
+@dataclass(frozen=True)
+class GateSource:
+    evaluation_dir: Path
+    served: bool
+    scored_by: str  # e.g. "served: vllm 0.32.0 on cpu: AMD EPYC" or "simulated (simulated-cpu); not served here: ..."
+
+
+def choose_gate_source(simulated_dir: Path, served_dir: Path | None, bundle_dir: Path) -> GateSource:
+    simulated_path = (read_manifest(Path(simulated_dir), "evaluate").get("details") or {}).get("path", "simulated")
+    if served_dir is None:
+        return GateSource(Path(simulated_dir), False, f"simulated ({simulated_path}); no served evaluation given")
+    details = read_manifest(Path(served_dir), "evaluate").get("details") or {}
+    if details.get("served") is False:
+        return GateSource(Path(simulated_dir), False,
+                          f"simulated ({simulated_path}); not served here: {details.get('reason')}")
+    inputs = read_manifest(Path(served_dir), "evaluate").get("inputs") or {}
+    scored_bundle = (inputs.get("bundle") or {}).get("manifest_sha256")
+    if scored_bundle != manifest_digest(Path(bundle_dir)):
+        raise RegistryError(str(served_dir), f"served and scored another bundle than {bundle_dir} (build manifest "
+                            f"{str(scored_bundle)[:12]}…, the bundle's is {manifest_digest(Path(bundle_dir))[:12]}…).",
+                            "re-run the served evaluation: dvc repro serve-eval.")
+    served = details.get("served") or {}
+    return GateSource(Path(served_dir), True,
+                      f"served: {served.get('engine')} {served.get('engine_version')} on {served.get('device')}")

@@ -1,0 +1,78 @@
+"""pipeline/quant/simulate.py engine_kv_numerics: the FP8 KV cache as each engine computes it."""
+
+from __future__ import annotations
+
+import copy
+
+import modelopt.torch.quantization as mtq
+import pytest
+import torch
+from modelopt.torch.quantization.utils import update_quant_cfg_with_kv_cache_quant
+
+from pipeline.errors import CalibrationError
+from pipeline.quant.simulate import e4m3_round_toward_zero, engine_kv_numerics, fp8_kv_quantize_dequantize
+from tests.tiny_models import random_tiny_llama
+
+
+def _e4m3_grid() -> torch.Tensor:
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    return torch.unique(values[torch.isfinite(values) & (values >= 0)])
+
+
+def test_truncation_is_the_largest_e4m3_value_not_above_the_input():
+    grid = _e4m3_grid()
+    x = torch.cat([torch.rand(4000) * 448, torch.rand(2000) * 0.05, grid])
+    x = torch.cat([x, -x])
+    got = e4m3_round_toward_zero(x)
+    index = torch.searchsorted(grid, x.abs(), right=True) - 1
+    assert torch.equal(got, torch.sign(x) * grid[index])
+
+
+def test_truncation_differs_from_round_to_nearest_where_vllm_cpu_differs():
+    x = torch.tensor([1.124, -1.2, 0.003])  # nearest: 1.125, -1.25, 0.00390625
+    assert e4m3_round_toward_zero(x).tolist() == [1.0, -1.125, 0.001953125]
+    assert fp8_kv_quantize_dequantize(x, 1.0, "nearest").tolist() == [1.125, -1.25, 0.00390625]
+    # the scale moves small values out of E4M3's subnormals
+    assert fp8_kv_quantize_dequantize(torch.tensor([0.003]), 0.003 / 448 * 100, "nearest").item() == pytest.approx(0.003, rel=0.07)
+
+
+@pytest.fixture(scope="module")
+def fp8_kv_model():
+    model = random_tiny_llama(num_key_value_heads=4, max_position_embeddings=64)
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg = update_quant_cfg_with_kv_cache_quant(cfg, copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"]))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def forward_loop(m):
+        with torch.no_grad():
+            m(tokens)
+
+    mtq.quantize(model, cfg, forward_loop)
+    return model, tokens
+
+
+@pytest.mark.parametrize("numerics, scale", [("vllm-cpu", "exported"), ("trtllm", "one")])
+def test_engine_numerics_change_the_forward_and_are_restored(fp8_kv_model, numerics, scale):
+    model, tokens = fp8_kv_model
+    with torch.no_grad():
+        before = model(tokens).logits
+        with engine_kv_numerics(model, numerics) as report:
+            during = model(tokens).logits
+        after = model(tokens).logits
+    assert report.routed == 2 * len(model.model.layers) and report.scale == scale
+    # the export clamps small FP8 KV scales to 1.0 (ModelOpt get_kv_cache_scaling_factor), as TensorRT-LLM's 1.0
+    assert report.to_dict()["scale_min"] == 1.0
+    assert not torch.equal(before, during) and torch.equal(before, after)
+
+
+def test_modelopt_numerics_change_nothing(fp8_kv_model):
+    model, tokens = fp8_kv_model
+    with torch.no_grad(), engine_kv_numerics(model, "modelopt") as report:
+        assert report.routed == 0
+        model(tokens)
+
+
+def test_unknown_numerics_is_refused(fp8_kv_model):
+    with pytest.raises(CalibrationError, match="unknown KV numerics 'sglang'"):
+        with engine_kv_numerics(fp8_kv_model[0], "sglang"):
+            pass

@@ -1,0 +1,180 @@
+"""pipeline/serving: engine choice, the identity check against a real loopback HTTP server, and
+the gate-source decision publish uses."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import RegistryError, ServeError
+from pipeline.formats import ComputeCapability
+from pipeline.manifest import build_manifest, manifest_digest, write_json, write_manifest
+from pipeline.serving import engines_here
+from pipeline.serving.engines_here import choose_engine
+from pipeline.serving.gate_source import choose_gate_source
+from pipeline.serving.identity import check_served_identity, checkpoint_digest
+from pipeline.trtllm import LocalRuntime
+
+CPU_ONLY = LocalRuntime(None, None, None)
+
+
+# ---------------------------------------------------------------------------- engine choice
+
+
+def test_cpu_machine_serves_bf16_and_fp8_with_vllm():
+    for fmt, kv in ((None, "auto"), ("fp8", "fp8"), ("fp8", "auto")):
+        choice = choose_engine(fmt, kv, ComputeCapability(9, 0), CPU_ONLY, vllm_available=True)
+        assert choice.engine == "vllm" and choice.kv_cache_dtype == kv
+
+
+@pytest.mark.parametrize("fmt, words", [("nvfp4", "no NVFP4 kernel"), ("mxfp4", "refuses ModelOpt 0.47's dense")])
+def test_fp4_formats_are_not_served_here_with_the_reason(fmt, words):
+    choice = choose_engine(fmt, "fp8", ComputeCapability(10, 0), CPU_ONLY, vllm_available=True)
+    assert not choice.served
+    assert words in choice.reason and "trtllm-serve needs a CUDA GPU" in choice.reason
+
+
+def test_missing_serve_env_is_named():
+    choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), CPU_ONLY, vllm_available=False)
+    assert not choice.served and "make serve-env" in choice.reason
+
+
+def test_target_gpu_with_tensorrt_llm_gets_trtllm_serve(monkeypatch):
+    monkeypatch.setattr(engines_here.shutil, "which", lambda name: f"/usr/bin/{name}")
+    h200 = LocalRuntime("1.2.0", "9.0", None)
+    assert choose_engine("fp8", "fp8", ComputeCapability(9, 0), h200, vllm_available=False).engine == "trtllm-serve"
+    # another GPU generation: not the target's kernels, so no trtllm-serve
+    assert choose_engine("nvfp4", "fp8", ComputeCapability(10, 0), h200, vllm_available=True).engine is None
+
+
+# ---------------------------------------------------------------------------- identity, real loopback server
+
+
+def _checkpoint(directory: Path, weights: bytes) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "model.safetensors").write_bytes(weights)
+    return directory
+
+
+class _FakeEngine:
+    """A real HTTP server on 127.0.0.1 answering /v1/models and /version like vLLM does."""
+
+    def __init__(self, cards: list[dict], version: str | None = "0.32.0"):
+        cards_json, version_json = json.dumps({"object": "list", "data": cards}), json.dumps({"version": version})
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if self.path == "/v1/models":
+                    body = cards_json
+                elif self.path == "/version" and version is not None:
+                    body = version_json
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_identity_accepts_the_checkpoint_it_serves(tmp_path):
+    ckpt = _checkpoint(tmp_path / "fp8", b"fp8 weights")
+    with _FakeEngine([{"id": "checkpoint", "root": str(ckpt), "owned_by": "vllm"}]) as engine:
+        identity = check_served_identity(engine.url + "/v1/completions", "checkpoint", ckpt, device="cpu: test")
+    assert (identity.engine, identity.engine_version, identity.device) == ("vllm", "0.32.0", "cpu: test")
+    assert identity.checkpoint_sha256 == checkpoint_digest(ckpt) and identity.root_source == "server"
+
+
+def test_identity_refuses_a_server_serving_other_weights_under_the_same_name(tmp_path):
+    """The issue's case: the baseline served, the fp8 recipe evaluated against it."""
+    baseline = _checkpoint(tmp_path / "baseline", b"bf16 weights")
+    fp8 = _checkpoint(tmp_path / "fp8", b"fp8 weights")
+    with _FakeEngine([{"id": "checkpoint", "root": str(baseline), "owned_by": "vllm"}]) as engine:
+        with pytest.raises(ServeError) as err:
+            check_served_identity(engine.url, "checkpoint", fp8)
+    text = str(err.value)
+    assert f"is served from {baseline}" in text and f"not from {fp8}" in text and "scores would not be" in text
+
+
+def test_identity_refuses_a_missing_model_name(tmp_path):
+    ckpt = _checkpoint(tmp_path / "fp8", b"w")
+    with _FakeEngine([{"id": "meta-llama/Llama-3.1-8B", "root": str(ckpt)}]) as engine:
+        with pytest.raises(ServeError, match=r"serves meta-llama/Llama-3.1-8B, not 'checkpoint'"):
+            check_served_identity(engine.url, "checkpoint", ckpt)
+
+
+def test_identity_without_a_root_needs_forge_to_have_launched_it(tmp_path):
+    ckpt = _checkpoint(tmp_path / "fp8", b"w")
+    with _FakeEngine([{"id": "checkpoint", "owned_by": "tensorrt_llm"}], version=None) as engine:
+        with pytest.raises(ServeError, match="reports no root path"):
+            check_served_identity(engine.url, "checkpoint", ckpt)
+        identity = check_served_identity(engine.url, "checkpoint", ckpt, launched_checkpoint=ckpt)
+    assert (identity.engine, identity.engine_version, identity.root_source) == ("trtllm-serve", None, "launched")
+
+
+def test_identity_refuses_a_dead_server(tmp_path):
+    ckpt = _checkpoint(tmp_path / "fp8", b"w")
+    with pytest.raises(ServeError, match="did not answer"):
+        check_served_identity("http://127.0.0.1:9", "checkpoint", ckpt)
+
+
+# ---------------------------------------------------------------------------- gate source
+
+
+def _stage_output(directory: Path, stage: str, details: dict, inputs: dict | None = None) -> Path:
+    directory.mkdir(parents=True)
+    write_json(directory / "metrics.json", {"x": 1})
+    write_manifest(directory, build_manifest(stage, "s", directory, inputs or {}, {}, details=details))
+    return directory
+
+
+def test_gate_source_prefers_the_served_result_of_this_bundle(tmp_path):
+    bundle = _stage_output(tmp_path / "bundle", "build", {})
+    simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
+    served = _stage_output(tmp_path / "served", "evaluate",
+                           {"path": "served-vllm", "served": {"engine": "vllm", "engine_version": "0.32.0",
+                                                              "device": "cpu: X"}},
+                           {"bundle": {"path": str(bundle), "stage": "build",
+                                       "manifest_sha256": manifest_digest(bundle)}})
+    source = choose_gate_source(simulated, served, bundle)
+    assert source.served and source.evaluation_dir == served
+    assert source.scored_by == "served: vllm 0.32.0 on cpu: X"
+
+
+def test_gate_source_falls_back_to_the_simulation_and_says_why(tmp_path):
+    bundle = _stage_output(tmp_path / "bundle", "build", {})
+    simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
+    served = _stage_output(tmp_path / "served", "evaluate", {"served": False, "reason": "no NVFP4 kernel"})
+    source = choose_gate_source(simulated, served, bundle)
+    assert not source.served and source.evaluation_dir == simulated
+    assert source.scored_by == "simulated (simulated-cpu); not served here: no NVFP4 kernel"
+
+
+def test_gate_source_refuses_a_served_result_of_another_bundle(tmp_path):
+    bundle = _stage_output(tmp_path / "bundle", "build", {"gpu": "h200"})
+    other = _stage_output(tmp_path / "other", "build", {"gpu": "h100"})
+    simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
+    served = _stage_output(tmp_path / "served", "evaluate", {"served": {"engine": "vllm"}},
+                           {"bundle": {"path": str(other), "stage": "build", "manifest_sha256": manifest_digest(other)}})
+    with pytest.raises(RegistryError, match="served and scored another bundle"):
+        choose_gate_source(simulated, served, bundle)
