@@ -92,6 +92,21 @@ class Perplexity(BaseModel):
     quantized: float = Field(gt=0)
 
 
+class ServedResult(BaseModel):
+    """The serve-eval stage: the bundle scored through a real engine, or why no engine here ran it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served: bool
+    reason: str | None = None  # when not served
+    engine: str | None = None
+    engine_version: str | None = None
+    device: str | None = None
+    start_seconds: float | None = Field(default=None, ge=0)
+    decode_tok_s: float | None = Field(default=None, ge=0)  # measured on this machine
+    gate: _GateIn | None = None
+
+
 class TargetEntry(BaseModel):
     """One model × format × GPU × TP target (schema in the module docstring)."""
 
@@ -109,6 +124,7 @@ class TargetEntry(BaseModel):
     usd_per_mtok: float | None = Field(default=None, ge=0)
     eval_path: str | None = None
     perplexity: Perplexity | None = None
+    served: ServedResult | None = None
 
     @property
     def target(self) -> str:
@@ -347,6 +363,28 @@ def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _served_table(targets: Sequence[TargetEntry]) -> str:
+    lines = ["| target | engine | device | start s | decode tok/s | metric | simulated | served | "
+             "recovery sim / served |", "|---|---|---|---:|---:|---|---:|---:|---|"]
+    for t in targets:
+        sv = t.served
+        if sv is None:
+            continue
+        if not sv.served:
+            lines.append(f"| {t.target} | not served here: {sv.reason} | | | | | | | |")
+            continue
+        simulated = {r.metric: r for r in (t.gate.rows if t.gate else ())}
+        engine = f"{sv.engine} {sv.engine_version or ''}".strip()
+        for row in sv.gate.rows if sv.gate else ():
+            sim = simulated.get(row.metric)
+            lines.append(
+                f"| {t.target} | {engine} | {sv.device or '-'} | {_opt(sv.start_seconds, '.0f')} | "
+                f"{_opt(sv.decode_tok_s, '.1f')} | {row.metric} | {_opt(sim.quantized if sim else None, '.4g')} | "
+                f"{_opt(row.quantized, '.4g')} | {_opt(sim.recovery if sim else None, '.3f')} / {_opt(row.recovery, '.3f')}"
+                f"{' ✗' if row.verdict == 'fail' else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(
     title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path], missing: Sequence[str] = ()
 ) -> str:
@@ -356,7 +394,7 @@ def _markdown(
         "lower-is-better ones (1.0 = no loss); ✗ marks a metric below its threshold. Throughput is "
         "labelled *predicted* (roofline from the memory plan) or *measured* (trtllm-bench); J/token "
         "is labelled by its power source (*nvml* measured, *tdp* assumed). The gate column names how "
-        "the quantized scores were produced (simulated-cpu, modelopt-cuda or trtllm-serve).\n"
+        "the quantized scores were produced (simulated-cpu, modelopt-cuda, or served-<engine>).\n"
     )
     for model, targets in by_model.items():
         out.append(f"## {model}\n")
@@ -367,6 +405,10 @@ def _markdown(
         if any(t.perplexity for t in targets):
             out.append("Held-out perplexity measured by the calibrate stage:\n")
             out.append(_perplexity_table(targets))
+        if any(t.served for t in targets):
+            out.append("Served (a real engine on this machine, scored through its OpenAI API) next to simulated "
+                       "(in-process fake quant); publish gates on the served figure where there is one:\n")
+            out.append(_served_table(targets))
         for t in targets:
             report = t.gate_report()
             if report and report.verdict == "fail":

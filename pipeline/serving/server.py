@@ -160,6 +160,24 @@ def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(proc.pid):
+        log.warning("engine process group %d still has live processes after SIGKILL", proc.pid)
+
+
+def group_alive(pgid: int) -> bool:
+    """Any process of group `pgid` that is not a zombie (a killed worker is a zombie until its new
+    parent reaps it; it holds no memory or port, so it does not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def log_tail(path: Path, lines: int = 6) -> str:

@@ -119,6 +119,12 @@ def collect(targets: list[PlannedTarget], metrics_dir: Path) -> Collected:
         except KeyError as exc:
             stage = next((s for s, d in found.items() if d is not None), "build")
             raise StageInputError(str(files[stage]), f"lacks the key {exc}.", "re-run the stage that writes it.") from None
+        served_file = metrics_dir / "serve" / f"{target.key}.json"
+        if entry is not None and (served := read_metrics(served_file)) is not None:
+            try:
+                entry["served"] = served_from_metrics(served)
+            except KeyError as exc:
+                raise StageInputError(str(served_file), f"lacks the key {exc}.", "re-run the serve-eval stage.") from None
         if entry is None:
             missing.append(f"{target.key}: no memory plan (neither build nor throughput metrics): target not shown")
         else:
@@ -158,6 +164,15 @@ def gate_from_metrics(ev: dict[str, Any]) -> dict[str, Any]:
     fields = ("baseline", "quantized", "direction", "recovery", "threshold", "verdict", "reason")
     return {"verdict": ev["gate_verdict"],
             "rows": [{"metric": metric, **{k: row[k] for k in fields}} for metric, row in ev["gates"].items()]}
+
+
+def served_from_metrics(sv: dict[str, Any]) -> dict[str, Any]:
+    """The serve-eval stage's flat metrics (pipeline/stages/evaluate.py served_labels + flat_metrics)."""
+    if not sv.get("served"):
+        return {"served": False, "reason": sv["not_served_reason"]}
+    return {"served": True, "engine": sv["engine"], "engine_version": sv.get("engine_version"), "device": sv.get("device"),
+            "start_seconds": sv.get("engine_start_seconds"), "decode_tok_s": sv.get("served_decode_tok_s"),
+            "gate": gate_from_metrics(sv)}
 
 
 def throughput_from_metrics(tput: dict[str, Any] | None, build: dict[str, Any] | None) -> dict[str, Any] | None:

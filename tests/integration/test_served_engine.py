@@ -1,0 +1,72 @@
+"""The real engine (vLLM's CPU build, from the serving venv) serves a tiny Llama on loopback:
+readiness, the identity check, prompt logprobs (what lm-eval's loglikelihood tasks need), the
+refusal of a mismatched checkpoint before scoring, and a clean stop of the whole process group.
+
+Needs `make serve-env` (.ci/run builds it before `make test`). Measured here with --enforce-eager:
+ready in about 40-60 s on 2 loaded cores.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from pipeline.errors import ServeError
+from pipeline.serving.engines_here import choose_engine, device_label, vllm_installed
+from pipeline.serving.identity import check_served_identity
+from pipeline.serving.server import DEFAULT_SERVE_PYTHON, EngineConfig, group_alive, running_engine
+from pipeline.trtllm import LocalRuntime
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not vllm_installed(DEFAULT_SERVE_PYTHON),
+                       reason=f"serving venv absent ({DEFAULT_SERVE_PYTHON}): run `make serve-env`"),
+]
+
+
+@pytest.fixture(scope="module")
+def servable_llama(tiny_llama, tmp_path_factory):
+    """vLLM's CPU attention needs a head size of 32, 64, ... (cpu_attn.py get_supported_head_sizes);
+    the shared tiny Llama has 16, so this one has 2 heads of 64 and the same tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_llama.tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    directory = tmp_path_factory.mktemp("servable_llama")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def _post(url, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_vllm_serves_scores_refuses_and_stops(servable_llama, tiny_llama, tmp_path):
+    choice = choose_engine(None, "auto", None, LocalRuntime(None, None, None), vllm_available=True)
+    config = EngineConfig(choice, servable_llama, "checkpoint", max_model_len=256)
+    with running_engine(config, tmp_path / "engine.log", ready_timeout_s=600) as engine:
+        identity = check_served_identity(engine.base_url, "checkpoint", servable_llama,
+                                         device=device_label(engine.engine))
+        assert (identity.engine, identity.root_source) == ("vllm", "server")
+        assert identity.engine_version.startswith("0.32") and identity.device.startswith("cpu")
+        answer = _post(f"{engine.base_url}/v1/completions", {"model": "checkpoint", "prompt": "the cat sat on the mat",
+                                                              "max_tokens": 1, "echo": True, "logprobs": 1,
+                                                              "temperature": 0.0})
+        logprobs = answer["choices"][0]["logprobs"]["token_logprobs"]
+        assert len(logprobs) >= 3 and all(lp is None or lp <= 0.0 for lp in logprobs)
+        # another checkpoint under the same name: refused before any scoring
+        with pytest.raises(ServeError, match="is served from .* not from"):
+            check_served_identity(engine.base_url, "checkpoint", tiny_llama.model_dir)
+        pid = engine.pid
+    assert not group_alive(pid)  # no live process of the engine's group is left
