@@ -237,7 +237,8 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
         gate = read_gate(evaluation)
     if gate.verdict != PASSING_VERDICT:
         receipt = refusal(name, registry, gate)
-        receipt = replace(receipt, reason=f"{receipt.reason} (gated on {source.scored_by})")
+        if served_evaluation_dir is not None:  # the verdict says whether served or simulated scores failed
+            receipt = replace(receipt, reason=f"{receipt.reason} (gated on {source.scored_by})")
         log.warning("%s: not published: %s", name, receipt.reason)
     else:
         meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
