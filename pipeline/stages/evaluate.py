@@ -12,8 +12,13 @@ the metrics' `path`:
                                  quantizers run through forge's reference (ModelOpt's are CUDA-only).
                                  The exported checkpoint itself cannot be scored through transformers
                                  5.14, which drops ModelOpt's scales (FACTS.md).
-  trtllm-serve                   `--serve-url`: the bundle served by trtllm-serve, through lm-eval's
-                                 local-completions model.
+  served-<engine>                `--bundle`: forge serves the bundle with the engine that runs it here
+                                 (vLLM CPU, or trtllm-serve on the target GPU) and scores it through
+                                 lm-eval's local-completions model; `--serve-url`: a server already
+                                 running. Either way the server must serve this checkpoint's files
+                                 (pipeline/serving/identity.py). Where no engine here runs the format,
+                                 `--bundle` records "not served here: <reason>" (exit 0).
+  baseline `--serve`             the unquantized model, served the same way.
 A failed gate is a result, not a crash: every file is written, a WARNING names the failing
 metrics, and the exit code is 0 unless the recipe sets `eval.strict` (then 1, after writing).
 """
@@ -97,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", type=Path, required=True, help="baseline stage output")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True, help="flat JSON metrics for `dvc metrics show`")
-    p.add_argument("--serve-url", help="score a running trtllm-serve (OpenAI API) instead of the fake-quant model")
+    p.add_argument("--serve-url", help="score a running OpenAI-compatible server (vLLM, trtllm-serve) instead of the fake-quant model")
     p.add_argument("--served-model-name", default=CHECKPOINT_DIR,
                    help="model name the server answers to (default: %(default)s, as the bundle's SERVE.md serves it)")
     p.add_argument("--bundle", type=Path,
