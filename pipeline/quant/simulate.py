@@ -259,18 +259,18 @@ def reference_fp4_simulation(
 # ---------------------------------------------------------------------------- engine KV-cache numerics
 #
 # ModelOpt's FP8 KV fake quant (the `[kv]_bmm_quantizer`s on post-RoPE K and V) scales each tensor by
-# its calibrated amax / 448 and rounds to nearest. No engine does that with a ModelOpt export:
-# - the export clamps FP8 KV scales to at least 1.0 (modelopt/torch/export/quant_utils.py
-#   get_kv_cache_scaling_factor, clamp_fp8_scales=True: "we recommend default kv cache scaling factor
-#   to be 1"), so a checkpoint whose K/V amax is below 448 ships k_scale = v_scale = 1.0;
-# - vLLM uses the checkpoint's k_scale/v_scale (vllm/model_executor/layers/quantization/kv_cache.py,
-#   BaseKVCacheMethod.process_weights_after_loading). Its CPU build stores E4M3 by bit truncation,
+# its calibrated amax / 448 and rounds to nearest (a float8_e4m3fn cast). The engines differ:
+# - the unified HF export writes k_scale / v_scale = amax / 448 (modelopt/torch/export/unified_export_hf.py
+#   "kv cache scale as amax / 448", quant_utils.py postprocess_state_dict; measured on the fp8 recipe:
+#   0.0013-0.053). vLLM uses those scales (vllm/model_executor/layers/quantization/kv_cache.py,
+#   BaseKVCacheMethod.process_weights_after_loading), and its CPU build stores E4M3 by bit truncation,
 #   i.e. rounds toward zero, after clamping to +-448 (csrc/cpu/cpu_attn_fp8.hpp float_to_fp8e4m3_scalar:
-#   `v * 0x1p-120f`, keep the top bits; no rounding step), and "fp8" means E4M3 there;
+#   `v * 0x1p-120f`, keep the top bits, no rounding step); "fp8" means E4M3 there;
 # - TensorRT-LLM 1.2's PyTorch backend ignores FP8 KV scales (they stay 1.0; FACTS.md) and converts
-#   with CUDA's round-to-nearest, saturating conversion.
-# With scale 1.0, K/V entries below E4M3's smallest normal (2**-6) lose precision to subnormals, and
-# truncation shrinks every entry by half a unit in the last place on average.
+#   with CUDA's round-to-nearest, saturating conversion: with scale 1.0, entries below E4M3's smallest
+#   normal (2**-6) fall into subnormals, and below 2**-10 to zero.
+# Truncation shrinks every entry by half a unit in the last place on average (E4M3 has 3 mantissa
+# bits: up to 12.5%), a bias rounding to nearest does not have.
 
 KvNumericsName = Literal["modelopt", "vllm-cpu", "trtllm"]
 KV_NUMERICS: dict[str, tuple[str, str]] = {
@@ -333,12 +333,7 @@ _WHERE_KV = "engine KV-cache numerics"
 def _kv_scales(attention: Any, scale: str) -> tuple[float, float]:
     if scale == "one":
         return 1.0, 1.0
-    if scale == "exported":
-        # The values the checkpoint carries as k_scale / v_scale: ModelOpt's own export rule.
-        from modelopt.torch.export.quant_utils import get_kv_cache_scaling_factor
-
-        k, v = get_kv_cache_scaling_factor(attention)
-        return float(k), float(v)
+    # "exported" and "calibrated" are the same number: the unified export writes amax / 448.
     return (float(attention.k_bmm_quantizer.amax.float().max()) / _E4M3_MAX,
             float(attention.v_bmm_quantizer.amax.float().max()) / _E4M3_MAX)
 
