@@ -178,3 +178,25 @@ def test_gate_source_refuses_a_served_result_of_another_bundle(tmp_path):
                            {"bundle": {"path": str(other), "stage": "build", "manifest_sha256": manifest_digest(other)}})
     with pytest.raises(RegistryError, match="served and scored another bundle"):
         choose_gate_source(simulated, served, bundle)
+
+
+# ---------------------------------------------------------------------------- report: served next to simulated
+
+
+def test_report_puts_served_next_to_simulated_with_engine_and_version():
+    from pipeline.report import TargetEntry, _served_table
+
+    row = {"metric": "forge_mc/acc_norm,none", "baseline": 0.73, "quantized": 0.72, "direction": "higher",
+           "recovery": 0.99, "threshold": 0.95, "verdict": "pass", "reason": "ok"}
+    served_row = {**row, "quantized": 0.67, "recovery": 0.918, "verdict": "fail"}
+    memory = {"weights_bytes": 1, "kv_capacity_tokens": 1}
+    served = TargetEntry(model="m", format="fp8", gpu="h200", tp=1, memory=memory,
+                         gate={"verdict": "pass", "rows": [row]},
+                         served={"served": True, "engine": "vllm", "engine_version": "0.32.0", "device": "cpu: X",
+                                 "start_seconds": 130, "decode_tok_s": 64.1,
+                                 "gate": {"verdict": "fail", "rows": [served_row]}})
+    not_served = TargetEntry(model="m", format="nvfp4", gpu="b200", tp=1, memory=memory,
+                             served={"served": False, "reason": "no NVFP4 kernel"})
+    table = _served_table([served, not_served])
+    assert "| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.67 | 0.990 / 0.918 ✗ |" in table
+    assert "| nvfp4@b200x1 | not served here: no NVFP4 kernel |" in table
