@@ -73,14 +73,16 @@ def free_port() -> int:
 def engine_argv(config: EngineConfig, port: int) -> list[str]:
     checkpoint = str(Path(config.checkpoint).resolve())
     if config.choice.engine == VLLM:
-        # Not --enforce-eager, although it skips the torch.compile warm-up (253 s of a 340 s start here):
-        # served compiled, the baseline reproduced the in-process scores (issue 10: acc_norm 0.7285);
-        # eager it gave 0.7219 (one question of 151 flipped), measured here.
+        # --enforce-eager: no torch.compile warm-up (CompilationMode.NONE, vllm/config/vllm.py; the CPU
+        # platform otherwise compiles with inductor, vllm/platforms/cpu.py). Measured here on the BF16
+        # baseline (smoke suite, 2 loaded cores): eager ready in 129 s, acc 0.7483 / acc_norm 0.7219 /
+        # word ppl 133.40; compiled ready in 242 s, 0.7417 / 0.7219 / 133.2; in-process 0.7483 /
+        # 0.7285 / 133.31. Both within one question of 151, so the faster start wins.
         # `serve` flags: vllm/engine/arg_utils.py (EngineArgs) and vllm/entrypoints/openai/cli_args.py.
         return [str(config.serve_python), str(LAUNCHER), "--model", checkpoint, "--host", LOOPBACK, "--port", str(port),
                 "--served-model-name", config.served_model_name, "--dtype", "bfloat16",
                 "--max-model-len", str(config.max_model_len), "--kv-cache-dtype", config.choice.kv_cache_dtype,
-                "--max-num-seqs", "8", "--disable-uvicorn-access-log"]
+                "--max-num-seqs", "8", "--disable-uvicorn-access-log", "--enforce-eager"]
     if config.choice.engine == TRTLLM_SERVE:
         argv = [TRTLLM_SERVE, checkpoint, "--host", LOOPBACK, "--port", str(port), "--backend", "pytorch"]
         if config.extra_llm_api_options is not None:

@@ -2,7 +2,7 @@
 readiness, the identity check, prompt logprobs (what lm-eval's loglikelihood tasks need), the
 refusal of a mismatched checkpoint before scoring, and a clean stop of the whole process group.
 
-Needs `make serve-env` (.ci/run builds it before `make test`). Measured here (torch.compile warm-up included):
+Needs `make serve-env` (.ci/run builds it before `make test`). Measured here (--enforce-eager):
 ready in about 40-60 s on 2 loaded cores.
 """
 
