@@ -68,6 +68,7 @@ def check_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> P
             f"a {kv.name} KV cache needs compute capability >= {kv.min_compute_capability}, {gpu_key} is {gpu.cc}.",
             "use kv_cache_dtype: fp8 or auto for this target.",
         )
+    check_engines_load(recipe, gpu_key, gpu.cc)
     target_plan = plan_target(recipe, gpu_key, catalog)
     if not target_plan.fits:
         target = recipe.spec.targets[gpu_key]
@@ -78,6 +79,27 @@ def check_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> P
         raise RecipeError(where, f"{recipe.model.name} {fmt.name} does not fit: {target_plan.why_not} "
                           f"(max_seq_len {target.seq_len}).", fix)
     return target_plan
+
+
+def check_engines_load(recipe: Recipe, gpu_key: str, cc) -> list[str]:
+    """Refuse a format no serving engine loads on this GPU (contracts in pipeline/engines.py)."""
+    from pipeline.engines import engines_loading_format
+
+    fmt = FORMATS[recipe.spec.quant.format]
+    if not fmt.quantized:
+        return []
+    kv = KV_CACHE_DTYPES[recipe.spec.quant.kv_cache_dtype]
+    names = engines_loading_format(fmt.name, kv.kv_cache_quant_algo, cc)
+    if names:
+        return names
+    usable = [f.name for f in FORMATS.values()
+              if f.quantized and engines_loading_format(f.name, kv.kv_cache_quant_algo, cc)]
+    raise RecipeError(
+        f"{recipe.path}: quant.format",
+        f"no serving engine loads {fmt.name} (quant_algo {fmt.quant_algo!r}, as ModelOpt writes it) on "
+        f"{gpu_key} (TensorRT-LLM, vLLM and SGLang contracts, pipeline/engines.py).",
+        f"use {' or '.join(usable) or 'another format'} for {gpu_key}.",
+    )
 
 
 def check_named_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> Plan:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.engines import compatibility_table
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
@@ -123,20 +124,23 @@ def main(
     target = recipe.spec.targets[gpu]
     fmt, kv = recipe.spec.quant.format, recipe.spec.quant.kv_cache_dtype
     options = llm_api_options(plan, target, fmt, kv, engine)
-    commands = serve_commands(options, plan, served_model_id(recipe), engine_dir="engine" if engine == "tensorrt" else None)
+    compatibility = [v.to_dict() for v in compatibility_table(upstream.checkpoint, gpu, cc)]
+    commands = serve_commands(options, plan, served_model_id(recipe), engine_dir="engine" if engine == "tensorrt" else None,
+                              engine_flags={r["engine"]: tuple(r["flags"]) for r in compatibility if r["loads"]})
 
     with staged_output(Path(out_dir)) as stage:
         with timer("link_checkpoint"):
             linked = link_tree(upstream.checkpoint, stage / CHECKPOINT_DIR)
         write_options(stage / OPTIONS_FILE, options, recipe, gpu)
         write_json(stage / COMMANDS_FILE, commands.to_json())
-        (stage / SERVE_FILE).write_text(serve_markdown(recipe.artifact_name(gpu), commands, plan))
+        (stage / SERVE_FILE).write_text(serve_markdown(recipe.artifact_name(gpu), commands, plan, compatibility))
         if engine == "tensorrt":
             with timer("engine"):
                 build_legacy_engine(upstream.base_model_dir(), upstream.quant_state, stage, options, fmt, target.tp)
         with timer("load_test"):
             result = run_load_test(stage / CHECKPOINT_DIR, options) if decision.run else not_run(decision.reason)
         details = bundle_details(recipe, gpu, plan, options, upstream, linked, result, catalog[gpu].name)
+        details["compatibility"] = compatibility
         manifest = build_manifest(
             "build", recipe.artifact_name(gpu), stage,
             inputs={"quantized": input_entry(Path(quantized_dir), "calibrate")},

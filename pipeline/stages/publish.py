@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.errors import RecipeError, RegistryError, StageInputError
 from pipeline.formats import FORMATS
+from pipeline.engines import require_loadable
 from pipeline.gates import GateReport
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
@@ -228,6 +229,8 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
         bundle = read_verified(Path(bundle_dir), "build")
         evaluation = read_verified(Path(evaluation_dir), "evaluate")
         check_bundle_target(recipe, gpu, bundle)
+        # Nothing unloadable is published: the build's engine-contract table must name a loader.
+        require_loadable((bundle.manifest.get("details") or {}).get("compatibility") or [], f"bundle {bundle.path}")
         lineage = check_lineage(recipe, name, bundle, evaluation)
         gate = read_gate(evaluation)
     if gate.verdict != PASSING_VERDICT:

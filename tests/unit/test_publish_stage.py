@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from pipeline import cli
 from pipeline.errors import RegistryError, StageInputError
@@ -90,7 +92,10 @@ def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59) -> Chain:
     ckpt.mkdir(parents=True)
     quantization = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
     (ckpt / "hf_quant_config.json").write_text(json.dumps({"quantization": quantization}))
-    (ckpt / "model.safetensors").write_bytes(b"fp8 weights" * 50)
+    # A real (tiny) FP8 Linear: build checks the checkpoint against the engine contracts.
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.ones(4, 8).to(torch.float8_e4m3fn),
+               "model.layers.0.mlp.down_proj.weight_scale": torch.tensor(0.01),
+               "model.layers.0.mlp.down_proj.input_scale": torch.tensor(0.02)}, ckpt / "model.safetensors")
     (calibrate / "quant_state.pt").write_bytes(b"amax")
     write_manifest(calibrate, build_manifest(
         "calibrate", recipe.id, calibrate,
