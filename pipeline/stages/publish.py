@@ -162,7 +162,7 @@ def run_pull(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     if args.gpu is not None and args.gpu not in (catalog := load_catalog(args.catalog)):
         raise RecipeError("--gpu", f"unknown GPU {args.gpu!r}.",
-                          f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")
+                          f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")
     url = registry_url(args)
     summaries = list_main(url, args.gpu)
     if args.json:
