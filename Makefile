@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(if $(TORCH_SPEC),$(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true)
-	$(PIP) install -e ".[dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -e ".[pipeline,dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
 	$(VENV)/bin/python -c "import torch, modelopt, lm_eval, dvc, pipeline" 
 	touch $(STAMP)
 

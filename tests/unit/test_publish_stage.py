@@ -377,7 +377,10 @@ def test_list_shows_versions_stages_and_key_metrics(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "m-mxfp4-b200" in table and "prod->v1.0.0" in table and "m-fp8-h200" not in table
     assert "0.990" in table and "3,765" in table  # min recovery; predicted decode tok/s 1000 x 16 / 4.25
-    assert cli.main(["list", "--registry", str(tmp_path / "none")]) == 0
+    assert cli.main(["list", "--registry", str(tmp_path / "none")]) == 2
+    assert "none: does not exist. Fix: check the registry URL" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["list", "--registry", str(tmp_path / "empty")]) == 0
     assert "no artifacts in registry" in capsys.readouterr().out
     assert cli.main(["list", "--registry", url, "--gpu", "a100"]) == 2
 

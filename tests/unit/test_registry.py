@@ -415,7 +415,8 @@ def test_stages_newest_event_wins_and_list_artifacts(tmp_path):
         (other, "v1.0.0"),
     ]
     assert reg.manifests(model="llama-3-1-8b") == []
-    assert Registry(tmp_path / "nowhere").list_artifacts() == []
+    with pytest.raises(RegistryError, match="nowhere: does not exist. Fix: check the registry URL"):
+        Registry(tmp_path / "nowhere").list_artifacts()  # a typo in FORGE_REGISTRY is not "no artifacts"
 
 
 def test_publish_does_not_keep_callers_metadata(tmp_path):
@@ -500,6 +501,11 @@ def test_corrupt_manifest_named(tmp_path):
     reg.publish(make_bundle(tmp_path), NAME, metadata())
     path = tmp_path / "reg" / "artifacts" / NAME / "versions" / "v1.0.0.json"
     path.write_text('{"name": ')
+    other = "other-fp8-h200"
+    reg.publish(make_bundle(tmp_path / "o"), other, metadata())
+    # Issue 12 item 26: the bad file is named, the healthy artifacts are still listed.
+    assert [s.name for s in reg.list_artifacts()] == [other]
+    assert reg.problems[0].startswith(f"{path}: is not valid JSON (Expecting value: line 1 column 10 (char 9)).")
     with pytest.raises(VerificationError) as err:
-        reg.list_artifacts()
+        reg.get_manifest(NAME)
     assert str(err.value).startswith(f"{path}: is not valid JSON (Expecting value: line 1 column 10 (char 9)).")
