@@ -76,7 +76,7 @@ def check_entries(files: Any, where: str, reserved: Iterable[str] = ()) -> list[
 def safe_relpath(relpath: Any, where: str) -> str:
     parts = relpath.split("/") if isinstance(relpath, str) else []
     if (not parts or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in relpath
-            or "\0" in relpath):
+            or "\0" in relpath or "\n" in relpath or "\r" in relpath):
         raise VerificationError(where, f"manifest lists an unsafe file path {str(relpath)[:200]!r}.",
                                 "the manifest is corrupt; re-publish.")
     return relpath
@@ -224,3 +224,11 @@ def copy_verified(chunks: Iterable[bytes], out: Path, entry: Mapping[str, Any], 
 def file_chunks(fh: BinaryIO) -> Iterator[bytes]:
     while chunk := fh.read(CHUNK):
         yield chunk
+
+
+SUMS_FILE = "SHA256SUMS"
+
+
+def sha256sums(files: Iterable[Mapping[str, Any]]) -> str:
+    """`sha256sum` output for `files` ("<hex>  <path>", binary-safe: sha256sum -c reads it as is)."""
+    return "".join(f"{f['sha256']}  {f['relpath']}\n" for f in sorted(files, key=lambda f: f["relpath"]))

@@ -62,7 +62,16 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
-from pipeline.pulling import ByteProgress, SHA256_HEX, check_entries, copy_verified, file_chunks, staged_pull
+from pipeline.pulling import (
+    SHA256_HEX,
+    SUMS_FILE,
+    ByteProgress,
+    check_entries,
+    copy_verified,
+    file_chunks,
+    sha256sums,
+    staged_pull,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ VERSION_PATTERN = r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$"
 FIRST_VERSION = (1, 0, 0)
 MANIFEST_SCHEMA = "forge-artifact/1"
 MANIFEST_FILENAME = "forge-artifact.json"
+PULL_WRITES = (MANIFEST_FILENAME, SUMS_FILE)  # files pull adds beside the artifact's own
 PASSING_VERDICT = "pass"
 CHUNK = 1 << 20
 MAX_PUBLISH_ATTEMPTS = 1000
@@ -365,7 +375,7 @@ def _bundle_files(bundle_dir: Path) -> list[dict]:
         for fname in sorted(names):
             path = Path(root) / fname
             relpath = path.relative_to(bundle_dir).as_posix()
-            if relpath == MANIFEST_FILENAME:
+            if relpath in PULL_WRITES:
                 # A pulled bundle carries its registry manifest; republishing it must not nest it.
                 log.info("skipping %s in %s: it is written by pull, not part of the artifact", relpath, bundle_dir)
                 continue
@@ -449,7 +459,7 @@ class Registry:
                                                "its file name says.", "restore this file from a copy of the registry.")
         if not isinstance(manifest.get("metadata"), dict):
             raise VerificationError(where, "has no `metadata` mapping.", "restore this file from a copy of the registry.")
-        check_entries(manifest.get("files"), where, reserved=(MANIFEST_FILENAME,))
+        check_entries(manifest.get("files"), where, reserved=PULL_WRITES)
         return manifest
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
@@ -859,6 +869,7 @@ class Registry:
             for entry in manifest["files"]:
                 self._fetch_verified(entry, staging, where, bar)
             (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            (staging / SUMS_FILE).write_text(sha256sums(manifest["files"]))  # `sha256sum -c SHA256SUMS` verifies
         target = Path(dest).absolute()
         log.info("pulled %s into %s", where, target)
         return PullResult(name, resolved, target, len(manifest["files"]), total, tuple(problems))
