@@ -78,6 +78,7 @@ def test_round_trip_preserves_every_file_and_writes_manifest(tmp_path):
     assert pulled.version == "v1.0.0" and pulled.files == 5 and pulled.overridden == ()
     got = tree(tmp_path / "out" / "deep")
     manifest = json.loads(got.pop(MANIFEST_FILENAME))
+    assert got.pop("SHA256SUMS").decode() == "".join(f"{f['sha256']}  {f['relpath']}\n" for f in manifest["files"])
     assert got == tree(bundle)
     assert pulled.total_bytes == sum(len(b) for b in got.values()) == manifest["total_bytes"]
     assert manifest["metadata"] == metadata()
@@ -225,7 +226,7 @@ def test_pull_from_copied_registry(tmp_path):
     copy_reg = Registry(str(tmp_path / "elsewhere" / "copy"))
     copy_reg.pull(NAME, tmp_path / "dest")
     got = tree(tmp_path / "dest")
-    got.pop(MANIFEST_FILENAME)
+    got.pop(MANIFEST_FILENAME), got.pop("SHA256SUMS")
     assert got == tree(bundle)
 
 
@@ -251,6 +252,7 @@ def test_fsspec_remote_code_path_round_trip(tmp_path):
     reg.pull(NAME, tmp_path / "dest", version="v1.0.0")
     got = tree(tmp_path / "dest")
     assert json.loads(got.pop(MANIFEST_FILENAME))["metadata"]["tp"] == 1
+    got.pop("SHA256SUMS")
     assert got == tree(bundle)
     with pytest.raises(FileExistsError):
         reg._create_exclusive(reg._manifest_path(NAME, "v1.0.0"), b"{}")
