@@ -620,9 +620,17 @@ def render_profiles(url: str, gpu_key: str, rows: list[ProfileRow]) -> None:
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=200)
+    if console.width < 140:  # too narrow for the table's reasons: one line per artifact, nothing cut
+        print(f"{url}: artifacts for {gpu_key}")
+        for r in rows:
+            verdict = "SELECTED" if r.selected else ("compatible" if r.compatible else "incompatible")
+            print(f"  {r.name} {r.version or '-'}  {verdict}: {r.reason}")
+        return
     table = Table(title=f"{url}: artifacts for {gpu_key}", header_style="bold")
-    for column in ("name", "version", "format", "built for", "cc", "compatible", "why"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name", no_wrap=True, min_width=max(len(r.name) for r in rows))  # copied by users: never cut
+    for column in ("version", "format", "built for", "cc", "compatible"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("why", overflow="fold", min_width=20)
     for r in rows:
         table.add_row(r.name, r.version or "-", r.format, r.gpu, r.compute_capability,
                       "SELECTED" if r.selected else ("yes" if r.compatible else "no"), r.reason)
