@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: oci_server, unit helpers
-from oci_server import running_registry  # noqa: E402
+from oci_server import running_registry
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_registry import H200, NAME, make_bundle, metadata, tree  # noqa: E402
+from test_registry import H200, NAME, make_bundle, metadata, tree
 
-from pipeline import cli  # noqa: E402
-from pipeline.errors import RegistryError, VerificationError  # noqa: E402
-from pipeline.registries import open_registry  # noqa: E402
-from pipeline.registry_oci import CONFIG_MEDIA_TYPE, OCI_MANIFEST, OciRegistry  # noqa: E402
+from pipeline import cli
+from pipeline.errors import RegistryError, VerificationError
+from pipeline.registries import open_registry
+from pipeline.registry_oci import CONFIG_MEDIA_TYPE, OCI_MANIFEST, OciRegistry
 
 ACCEPT = f"Accept: {OCI_MANIFEST}"
 

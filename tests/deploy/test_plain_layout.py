@@ -18,11 +18,11 @@ import requests
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_registry import H200, NAME, make_bundle, metadata, tree  # noqa: E402
+from test_registry import H200, NAME, make_bundle, metadata, tree
 
-from pipeline import cli  # noqa: E402
-from pipeline.errors import RegistryError, VerificationError  # noqa: E402
-from pipeline.registries import open_registry  # noqa: E402
+from pipeline import cli
+from pipeline.errors import RegistryError, VerificationError
+from pipeline.registries import open_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

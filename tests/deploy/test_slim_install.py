@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_registry import NAME, make_bundle, metadata, tree  # noqa: E402
+from test_registry import NAME, make_bundle, metadata, tree
 
-from pipeline.registry import Registry  # noqa: E402
+from pipeline.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "modelopt", "lm_eval", "dvc", "matplotlib", "transformers", "datasets")

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_registry import H200, NAME, make_bundle, metadata, tree  # noqa: E402
+from test_registry import H200, NAME, make_bundle, metadata
 
-from pipeline import cli, registry_plain  # noqa: E402
-from pipeline.errors import RegistryError, VerificationError  # noqa: E402
-from pipeline.pulling import collect_partials  # noqa: E402
-from pipeline.registries import open_registry  # noqa: E402
-from pipeline.registry import Registry  # noqa: E402
+from pipeline import cli, registry_plain
+from pipeline.errors import RegistryError, VerificationError
+from pipeline.pulling import collect_partials
+from pipeline.registries import open_registry
+from pipeline.registry import Registry
 
 
 def published(tmp_path: Path, name: str = NAME, seed: str = "a") -> tuple[Registry, Path]:
