@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import cli
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
 from pipeline.registry import (
@@ -511,3 +512,39 @@ def test_corrupt_manifest_named(tmp_path):
     with pytest.raises(VerificationError) as err:
         reg.get_manifest(NAME)
     assert str(err.value).startswith(f"{path}: is not valid JSON (Expecting value: line 1 column 10 (char 9)).")
+
+
+def test_b200_rows_say_the_artifacts_exist_but_were_refused_by_their_gate(tmp_path, capsys):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    refused = "smollm2-135m-instruct-nvfp4-b200"
+    reason = "accuracy gate failed: word_perplexity recovery 0.654 < 0.95"
+    reg.record_refusal(refused, metadata(format="nvfp4", gpu="b200", compute_capability="10.0",
+                                         gate={"verdict": "fail"}), reason)
+    url = str(tmp_path / "reg")
+    assert cli.main(["list", "--registry", url, "--gpu", "b200", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[refused]["version"] is None and not rows[refused]["compatible"]
+    assert rows[refused]["reason"] == f"built, but refused by its accuracy gate ({reason}); nothing to pull"
+    assert rows[NAME]["reason"] == "built for compute capability 9.0, local GPU is 10.0"
+    code = cli.main(["pull", "smollm2-135m-instruct", "--gpu", "b200", "--registry", url, "--dest", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{refused}: built, but refused by its accuracy gate ({reason})" in err
+    assert f"{NAME} v1.0.0: built for compute capability 9.0, local GPU is 10.0" in err
+    assert "`forge list --gpu b200` shows the same rows." in err
+
+
+def test_progress_counts_every_byte_when_asked_and_draws_nothing_otherwise(tmp_path, monkeypatch):
+    from pipeline import pulling
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    advanced = []
+    real = pulling.ByteProgress.advance
+    monkeypatch.setattr(pulling.ByteProgress, "advance", lambda self, n: advanced.append(n) or real(self, n))
+    quiet = reg.pull(NAME, tmp_path / "quiet")
+    assert quiet.total_bytes > 0 and sum(advanced) == quiet.total_bytes  # counted...
+    bar = pulling.ByteProgress(quiet.total_bytes, NAME, enabled=False)
+    assert bar.__enter__()._progress is None  # ...but not drawn off a terminal
+    loud = reg.pull(NAME, tmp_path / "loud", progress=True)
+    assert sum(advanced) == 2 * loud.total_bytes
