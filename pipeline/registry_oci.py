@@ -422,7 +422,7 @@ class OciRegistry:
 def annotations(name: str, meta: Mapping[str, Any], created: datetime) -> dict[str, str]:
     """What a deployment system filters on without reading the config blob (all values are strings)."""
     runtimes = meta.get("runtime_versions") or {}
-    engine = meta.get("engine") or "tensorrt_llm"
+    engine = meta.get("engine") or "pytorch"  # recipe build.engine: TensorRT-LLM's pytorch (LLM API) or tensorrt backend
     return {
         "org.opencontainers.image.title": name,
         "org.opencontainers.image.created": created.isoformat(timespec="seconds"),
@@ -431,7 +431,8 @@ def annotations(name: str, meta: Mapping[str, Any], created: datetime) -> dict[s
         "dev.forge.gpu": str(meta["gpu"]),
         "dev.forge.compute-capability": str(meta["compute_capability"]),
         "dev.forge.tp": str(meta["tp"]),
-        "dev.forge.engine-compatibility": f"{engine}; tensorrt_llm=={runtimes.get('tensorrt_llm', 'unknown')}",
+        "dev.forge.engine-compatibility": f"tensorrt_llm=={runtimes.get('tensorrt_llm', 'unknown')} ({engine} backend), "
+                                          f"compute capability {meta['compute_capability']}",
         "dev.forge.gate-verdict": str((meta.get("gate") or {}).get("verdict")),
         "dev.forge.tool-versions": _canonical(runtimes),
     }

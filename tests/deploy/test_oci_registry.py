@@ -58,7 +58,7 @@ def test_publish_pull_with_forge_and_with_curl_byte_identical(oci, logged_in, tm
     notes = manifest["annotations"]
     assert notes["dev.forge.model"] == "smollm2-135m-instruct" and notes["dev.forge.gpu"] == "h200"
     assert notes["dev.forge.compute-capability"] == "9.0" and notes["dev.forge.gate-verdict"] == "pass"
-    assert notes["dev.forge.engine-compatibility"] == "tensorrt_llm; tensorrt_llm==1.2.1"
+    assert notes["dev.forge.engine-compatibility"] == "tensorrt_llm==1.2.1 (pytorch backend), compute capability 9.0"
     assert json.loads(notes["dev.forge.tool-versions"]) == {"modelopt": "0.47.0", "tensorrt_llm": "1.2.1"}
     config = json.loads(curl(oci, f"{repo}/blobs/{manifest['config']['digest']}"))
     assert config["name"] == NAME and config["metadata"]["format"] == "fp8"
@@ -118,7 +118,7 @@ def _race(args):
 
 def test_racing_publishers_get_distinct_versions(oci, logged_in, tmp_path):
     bundles = [str(make_bundle(tmp_path, seed=f"r{i}")) for i in range(3)]
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(3)
         with ctx.Pool(3) as pool:
