@@ -7,8 +7,9 @@ calibration set and the downloaded model. A failed accuracy gate is a recorded r
 the receipt in `--out` says why nothing was published, and the exit code is 0 so `dvc repro`
 finishes (`--strict`: 1). Out (`--out`): `receipt.json` and `manifest.json`.
 
-pull verifies every file against the registry manifest's sha256 before the destination appears
-(pipeline/registry.py), and refuses an artifact built for another compute capability or another
+The registry is any kind pipeline/registries.py opens (directory, OCI, plain layout, HTTP); every kind
+offers the same calls, so nothing here branches on it. pull verifies every file against the registry
+manifest's sha256 before the destination appears (pipeline/pulling.py), and refuses an artifact built for another compute capability or another
 TensorRT-LLM version unless `--force`. `forge pull MODEL --gpu auto` picks among a model's artifacts
 the way NVIDIA NIM picks a profile: the local SKU, then fewer bits per weight, then the newest.
 """
