@@ -345,8 +345,8 @@ class OciRegistry:
         body = json.dumps(manifest, sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         self._put_manifest(name, digest, body)
-        version = self._claim_version(name, body)
-        return PublishResult(name, version, self._ref(name, version), created=True)
+        version, created = self._claim_version(name, body, config_digest)
+        return PublishResult(name, version, self._ref(name, version), created=created)
 
     def _ref(self, name: str, tag: str) -> str:
         return f"oci://{self.host}/{self.namespace}/{name}:{tag}"
@@ -369,11 +369,15 @@ class OciRegistry:
         if response.status_code not in (200, 201):
             raise self._fail(response, f"pushing the manifest of {name}:{reference}")
 
-    def _claim_version(self, name: str, body: bytes) -> str:
-        """Tag `body` with the next free version (module docstring: claims, then the smallest claim wins)."""
+    def _claim_version(self, name: str, body: bytes, config_digest: str) -> tuple[str, bool]:
+        """Tag `body` with the next free version (module docstring: claims, then the smallest claim wins);
+        (version, False) when a racing publisher of the same content won a version for it."""
         nonce = uuid.uuid4().hex
         for _ in range(MAX_PUBLISH_ATTEMPTS):
             tags = set(self._tags(name))
+            versions = sorted((t for t in tags if re.fullmatch(VERSION_PATTERN, t)), key=parse_version)
+            if versions and (self._manifest(name, versions[-1])[0].get("config") or {}).get("digest") == config_digest:
+                return versions[-1], False
             taken = [parse_version(t) for t in tags if re.fullmatch(VERSION_PATTERN, t)]
             claimed = [parse_version(m[1]) for t in tags if (m := re.fullmatch(r"claim-(v[0-9.]+)-[0-9a-f]{32}", t))
                        and re.fullmatch(VERSION_PATTERN, m[1])]
@@ -386,7 +390,7 @@ class OciRegistry:
             if version not in tags and claims and claims[0] == mine:
                 self._put_manifest(name, version, body)
                 log.info("published %s %s to %s", name, version, self.url)
-                return version
+                return version, True
             log.info("%s %s was claimed by another publisher; trying the next version", name, version)
         raise RegistryError(f"artifact {name}", f"lost the race for a new version {MAX_PUBLISH_ATTEMPTS} times.",
                             "publish again.")
