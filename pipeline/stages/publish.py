@@ -22,8 +22,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -34,6 +33,7 @@ from pipeline.formats import FORMATS
 from pipeline.gates import GateReport
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.gto_tags import has_tag, tag_stage, tag_version
 from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
 from pipeline.manifest import (
     Timer,
@@ -54,10 +54,7 @@ from pipeline.registry import (
     ArtifactSummary,
     PublishResult,
     PullResult,
-    has_tag,
     select_for_gpu,
-    tag_stage,
-    tag_version,
     validate_name,
 )
 from pipeline.selection import ProfileRow, profile_rows

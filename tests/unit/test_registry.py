@@ -16,13 +16,12 @@ import pytest
 from pipeline import cli
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
+from pipeline.gto_tags import tag_stage, tag_version
 from pipeline.registry import (
     MANIFEST_FILENAME,
     Registry,
     artifact_name,
     compatibility_problems,
-    tag_stage,
-    tag_version,
     validate_name,
 )
 
