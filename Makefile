@@ -9,21 +9,21 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test plan bench clean-outputs
+.PHONY: setup repro test plan bench clean-outputs oci-registry oci-roundtrip
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(if $(TORCH_SPEC),$(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true)
-	$(PIP) install -e ".[dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -e ".[pipeline,dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
 	$(VENV)/bin/python -c "import torch, modelopt, lm_eval, dvc, pipeline" 
 	touch $(STAMP)
 
 repro: setup
 	dvc repro
 
-test: setup
+test: setup oci-registry
 	$(VENV)/bin/python -m pytest -q
 
 plan: setup
@@ -31,3 +31,16 @@ plan: setup
 
 bench: setup
 	$(VENV)/bin/python bench/calibrate_overhead.py
+
+# The real OCI registry the deploy tests start on loopback (Debian's docker-registry, the CNCF
+# distribution registry 2.8) and htpasswd for its basic auth. apt retries while another install holds the lock.
+oci-registry:
+	@command -v docker-registry >/dev/null && command -v htpasswd >/dev/null || { \
+	  apt-get update -qq; \
+	  for i in 1 2 3 4 5 6; do DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry apache2-utils \
+	    && break; echo "apt busy, retrying in 10 s"; sleep 10; done; \
+	  command -v docker-registry >/dev/null && command -v htpasswd >/dev/null; }
+
+# After `make repro`: push what the pipeline published to a loopback OCI registry, pull it back with forge and curl.
+oci-roundtrip: setup oci-registry
+	$(VENV)/bin/python scripts/oci_roundtrip.py

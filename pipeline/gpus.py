@@ -1,4 +1,8 @@
-"""The GPU catalog loader. The data lives in recipes/gpus.yaml, the only list of GPUs."""
+"""The GPU catalog loader. The data lives in pipeline/data/gpus.yaml, the only list of GPUs.
+
+It ships inside the package (package data, pyproject.toml) rather than beside the recipes, so
+`forge pull` / `forge list` work from any folder and from a wheel installed without the checkout.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline.formats import ComputeCapability
 from pipeline.yamlio import load_model_file
 
-DEFAULT_CATALOG = Path("recipes/gpus.yaml")
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "gpus.yaml"
 
 
 class GpuSpec(BaseModel):

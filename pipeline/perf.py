@@ -242,7 +242,7 @@ def gpu_key_for(device_name: str, catalog: Mapping[str, GpuSpec]) -> str:
         raise RecipeError(
             "GPU catalog",
             f"GPU {device_name!r} is not in the catalog (known: {names}).",
-            "add it to recipes/gpus.yaml with its NVML name under nvml_names, then re-run `forge probe`.",
+            "add it to pipeline/data/gpus.yaml with its NVML name under nvml_names, then re-run `forge probe`.",
         )
     return key
 
@@ -254,7 +254,7 @@ def save_probe(result: ProbeResult, catalog: Mapping[str, GpuSpec], out_dir: Pat
     expected = catalog[key].compute_capability
     if ComputeCapability.parse(expected) != ComputeCapability.parse(result.compute_capability):
         raise RecipeError(
-            f"recipes/gpus.yaml: gpus.{key}",
+            f"pipeline/data/gpus.yaml: gpus.{key}",
             f"{result.gpu_name!r} reports compute capability {result.compute_capability}, the catalog says {expected}.",
             "fix the catalog entry or its nvml_names.",
         )

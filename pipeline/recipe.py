@@ -177,7 +177,7 @@ class VariantRecipe(Closed):
     def _target_keys(cls, value: dict[str, Target]) -> dict[str, Target]:
         for key in value:
             if not isinstance(key, str) or not key:
-                raise ValueError("target keys are GPU names from recipes/gpus.yaml")
+                raise ValueError("target keys are GPU names from pipeline/data/gpus.yaml")
         return value
 
 

@@ -50,7 +50,7 @@ def check_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> P
     """Raise the first problem with one target; return its plan when it is servable."""
     where = f"{recipe.path}: targets.{gpu_key}"
     if gpu_key not in catalog:
-        raise RecipeError(where, f"unknown GPU '{gpu_key}'.", f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")
+        raise RecipeError(where, f"unknown GPU '{gpu_key}'.", f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")
     gpu = catalog[gpu_key]
     fmt = FORMATS[recipe.spec.quant.format]
     if not fmt.min_compute_capability <= gpu.cc:

@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.layout import RECEIPT_FILE
 from pipeline.manifest import file_digests, read_manifest
-from pipeline.registry import MANIFEST_FILENAME
+from pipeline.registry import PULL_WRITES
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = ROOT / "plan.yaml"
@@ -92,7 +92,7 @@ def check_pull(key: str, receipt: dict, gpu: str, dest: Path) -> Check:
         return Check(False, f"{key}: forge pull {name} {version} failed: {tail(done)}")
     bundle = Path(read_manifest(PUBLISHED_DIR / key, "publish")["inputs"]["bundle"]["path"])
     bundle = bundle if bundle.is_absolute() else ROOT / bundle
-    pulled = file_digests(dest, exclude=(MANIFEST_FILENAME,))
+    pulled = file_digests(dest, exclude=PULL_WRITES)  # forge-artifact.json, SHA256SUMS: written by pull
     expected = file_digests(bundle, exclude=())
     if pulled != expected:
         differing = sorted(set(pulled) ^ set(expected) | {k for k in set(pulled) & set(expected)

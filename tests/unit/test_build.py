@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import pipeline.stages
 from pipeline import cli
 from pipeline.errors import ForgeError, RecipeError, StageInputError
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.recipe import load_recipe
 from pipeline.stages import build
@@ -24,7 +24,7 @@ from pipeline.trtllm import LocalRuntime, llm_api_options
 from pipeline.validate import check_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = Path("recipes/gpus.yaml")
+CATALOG = DEFAULT_CATALOG
 SMOL = Path("recipes/smollm2-135m-instruct")
 CPU = LocalRuntime(tensorrt_llm_version=None, cuda_compute_capability=None, trtllm_build=None)
 

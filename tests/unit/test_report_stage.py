@@ -14,7 +14,7 @@ from pipeline import cli
 from pipeline.errors import StageInputError
 from pipeline.evaluation import SuiteResult
 from pipeline.gates import GatePolicy, evaluate_gates
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import load_recipe
 from pipeline.stages import build, evaluate, throughput
 from pipeline.stages import report as report_stage
@@ -22,7 +22,7 @@ from pipeline.trtllm import not_run
 from pipeline.validate import plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = Path("recipes/gpus.yaml")
+CATALOG = DEFAULT_CATALOG
 DIRECTIONS = {"forge_mc/acc,none": "higher", "forge_prose/word_perplexity,none": "lower"}
 BASELINE = {"forge_mc/acc,none": 0.7483, "forge_prose/word_perplexity,none": 133.31}
 QUANTIZED = {"fp8": {"forge_mc/acc,none": 0.7417, "forge_prose/word_perplexity,none": 136.2},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.sizing import ModelShape, ServingShape, count_params, plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ LLAMA_8B = json.loads((ROOT / "recipes/llama-3-1-8b-instruct/config.json").read_
 # Llama-3.1-405B: hidden 16384, MLP 53248, 126 layers, 128 heads, 8 KV heads, vocab 128256.
 LLAMA_405B = {**LLAMA_70B, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
               "num_attention_heads": 128}
-CATALOG = load_catalog(ROOT / "recipes/gpus.yaml")
+CATALOG = load_catalog(DEFAULT_CATALOG)
 SERVING = ServingShape(max_input_len=1024, max_output_len=1024, seq_len=8192)
 GB = 1e9
 

@@ -23,7 +23,6 @@ def workspace(tiny_llama, tmp_path_factory):
     for name in ("calibration", "eval"):
         (root / name).symlink_to(ROOT / name)
     (root / "recipes").mkdir()
-    shutil.copy(ROOT / "recipes/gpus.yaml", root / "recipes/gpus.yaml")
     model_dir = root / "recipes/tiny-llama"
     model_dir.mkdir()
     shutil.copy(tiny_llama.model_dir / "config.json", model_dir / "config.json")

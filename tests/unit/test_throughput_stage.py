@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from pipeline import perf
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.gpu_detect import LocalGpu
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.recipe import load_recipe
 from pipeline.stages import build, throughput
@@ -21,7 +21,7 @@ from pipeline.trtllm import LocalRuntime
 from pipeline.validate import plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = Path("recipes/gpus.yaml")
+CATALOG = DEFAULT_CATALOG
 FP8 = Path("recipes/smollm2-135m-instruct/fp8.yaml")
 H200 = LocalGpu(name="NVIDIA H200", compute_capability="9.0", memory_bytes=141_000_000_000, count=1, sku="h200")
 

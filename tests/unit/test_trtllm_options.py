@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.errors import ForgeError
 from pipeline.formats import ComputeCapability
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import discover_recipes, load_recipe
 from pipeline.trtllm import (
     CUDA_GRAPH_CONFIG_FIELDS,
@@ -32,7 +32,7 @@ from pipeline.trtllm import (
 from pipeline.validate import check_target, plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = load_catalog(ROOT / "recipes/gpus.yaml")
+CATALOG = load_catalog(DEFAULT_CATALOG)
 
 # The real recipes the issue names: Llama-3.1-8B and 3.3-70B on H200 (FP8) and B200 (NVFP4).
 SHIPPED = [
