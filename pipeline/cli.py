@@ -144,12 +144,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.model_config:
             raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
         from pipeline.recipe import load_recipe
+        from pipeline.perf import probe_ceilings
         from pipeline.validate import plan_target, validate_recipe
 
         recipe = load_recipe(Path(args.recipe))
         validate_recipe(recipe, catalog)
         for gpu in recipe.spec.targets:
-            plans[recipe.artifact_name(gpu)] = plan_target(recipe, gpu, catalog).to_json()
+            plans[recipe.artifact_name(gpu)] = plan_target(recipe, gpu, catalog,
+                                                           probe_ceilings(gpu, recipe.spec.quant.format)).to_json()
     else:
         plans["ad-hoc"] = _adhoc_plan(args, catalog).to_json()
     if args.json:
@@ -161,6 +163,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _adhoc_plan(args: argparse.Namespace, catalog):
+    from pipeline.perf import probe_ceilings
     from pipeline.sizing import ServingShape, plan
 
     missing = [flag for flag, value in (("--model-config", args.model_config), ("--format", args.format), ("--gpu", args.gpu)) if not value]
@@ -176,7 +179,8 @@ def _adhoc_plan(args: argparse.Namespace, catalog):
     serving = ServingShape(max_input_len=args.input_len, max_output_len=args.output_len,
                            seq_len=args.seq_len or args.input_len + args.output_len,
                            concurrency=args.concurrency, price_per_gpu_hour_usd=args.price)
-    return plan(config, FORMATS[args.format], KV_CACHE_DTYPES[args.kv_dtype], catalog[args.gpu], args.gpu, serving, tp=args.tp)
+    return plan(config, FORMATS[args.format], KV_CACHE_DTYPES[args.kv_dtype], catalog[args.gpu], args.gpu, serving, tp=args.tp,
+                ceilings=probe_ceilings(args.gpu, args.format))
 
 
 def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:

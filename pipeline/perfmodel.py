@@ -52,6 +52,7 @@ PUBLISHED_NUM_REQUESTS = {(128, 128): 30000, (128, 2048): 3000, (128, 4096): 150
                           (2048, 128): 3000, (2048, 2048): 1500, (5000, 500): 1500, (1000, 1000): 3000,
                           (500, 2000): 3000, (20000, 2000): 1000}
 # Runtime limits forge's search tries (build picks the best that fits memory).
+BOUND_NAMES = ("compute", "weights", "kv", "attention", "allreduce", "overhead")
 BATCH_CHOICES = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 TOKEN_CHOICES = (2048, 4096, 8192, 16384, 32768)
 
@@ -130,26 +131,41 @@ class StepModel:
     hw: Hardware
     eff: Efficiency
 
+    def seconds_per(self) -> tuple[float, ...]:
+        """Seconds per unit of each term: linear FLOP, weight pass, KV byte-token, attention work,
+        all-reduce token, all-reduce fixed, scheduled request, iteration."""
+        share = self.eff.gemm_fp4 if self.hw.compute_dtype == "fp4" else self.eff.gemm
+        gemm = 1 / (self.hw.gemm_flops * share)
+        hbm = 1 / (self.hw.bandwidth * self.eff.hbm)
+        ring = 0.0 if self.tp == 1 else (2 * (self.tp - 1) / self.tp * self.allreduce_bytes_per_token * self.allreduces
+                                         / (self.hw.nvlink * NVLINK_EFFICIENCY))
+        fixed_ar = 0.0 if self.tp == 1 else self.allreduces * ALLREDUCE_LATENCY_S
+        return (gemm, self.weight_bytes_per_gpu * hbm, self.kv_bytes_per_token_gpu * hbm,
+                self.attention_flops_per_token_ctx / (self.hw.attention_flops * self.eff.attention), ring, fixed_ar,
+                self.eff.seq_overhead_s, self.eff.step_overhead_s)
+
     def time(self, decode: int, decode_ctx_sum: float, prefill_tokens: float, prefill_ctx_work: float,
              prefill_seqs: int) -> tuple[float, str]:
         """Seconds for one iteration and the term that dominated it."""
+        gemm, weights, kv_tok, attn, ring, fixed_ar, per_seq, per_step = self._rates
         tokens = decode + prefill_tokens
         seqs = decode + prefill_seqs
-        share = self.eff.gemm_fp4 if self.hw.compute_dtype == "fp4" else self.eff.gemm
-        gemm_compute = (tokens * self.linear_flops_per_token + seqs * self.head_flops_per_seq) / (
-            self.hw.gemm_flops * share)
-        weights = self.weight_bytes_per_gpu / (self.hw.bandwidth * self.eff.hbm)
-        kv = decode_ctx_sum * self.kv_bytes_per_token_gpu / (self.hw.bandwidth * self.eff.hbm)
-        attention = prefill_ctx_work * self.attention_flops_per_token_ctx / (self.hw.attention_flops * self.eff.attention)
-        allreduce = 0.0
-        if self.tp > 1:
-            ring = 2 * (self.tp - 1) / self.tp * tokens * self.allreduce_bytes_per_token
-            allreduce = self.allreduces * (ALLREDUCE_LATENCY_S + ring / (self.hw.nvlink * NVLINK_EFFICIENCY))
-        overhead = self.eff.step_overhead_s + self.eff.seq_overhead_s * seqs
-        terms = {"compute": gemm_compute, "weights": weights, "kv": kv, "attention": attention,
-                 "allreduce": allreduce, "overhead": overhead}
-        bound = max(terms, key=terms.get)
-        return max(gemm_compute, weights) + kv + attention + allreduce + overhead, bound
+        compute = (tokens * self.linear_flops_per_token + seqs * self.head_flops_per_seq) * gemm
+        kv = decode_ctx_sum * kv_tok
+        attention = prefill_ctx_work * attn
+        allreduce = fixed_ar + tokens * ring
+        overhead = per_step + per_seq * seqs
+        terms = (compute, weights, kv, attention, allreduce, overhead)
+        bound = BOUND_NAMES[terms.index(max(terms))]
+        return max(compute, weights) + kv + attention + allreduce + overhead, bound
+
+    @property
+    def _rates(self) -> tuple[float, ...]:
+        cached = self.__dict__.get("_rates_cache")
+        if cached is None:
+            cached = self.seconds_per()
+            object.__setattr__(self, "_rates_cache", cached)
+        return cached
 
 
 def step_model(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheDtype, hw: Hardware, tp: int,
@@ -193,6 +209,12 @@ class Prediction:
 
 def simulate(step: StepModel, work: Workload, max_batch_size: int, max_num_tokens: int,
              kv_capacity_tokens: int) -> Prediction:
+    """One trtllm-bench run, iteration by iteration, in O(1) per iteration.
+
+    State: requests still queued; admitted requests still in prefill (all requests are alike and
+    chunks go out in admission order, so only the oldest can be part-way: its progress is
+    `head_done`); decoding requests as a count, the sum of their live context, and cohorts by the
+    iteration they finish."""
     isl, osl, n = work.input_len, work.output_len, work.num_requests
     blocks_per_request = math.ceil((isl + osl) / KV_BLOCK_TOKENS)
     kv_requests = (kv_capacity_tokens // KV_BLOCK_TOKENS) // blocks_per_request
@@ -200,66 +222,67 @@ def simulate(step: StepModel, work: Workload, max_batch_size: int, max_num_token
     if limit < 1:
         raise RecipeError("throughput model", f"the KV cache ({kv_capacity_tokens:,} tokens) holds no request of "
                           f"{isl}+{osl} tokens.", "use more GPUs (TP), a smaller format or shorter sequences.")
-    now = 0.0
-    it = 0
-    queued = n
-    prefilling: deque[list[int]] = deque()  # [tokens done, ...] of admitted requests, in order
-    decode = 0
-    ctx_sum = 0.0
-    finishing: deque[list[float]] = deque()  # [last iteration, count, first-token time]
+    now, it, queued = 0.0, 0, n
+    inflight, head_done = 0, 0  # admitted requests in prefill; tokens done of the oldest
+    decode, ctx_sum = 0, 0.0
+    finishing: deque[tuple[int, int, float]] = deque()  # (last iteration, count, first-token time)
     ttft_sum = latency_user_sum = tpot_sum = 0.0
-    bound_time = {"prefill": {}, "decode": {}}
-    while queued or prefilling or decode:
+    bound_time: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
+    while queued or inflight or decode:
         budget = max_num_tokens - decode
-        pending = sum(isl - entry[0] for entry in prefilling)
-        while queued and decode + len(prefilling) < limit and pending < budget:  # admit what this step can start
-            prefilling.append([0])
-            queued -= 1
-            pending += isl
-        tokens = work_ctx = 0.0
-        seqs, done_now = 0, 0
-        left = budget
-        for entry in prefilling:
-            if left <= 0:
-                break
-            chunk = min(isl - entry[0], left)
-            work_ctx += chunk * (entry[0] + (chunk + 1) / 2)
-            entry[0] += chunk
-            tokens += chunk
-            left -= chunk
-            seqs += 1
-        if seqs == 0:  # pure decode: jump to the next finish, time affine in the live context
-            steps = int(finishing[0][0]) - it + 1
-            mid_ctx = ctx_sum + decode * (steps - 1) / 2
-            dt, bound = step.time(decode, mid_ctx, 0, 0, 0)
+        pending = inflight * isl - head_done
+        if queued and budget > pending:  # admit what this iteration can start
+            admit = min(queued, limit - decode - inflight, -(-(budget - pending) // isl))
+            if admit > 0:
+                inflight += admit
+                queued -= admit
+        tokens = ctx_work = 0.0
+        seqs = completed = 0
+        if inflight and budget > 0:
+            chunk = min(isl - head_done, budget)
+            tokens, ctx_work, seqs, left = chunk, chunk * (head_done + (chunk + 1) / 2), 1, budget - chunk
+            head_done += chunk
+            if head_done == isl:
+                completed, head_done = 1, 0
+                full = min(inflight - 1, left // isl)
+                completed += full
+                tokens += full * isl
+                ctx_work += full * isl * (isl + 1) / 2
+                seqs += full
+                left -= full * isl
+                if left > 0 and inflight - completed > 0:  # the next one starts part-way
+                    head_done = left
+                    tokens += left
+                    ctx_work += left * (left + 1) / 2
+                    seqs += 1
+            inflight -= completed
+        if seqs == 0:  # pure decode until the next cohort finishes: time is affine in the context
+            steps = finishing[0][0] - it + 1
+            dt, bound = step.time(decode, ctx_sum + decode * (steps - 1) / 2, 0, 0, 0)
             now += steps * dt
             it += steps
             ctx_sum += decode * steps
             bound_time["decode"][bound] = bound_time["decode"].get(bound, 0) + steps * dt
         else:
-            dt, bound = step.time(decode, ctx_sum, tokens, work_ctx, seqs)
+            dt, bound = step.time(decode, ctx_sum, tokens, ctx_work, seqs)
             now += dt
             it += 1
             ctx_sum += decode
             bound_time["prefill"][bound] = bound_time["prefill"].get(bound, 0) + dt
         while finishing and finishing[0][0] < it:
             _, count, first = finishing.popleft()
-            count = int(count)
             decode -= count
             ctx_sum -= count * (isl + osl)
             latency_user_sum += count * osl / now
-            tpot_sum += count * (now - first) / max(1, osl - 1)
-        while prefilling and prefilling[0][0] >= isl:
-            prefilling.popleft()
-            done_now += 1
-        if done_now:
-            ttft_sum += done_now * now
+            tpot_sum += count * (now - first) / (osl - 1)
+        if completed:  # first token at the end of the iteration that finished the prompt
+            ttft_sum += completed * now
             if osl > 1:
-                decode += done_now
-                ctx_sum += done_now * (isl + 1)
-                finishing.append([it - 1 + (osl - 1), done_now, now])
+                decode += completed
+                ctx_sum += completed * (isl + 1)
+                finishing.append((it - 1 + (osl - 1), completed, now))
             else:
-                latency_user_sum += done_now * osl / now
+                latency_user_sum += completed * osl / now
     total = n * osl / now
     return Prediction(
         predicted_output_tok_s=total, predicted_output_tok_s_per_gpu=total / step.tp,
@@ -302,45 +325,61 @@ def trtllm_bench_limits(kv_tokens: int, work: Workload) -> tuple[int, int]:
 
 def predict(config: dict[str, Any], fmt: Format, kv: KvCacheDtype, gpu: GpuSpec, tp: int, work: Workload,
             ceilings: Ceilings | None = None, fraction: float = 0.9, eff: Efficiency | None = None,
-            limits: tuple[int, int] | None = None) -> Prediction:
+            limits: tuple[int, int] | None = None, batch_cap: int | None = None,
+            token_cap: int | None = None) -> Prediction:
     """The predicted run at `limits` (max_batch_size, max_num_tokens); without them, forge's own
-    choice: the pair in BATCH_CHOICES x TOKEN_CHOICES with the highest predicted throughput."""
+    choice: the pair of BATCH_CHOICES x TOKEN_CHOICES (within the caps) with the highest predicted
+    throughput, each at the KV capacity its max_num_tokens leaves (activations scale with it)."""
     shape = ModelShape.from_hf_config(config)
     counts = count_params(shape)
     step = step_model(shape, counts, fmt, kv, Hardware.of(gpu, fmt, ceilings), tp, eff or Efficiency.load())
     if limits is not None:
         return simulate(step, work, limits[0], limits[1], kv_capacity(shape, counts, fmt, kv, gpu, tp, limits[1], fraction))
-    return _best(step, work, tuple(kv_capacity(shape, counts, fmt, kv, gpu, tp, m, fraction) for m in TOKEN_CHOICES))
-
-
-def _best(step: StepModel, work: Workload, capacities: tuple[int, ...]) -> Prediction:
-    best: Prediction | None = None
+    tokens = sorted({t for t in TOKEN_CHOICES if token_cap is None or t <= token_cap} | ({token_cap} if token_cap else set()))
+    batches = tuple(b for b in BATCH_CHOICES if batch_cap is None or b < batch_cap) + ((batch_cap,) if batch_cap else ())
     seq_blocks = math.ceil((work.input_len + work.output_len) / KV_BLOCK_TOKENS)
-    for tokens, capacity in zip(TOKEN_CHOICES, capacities):
+    best: Prediction | None = None
+    for t in tokens:
+        capacity = kv_capacity(shape, counts, fmt, kv, gpu, tp, t, fraction)
         kv_requests = (capacity // KV_BLOCK_TOKENS) // seq_blocks
-        if kv_requests < 1 or tokens < min(work.input_len, 2048):
+        if kv_requests < 1:
             continue
-        # Batches past what the KV pool admits behave like the KV limit; try each choice below it and the limit.
-        batches = sorted({b for b in BATCH_CHOICES if b < kv_requests} | {min(kv_requests, BATCH_CHOICES[-1])})
-        for batch in batches[-4:]:
-            p = simulate(step, work, batch, tokens, capacity)
+        # A max_batch_size past what the KV pool admits runs like the KV limit: try the largest
+        # few choices below that limit, and the limit itself.
+        fitting = sorted({b for b in batches if b < kv_requests} | {min(kv_requests, max(batches))})
+        for batch in fitting[-4:]:
+            p = simulate(step, work, batch, t, capacity)
+            # Ties (within 0.5%) go to the smaller limits: less activation memory, shorter TPOT.
             if best is None or p.predicted_output_tok_s > best.predicted_output_tok_s * 1.005:
                 best = p
     if best is None:
-        raise RecipeError("throughput model", f"no runtime limits fit a request of {work.input_len}+{work.output_len} "
-                          "tokens in the KV cache.", "use more GPUs (TP), a smaller format or shorter sequences.")
+        raise RecipeError("throughput model", f"the KV cache holds no request of {work.input_len}+{work.output_len} "
+                          "tokens at any max_num_tokens.", "use more GPUs (TP), a smaller format or shorter sequences.")
     return best
+
+
+def size_runtime(config: dict[str, Any], fmt: Format, kv: KvCacheDtype, gpu: GpuSpec, serving: ServingShape, tp: int,
+                 ceilings: Ceilings | None = None) -> Prediction | None:
+    """forge's runtime limits for a target's workload (trtllm-bench's scenario at the target's ISL/OSL),
+    with the target's concurrency and max_num_tokens as caps; None when no request fits at all."""
+    work = Workload.published(serving.max_input_len, serving.max_output_len)
+    try:
+        return predict_cached(config, fmt, kv, gpu, tp, work, ceilings, serving.kv_cache_free_gpu_memory_fraction,
+                              serving.concurrency, serving.max_num_tokens)
+    except RecipeError:
+        return None
 
 
 _CACHE: dict[str, Prediction] = {}
 
 
 def predict_cached(config: dict[str, Any], fmt: Format, kv: KvCacheDtype, gpu: GpuSpec, tp: int, work: Workload,
-                   ceilings: Ceilings | None = None, fraction: float = 0.9) -> Prediction:
+                   ceilings: Ceilings | None = None, fraction: float = 0.9, batch_cap: int | None = None,
+                   token_cap: int | None = None) -> Prediction:
     """`predict` with forge's own limits, memoised per process: validate, build and throughput all
     plan the same target, and the search runs a few dozen simulations."""
-    key = json.dumps([config, fmt.name, kv.name, gpu.model_dump(), tp, asdict(work),
-                      asdict(ceilings) if ceilings else None, fraction], sort_keys=True, default=str)
+    key = json.dumps([config, fmt.name, kv.name, gpu.model_dump(), tp, asdict(work), asdict(ceilings) if ceilings else None,
+                      fraction, batch_cap, token_cap, asdict(Efficiency.load())], sort_keys=True, default=str)
     if key not in _CACHE:
-        _CACHE[key] = predict(config, fmt, kv, gpu, tp, work, ceilings, fraction)
+        _CACHE[key] = predict(config, fmt, kv, gpu, tp, work, ceilings, fraction, batch_cap=batch_cap, token_cap=token_cap)
     return _CACHE[key]
