@@ -164,11 +164,14 @@ def gate_from_metrics(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def throughput_from_metrics(tput: dict[str, Any] | None, build: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The throughput model's predicted run (predicted_output_tok_s) where the metrics carry one, else
+    # the roofline ceiling (build metrics only).
     if tput and tput.get("measured_output_tok_s"):
         return {"decode_tok_s_max_batch": tput["measured_output_tok_s"], "source": "measured",
-                "predicted_tok_s": tput.get("predicted_decode_tok_s_max_batch"),
+                "predicted_tok_s": tput.get("predicted_output_tok_s") or tput.get("predicted_decode_tok_s_max_batch"),
                 "measured_over_predicted": tput.get("measured_over_predicted")}
     for source in (tput, build):
-        if source and source.get("predicted_decode_tok_s_max_batch") is not None:
-            return {"decode_tok_s_max_batch": source["predicted_decode_tok_s_max_batch"], "source": "predicted"}
+        value = source and (source.get("predicted_output_tok_s") or source.get("predicted_decode_tok_s_max_batch"))
+        if value is not None and source:
+            return {"decode_tok_s_max_batch": value, "source": "predicted"}
     return None
