@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.gpus import load_catalog  # noqa: E402
-from pipeline.perfbench import CALIBRATION_ROWS, ROOT, errors, load_rows, summary  # noqa: E402
-from pipeline.perfmodel import CONSTANTS_FILE, Efficiency  # noqa: E402
+from pipeline.gpus import load_catalog
+from pipeline.perfbench import CALIBRATION_ROWS, ROOT, errors, load_rows, summary
+from pipeline.perfmodel import CONSTANTS_FILE, Efficiency
 
 START = Efficiency(gemm=0.6, gemm_fp4=0.6, hbm=0.8, attention=0.4, step_overhead_s=2e-3, seq_overhead_s=2e-6)
 # Physical bounds: shares of a peak stay in (0, 1]; overheads are non-negative times.
@@ -39,9 +39,8 @@ def fit(rows, catalog) -> tuple[Efficiency, float]:
     step = 0.5  # multiplicative step in log space
     for _ in range(ROUNDS):
         improved = False
-        for name in BOUNDS:
+        for name, (lo, hi) in BOUNDS.items():
             for direction in (1, -1):
-                lo, hi = BOUNDS[name]
                 trial = replace(eff, **{name: min(hi, max(lo, getattr(eff, name) * math.exp(direction * step)))})
                 value = loss(trial, rows, catalog)
                 if value < best - 1e-9:

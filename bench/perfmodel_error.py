@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.gpus import load_catalog  # noqa: E402
-from pipeline.perfbench import CALIBRATION_ROWS, HELDOUT_ROWS, ROOT, errors, load_rows, summary  # noqa: E402
-from pipeline.perfmodel import Efficiency  # noqa: E402
+from pipeline.gpus import load_catalog
+from pipeline.perfbench import CALIBRATION_ROWS, HELDOUT_ROWS, ROOT, errors, load_rows, summary
+from pipeline.perfmodel import Efficiency
 
 
 def main() -> int:

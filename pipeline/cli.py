@@ -143,8 +143,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.recipe:
         if args.model_config:
             raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
-        from pipeline.recipe import load_recipe
         from pipeline.perf import probe_ceilings
+        from pipeline.recipe import load_recipe
         from pipeline.validate import plan_target, validate_recipe
 
         recipe = load_recipe(Path(args.recipe))

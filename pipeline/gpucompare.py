@@ -117,12 +117,12 @@ def claims(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def markdown(result: Mapping[str, Any], figures: Sequence[Path] = ()) -> str:
     """The report section (pipeline/report.py includes it)."""
     lines = ["## GPU comparison (predicted)\n",
-             "trtllm-bench's offline max-throughput run at each recipe's ISL/OSL, predicted by forge's throughput "
+             ("trtllm-bench's offline max-throughput run at each recipe's ISL/OSL, predicted by forge's throughput "
              "model (pipeline/perfmodel.py; fitted to 22 published rows, bench/data/). Published: NVIDIA's "
              "trtllm-bench figure for the same model/GPU/precision/TP at 1000/1000, beside forge's prediction of "
-             "that run. J/token at TDP; $/Mtok at the recipe's illustrative price.\n",
-             "| target | TP | ISL/OSL | tok/s (total) | tok/s per GPU | $/Mtok | J/token | limits (batch / tokens) | "
-             "bound | published 1000/1000 | forge for it | error |",
+             "that run. J/token at TDP; $/Mtok at the recipe's illustrative price.\n"),
+             ("| target | TP | ISL/OSL | tok/s (total) | tok/s per GPU | $/Mtok | J/token | limits (batch / tokens) | "
+             "bound | published 1000/1000 | forge for it | error |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         error = r["published_error"]

@@ -80,6 +80,6 @@ def errors(rows: list[Row], catalog: dict[str, GpuSpec], eff: Efficiency) -> lis
 
 def summary(errs: list[float]) -> dict[str, float]:
     absolute = sorted(abs(e) for e in errs)
-    p90 = absolute[min(len(absolute) - 1, int(round(0.9 * (len(absolute) - 1))))]
+    p90 = absolute[min(len(absolute) - 1, round(0.9 * (len(absolute) - 1)))]
     return {"rows": len(errs), "median_abs_error": statistics.median(absolute), "p90_abs_error": p90,
             "worst_abs_error": absolute[-1]}

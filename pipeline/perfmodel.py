@@ -7,7 +7,8 @@ request one token and fills the rest of `max_num_tokens` with prefill chunks of 
 
 Admission: at most `max_batch_size` requests are in flight, and the KV pool must hold every admitted
 request at its full ISL + OSL (the default GUARANTEED_NO_EVICT capacity policy reserves a request's
-blocks up front, tensorrt_llm/_torch/pyexecutor/scheduler.py).
+blocks up front: tensorrt_llm/llmapi/llm_args.py SchedulerConfig.capacity_scheduler_policy, and
+trtllm-bench passes the same policy explicitly).
 
 Iteration time, per GPU of the TP group (each term is a kernel class that runs after the other):
   linear layers   max(2 * params * tokens / (tensor rate * GEMM_EFF), weight bytes / (HBM * HBM_EFF))
@@ -35,8 +36,16 @@ from pipeline.errors import RecipeError
 from pipeline.formats import Format, KvCacheDtype
 from pipeline.gpus import GpuSpec
 from pipeline.sizing import (
-    EMBEDDING_BYTES_PER_PARAM, KV_BLOCK_TOKENS, Ceilings, ModelShape, ParamCounts, ServingShape, count_params,
-    kv_bytes_per_token, reserve_bytes, weight_bytes,
+    EMBEDDING_BYTES_PER_PARAM,
+    KV_BLOCK_TOKENS,
+    Ceilings,
+    ModelShape,
+    ParamCounts,
+    ServingShape,
+    count_params,
+    kv_bytes_per_token,
+    reserve_bytes,
+    weight_bytes,
 )
 
 CONSTANTS_FILE = Path(__file__).with_name("perfmodel_constants.json")

@@ -14,7 +14,7 @@ from pipeline.errors import RecipeError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import load_catalog
 from pipeline.perfbench import CALIBRATION_ROWS, errors, load_rows, summary
-from pipeline.perfmodel import CONSTANTS_FILE, Efficiency, Workload, predict, simulate, step_model, Hardware
+from pipeline.perfmodel import CONSTANTS_FILE, Efficiency, Hardware, Workload, predict, simulate, step_model
 from pipeline.sizing import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parents[2]
