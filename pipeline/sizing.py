@@ -408,3 +408,19 @@ def throughput_json(throughput: dict[str, Any]) -> dict[str, Any]:
             "throughput": throughput,
             "roofline_is": "ceiling: decode_tok_s_* and prefill_tok_s bound a run from above; "
                            "predicted_output_tok_s predicts trtllm-bench's offline run (pipeline/perfmodel.py)"}
+
+
+def throughput_rows(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
+    """`forge plan`'s table rows for the predicted run (throughput_json's keys)."""
+    t = plan_json.get("throughput")
+    if not t:
+        return [("output tok/s (predicted)", "-")]
+    gpus = plan_json["inputs"]["tp"]
+    return [
+        ("runtime limits: max batch / max tokens", f"{t['max_batch_size']:,} / {t['max_num_tokens']:,}"),
+        (f"output tok/s, ISL/OSL {plan_json['inputs']['max_input_len']}/{plan_json['inputs']['max_output_len']} (predicted)",
+         f"{t['predicted_output_tok_s']:,.1f}" + (f" ({t['predicted_output_tok_s_per_gpu']:,.1f} per GPU)" if gpus > 1 else "")),
+        ("  per user / TTFT / TPOT (predicted)", f"{t['predicted_output_tok_s_per_user']:,.1f} tok/s / "
+         f"{t['predicted_ttft_ms'] / 1e3:,.1f} s / {t['predicted_tpot_ms']:,.1f} ms"),
+        ("  bound by (prefill / decode)", f"{t['bound_prefill']} / {t['bound_decode']}"),
+    ]

@@ -135,3 +135,11 @@ def test_plan_json_carries_the_prediction_for_recipes(capsys):
     for p in (h100, h200):
         assert 0 < p["predicted_output_tok_s"] < p["decode_tok_s_max_batch"]
         assert p["throughput"]["hardware_source"] == "datasheet"
+
+
+def test_plan_table_shows_the_prediction_beside_the_ceiling(capsys):
+    assert cli.main(["plan", str(ROOT / "recipes/llama-3-3-70b-instruct/fp8.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "output tok/s, ISL/OSL 1024/1024 (predicted)" in out
+    assert "decode tok/s, batch 205 (ceiling)" in out  # the H200 target: KV admits 205 requests of 1024+1024
+    assert "ceiling = decode/prefill roofline" in out
