@@ -10,7 +10,9 @@ so a sequence of L tokens holds ceil(L/32) blocks.
 
 Roofline (decode): one step streams the weights it touches plus each live sequence's KV once;
 the step takes max(bytes / bandwidth, FLOPs / peak). TensorRT-LLM reaches roughly 30-40% of this
-ceiling in its perf-overview tables (FACTS.md), so treat it as an upper bound.
+ceiling in its perf-overview tables (FACTS.md), so treat it as an upper bound. The run itself
+(trtllm-bench's offline scenario at the target's ISL/OSL) is predicted by pipeline/perfmodel.py,
+which also chooses the runtime limits (max_batch_size, max_num_tokens) the plan's memory is sized at.
 """
 
 from __future__ import annotations
