@@ -103,6 +103,8 @@ def render_plan_table(title: str, plan_json: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline.sizing import throughput_rows
+
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -122,17 +124,19 @@ def render_plan_table(title: str, plan_json: dict[str, Any]) -> None:
         (f"max batch at seq len {inputs['seq_len']:,}", f"{plan_json['max_batch_at_seq_len']:,}"),
         ("fits", "yes" if plan_json["fits"] else f"NO: {plan_json['why_not']}"),
         ("smallest TP that fits", str(plan_json["min_tp"]) if plan_json["min_tp"] else "none up to 8"),
-        ("decode tok/s, batch 1 (predicted)", _num(plan_json["decode_tok_s_batch1"])),
-        (f"decode tok/s, batch {plan_json['decode_batch']} (predicted)", _num(plan_json["decode_tok_s_max_batch"])),
+        ("decode tok/s, batch 1 (ceiling)", _num(plan_json["decode_tok_s_batch1"])),
+        (f"decode tok/s, batch {plan_json['decode_batch']} (ceiling)", _num(plan_json["decode_tok_s_max_batch"])),
         ("  bound by", str(plan_json["decode_bound_max_batch"])),
-        ("prefill tok/s (predicted)", _num(plan_json["prefill_tok_s"])),
-        ("J/token at TDP (predicted)", _num(plan_json["joules_per_token"], " J")),
-        ("$ per M output tokens (predicted)", _num(plan_json["usd_per_mtok"])),
+        ("prefill tok/s (ceiling)", _num(plan_json["prefill_tok_s"])),
+        ("J/token at TDP (at the ceiling)", _num(plan_json["joules_per_token"], " J")),
+        ("$ per M output tokens (at the ceiling)", _num(plan_json["usd_per_mtok"])),
     ]
+    rows += throughput_rows(plan_json)
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
-    print(f"predicted = roofline ceiling from {plan_json['ceilings_source']} rates; TensorRT-LLM reaches ~30-40% of it.")
+    print(f"ceiling = decode/prefill roofline from {plan_json['ceilings_source']} rates, an upper bound; predicted = "
+          "trtllm-bench's offline run at the chosen limits (pipeline/perfmodel.py).")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -143,13 +147,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.recipe:
         if args.model_config:
             raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
+        from pipeline.perf import probe_ceilings
         from pipeline.recipe import load_recipe
         from pipeline.validate import plan_target, validate_recipe
 
         recipe = load_recipe(Path(args.recipe))
         validate_recipe(recipe, catalog)
         for gpu in recipe.spec.targets:
-            plans[recipe.artifact_name(gpu)] = plan_target(recipe, gpu, catalog).to_json()
+            plans[recipe.artifact_name(gpu)] = plan_target(recipe, gpu, catalog,
+                                                           probe_ceilings(gpu, recipe.spec.quant.format)).to_json()
     else:
         plans["ad-hoc"] = _adhoc_plan(args, catalog).to_json()
     if args.json:
@@ -161,6 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _adhoc_plan(args: argparse.Namespace, catalog):
+    from pipeline.perf import probe_ceilings
     from pipeline.sizing import ServingShape, plan
 
     missing = [flag for flag, value in (("--model-config", args.model_config), ("--format", args.format), ("--gpu", args.gpu)) if not value]
@@ -176,7 +183,8 @@ def _adhoc_plan(args: argparse.Namespace, catalog):
     serving = ServingShape(max_input_len=args.input_len, max_output_len=args.output_len,
                            seq_len=args.seq_len or args.input_len + args.output_len,
                            concurrency=args.concurrency, price_per_gpu_hour_usd=args.price)
-    return plan(config, FORMATS[args.format], KV_CACHE_DTYPES[args.kv_dtype], catalog[args.gpu], args.gpu, serving, tp=args.tp)
+    return plan(config, FORMATS[args.format], KV_CACHE_DTYPES[args.kv_dtype], catalog[args.gpu], args.gpu, serving, tp=args.tp,
+                ceilings=probe_ceilings(args.gpu, args.format))
 
 
 def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:

@@ -300,6 +300,14 @@ def load_ceilings(gpu_key: str, compute_dtype: str, measured_dir: Path = DEFAULT
     return Ceilings(probe.copy_bandwidth_bytes_per_s, tflops * 1e12, "measured")
 
 
+def probe_ceilings(gpu_key: str, format_name: str, measured_dir: Path = DEFAULT_MEASURED_DIR) -> Ceilings | None:
+    """`load_ceilings` for a format name: what `forge plan` passes the planner so a probe of this GPU,
+    where one exists, replaces the datasheet rates in the throughput prediction and the roofline."""
+    from pipeline.formats import FORMATS
+
+    return load_ceilings(gpu_key, FORMATS[format_name].compute_dtype, measured_dir)
+
+
 # ------------------------------------------------------------------------------------- trtllm-bench
 
 

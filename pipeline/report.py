@@ -33,6 +33,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ def write_report(
     out_dir: Path,
     title: str = "forge comparison report",
     missing: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> ReportFiles:
     """Write report.md, PNG plots and CSV/JSON tables for `raw_entries` into `out_dir`.
 
@@ -189,7 +191,8 @@ def write_report(
     plots.append(_plot_throughput(entries, figures / "throughput.png"))
 
     markdown = out_dir / "report.md"
-    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None], missing), encoding="utf-8")
+    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None], missing, sections),
+                        encoding="utf-8")
     log.info("report: %s (%d targets, %d models, %d missing)", markdown, len(entries), len(by_model), len(missing))
     return ReportFiles(markdown=markdown, plots=tuple(p for p in plots if p is not None), tables=tables)
 
@@ -348,7 +351,8 @@ def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
 
 
 def _markdown(
-    title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path], missing: Sequence[str] = ()
+    title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path], missing: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> str:
     out = [f"# {title}\n"]
     out.append(
@@ -374,10 +378,25 @@ def _markdown(
                 out.append(report.to_markdown())
     if any(p.name == "throughput.png" for p in plots):
         out.append(f"## Throughput\n\n![decode tok/s per target]({FIGURES_DIR}/throughput.png)\n")
+    out.extend(sections)  # whole `##` sections other stages produced (gpu_comparison_section)
     if missing:
         out.append("## Missing results\n")
         out.append("\n".join(f"- {line}" for line in missing) + "\n")
     return "\n".join(out)
+
+
+def gpu_comparison_section(compare_dir: Path, report_dir: Path) -> str:
+    """The gpu-compare stage's section (pipeline/gpucompare.py), its figures linked from the report."""
+    from pipeline.gpucompare import markdown
+
+    path = Path(compare_dir) / "gpu_compare.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageInputError(str(path), f"cannot read the GPU comparison ({exc}).",
+                              f"run `forge gpu-compare --out {compare_dir}` (dvc repro gpu-compare).") from None
+    figures = sorted((Path(compare_dir) / "figures").glob("*.png"))
+    return markdown(result, [Path(os.path.relpath(f, report_dir)) for f in figures])
 
 
 # ---------------------------------------------------------------------------------- plots

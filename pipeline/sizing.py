@@ -10,13 +10,15 @@ so a sequence of L tokens holds ceil(L/32) blocks.
 
 Roofline (decode): one step streams the weights it touches plus each live sequence's KV once;
 the step takes max(bytes / bandwidth, FLOPs / peak). TensorRT-LLM reaches roughly 30-40% of this
-ceiling in its perf-overview tables (FACTS.md), so treat it as an upper bound.
+ceiling in its perf-overview tables (FACTS.md), so treat it as an upper bound. The run itself
+(trtllm-bench's offline scenario at the target's ISL/OSL) is predicted by pipeline/perfmodel.py,
+which also chooses the runtime limits (max_batch_size, max_num_tokens) the plan's memory is sized at.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.errors import RecipeError
@@ -195,6 +197,9 @@ class Plan:
     why_not: str | None
     min_tp: int | None
     roofline: dict[str, Any] = field(default_factory=dict)
+    # trtllm-bench's offline scenario at the target's ISL/OSL (pipeline/perfmodel.py), all predicted;
+    # empty when nothing fits.
+    throughput: dict[str, Any] = field(default_factory=dict)
 
     @property
     def decode_tok_s_batch1(self) -> float | None:
@@ -213,6 +218,7 @@ class Plan:
         roofline = out.pop("roofline")
         out.update(roofline)  # flat keys for programs: decode_tok_s_batch1, ...
         out["predicted"] = sorted(roofline)  # which keys are predictions, said once and explicitly
+        out.update(throughput_json(self.throughput))
         return out
 
 
@@ -332,11 +338,16 @@ def plan(
             f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {tp} ways.",
             f"use a TP size in {[t for t in TP_CHOICES if tp_is_valid(shape, t)]}.",
         )
+    sized = workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings)
+    if sized:  # the runtime limits the throughput model chose for this workload
+        serving = replace(serving, max_num_tokens=sized["max_num_tokens"])
     ceilings = ceilings or Ceilings(gpu.memory_bandwidth_bytes_per_s, gpu.peak_flops(fmt.compute_dtype), "datasheet")
     weights, weights_gpu, reserve, left, pool, capacity, max_batch, why = _memory_at_tp(
         shape, counts, fmt, kv, gpu, serving, tp
     )
     batch = min(max_batch, serving.concurrency) if serving.concurrency else max_batch
+    if sized and why is None:
+        batch = sized["max_batch_size"]
     return Plan(
         inputs={
             "format": fmt.name,
@@ -371,4 +382,47 @@ def plan(
         why_not=why,
         min_tp=smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving),
         roofline=roofline(shape, counts, fmt, kv, gpu, serving, tp, batch, ceilings),
+        throughput=sized or {},
     )
+
+
+def workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings) -> dict[str, Any] | None:
+    """Runtime limits sized to the workload and the predicted trtllm-bench run at them
+    (pipeline/perfmodel.py). The limits come from datasheet rates, so a bundle's limits do not
+    depend on which machine built it; `forge probe` ceilings, where given, re-predict the run."""
+    from pipeline import perfmodel  # imports this module
+
+    sized = perfmodel.size_runtime(config, fmt, kv, gpu, serving, tp)
+    if sized is None or ceilings is None or ceilings.source == "datasheet":
+        return sized.to_json() if sized else None
+    work = perfmodel.Workload.published(serving.max_input_len, serving.max_output_len)
+    return perfmodel.predict(config, fmt, kv, gpu, tp, work, ceilings, serving.kv_cache_free_gpu_memory_fraction,
+                             limits=(sized.max_batch_size, sized.max_num_tokens)).to_json()
+
+
+def throughput_json(throughput: dict[str, Any]) -> dict[str, Any]:
+    """The plan JSON's throughput keys: the prediction flat (`predicted_output_tok_s`, ...), the
+    chosen limits, and a note that the roofline keys are a ceiling, not a prediction of a run."""
+    if not throughput:
+        return {"predicted_output_tok_s": None, "throughput": None}
+    return {"predicted_output_tok_s": throughput["predicted_output_tok_s"],
+            "predicted_output_tok_s_per_gpu": throughput["predicted_output_tok_s_per_gpu"],
+            "throughput": throughput,
+            "roofline_is": "ceiling: decode_tok_s_* and prefill_tok_s bound a run from above; "
+                           "predicted_output_tok_s predicts trtllm-bench's offline run (pipeline/perfmodel.py)"}
+
+
+def throughput_rows(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
+    """`forge plan`'s table rows for the predicted run (throughput_json's keys)."""
+    t = plan_json.get("throughput")
+    if not t:
+        return [("output tok/s (predicted)", "-")]
+    gpus = plan_json["inputs"]["tp"]
+    return [
+        ("runtime limits: max batch / max tokens", f"{t['max_batch_size']:,} / {t['max_num_tokens']:,}"),
+        (f"output tok/s, ISL/OSL {plan_json['inputs']['max_input_len']}/{plan_json['inputs']['max_output_len']} (predicted)",
+         f"{t['predicted_output_tok_s']:,.1f}" + (f" ({t['predicted_output_tok_s_per_gpu']:,.1f} per GPU)" if gpus > 1 else "")),
+        ("  per user / TTFT / TPOT (predicted)", f"{t['predicted_output_tok_s_per_user']:,.1f} tok/s / "
+         f"{t['predicted_ttft_ms'] / 1e3:,.1f} s / {t['predicted_tpot_ms']:,.1f} ms"),
+        ("  bound by (prefill / decode)", f"{t['bound_prefill']} / {t['bound_decode']}"),
+    ]

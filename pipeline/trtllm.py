@@ -144,7 +144,9 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
     options: dict[str, Any] = {
         "tensor_parallel_size": int(plan.inputs["tp"]),
         "max_batch_size": batch,
-        "max_num_tokens": target.max_num_tokens,
+        # Sized with max_batch_size to the target's ISL/OSL by the throughput model (sizing.plan ->
+        # perfmodel.size_runtime); the plan's activation reserve is computed at this value.
+        "max_num_tokens": int(plan.inputs["max_num_tokens"]),
         "max_input_len": target.max_input_len,
         "max_seq_len": target.seq_len,
         "kv_cache_config": kv_cache_config,
@@ -153,6 +155,10 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
         # enable_padding rounds a batch up to the next captured size ("usually a net win for
         # performance", CudaGraphConfig.enable_padding), which is what makes a sparse list useful.
         options["cuda_graph_config"] = {"batch_sizes": cuda_graph_batch_sizes(batch), "enable_padding": True}
+        # The throughput model schedules prompts in chunks of what max_num_tokens leaves after the
+        # decoding requests (BaseLlmArgs.enable_chunked_prefill, off by default); without it a
+        # prompt longer than that budget waits for a whole free iteration.
+        options["enable_chunked_prefill"] = True
     bad = unknown_option_names(options, engine)
     if bad:  # a forge bug, not a user error: the tables above and this function disagree
         raise ValueError(f"option names not accepted by TensorRT-LLM {PINNED_VERSION}: {bad}")

@@ -34,19 +34,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", type=Path, required=True, help="the metrics directory the stages write")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="forge comparison report")
+    p.add_argument("--gpu-compare", type=Path, help="the gpu-compare stage's output directory, to include as a section")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return main(args.plan, args.metrics, args.out, args.title)
+    return main(args.plan, args.metrics, args.out, args.title, args.gpu_compare)
 
 
-def main(plan_path: Path, metrics_dir: Path, out_dir: Path, title: str = "forge comparison report") -> int:
-    from pipeline.report import write_report
+def main(plan_path: Path, metrics_dir: Path, out_dir: Path, title: str = "forge comparison report",
+         gpu_compare_dir: Path | None = None) -> int:
+    from pipeline.report import gpu_comparison_section, write_report
 
     targets = read_plan_targets(Path(plan_path))
     collected = collect(targets, Path(metrics_dir))
-    files = write_report(collected.entries, Path(out_dir), title, collected.missing)
+    sections = [gpu_comparison_section(Path(gpu_compare_dir), Path(out_dir))] if gpu_compare_dir else []
+    files = write_report(collected.entries, Path(out_dir), title, collected.missing, sections)
     for line in collected.missing:
         log.warning("report: %s", line)
     log.info("report: %s, %d figures, %d of %d targets complete", files.markdown, len(files.plots),
@@ -161,11 +164,14 @@ def gate_from_metrics(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def throughput_from_metrics(tput: dict[str, Any] | None, build: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The throughput model's predicted run (predicted_output_tok_s) where the metrics carry one, else
+    # the roofline ceiling (build metrics only).
     if tput and tput.get("measured_output_tok_s"):
         return {"decode_tok_s_max_batch": tput["measured_output_tok_s"], "source": "measured",
-                "predicted_tok_s": tput.get("predicted_decode_tok_s_max_batch"),
+                "predicted_tok_s": tput.get("predicted_output_tok_s") or tput.get("predicted_decode_tok_s_max_batch"),
                 "measured_over_predicted": tput.get("measured_over_predicted")}
     for source in (tput, build):
-        if source and source.get("predicted_decode_tok_s_max_batch") is not None:
-            return {"decode_tok_s_max_batch": source["predicted_decode_tok_s_max_batch"], "source": "predicted"}
+        value = source and (source.get("predicted_output_tok_s") or source.get("predicted_decode_tok_s_max_batch"))
+        if value is not None and source:
+            return {"decode_tok_s_max_batch": value, "source": "predicted"}
     return None

@@ -1,7 +1,9 @@
 """Stage `throughput`: how fast one bundle serves on its target GPU, and what a token costs.
 
-Always: the planner's predicted decode and prefill throughput for the target (keys `predicted_*`,
-with the ceilings and serving shape they came from), and J/token and $/Mtok at TDP from them.
+Always: the throughput model's prediction of trtllm-bench's offline run for the target
+(`predicted_output_tok_s`, per GPU, per user, TTFT, TPOT, the limits and bounds; pipeline/perfmodel.py),
+J/token and $/Mtok at TDP from it, and the roofline's decode/prefill ceilings beside it (keys
+`predicted_decode_*`, upper bounds), with the rates and serving shape they came from.
 Only on the target GPU with TensorRT-LLM's `trtllm-bench` on PATH: a throughput run (streamed, for
 TTFT/TPOT percentiles) and a latency run on a dataset generated for the recipe's input/output
 lengths, NVML power sampled while they run, and measured / predicted. Elsewhere `measured` is null
@@ -102,8 +104,8 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
     else:
         metrics.update(measured=None, measured_reason=decision.reason)
     write_metrics(Path(metrics_path), metrics)
-    log.info("%s: predicted decode %s tok/s at batch %s (%s ceilings); measured: %s", recipe.artifact_name(gpu),
-             _fmt(plan.decode_tok_s_max_batch), plan.roofline.get("decode_batch"), ceilings.source,
+    log.info("%s: predicted %s output tok/s at batch %s (%s rates); measured: %s", recipe.artifact_name(gpu),
+             _fmt(metrics.get("predicted_output_tok_s")), plan.roofline.get("decode_batch"), ceilings.source,
              _fmt(metrics.get("measured_output_tok_s")) if decision.run else decision.reason)
     return 0
 
@@ -216,12 +218,27 @@ def predicted_metrics(recipe: Recipe, gpu: str, plan: Plan, ceilings: Ceilings, 
         "predicted_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
         "price_per_gpu_hour_usd": pricing.usd_per_gpu_hour,
         "price_source": pricing.source,
+        "predicted_decode_basis": "ceiling (roofline upper bound); predicted_output_tok_s is the run's prediction",
     }
-    if plan.decode_tok_s_max_batch:
-        energy = energy_and_cost(plan.decode_tok_s_max_batch, None, spec.tdp_watts, tp, pricing.usd_per_gpu_hour)
+    out.update(predicted_run(plan))
+    tok_s = out.get("predicted_output_tok_s")
+    if tok_s:  # J/token and $/Mtok of the predicted run, not of the ceiling
+        energy = energy_and_cost(tok_s, None, spec.tdp_watts, tp, pricing.usd_per_gpu_hour)
         out.update({f"predicted_{k}": energy[k] for k in ("power_source", "joules_per_token", "gpu_hours_per_mtok",
                                                             "usd_per_mtok")})
     return out
+
+
+def predicted_run(plan: Plan) -> dict[str, Any]:
+    """trtllm-bench's offline run at the plan's limits, as the throughput model predicts it."""
+    t = plan.throughput
+    if not t:
+        return {"predicted_output_tok_s": None}
+    keys = ("predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "predicted_output_tok_s_per_user",
+            "predicted_ttft_ms", "predicted_tpot_ms")
+    return {**{k: t[k] for k in keys}, "predicted_max_batch_size": t["max_batch_size"],
+            "predicted_max_num_tokens": t["max_num_tokens"], "predicted_bound_prefill": t["bound_prefill"],
+            "predicted_bound_decode": t["bound_decode"], "predicted_hardware_source": t["hardware_source"]}
 
 
 def measure(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: GpuSpec, pricing: Pricing,
@@ -246,7 +263,10 @@ def _measure_in(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: Gp
     commands = bench_commands(served_model_id(recipe), bundle_dir / CHECKPOINT_DIR, dataset.path, bundle_dir / OPTIONS_FILE,
                               target.tp, work / "reports", work / "workspace",
                               concurrency=plan.roofline.get("decode_batch") or None, num_requests=num_requests)
-    predicted = {"throughput": plan.decode_tok_s_max_batch, "latency": plan.decode_tok_s_batch1}
+    # measured / predicted: the throughput run against the model's prediction of that run; the
+    # latency run (batch 1) against the batch-1 roofline ceiling, which the model does not predict.
+    predicted = {"throughput": (plan.throughput or {}).get("predicted_output_tok_s") or plan.decode_tok_s_max_batch,
+                 "latency": plan.decode_tok_s_batch1}
     runs: dict[str, Any] = {}
     for command in commands:
         outcome = run_bench(command)

@@ -66,13 +66,19 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
     assert throughput.main(FP8, "h200", bundle, metrics_path, measured_dir=tmp_path / "no-probes") == 0
     m = json.loads(metrics_path.read_text())
     plan = plan_now()
-    tok_s = plan.decode_tok_s_max_batch
+    tok_s = plan.throughput["predicted_output_tok_s"]  # the throughput model's run, not the ceiling
+    assert tok_s < plan.decode_tok_s_max_batch
     assert (m["target"], m["format"], m["gpu"], m["tp"]) == ("smollm2-135m-instruct-fp8-h200", "fp8", "h200", 1)
     assert m["ceilings_source"] == "datasheet"
     assert m["predicted_inputs"]["memory_bandwidth_bytes_per_s"] == 4.8e12
     assert m["predicted_inputs"]["peak_flops"] == 1979e12  # fp8 GEMMs on an H200
     assert (m["predicted_inputs"]["max_input_len"], m["predicted_inputs"]["max_output_len"]) == (2048, 512)
-    assert m["predicted_decode_tok_s_max_batch"] == tok_s
+    assert m["predicted_output_tok_s"] == tok_s and m["predicted_output_tok_s_per_gpu"] == tok_s  # TP 1
+    assert m["predicted_max_batch_size"] == plan.roofline["decode_batch"]
+    assert m["predicted_max_num_tokens"] == plan.inputs["max_num_tokens"]
+    assert m["predicted_ttft_ms"] > 0 and m["predicted_tpot_ms"] > 0
+    assert m["predicted_decode_tok_s_max_batch"] == plan.decode_tok_s_max_batch  # the ceiling stays, labelled
+    assert m["predicted_decode_basis"].startswith("ceiling")
     assert m["predicted_decode_batch"] == plan.roofline["decode_batch"] == 256  # the recipe's concurrency
     assert m["predicted_prefill_tok_s"] == plan.roofline["prefill_tok_s"]
     assert m["predicted_power_source"] == "tdp"
@@ -89,7 +95,7 @@ def test_price_on_the_command_line_wins(bundle, tmp_path):
     throughput.main(FP8, "h200", bundle, tmp_path / "m.json", price=2.0, measured_dir=tmp_path)
     m = json.loads((tmp_path / "m.json").read_text())
     assert (m["price_per_gpu_hour_usd"], m["price_source"]) == (2.0, "--price")
-    assert m["predicted_usd_per_mtok"] == pytest.approx(2.0 / (m["predicted_decode_tok_s_max_batch"] * 3600) * 1e6)
+    assert m["predicted_usd_per_mtok"] == pytest.approx(2.0 / (m["predicted_output_tok_s"] * 3600) * 1e6)
 
 
 def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
@@ -101,8 +107,13 @@ def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["ceilings_source"] == "measured"
     assert (m["predicted_inputs"]["memory_bandwidth_bytes_per_s"], m["predicted_inputs"]["peak_flops"]) == (4.3e12, 1.3e15)
-    assert m["predicted_decode_tok_s_max_batch"] == pytest.approx(
-        plan_now(perf.load_ceilings("h200", "fp8", tmp_path / "measured")).decode_tok_s_max_batch)
+    measured_plan = plan_now(perf.load_ceilings("h200", "fp8", tmp_path / "measured"))
+    assert m["predicted_decode_tok_s_max_batch"] == pytest.approx(measured_plan.decode_tok_s_max_batch)
+    # The probe's rates replace the datasheet's in the predicted run too (at the same runtime limits).
+    assert m["predicted_hardware_source"] == "measured"
+    assert m["predicted_output_tok_s"] == pytest.approx(measured_plan.throughput["predicted_output_tok_s"])
+    assert m["predicted_output_tok_s"] < plan_now().throughput["predicted_output_tok_s"]  # slower probe, fewer tok/s
+    assert m["predicted_max_batch_size"] == plan_now().roofline["decode_batch"]
 
 
 def test_require_on_a_cpu_machine_is_refused_before_writing(bundle, tmp_path):
@@ -165,13 +176,13 @@ def test_measurement_on_the_target_gpu(monkeypatch, bundle, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "work" / "bench_dataset.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and {len(x["input_ids"]) for x in lines} == {2048} and {x["output_tokens"] for x in lines} == {512}
     assert m["measured_output_tok_s"] == 40_000.0
-    assert m["measured_over_predicted"] == pytest.approx(40_000.0 / plan.decode_tok_s_max_batch)
+    assert m["measured_over_predicted"] == pytest.approx(40_000.0 / plan.throughput["predicted_output_tok_s"])
     assert m["measured_latency_over_predicted_batch1"] == pytest.approx(900.0 / plan.decode_tok_s_batch1)
     assert (m["measured_ttft_ms_p50"], m["measured_ttft_ms_p99"], m["measured_tpot_ms_p90"]) == (40.0, 70.0, 5.0)
     assert m["measured_power_source"] == "nvml"
     assert m["measured_joules_per_token"] == pytest.approx(450.0 / 40_000.0)
     assert m["measured_usd_per_mtok"] == pytest.approx(3.50 / (40_000.0 * 3600) * 1e6)
-    assert m["predicted_joules_per_token"] == pytest.approx(700 / plan.decode_tok_s_max_batch)  # still there, labelled
+    assert m["predicted_joules_per_token"] == pytest.approx(700 / plan.throughput["predicted_output_tok_s"])  # labelled
     assert m["measured"]["dataset"]["num_requests"] == 3 and "measured_reason" not in m
 
 
