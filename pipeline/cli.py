@@ -147,10 +147,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.recipe:
         if args.model_config:
             raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
+        from pipeline.placement import plan_recipe_calibration
         from pipeline.recipe import load_recipe
         from pipeline.validate import plan_target, validate_recipe
-
-        from pipeline.placement import plan_recipe_calibration
 
         recipe = load_recipe(Path(args.recipe))
         validate_recipe(recipe, catalog)

@@ -7,7 +7,9 @@ exported checkpoint is cast to BF16 right before export anyway.
 Placement: given a `Placement` (an accelerate device map + max_memory; pipeline/placement.py plans
 it for GPU nodes), the model is loaded by `from_pretrained(device_map=..., max_memory=...)`, which
 dispatches it with accelerate's hooks (transformers modeling_utils.py: `accelerate_dispatch` when
-the map names more than one device or "disk"). A dispatched model is never moved with `.to()`:
+the map names more than one device or "disk"). The explicit map is what places the modules:
+transformers 5.14 consults max_memory only to infer a map from a string such as "auto"
+(integrations/accelerate.py `_get_device_map`); the plan's per-GPU totals are that max_memory. A dispatched model is never moved with `.to()`:
 accelerate's hooks own where each weight lives (accelerate big_modeling.py `dispatch_model`).
 Inputs go to the device its first module executes on (`input_device`).
 """

@@ -199,3 +199,37 @@ def test_adhoc_plan_for_405b_on_h200s(capsys):
                  "--json", "--catalog", str(ROOT / "recipes/gpus.yaml")]) == 0
     calibration = json.loads(capsys.readouterr().out)["calibration_plan"]
     assert calibration["gpus"] == 7 and len(calibration["per_gpu_bytes"]) == 7
+
+
+def _fake_cuda(monkeypatch, count: int, total_memory: int):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=total_memory))
+
+
+def test_calibrate_stage_loads_as_planned_on_a_matching_node(tmp_path, monkeypatch):
+    from pipeline.recipe import load_recipe
+    from pipeline.stages.calibrate import choose_placement
+
+    recipe = load_recipe(_recipe(tmp_path, {"gpu": "h100", "count": 8}))
+    _fake_cuda(monkeypatch, 8, 81_559 * 2**20)  # what nvidia-smi reports for an H100 80GB
+    placement, planned = choose_placement(recipe, CATALOG, tmp_path, None, tmp_path / "offload")
+    assert planned["gpus"] == 2 and placement.device_map == planned["device_map"]
+    assert placement.max_memory == {0: 72_332_086_016, 1: 72_332_102_144}
+
+
+def test_calibrate_stage_refuses_a_machine_smaller_than_the_plan(tmp_path, monkeypatch):
+    from pipeline.errors import StageInputError
+    from pipeline.recipe import load_recipe
+    from pipeline.stages.calibrate import choose_placement
+
+    recipe = load_recipe(_recipe(tmp_path, {"gpu": "h100", "count": 8}))
+    _fake_cuda(monkeypatch, 1, 81_559 * 2**20)
+    with pytest.raises(StageInputError, match=r"needs 2 GPU\(s\) of h100 \(72.3 GB each\); this machine has 1"):
+        choose_placement(recipe, CATALOG, tmp_path, None, tmp_path / "offload")
+    with pytest.raises(StageInputError, match="--cpu-memory-budget"):
+        choose_placement(recipe, CATALOG, tmp_path, 10**9, tmp_path / "offload")
