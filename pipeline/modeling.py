@@ -112,6 +112,10 @@ def cpu_placement(checkpoint_dir: Path, cpu_bytes: int, offload_folder: Path) ->
     config = AutoConfig.from_pretrained(checkpoint_dir)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # from_pretrained ties lm_head to embed_tokens (tie_word_embeddings); from_config on the meta
+    # device does not (transformers 5.14), and an untied lm_head would be offloaded on its own with
+    # no weight of its own in the checkpoint to read (accelerate offload.py: KeyError 'lm_head.weight').
+    meta.tie_weights()
     max_memory = {"cpu": int(cpu_bytes)}
     device_map = infer_auto_device_map(meta, max_memory=max_memory, no_split_module_classes=meta._no_split_modules,
                                        dtype=dtype)
