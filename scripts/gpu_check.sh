@@ -16,7 +16,9 @@
 # the 64 MiB a device call carries, so otherwise step 2 runs on tests/tiny_models.py's tiny Llama
 # and says so in the JSON.
 #
-# Results: $OUT/gpu_check.json when OUT is set (the device tool's folder), else gpu-check/.
+# Results: gpu_check.json and gpu_check.log in $OUT when OUT is set (the device tool's folder, which
+# returns at most 8 files: the steps' own outputs stay in a scratch folder), else in gpu-check/.
+# Worst case 140 + 150 + 70 + 70 s of step timeouts = 7.2 min, plus the wheel install.
 # Without CUDA it prints what it would run, "skipped: no CUDA", and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +26,10 @@ PY=${PYTHON:-python3}
 DEST=${OUT:-gpu-check}
 MODEL_DIR=data/models/smollm2-135m-instruct/checkpoint
 STEPS=(
-  "gpu_tests: $PY -m pytest tests/gpu -q (timeout 150 s)"
-  "checks: $PY scripts/gpu_check.py [--model $MODEL_DIR] (timeout 180 s)"
-  "reference_vs_modelopt: $PY bench/reference_vs_modelopt.py (timeout 90 s)"
-  "probe: $PY -m pipeline.cli probe --json (timeout 90 s)"
+  "gpu_tests: $PY -m pytest tests/gpu -q (timeout 140 s)"
+  "checks: $PY scripts/gpu_check.py [--model $MODEL_DIR] (timeout 150 s)"
+  "reference_vs_modelopt: $PY bench/reference_vs_modelopt.py (timeout 70 s)"
+  "probe: $PY -m pipeline.cli probe --json (timeout 70 s)"
 )
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
@@ -40,6 +42,8 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 mkdir -p "$DEST"
+WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
+exec > >(tee "$DEST/gpu_check.log") 2>&1
 export PYTHONPATH=$PWD
 if compgen -G ".whl/*.whl" >/dev/null; then
   # The device README's recipe: no index, no deps (the wheels are the complete missing set).
@@ -53,35 +57,35 @@ run_step() {  # name, timeout seconds, output file, command...
   local name=$1 limit=$2 out=$3; shift 3
   local start=$SECONDS
   echo "== $name: $*"
-  timeout "$limit" "$@" >"$DEST/$out" 2>"$DEST/$name.stderr"
+  timeout "$limit" "$@" >"$WORK/$out" 2>"$WORK/$name.stderr"
   local rc=$?
-  tail -n 20 "$DEST/$out"
-  echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start)), \"output\": \"$out\"}" >"$DEST/$name.step.json"
+  tail -n 20 "$WORK/$out"
+  echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start)), \"output\": \"$out\"}" >"$WORK/$name.step.json"
 }
 
 model_args=()
 [ -d "$MODEL_DIR" ] && model_args=(--model "$MODEL_DIR")
-run_step gpu_tests 150 gpu_tests.txt "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
-run_step checks 180 checks.txt "$PY" scripts/gpu_check.py --out "$DEST/checks.json" "${model_args[@]}"
-run_step reference_vs_modelopt 90 reference_vs_modelopt.json "$PY" bench/reference_vs_modelopt.py
-run_step probe 90 probe.json "$PY" -m pipeline.cli probe --out-dir "$DEST/measured" --json
+run_step gpu_tests 140 gpu_tests.txt "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
+run_step checks 150 checks.txt "$PY" scripts/gpu_check.py --out "$WORK/checks.json" "${model_args[@]}"
+run_step reference_vs_modelopt 70 reference_vs_modelopt.json "$PY" bench/reference_vs_modelopt.py
+run_step probe 70 probe.json "$PY" -m pipeline.cli probe --out-dir "$WORK/measured" --json
 
-"$PY" - "$DEST" <<'EOF'
+"$PY" - "$WORK" "$DEST" <<'EOF'
 import json, sys
 from pathlib import Path
 
-dest = Path(sys.argv[1])
+work, dest = Path(sys.argv[1]), Path(sys.argv[2])
 result = {}
 for name in ("gpu_tests", "checks", "reference_vs_modelopt", "probe"):
-    step = json.loads((dest / f"{name}.step.json").read_text())
-    text = (dest / step["output"]).read_text()
+    step = json.loads((work / f"{name}.step.json").read_text())
+    text = (work / step["output"]).read_text()
     try:
         step["result"] = json.loads(text)
     except json.JSONDecodeError:
         step["result"] = text.strip().splitlines()[-15:]
-    step["stderr_tail"] = (dest / f"{name}.stderr").read_text().strip().splitlines()[-5:]
+    step["stderr_tail"] = (work / f"{name}.stderr").read_text().strip().splitlines()[-5:]
     result[name] = step
-checks = dest / "checks.json"
+checks = work / "checks.json"
 if checks.is_file():
     result["checks"]["result"] = json.loads(checks.read_text())
 (dest / "gpu_check.json").write_text(json.dumps(result, indent=2))
