@@ -9,7 +9,7 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test plan bench clean-outputs oci-registry oci-roundtrip
+.PHONY: setup repro test plan bench clean-outputs oci-registry oci-roundtrip gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -44,3 +44,10 @@ oci-registry:
 # After `make repro`: push what the pipeline published to a loopback OCI registry, pull it back with forge and curl.
 oci-roundtrip: setup oci-registry
 	$(VENV)/bin/python scripts/oci_roundtrip.py
+# The wheels scripts/gpu_check.sh installs on the GPU machine (.whl/, cp312 manylinux x86_64).
+gpu-wheels: setup
+	PYTHON=$(VENV)/bin/python scripts/fetch_gpu_wheels.sh
+
+# On a CUDA machine: the GPU check (tests/gpu, ModelOpt CUDA calibration, FP8 _scaled_mm, probe).
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -132,6 +132,10 @@ def render_plan_table(title: str, plan_json: dict[str, Any]) -> None:
         ("$ per M output tokens (at the ceiling)", _num(plan_json["usd_per_mtok"])),
     ]
     rows += throughput_rows(plan_json)
+    if plan_json.get("calibration_plan"):
+        from pipeline.placement import table_rows
+
+        rows += table_rows(plan_json["calibration_plan"])
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
@@ -148,16 +152,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.model_config:
             raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
         from pipeline.perf import probe_ceilings
+        from pipeline.placement import plan_recipe_calibration
         from pipeline.recipe import load_recipe
         from pipeline.validate import plan_target, validate_recipe
 
         recipe = load_recipe(Path(args.recipe))
         validate_recipe(recipe, catalog)
+        calibration = plan_recipe_calibration(recipe, catalog).to_json()
         for gpu in recipe.spec.targets:
-            plans[recipe.artifact_name(gpu)] = plan_target(recipe, gpu, catalog,
-                                                           probe_ceilings(gpu, recipe.spec.quant.format)).to_json()
+            plans[recipe.artifact_name(gpu)] = {
+                **plan_target(recipe, gpu, catalog, probe_ceilings(gpu, recipe.spec.quant.format)).to_json(),
+                "calibration_plan": calibration}
     else:
-        plans["ad-hoc"] = _adhoc_plan(args, catalog).to_json()
+        plans["ad-hoc"] = {**_adhoc_plan(args, catalog).to_json(), "calibration_plan": _adhoc_calibration(args, catalog)}
     if args.json:
         print(json.dumps(plans if len(plans) > 1 else next(iter(plans.values())), indent=2))
     else:
@@ -185,6 +192,15 @@ def _adhoc_plan(args: argparse.Namespace, catalog):
                            concurrency=args.concurrency, price_per_gpu_hour_usd=args.price)
     return plan(config, FORMATS[args.format], KV_CACHE_DTYPES[args.kv_dtype], catalog[args.gpu], args.gpu, serving, tp=args.tp,
                 ceilings=probe_ceilings(args.gpu, args.format))
+
+
+def _adhoc_calibration(args: argparse.Namespace, catalog) -> dict[str, Any]:
+    from pipeline.placement import Node, plan_calibration
+
+    node = Node(args.gpu, args.calibration_gpus, int(args.cpu_offload_gb * 1e9))
+    return plan_calibration(json.loads(Path(args.model_config).read_text()), args.format, catalog[args.gpu], node,
+                            args.calibration_batch, args.calibration_seq_len, catalog,
+                            where="--calibration-gpus").to_json()
 
 
 def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
@@ -281,6 +297,10 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
     p.add_argument("--seq-len", type=int, help="max sequence length (default input + output)")
     p.add_argument("--concurrency", type=int)
     p.add_argument("--price", type=float, help="USD per GPU-hour, for $/Mtok")
+    p.add_argument("--calibration-gpus", type=int, default=8, help="GPUs (of --gpu) in the calibration node")
+    p.add_argument("--calibration-batch", type=int, default=1, help="calibration batch size")
+    p.add_argument("--calibration-seq-len", type=int, default=512, help="calibration sample length (hf_ptq.py: 512)")
+    p.add_argument("--cpu-offload-gb", type=float, default=0, help="host RAM calibration may offload layers to")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--dvc", action="store_true", help="write plan.yaml (the list dvc.yaml iterates over)")
     p.add_argument("--all", action="store_true", help="with --dvc: include models that need a GPU node / the Hub")

@@ -104,6 +104,16 @@ class QuantSection(Closed):
     )
 
 
+class CalibrationNode(Closed):
+    """The machine calibration runs on: the BF16 model is placed across its GPUs (pipeline/placement.py)."""
+
+    gpu: str = Field(description="GPU kind, a key of recipes/gpus.yaml")
+    count: int = Field(8, ge=1, le=64, description="GPUs in the node; the plan uses the fewest that hold the model")
+    cpu_offload_gb: float = Field(
+        0, ge=0, description="host RAM (decimal GB) layers may be offloaded to when the GPUs cannot hold them; 0: none"
+    )
+
+
 class CalibrationSection(Closed):
     set: str = Field(description="calibration set name (calibration/<name>.yaml)")
     num_samples: int = Field(ge=1, le=100_000)
@@ -111,6 +121,12 @@ class CalibrationSection(Closed):
     seed: int = 0
     chat_template: bool = Field(False, description="wrap samples in the tokenizer's chat template")
     batch_size: int = Field(1, ge=1)
+    # Excluded from model_dump, hence from the recipe and section digests: where calibration runs
+    # does not change what it produces (tests/unit/test_placement_dispatch.py checks identical
+    # tensors), so moving a recipe to another node must not make its calibration data stale.
+    node: CalibrationNode | None = Field(
+        None, exclude=True, description="calibration node; default 8 GPUs of the first target's kind"
+    )
 
 
 class Target(Closed):

@@ -139,4 +139,8 @@ def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Pa
         raise RecipeError(f"{recipe.path}: eval.gates.overrides",
                           f"no metric {', '.join(repr(u) for u in unknown)} in eval suite {suite.name!r}.",
                           f"use the suite's metric keys: {', '.join(suite.directions())}.")
-    return {gpu_key: check_target(recipe, gpu_key, catalog) for gpu_key in recipe.spec.targets}
+    plans = {gpu_key: check_target(recipe, gpu_key, catalog) for gpu_key in recipe.spec.targets}
+    from pipeline.placement import plan_recipe_calibration
+
+    plan_recipe_calibration(recipe, catalog)  # the calibration node holds the BF16 model, or a fix is raised
+    return plans

@@ -175,11 +175,15 @@ def calibrate(
     quant_config: Mapping[str, Any],
     batches: Iterable[Mapping[str, torch.Tensor]],
     progress: bool,
+    input_device: str | torch.device | None = None,
 ) -> CalibrationResult:
     """Insert ModelOpt quantizers into `model` (in place) and calibrate them on `batches`.
 
     Then unifies the scales of Linears that read one input (`unify_fused_shard_scales`), so
     the calibrated model is the one engines run after fusing q/k/v and gate/up.
+
+    `input_device`: where batches go; for a model dispatched over several devices, the device its
+    first module executes on (pipeline.modeling.input_device). Default: the first parameter's.
 
     Runs on whatever device the model is on (the stage puts it on CUDA when one is present);
     each batch (`input_ids`, `attention_mask`) is moved there. Raises CalibrationError when a
@@ -197,7 +201,7 @@ def calibrate(
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = torch.device(input_device) if input_device is not None else _model_device(model)
     # Materialised because ModelOpt may call the loop more than once (e.g. AWQ-style
     # algorithms) and a generator would be empty the second time; token ids are small.
     batch_list = list(batches)
