@@ -43,7 +43,8 @@ def runs(tiny_llama, tmp_path_factory):
     (root / "recipes/tiny-llama/model.yaml").write_text(yaml.safe_dump(
         {"source": {"kind": "local", "path": str(tiny_llama.model_dir)}, "eval": {"suite": "smoke"}}))
     recipe = yaml.safe_load((ROOT / "recipes/llama-3-3-70b-instruct/fp8.yaml").read_text())
-    assert recipe["calibration"] == {"set": "cnn_dailymail", "num_samples": 512, "seq_len": 512, "seed": 0}
+    assert {k: recipe["calibration"][k] for k in ("set", "num_samples", "seq_len", "seed")} == {
+        "set": "cnn_dailymail", "num_samples": 512, "seq_len": 512, "seed": 0}
     recipe["calibration"]["set"] = "generated-en"
     recipe["calibration"]["num_samples"] = SAMPLES
     recipe["eval"]["suite"] = "smoke"
