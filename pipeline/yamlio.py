@@ -206,7 +206,14 @@ def _problem(error: dict[str, Any]) -> tuple[str, str]:
     return f"{error['msg']} (got {excerpt(value)}).", "correct the value."
 
 
-def validation_problems(path: Path, model: type[BaseModel], exc: ValidationError) -> list[RecipeError]:
+def _present_keys(data: Any, loc: tuple) -> set[str]:
+    for part in loc:
+        data = data.get(part) if isinstance(data, dict) else None
+    return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
+def validation_problems(path: Path, model: type[BaseModel], exc: ValidationError,
+                        data: Any = None) -> list[RecipeError]:
     """Every problem pydantic found, unknown keys first (a misspelt key is usually also the cause
     of a "missing" one: `calibraton:` explains a missing `calibration`, so the two become one)."""
     errors = exc.errors()
@@ -216,7 +223,8 @@ def validation_problems(path: Path, model: type[BaseModel], exc: ValidationError
     for error in unknown:
         loc = tuple(error["loc"])
         allowed = _allowed_keys(model, loc) or []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        unused = [k for k in allowed if k not in _present_keys(data, loc[:-1])]
+        close = difflib.get_close_matches(str(loc[-1]), unused, n=1, cutoff=0.6)
         problem = f"unknown key {excerpt(str(loc[-1]))}."
         if close:
             missing = any(e["type"] == "missing" and tuple(e["loc"]) == (*loc[:-1], close[0]) for e in errors)
@@ -238,8 +246,8 @@ def validation_problems(path: Path, model: type[BaseModel], exc: ValidationError
     return problems
 
 
-def validation_to_error(path: Path, model: type[BaseModel], exc: ValidationError) -> ForgeError:
-    problems = validation_problems(path, model, exc)
+def validation_to_error(path: Path, model: type[BaseModel], exc: ValidationError, data: Any = None) -> ForgeError:
+    problems = validation_problems(path, model, exc, data)
     return problems[0] if len(problems) == 1 else RecipeProblems(problems)
 
 
@@ -250,4 +258,4 @@ def load_model_file(path: Path, model: type[ModelT], extra: dict[str, Any] | Non
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_to_error(path, model, exc) from None
+        raise validation_to_error(path, model, exc, data) from None
