@@ -1,6 +1,6 @@
 """`forge new`: add a Hugging Face model to recipes/ from its repo id, its config.json and a pinned
 revision. Writes recipes/<name>/model.yaml, the config.json beside it, and one recipe per format
-holding the targets asked for (each GPU gets the densest format its compute capability runs and
+holding the targets asked for (each GPU gets the format of its newest tensor cores and
 the smallest TP that fits, both computed by the planner). Every file is validated before the
 directory appears (written in a temporary directory, renamed at the end); then the DVC plan is
 regenerated."""
@@ -32,12 +32,14 @@ def model_name(repo_id: str) -> str:
 
 
 def format_for(gpu: GpuSpec) -> str:
-    """The most compressed quantized format this GPU's compute capability runs (registry order
-    breaks ties: nvfp4 before mxfp4)."""
+    """The format of the newest tensor cores this GPU has (FP4 on Blackwell, FP8 on Hopper/Ada);
+    registry order breaks ties, so nvfp4 before mxfp4: its E4M3 scale per 16 values keeps more
+    accuracy than MXFP4's power-of-two scale per 32 (shared/FACTS.md formats table)."""
     usable = [f for f in FORMATS.values() if f.quantized and f.min_compute_capability <= gpu.cc]
     if not usable:
         raise RecipeError("--gpu", f"no quantized format runs on compute capability {gpu.cc}.", "pick another GPU.")
-    return min(usable, key=lambda f: f.bits_per_weight).name
+    newest = max(f.min_compute_capability for f in usable)
+    return next(f.name for f in usable if f.min_compute_capability == newest)
 
 
 def recipe_files(name: str, repo_id: str, revision: str, config: dict[str, Any], gpus: list[str],

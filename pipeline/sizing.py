@@ -46,18 +46,25 @@ def language_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def max_positions(config: dict[str, Any]) -> int | None:
-    """The longest sequence the model's position encoding supports: max_position_embeddings, or
-    factor x original positions for RoPE scaling that extends it (YaRN, linear, dynamic, llama3);
-    None when the config does not say."""
+    """The longest sequence the model's position encoding supports; None when the config does not
+    say. max_position_embeddings, unless RoPE scaling extends it: by factor x
+    original_max_position_embeddings when the config gives the original, and for YaRN and dynamic
+    NTK scaling by factor x max_position_embeddings (transformers 5 modeling_rope_utils.py,
+    `standardize_rope_params`, defaults the original length to max_position_embeddings). Linear and llama3 configs already
+    state the extended length (Gemma-3: 131072 with a linear factor 8; Llama-3.1: 131072)."""
     config = language_config(config)
     positions = config.get("max_position_embeddings")
     if not isinstance(positions, int) or isinstance(positions, bool):
         return None
     scaling = config.get("rope_scaling") or {}
     factor = scaling.get("factor") if isinstance(scaling, dict) else None
-    if isinstance(factor, (int, float)) and factor > 1:
-        original = scaling.get("original_max_position_embeddings") or positions
+    if not (isinstance(factor, (int, float)) and factor > 1):
+        return positions
+    original = scaling.get("original_max_position_embeddings")
+    if isinstance(original, int):
         return max(positions, int(original * factor))
+    if (scaling.get("rope_type") or scaling.get("type")) in ("yarn", "dynamic"):
+        return int(positions * factor)
     return positions
 
 

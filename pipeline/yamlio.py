@@ -167,7 +167,8 @@ def read_json(path: Path, what: str = "JSON file") -> dict[str, Any]:
 
 
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    parts = [str(part) if len(str(part)) <= EXCERPT_CHARS else str(part)[: EXCERPT_CHARS - 1] + "…" for part in loc]
+    return ".".join(parts) or "(top level)"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
