@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ForgeError, RecipeError
 from pipeline import __version__
+from pipeline.errors import ForgeError, RecipeError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, KV_CACHE_NAMES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import TARGET_DEFAULTS

@@ -44,6 +44,9 @@ class VerificationError(RegistryError):
     """A file does not match the digest its manifest records."""
 
 
+MAX_LISTED = 20
+
+
 class RecipeProblems(RecipeError):
     """Several problems found together, reported together (torchtune's ConfigError collects them
     all): fixing one and re-running to meet the next is the loop this avoids. Each line keeps the
@@ -55,7 +58,9 @@ class RecipeProblems(RecipeError):
             flat.extend(problem.problems if isinstance(problem, RecipeProblems) else [problem])
         self.problems = flat
         self.where, self.problem, self.fix = flat[0].where, flat[0].problem, flat[0].fix
-        lines = [f"{len(flat)} problems:"] + [f"  {p}" for p in flat]
+        lines = [f"{len(flat)} problems:"] + [f"  {p}" for p in flat[:MAX_LISTED]]
+        if len(flat) > MAX_LISTED:  # a generated or hostile file must not produce an unbounded message
+            lines.append(f"  ... and {len(flat) - MAX_LISTED} more; fix these first.")
         Exception.__init__(self, "\n".join(lines))
 
 

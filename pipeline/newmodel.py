@@ -45,8 +45,8 @@ def format_for(gpu: GpuSpec) -> str:
 def recipe_files(name: str, repo_id: str, revision: str, config: dict[str, Any], gpus: list[str],
                  catalog: dict[str, GpuSpec], trust_remote_code: bool = False) -> dict[str, str]:
     """File name -> text for the new model directory. Pure: nothing is written here."""
-    from pipeline.sizing import ServingShape, fitting_alternatives
     from pipeline.formats import KV_CACHE_DTYPES
+    from pipeline.sizing import ServingShape, fitting_alternatives
 
     model_yaml = {
         "description": repo_id.split("/")[-1],

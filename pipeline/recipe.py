@@ -71,9 +71,9 @@ class Closed(BaseModel):
 def _plain_name(value: str, what: str, directory: str) -> str:
     import re
 
-    if not re.match(PLAIN_NAME_PATTERN, value):
+    if len(value) > 64 or not re.match(PLAIN_NAME_PATTERN, value):
         raise ValueError(f"{what} names are plain file stems ({directory}/<name>.yaml), got {value[:60]!r}; "
-                         "use letters, digits, '-' and '_' only, no '/' or '..'")
+                         "use up to 64 letters, digits, '-' and '_', no '/' or '..'")
     return value
 
 

@@ -12,8 +12,18 @@ from pipeline.errors import ForgeError, RecipeError, raise_all
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import GpuSpec
 from pipeline.recipe import Recipe, Target
-from pipeline.sizing import (TP_CHOICES, Alternative, ModelShape, Plan, ServingShape, fitting_alternatives,
-                             max_positions, plan, tp_is_valid)
+from pipeline.sizing import (
+    TP_CHOICES,
+    Alternative,
+    ModelShape,
+    Plan,
+    ServingShape,
+    fitting_alternatives,
+    max_positions,
+    plan,
+    tp_is_valid,
+)
+from pipeline.yamlio import excerpt
 
 CALIBRATION_DIR = Path("calibration")
 EVAL_SUITES_DIR = Path("eval/suites")
@@ -63,7 +73,7 @@ SETTING_NAMES = {"format": ("format", "--format"), "kv": ("kv_cache_dtype", "--k
 
 def target_spec(recipe: Recipe, gpu_key: str) -> TargetSpec:
     target = recipe.spec.targets[gpu_key]
-    at = f"{recipe.path}: targets.{gpu_key}"
+    at = f"{recipe.path}: targets.{excerpt(gpu_key)[1:-1]}"
     return TargetSpec(
         model=recipe.model.name, config=recipe.model.architecture(), format=recipe.spec.quant.format,
         kv_cache_dtype=recipe.spec.quant.kv_cache_dtype, gpu=gpu_key, tp=target.tp,
@@ -86,7 +96,7 @@ def spec_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[ForgeEr
     """Every problem with a target that planning cannot get past: unknown GPU, format or KV cache
     the GPU cannot run, a TP the heads do not split into, a sequence past the model's positions."""
     if spec.gpu not in catalog:
-        return [RecipeError(spec.where, f"unknown GPU '{spec.gpu}'.", f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")]
+        return [RecipeError(spec.where, f"unknown GPU {excerpt(spec.gpu)}.", f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")]
     problems: list[ForgeError] = []
     gpu = catalog[spec.gpu]
     fmt = FORMATS[spec.format]

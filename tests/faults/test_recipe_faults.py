@@ -43,7 +43,7 @@ def model_dir(tmp_path: Path) -> Path:
 def _validate_subprocess(path: Path) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=HARD_TIMEOUT_S)
+                          capture_output=True, text=True, cwd=ROOT, timeout=HARD_TIMEOUT_S, check=False)
     return proc, time.monotonic() - start
 
 
@@ -214,3 +214,24 @@ def test_tokenizer_auto_map_is_refused_like_config_auto_map(tmp_path):
     assert ("tokenizer_config.json has auto_map ['AutoTokenizer']: the tokenizer needs its own Python code. "
             "Fix: Review that code, then set trust_remote_code: true in the recipe.") in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_target_key_is_not_echoed(model_dir, capsys):
+    path = model_dir / "fp8.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["targets"]["g" * 100_000] = data["targets"]["h200"]
+    path.write_text(yaml.safe_dump(data, width=10**6))
+    code, err, _ = _validate(capsys, path)
+    assert code == 2 and len(err) < MAX_MESSAGE_CHARS
+    assert "unknown GPU 'gggg" in err and "…" in err
+
+
+def test_many_problems_are_listed_up_to_a_bound(model_dir, capsys):
+    path = model_dir / "fp8.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["quant"].update({f"unknown_{i}": i for i in range(500)})
+    path.write_text(yaml.safe_dump(data))
+    code, err, _ = _validate(capsys, path)
+    lines = err.splitlines()
+    assert code == 2 and lines[0] == "error: 500 problems:"
+    assert len(lines) == 22 and lines[-1] == "  ... and 480 more; fix these first."

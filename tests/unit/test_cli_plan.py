@@ -223,7 +223,7 @@ def test_bf16_and_fp16_name_the_unquantized_kv_cache(capsys):
 def test_broken_pipe_ends_quietly():
     proc = subprocess.run(
         f"{sys.executable} -m pipeline.cli plan recipes/llama-3-3-70b-instruct/fp8.yaml | head -1",
-        shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120,
+        shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )
     assert proc.stdout.count("\n") == 1
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
@@ -268,7 +268,7 @@ def test_list_title_does_not_say_registry_twice(capsys, monkeypatch):
 
     class Summary:  # the fields render_list reads
         name = "smollm2-135m-instruct-fp8-rtx-pro-6000-with-a-long-suffix"
-        latest, versions, stages = "v1.0.0", ["v1.0.0"], {"staging": "v1.0.0"}
+        latest, versions, stages = "v1.0.0", ("v1.0.0",), {"staging": "v1.0.0"}
         format, bits_per_weight, gpu, compute_capability, gate_verdict = "fp8", 8.0, "rtx-pro-6000", "12.0", "pass"
         metrics = {"accuracy.x.recovery": 0.98}
 
