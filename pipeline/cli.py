@@ -131,14 +131,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     if args.dvc:
         return _write_dvc_plan(args, catalog)
-    if args.model and not args.dvc:
+    if args.model:
         raise RecipeError("forge plan --model", "--model selects a model for --dvc.", "add --dvc (and --all for Hub models).")
     if args.recipe and args.model_config:
         raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
-    specs = _recipe_specs(args, catalog) if args.recipe else [_adhoc_spec(args, catalog)]
+    requests = _recipe_requests(args) if args.recipe else [_adhoc_request(args)]
     planned, problems = [], []
-    for title, spec, what_ifs, defaults in specs:
-        target, problem = _plan_one(title, spec, what_ifs, defaults, catalog)
+    for request in requests:
+        target, problem = _plan_one(request, catalog)
         planned.append(target)
         if problem:
             problems.append(problem)
@@ -152,18 +152,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_one(title, spec, what_ifs, defaults, catalog):
-    """Same checks as `forge validate` (validate.spec_problems raise before planning; a plan that
-    does not fit is returned with what would, and its problem)."""
+def _plan_one(request, catalog):
+    """The checks `forge validate` runs (validate.spec_problems raise before planning); a plan
+    that does not fit comes back with what would, and its problem."""
     from pipeline.errors import raise_all
     from pipeline.planview import PlannedTarget
     from pipeline.validate import fit_problem, plan_spec, spec_problems, would_fit
 
+    spec = request.spec
     raise_all(spec_problems(spec, catalog))
     plan = plan_spec(spec, catalog)
     problem = fit_problem(spec, plan, catalog)
     alternatives = tuple(would_fit(spec, catalog)) if problem else ()
-    return PlannedTarget(title, plan, what_ifs, defaults, alternatives), problem
+    return PlannedTarget(request.title, plan, request.what_ifs, request.defaults, alternatives), problem
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,40 +190,44 @@ def _serving(base, given: dict[str, Any]):
     return shape
 
 
-def _recipe_specs(args: argparse.Namespace, catalog):
+def _recipe_requests(args: argparse.Namespace):
     """Each target of the recipe, or, with flags, what-ifs on top of it: `--gpu` picks (or adds)
     one target, the other flags replace that target's settings. Nothing given is dropped."""
     import dataclasses
 
     from pipeline.formats import canonical_kv_dtype
+    from pipeline.planview import PlanRequest
     from pipeline.recipe import load_recipe
     from pipeline.validate import target_spec, validate_recipe
 
     recipe = load_recipe(Path(args.recipe))
     given = _given(args)
     if not given:
-        validate_recipe(recipe, catalog)
-        return [(recipe.artifact_name(gpu), target_spec(recipe, gpu), {}, {}) for gpu in recipe.spec.targets]
+        validate_recipe(recipe, load_catalog(args.catalog))
+        return [PlanRequest(recipe.artifact_name(gpu), target_spec(recipe, gpu)) for gpu in recipe.spec.targets]
     gpus = [given["gpu"]] if "gpu" in given else list(recipe.spec.targets)
     specs = []
     for gpu in gpus:
         base_gpu = gpu if gpu in recipe.spec.targets else next(iter(recipe.spec.targets))
         base = target_spec(recipe, base_gpu)
+        serving = _serving(base.serving, given)
+        if gpu != base_gpu and "price" not in given:  # a price is per GPU model: not carried to another
+            serving = dataclasses.replace(serving, price_per_gpu_hour_usd=None)
         flags = " ".join(f"{WHAT_IF_FLAGS[k]} {v}" for k, v in given.items())
         spec = dataclasses.replace(
             base, gpu=gpu, format=given.get("format", base.format),
             kv_cache_dtype=canonical_kv_dtype(given.get("kv_dtype", base.kv_cache_dtype)),
-            tp=given.get("tp", base.tp), serving=_serving(base.serving, given),
+            tp=given.get("tp", base.tp), serving=serving,
             where=f"{recipe.path} (what-if {flags})", flags=True,
             fields={"kv": "--kv-dtype", "tp": "--tp", "seq": "--seq-len"},
         )
-        title = f"{recipe.artifact_prefix}-{gpu} (what-if)"
-        specs.append((title, spec, given, {}))
+        specs.append(PlanRequest(f"{recipe.artifact_prefix}-{gpu} (what-if)", spec, what_ifs=given))
     return specs
 
 
-def _adhoc_spec(args: argparse.Namespace, catalog):
+def _adhoc_request(args: argparse.Namespace):
     from pipeline.formats import canonical_kv_dtype
+    from pipeline.planview import PlanRequest
     from pipeline.recipe import TARGET_DEFAULTS
     from pipeline.sizing import ServingShape
     from pipeline.validate import TargetSpec
@@ -247,7 +252,7 @@ def _adhoc_spec(args: argparse.Namespace, catalog):
         tp=args.tp or d.tp, serving=_serving(base, given), where=f"forge plan --gpu {args.gpu}",
         fields={"kv": "--kv-dtype", "tp": "--tp", "seq": "--seq-len"}, flags=True,
     )
-    return ("ad-hoc", spec, {}, defaults)
+    return PlanRequest("ad-hoc", spec, defaults=defaults)
 
 
 def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:

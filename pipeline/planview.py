@@ -19,6 +19,16 @@ THROUGHPUT_KEYS = ("decode_tok_s_batch1", "decode_bound_batch1", "decode_tok_s_m
 
 
 @dataclass(frozen=True)
+class PlanRequest:
+    """What to plan and how it was asked for: a recipe target, a what-if on one, or ad-hoc flags."""
+
+    title: str  # the artifact name, "<name> (what-if)", or "ad-hoc"
+    spec: Any  # pipeline.validate.TargetSpec
+    what_ifs: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PlannedTarget:
     title: str  # the artifact name, or "ad-hoc"
     plan: Plan
