@@ -124,6 +124,12 @@ class ModelRecipe(Closed):
     description: str = ""
     source: ModelSource
     architecture: str = Field("config.json", description="HF config.json beside model.yaml, for planning")
+    dtype: Literal["bfloat16"] = Field("bfloat16", description="dtype of the downloaded checkpoint")
+    eval: BaselineEval
+    default_pipeline: bool = Field(
+        False,
+        description="include in the DVC plan that `make repro` runs on any machine (CPU, no Hub access)",
+    )
 
     @field_validator("architecture")
     @classmethod
@@ -131,12 +137,6 @@ class ModelRecipe(Closed):
         if "/" in value or "\\" in value or value.startswith("."):
             raise ValueError(f"architecture is a file name beside model.yaml, got {value[:60]!r}")
         return value
-    dtype: Literal["bfloat16"] = Field("bfloat16", description="dtype of the downloaded checkpoint")
-    eval: BaselineEval
-    default_pipeline: bool = Field(
-        False,
-        description="include in the DVC plan that `make repro` runs on any machine (CPU, no Hub access)",
-    )
 
 
 # ---------------------------------------------------------------------------- <variant>.yaml
@@ -147,15 +147,15 @@ class QuantSection(Closed):
     kv_cache_dtype: KvCacheDtypeName = Field(
         TARGET_DEFAULTS.kv_cache_dtype, description="KV-cache dtype; auto keeps the model dtype (BF16)"
     )
-    @field_validator("kv_cache_dtype", mode="before")
-    @classmethod
-    def _kv_alias(cls, value: Any) -> Any:
-        return canonical_kv_dtype(value) if isinstance(value, str) else value
-
     exclude: list[str] = Field(
         default_factory=list,
         description="module name patterns left unquantized, in addition to ModelOpt's defaults (lm_head, routers)",
     )
+
+    @field_validator("kv_cache_dtype", mode="before")
+    @classmethod
+    def _kv_alias(cls, value: Any) -> Any:  # bf16/fp16 name the unquantized cache (pipeline/formats.py)
+        return canonical_kv_dtype(value) if isinstance(value, str) else value
 
 
 class CalibrationSection(Closed):
