@@ -204,7 +204,8 @@ def _recipe_requests(args: argparse.Namespace):
     given = _given(args)
     if not given:
         validate_recipe(recipe, load_catalog(args.catalog))
-        return [PlanRequest(recipe.artifact_name(gpu), target_spec(recipe, gpu)) for gpu in recipe.spec.targets]
+        return [PlanRequest(recipe.artifact_name(gpu), target_spec(recipe, gpu), defaults=_defaulted(recipe, gpu))
+                for gpu in recipe.spec.targets]
     gpus = [given["gpu"]] if "gpu" in given else list(recipe.spec.targets)
     specs = []
     for gpu in gpus:
@@ -223,6 +224,18 @@ def _recipe_requests(args: argparse.Namespace):
         )
         specs.append(PlanRequest(f"{recipe.artifact_prefix}-{gpu} (what-if)", spec, what_ifs=given))
     return specs
+
+
+def _defaulted(recipe, gpu: str) -> dict[str, Any]:
+    """The target settings this recipe leaves to TARGET_DEFAULTS, so `forge plan` can print them."""
+    target, quant = recipe.spec.targets[gpu], recipe.spec.quant
+    names = ("max_input_len", "max_output_len", "max_seq_len", "tp", "max_num_tokens", "kv_cache_free_gpu_memory_fraction")
+    out = {name: getattr(target, name) for name in names if name not in target.model_fields_set}
+    if "max_seq_len" in out:
+        out["max_seq_len"] = "max_input_len + max_output_len"
+    if "kv_cache_dtype" not in quant.model_fields_set:
+        out["kv_cache_dtype"] = quant.kv_cache_dtype
+    return out
 
 
 def _adhoc_request(args: argparse.Namespace):

@@ -184,6 +184,10 @@ def test_one_set_of_defaults_for_recipes_and_adhoc(tmp_path, capsys, monkeypatch
     assert {k: v for k, v in from_recipe["inputs"].items()} == adhoc["inputs"]
     assert adhoc["inputs"]["kv_cache_dtype"] == TARGET_DEFAULTS.kv_cache_dtype == "fp8"
     assert adhoc["defaults"]["--kv-dtype"] == "fp8"
+    assert from_recipe["defaults"] == {"max_input_len": 1024, "max_output_len": 1024,
+                                       "max_seq_len": "max_input_len + max_output_len", "tp": 1,
+                                       "max_num_tokens": 8192, "kv_cache_free_gpu_memory_fraction": 0.9,
+                                       "kv_cache_dtype": "fp8"}
     monkeypatch.setenv("COLUMNS", "200")
     _run(capsys, *_adhoc("--format", "fp8", "--gpu", "h200"))
     code, out, _ = _run(capsys, *_adhoc("--format", "fp8", "--gpu", "h200"))
