@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import ForgeError, RecipeError
-from pipeline.formats import FORMATS, KV_CACHE_DTYPES, KV_CACHE_NAMES
+from pipeline.formats import FORMATS, KV_CACHE_ALIASES, KV_CACHE_DTYPES, KV_CACHE_NAMES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import TARGET_DEFAULTS
 
@@ -301,10 +301,11 @@ def cmd_formats(args: argparse.Namespace) -> int:
         formats.add_row(f.name, f.element_type, str(f.block_size or "-"), f.scale_type or "-", f"{f.bits_per_weight:g}",
                         str(f.min_compute_capability), f.modelopt_config or "-", gpus)
     kv = Table(title="KV-cache dtypes")
-    for column in ("name", "bytes/element", "min CC", "ModelOpt preset"):
+    for column in ("name", "also accepted as", "bytes/element", "min CC", "ModelOpt preset"):
         kv.add_column(column)
     for k in KV_CACHE_DTYPES.values():
-        kv.add_row(k.name, f"{k.bytes_per_element:g}", str(k.min_compute_capability), k.modelopt_config or "-")
+        aliases = ", ".join(a for a, name in KV_CACHE_ALIASES.items() if name == k.name) or "-"
+        kv.add_row(k.name, aliases, f"{k.bytes_per_element:g}", str(k.min_compute_capability), k.modelopt_config or "-")
     gpus = Table(title=f"GPUs ({args.catalog})")
     for column in ("key", "name", "CC", "memory", "bandwidth", "dense TFLOP/s", "TDP"):
         gpus.add_column(column)

@@ -300,3 +300,22 @@ def test_dvc_plan_for_one_model(tmp_path, capsys, monkeypatch):
     assert "dvc repro publish@llama-3-1-8b-instruct-fp8-h200" in out
     code, _, err = _run(capsys, "plan", "--dvc", "--all", "--model", "llama-9")
     assert code == 2 and "--model: no recipes for 'llama-9' under recipes. Fix: use one of llama-3-1-8b-instruct" in err
+
+
+# ---------------------------------------------------------------------------- item 15
+
+
+def test_plan_reads_a_nested_text_config(tmp_path, capsys):
+    # Gemma-3's layout (google/gemma-3-4b-it config.json): the language model under text_config.
+    gemma3 = {"model_type": "gemma3", "vision_config": {"hidden_size": 1152},
+              "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+                              "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                              "vocab_size": 262208, "max_position_embeddings": 131072}}
+    config = tmp_path / "gemma-3-4b-it" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(gemma3))
+    code, out, err = _run(capsys, *_adhoc("--format", "fp8", "--gpu", "h200", "--json", config=str(config)))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["inputs"]["shape"]["hidden"] == 2560 and result["inputs"]["shape"]["layers"] == 34
+    assert result["fits"] is True
