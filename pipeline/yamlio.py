@@ -97,7 +97,8 @@ def _check_graph(root: yaml.Node) -> None:
                                        f"(first at line {seen[name]}); YAML would silently keep only the last.",
                                        f"merge the two '{where}' blocks into one.")
                     seen[name] = key_node.start_mark.line + 1
-                child = f"{field}.{name}" if field and name is not None else (name or field)
+                short = name if name is None or len(name) <= EXCERPT_CHARS else name[: EXCERPT_CHARS - 1] + "…"
+                child = f"{field}.{short}" if field and short is not None else (short or field)
                 total += size(key_node, field, depth + 1) + size(value_node, str(child), depth + 1)
         elif isinstance(node, yaml.SequenceNode):
             total += sum(size(item, field, depth + 1) for item in node.value)
