@@ -156,6 +156,17 @@ KV_CACHE_DTYPES: dict[str, KvCacheDtype] = {
 }
 
 
+# Other names users give the unquantized (16-bit) KV cache. "auto" keeps the checkpoint's dtype
+# (TensorRT-LLM KvCacheConfig.dtype), which is BF16 for every checkpoint forge writes; FP16 takes
+# the same 2 bytes per element, so both plan identically.
+KV_CACHE_ALIASES: dict[str, str] = {"bf16": "auto", "fp16": "auto"}
+KV_CACHE_NAMES: tuple[str, ...] = (*KV_CACHE_DTYPES, *KV_CACHE_ALIASES)
+
+
+def canonical_kv_dtype(name: str) -> str:
+    return KV_CACHE_ALIASES.get(name, name)
+
+
 def get_format(name: str) -> Format:
     return FORMATS[name]
 

@@ -36,6 +36,40 @@ EMBEDDING_BYTES_PER_PARAM = 2  # embeddings, lm_head, norms and routers stay BF1
 TP_CHOICES = (1, 2, 4, 8)
 
 
+def language_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a HF config. Multimodal configs (Gemma-3, Llama-4, Mistral-3,
+    Qwen2.5-VL's newer layout) nest it under `text_config` (transformers Gemma3Config); top-level
+    keys fill what the nested one leaves out. The vision tower is not counted: it is a few hundred
+    million BF16 parameters (Gemma-3's SigLIP: ~0.4 B) beside multi-billion language models."""
+    nested = config.get("text_config")
+    if isinstance(nested, dict) and config.get("hidden_size") is None:
+        return {**{k: v for k, v in config.items() if k != "text_config"}, **nested}
+    return config
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model's position encoding supports; None when the config does not
+    say. max_position_embeddings, unless RoPE scaling extends it: by factor x
+    original_max_position_embeddings when the config gives the original, and for YaRN and dynamic
+    NTK scaling by factor x max_position_embeddings (transformers 5 modeling_rope_utils.py,
+    `standardize_rope_params`, defaults the original length to max_position_embeddings). Linear and llama3 configs already
+    state the extended length (Gemma-3: 131072 with a linear factor 8; Llama-3.1: 131072)."""
+    config = language_config(config)
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    scaling = config.get("rope_scaling") or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if not (isinstance(factor, (int, float)) and factor > 1):
+        return positions
+    original = scaling.get("original_max_position_embeddings")
+    if isinstance(original, int):
+        return max(positions, int(original * factor))
+    if (scaling.get("rope_type") or scaling.get("type")) in ("yarn", "dynamic"):
+        return int(positions * factor)
+    return positions
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
@@ -53,6 +87,8 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], where: str = "config.json") -> ModelShape:
+        config = language_config(config)
+
         def need(*keys: str) -> int:
             for key in keys:
                 if config.get(key) is not None:
@@ -256,6 +292,43 @@ def smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving) -> int | None:
         if tp_is_valid(shape, tp) and _memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp)[-1] is None:
             return tp
     return None
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One (format, GPU, TP) under which the same model and serving shape fits: computed by the
+    planner, never guessed."""
+
+    format: str
+    gpu: str
+    tp: int
+    max_batch: int
+
+    def __str__(self) -> str:
+        return f"{self.format} on {self.gpu} x{self.tp} (max batch {self.max_batch})"
+
+
+def fitting_alternatives(
+    config: dict[str, Any],
+    formats: list[Format],
+    kv: KvCacheDtype,
+    catalog: dict[str, GpuSpec],
+    serving: ServingShape,
+) -> list[Alternative]:
+    """For each (format, GPU) the format and KV cache can run on, the smallest TP that fits,
+    ordered by GPUs used, then by the most sequences served."""
+    shape = ModelShape.from_hf_config(config)
+    counts = count_params(shape)
+    found = []
+    for fmt in formats:
+        for key, gpu in catalog.items():
+            if not (fmt.min_compute_capability <= gpu.cc and kv.min_compute_capability <= gpu.cc):
+                continue
+            tp = smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving)
+            if tp is not None:
+                max_batch = _memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp)[-2]
+                found.append(Alternative(fmt.name, key, tp, max_batch))
+    return sorted(found, key=lambda a: (a.tp, -a.max_batch))
 
 
 def roofline(

@@ -612,6 +612,28 @@ def _check_model_dir(where: str, directory: Path, trust_remote_code: bool) -> No
             f"config.json has auto_map {sorted(config['auto_map'])}: the model needs its own Python code.",
             "Review that code, then set trust_remote_code: true in the recipe.",
         )
+    _check_tokenizer_config(where, directory / "tokenizer_config.json", trust_remote_code)
+
+
+def _check_tokenizer_config(where: str, path: Path, trust_remote_code: bool) -> None:
+    """A tokenizer can need remote code too: transformers' AutoTokenizer reads `auto_map` from
+    tokenizer_config.json (tokenization_auto.py, `tokenizer_auto_map`) and, without
+    trust_remote_code, fails deep inside from_pretrained. Refuse it here, as for config.json."""
+    if not path.is_file():
+        return
+    try:
+        tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise SourceError(where, f"tokenizer_config.json is not valid JSON ({str(exc)[:80]}).",
+                          "Re-download or repair the file.") from None
+    auto_map = tokenizer_config.get("auto_map") if isinstance(tokenizer_config, dict) else None
+    if auto_map and not trust_remote_code:
+        names = sorted(auto_map) if isinstance(auto_map, dict) else [str(auto_map)[:60]]
+        raise SourceError(
+            where,
+            f"tokenizer_config.json has auto_map {names}: the tokenizer needs its own Python code.",
+            "Review that code, then set trust_remote_code: true in the recipe.",
+        )
 
 
 def copy_local(path: Path, out_dir: Path, trust_remote_code: bool = False) -> LocalCopy:

@@ -645,16 +645,14 @@ def key_metrics(summary: ArtifactSummary) -> dict[str, float | None]:
 
 
 def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     if not summaries:
         print(f"no artifacts in registry {url}")
         return
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=200)  # rich assumes 80 columns off a terminal, which truncates every name
-    table = Table(title=f"registry {url}", header_style="bold")
+    from pipeline.tables import print_table  # widens the console so no name is ever cut
+
+    table = Table(title=f"artifacts in {url}", header_style="bold")
     for column in ("name", "versions", "stages", "format", "bits/w", "gpu", "cc", "gate", "min recovery",
                    "decode tok/s (predicted)"):
         table.add_column(column, justify="right" if column in ("bits/w", "min recovery", "decode tok/s (predicted)")
@@ -666,7 +664,7 @@ def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
         table.add_row(s.name, versions, stages, s.format, f"{s.bits_per_weight:g}", s.gpu, s.compute_capability,
                       s.gate_verdict, _fmt(metrics["min_recovery"], ".3f"),
                       _fmt(metrics["predicted_decode_tok_s"], ",.0f"))
-    console.print(table)
+    print_table(table)
 
 
 # ---------------------------------------------------------------------------- helpers

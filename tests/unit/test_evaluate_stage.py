@@ -89,8 +89,10 @@ def world(tiny_llama, tmp_path_factory):
 
     baseline = root / "eval-out" / "tiny-llama-baseline"
     assert evaluate.baseline_main(models / "tiny-llama" / "model.yaml", model_dir, baseline, eval_dir) == 0
-    # FP8 with an impossible threshold on one metric: the gate must fail, and strict makes it exit 1.
-    fp8 = write_recipe(models, "fp8", strict=True, overrides={"forge_prose/byte_perplexity,none": 100.0})
+    # FP8 asked to lose nothing at all on one metric (the strictest threshold a recovery ratio in
+    # (0, 1] allows): FP8 noise on this seeded tiny model does lose a little, so the gate fails and
+    # strict makes it exit 1.
+    fp8 = write_recipe(models, "fp8", strict=True, overrides={"forge_prose/byte_perplexity,none": 1.0})
     nvfp4 = write_recipe(models, "nvfp4", fmt="nvfp4", gpu="b200")
     quantized = {r: calibrate_into(root / "quantized" / r, p, model_dir) for r, p in (("fp8", fp8), ("nvfp4", nvfp4))}
     return {"root": root, "models": models, "model_dir": model_dir, "eval_dir": eval_dir, "baseline": baseline,
@@ -153,7 +155,7 @@ def test_failed_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, 
     gate = json.loads((out / "gate_report.json").read_text())
     assert gate["verdict"] == "fail"
     row = {r["metric"]: r for r in gate["rows"]}["forge_prose/byte_perplexity,none"]
-    assert row["threshold"] == 100.0 and row["verdict"] == "fail"
+    assert row["threshold"] == 1.0 and row["verdict"] == "fail" and row["recovery"] < 1.0
     baseline = json.loads((world["baseline"] / "metrics.json").read_text())["metrics"]
     quantized = json.loads((out / "metrics.json").read_text())["metrics"]
     assert row["recovery"] == pytest.approx(baseline[row["metric"]] / quantized[row["metric"]])

@@ -134,3 +134,56 @@ def test_missing_config_key_is_a_clear_error():
 
     with pytest.raises(RecipeError, match="missing 'hidden_size'"):
         ModelShape.from_hf_config({"num_attention_heads": 8})
+
+
+# ---------------------------------------------------------------------------- issue 12, item 15
+
+# Gemma-3-4B-it's config.json (google/gemma-3-4b-it): the language model's shape is nested under
+# text_config, the vision tower under vision_config.
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208,
+                    "max_position_embeddings": 131072, "model_type": "gemma3_text",
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27, "model_type": "siglip_vision_model"},
+    "tie_word_embeddings": True,
+}
+
+
+def test_nested_text_config_is_read():
+    from pipeline.sizing import max_positions
+
+    shape = ModelShape.from_hf_config(GEMMA3_4B)
+    assert (shape.hidden, shape.intermediate, shape.layers) == (2560, 10240, 34)
+    assert (shape.heads, shape.kv_heads, shape.head_dim, shape.vocab) == (8, 4, 256, 262208)
+    assert shape.tie_embeddings  # from the top level, which text_config leaves out
+    counts = count_params(shape)
+    # per layer: q,o 2*2560*8*256 + k,v 2*2560*4*256 + MLP 3*2560*10240 = 93,388,800
+    assert counts.linear == 34 * (2 * 2560 * 2048 + 2 * 2560 * 1024 + 3 * 2560 * 10240)
+    assert 3.8e9 < counts.total < 3.9e9  # Gemma-3-4B's language model: ~3.9 B (the card's 4.3 B adds SigLIP)
+    # Gemma-3's 131072 positions already include its linear RoPE factor 8.
+    assert max_positions(GEMMA3_4B) == 131072
+
+
+def test_max_positions_uses_rope_scaling():
+    from pipeline.sizing import max_positions
+
+    assert max_positions({"max_position_embeddings": 32768}) == 32768
+    yarn = {"max_position_embeddings": 32768,
+            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    assert max_positions(yarn) == 131072  # Qwen2.5 with YaRN x4
+    assert max_positions({"max_position_embeddings": 32768, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}) == 131072
+    assert max_positions(LLAMA_8B) == 131072  # llama3 rope: 8192 x 8 = 65536 < the config's 131072
+    assert max_positions({"hidden_size": 1}) is None
+
+
+def test_fitting_alternatives_are_smallest_tp_per_gpu():
+    from pipeline.sizing import fitting_alternatives
+
+    found = fitting_alternatives(LLAMA_405B, [FORMATS["fp8"]], KV_CACHE_DTYPES["fp8"], CATALOG, SERVING)
+    by_gpu = {a.gpu: a for a in found}
+    assert by_gpu["h200"].tp == 4  # test_llama_405b_fp8_needs_tp4_on_h200
+    assert "l40s" not in by_gpu  # 8 x 48 GB < 406 GB of FP8 weights
+    for a in found:
+        assert _plan(LLAMA_405B, "fp8", "fp8", a.gpu, tp=a.tp).fits
