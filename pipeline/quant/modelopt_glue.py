@@ -15,7 +15,9 @@ converts that model's weights in place, so export comes last):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import resource
@@ -23,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +217,8 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    mtq.quantize(model, dict(quant_config), forward_loop)
+    with _stdout_to_debug_log("modelopt: "):
+        mtq.quantize(model, dict(quant_config), forward_loop)
     seconds = time.perf_counter() - start
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     summary = check_calibrated(model)
@@ -232,6 +235,21 @@ def calibrate(
         peak_cuda_bytes=peak_cuda,
         quantizer_summary=summary,
     )
+
+
+@contextlib.contextmanager
+def _stdout_to_debug_log(prefix: str) -> Iterator[None]:
+    """ModelOpt prints to stdout (`print` in modelopt/torch/quantization/conversion.py and
+    model_quant.py, 0.47), including the whole quantization config on one 1,800-character line:
+    keep it at DEBUG (`forge -v`), out of the stage's log."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.debug("%s%s", prefix, line)
 
 
 def check_calibrated(model: nn.Module) -> QuantizerSummary:
@@ -469,7 +487,8 @@ def export_unified(model: nn.Module, out_dir: Path | str, dtype: torch.dtype = t
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     start = time.perf_counter()
     try:
-        export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
+        with _stdout_to_debug_log("modelopt export: "):
+            export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

@@ -86,7 +86,8 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
         return {"kind": spec.kind, "repo_id": spec.repo_id, "revision": spec.revision, "files": list(snap.files)}
     if isinstance(spec, LocalSource):
         copy = sources.copy_local(model.directory / spec.path, checkpoint_dir)
-        return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied}
+        return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied,
+                "dropped": list(copy.dropped)}
     raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe.py.")
 
 
