@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SourceError
+from pipeline.heartbeat import Progress, heartbeat
 from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
 from pipeline.recipe import MODEL_FILE, HfSource, LocalGgufSource, LocalSource, Model, PypiGgufSource, load_model
 
@@ -41,7 +42,8 @@ def main(model_yaml: Path, out_dir: Path) -> int:
     model = load_model(Path(model_yaml).parent)
     timer = Timer()
     with staged_output(out_dir) as tmp:
-        with timer("fetch"):
+        with timer("fetch"), heartbeat(Progress(f"download {model.name}")) as progress:
+            progress.phase(f"fetching and converting the {model.spec.source.kind} source")
             source = fetch(model, tmp / "checkpoint")
         check_architecture(model, tmp / "checkpoint")
         with timer("smoke_generation"):
