@@ -108,7 +108,10 @@ def build_quant_config(modelopt_preset: str, kv_cache: str, exclude: list[str]) 
         # exclusions is deliberate: TensorRT-LLM allocates one KV pool with one dtype
         # (KvCacheConfig.dtype), so a layer excluded from weight quantization keeps a
         # quantized KV cache and still needs its k/v scales.
-        config = update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(getattr(mtq, kv_preset)["quant_cfg"]))
+        # It prints the whole merged config on one line (print_rank_0 in
+        # modelopt/torch/quantization/utils/core_utils.py, 0.47): DEBUG only.
+        with _stdout_to_debug_log("modelopt: "):
+            config = update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(getattr(mtq, kv_preset)["quant_cfg"]))
     return config
 
 
