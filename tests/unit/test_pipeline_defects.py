@@ -194,6 +194,16 @@ def test_modelopt_prints_go_to_the_debug_log(caplog):
     assert [(r.levelno, r.getMessage()[:22]) for r in caplog.records] == [(logging.DEBUG, "modelopt: {'quant_cfg'")]
 
 
+def test_the_merged_quant_config_is_not_printed(capsys, caplog):
+    """ModelOpt's update_quant_cfg_with_kv_cache_quant prints ~1,800 characters; forge keeps it at DEBUG."""
+    from pipeline.quant.modelopt_glue import build_quant_config
+
+    with caplog.at_level(logging.DEBUG, logger="pipeline.quant.modelopt_glue"):
+        build_quant_config("FP8_DEFAULT_CFG", "fp8", [])
+    assert capsys.readouterr().out == ""
+    assert any(r.getMessage().startswith("modelopt: Updated quant_cfg with KV cache quantization") for r in caplog.records)
+
+
 def test_deprecation_warnings_are_quiet_unless_verbose():
     from pipeline.cli import configure_logging
 
