@@ -211,6 +211,8 @@ def test_readme_without_markers_is_named(tmp_path):
 
 
 def test_the_readme_has_one_results_block():
+    """Its content is checked against a real run by scripts/check_repro.py (unit tests have no run)."""
     from pipeline.readme_results import block
 
-    assert block((ROOT / "README.md").read_text()).startswith("| model | format -> GPU |")
+    table = block((ROOT / "README.md").read_text()).splitlines()
+    assert len(table) >= 3 and all(line.startswith("| ") and line.endswith(" |") for line in table)
