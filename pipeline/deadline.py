@@ -22,6 +22,7 @@ import contextlib
 import http.client
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -121,6 +122,7 @@ def open_within(url: str, headers: dict[str, str], total_s: float, endpoint: str
     `total_s`; raises DeadlineExceeded naming `endpoint` (default: the URL) when it does not.
     HTTP errors (urllib.error.HTTPError) and connection errors pass through unchanged."""
     endpoint = endpoint or url
+    start = time.monotonic()
     with _Watchdog(total_s) as watch:
         opener = urllib.request.build_opener(_HTTPHandler(watch), _HTTPSHandler(watch))
         try:
@@ -128,11 +130,16 @@ def open_within(url: str, headers: dict[str, str], total_s: float, endpoint: str
                              timeout=min(read_timeout_s, total_s)) as response:
                 yield response
         except BaseException as exc:
-            if watch.expired:
+            # A per-read timeout that ends at the deadline is the deadline too: one message either way.
+            if watch.expired or (_is_timeout(exc) and time.monotonic() - start >= 0.99 * total_s):
                 raise DeadlineExceeded(endpoint, total_s) from exc
             raise
         if watch.expired:  # the body may have ended early at the shutdown: never hand it on
             raise DeadlineExceeded(endpoint, total_s)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
 
 
 def call_within(fn: Callable[[], T], total_s: float, endpoint: str) -> T:

@@ -215,4 +215,4 @@ def test_the_readme_has_one_results_block():
     from pipeline.readme_results import block
 
     table = block((ROOT / "README.md").read_text()).splitlines()
-    assert len(table) >= 3 and all(line.startswith("| ") and line.endswith(" |") for line in table)
+    assert len(table) >= 3 and all(line.startswith("|") and line.endswith("|") for line in table)
