@@ -9,7 +9,7 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test plan bench clean-outputs oci-registry oci-roundtrip gpu-wheels gpu-check
+.PHONY: setup repro test plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -20,8 +20,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -c "import torch, modelopt, lm_eval, dvc, pipeline" 
 	touch $(STAMP)
 
+# A recipe added or removed since plan.yaml was generated would be silently left out of (or
+# still run by) `dvc repro`: refuse to start with a stale plan (`make plan` regenerates it).
 repro: setup
+	forge plan --dvc --check
 	dvc repro
+
+# Copy the results table of the last `dvc repro` (reports/readme_results.md) into README.md's
+# results block; scripts/check_repro.py fails when the two differ.
+readme: setup
+	$(VENV)/bin/python scripts/readme_results.py --write
 
 test: setup oci-registry
 	$(VENV)/bin/python -m pytest -q

@@ -52,7 +52,7 @@ def fit(rows, catalog) -> tuple[Efficiency, float]:
 
 
 def main() -> int:
-    catalog = load_catalog(ROOT / "recipes/gpus.yaml")
+    catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
     rows = load_rows(CALIBRATION_ROWS)
     eff, value = fit(rows, catalog)
     stats = summary([e for _, _, e in errors(rows, catalog, eff)])

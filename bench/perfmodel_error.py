@@ -28,7 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = load_rows(CALIBRATION_ROWS if args.rows == "calibration" else HELDOUT_ROWS)
     start = time.perf_counter()
-    result = errors(rows, load_catalog(ROOT / "recipes/gpus.yaml"), Efficiency.load())
+    result = errors(rows, load_catalog(ROOT / "pipeline/data/gpus.yaml"), Efficiency.load())
     seconds = (time.perf_counter() - start) / len(rows)
     print(f"{'model':15s}{'gpu':11s}{'prec':5s}{'tp':>3s}{'ISL/OSL':>12s}{'published':>11s}{'predicted':>11s}{'error':>8s}"
           f"{'batch':>7s}{'tokens':>7s}  bound prefill/decode")

@@ -65,6 +65,13 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # Libraries' deprecation notices (torch, transformers, ModelOpt, lm-eval) speak to their
+        # callers' authors, not to someone running a stage; `forge -v` shows them.
+        import warnings
+
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 # ---------------------------------------------------------------------------- validate / show / plan

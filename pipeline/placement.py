@@ -287,7 +287,7 @@ def recipe_node(recipe: Any, catalog: dict[str, GpuSpec]) -> Node:
     gpu = spec.gpu if spec else next(iter(recipe.spec.targets))
     if gpu not in catalog:
         raise RecipeError(f"{recipe.path}: calibration.node.gpu", f"unknown GPU '{gpu}'.",
-                          f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")
+                          f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")
     return Node(gpu=gpu, count=spec.count if spec else 8,
                 cpu_offload_bytes=int((spec.cpu_offload_gb if spec else 0) * 1e9))
 

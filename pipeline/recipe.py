@@ -161,7 +161,7 @@ class QuantSection(Closed):
 class CalibrationNode(Closed):
     """The machine calibration runs on: the BF16 model is placed across its GPUs (pipeline/placement.py)."""
 
-    gpu: str = Field(description="GPU kind, a key of recipes/gpus.yaml")
+    gpu: str = Field(description="GPU kind, a key of pipeline/data/gpus.yaml")
     count: int = Field(8, ge=1, le=64, description="GPUs in the node; the plan uses the fewest that hold the model")
     cpu_offload_gb: float = Field(
         0, ge=0, description="host RAM (decimal GB) layers may be offloaded to when the GPUs cannot hold them; 0: none"

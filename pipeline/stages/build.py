@@ -26,6 +26,7 @@ from pipeline.engines import compatibility_table
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.kpis import write_kpis
 from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
@@ -36,7 +37,6 @@ from pipeline.manifest import (
     verify_files,
     write_json,
     write_manifest,
-    write_metrics,
 )
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Plan
@@ -148,7 +148,7 @@ def main(
             recipe=recipe.provenance("quant", f"targets.{gpu}", "build"),
         )
         write_manifest(stage, manifest)
-    write_metrics(Path(metrics_path), metrics(plan, linked, result))
+    write_kpis(Path(metrics_path), "build", metrics(plan, linked, result))
     log.info("bundle %s: %s, load_tested=%s", recipe.artifact_name(gpu), out_dir, result.tested)
     return Path(out_dir)
 
@@ -328,7 +328,7 @@ def bundle_details(recipe: Recipe, gpu: str, plan: Plan, options: dict[str, Any]
 
 
 def metrics(plan: Plan, linked: LinkedTree, result: LoadTestResult) -> dict[str, Any]:
-    """Flat numbers for `dvc metrics show`. `predicted_*` come from the planner's arithmetic and
+    """The numbers the build KPIs are chosen from (pipeline/kpis.py). `predicted_*` come from the planner's arithmetic and
     roofline; `checkpoint_bytes` is measured on disk; `runtime_*` only exists after a load test."""
     return {
         "predicted_weights_bytes": plan.weights_bytes,

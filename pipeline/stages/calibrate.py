@@ -2,8 +2,9 @@
 
 Out (`--out`): `checkpoint/` (ModelOpt's unified HF checkpoint, verified after export),
 `quant_state.pt` (ModelOpt state + calibrated quantizer buffers, to rebuild the fake-quant model
-for evaluation), `recipe.resolved.yaml`, `manifest.json`. Metrics (`--metrics`): perplexity of the
-BF16 baseline and of the quantized model on the same held-out tokens, time and peak memory.
+for evaluation), `recipe.resolved.yaml`, `manifest.json` whose `details.results` hold perplexity of
+the BF16 baseline and of the quantized model on the same held-out tokens, time and peak memory.
+Metrics (`--metrics`): the calibrate KPIs of pipeline/kpis.py.
 
 Order matters: ModelOpt's export converts the in-memory weights to the packed format, after which
 the model cannot run a forward pass (FACTS.md), so perplexity and the state are taken first.
@@ -27,6 +28,8 @@ import yaml
 
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.heartbeat import Progress, heartbeat
+from pipeline.kpis import write_kpis
 from pipeline.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
@@ -36,7 +39,6 @@ from pipeline.manifest import (
     staged_output,
     verify_files,
     write_manifest,
-    write_metrics,
 )
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.validate import validate_recipe
@@ -95,59 +97,69 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
 
     rows = recipe.spec.calibration.num_samples
     calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
-    with timer("baseline_perplexity"):
-        baseline_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
+    progress = Progress(f"calibrate {recipe.id}")
+    # One forward call = one calibration batch or one held-out row (perplexity runs batch_size=1).
+    hook = loaded.model.register_forward_hook(lambda *_: progress.advance())
+    with heartbeat(progress):
+        progress.phase("baseline perplexity", total=int(heldout_ids.shape[0]), unit="rows")
+        with timer("baseline_perplexity"):
+            baseline_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
 
-    quant = recipe.spec.quant
-    fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
-    config = glue.build_quant_config(fmt.modelopt_config, quant.kv_cache_dtype, list(quant.exclude))
-    batch = recipe.spec.calibration.batch_size
-    batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
-               for i in range(0, rows, batch)]
-    with timer("calibrate"):
-        result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
-                                input_device=loaded.device)
-    with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
-        quantized_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
+        quant = recipe.spec.quant
+        fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
+        config = glue.build_quant_config(fmt.modelopt_config, quant.kv_cache_dtype, list(quant.exclude))
+        batch = recipe.spec.calibration.batch_size
+        batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
+                   for i in range(0, rows, batch)]
+        progress.phase("calibration", total=len(batches), unit="batches")
+        with timer("calibrate"):
+            result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
+                                    input_device=loaded.device)
+        progress.phase("quantized perplexity", total=int(heldout_ids.shape[0]), unit="rows")
+        with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
+            quantized_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
+        hook.remove()  # before export: only the forward passes above are counted
+        progress.phase("export")
 
-    with staged_output(out_dir) as tmp:
-        glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
-        with timer("export"):
-            glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
-        loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
-        export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name)
-        (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        details = {
-            "format": fmt.name, "kv_cache_dtype": kv.name, "quant_algo": fmt.quant_algo,
-            "kv_cache_quant_algo": kv.kv_cache_quant_algo, "modelopt_config": fmt.modelopt_config,
-            "exclude": list(quant.exclude), "device": loaded.device, "dtype": loaded.dtype,
-            "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
-            "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
-            "export": export,
-            "placement": {"device_map": loaded.device_map, "planned": planned,
-                          "peak_bytes_per_device": peak_bytes_per_device()},
-        }
-        write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, timer.seconds, details,
-                                           recipe=recipe.provenance("model", "quant", "calibration")))
+        with staged_output(out_dir) as tmp:
+            glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
+            with timer("export"):
+                glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
+            loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
+            export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name)
+            (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+            results = {
+                "perplexity_baseline": baseline_ppl,
+                "perplexity_quantized": quantized_ppl,
+                "perplexity_delta_pct": 100 * (quantized_ppl / baseline_ppl - 1),
+                "heldout_tokens": int(heldout_ids.numel()),
+                "calibration_tokens": int(calibration_ids.numel()),
+                "calibrate_seconds": timer.seconds["calibrate"],
+                "stage_seconds": sum(timer.seconds.values()),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_cuda_bytes": result.peak_cuda_bytes,
+                "checkpoint_bytes": export["total_bytes"],
+                # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
+                # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
+                "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
+            }
+            details = {
+                "results": results,
+                "format": fmt.name, "kv_cache_dtype": kv.name, "quant_algo": fmt.quant_algo,
+                "kv_cache_quant_algo": kv.kv_cache_quant_algo, "modelopt_config": fmt.modelopt_config,
+                "exclude": list(quant.exclude), "device": loaded.device, "dtype": loaded.dtype,
+                "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
+                "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
+                "export": export,
+                "placement": {"device_map": loaded.device_map, "planned": planned,
+                              "peak_bytes_per_device": peak_bytes_per_device()},
+            }
+            write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, timer.seconds, details,
+                                               recipe=recipe.provenance("model", "quant", "calibration")))
 
-    metrics = {
-        "perplexity_baseline": baseline_ppl,
-        "perplexity_quantized": quantized_ppl,
-        "perplexity_delta_pct": 100 * (quantized_ppl / baseline_ppl - 1),
-        "heldout_tokens": int(heldout_ids.numel()),
-        "calibration_tokens": int(calibration_ids.numel()),
-        "calibrate_seconds": timer.seconds["calibrate"],
-        "stage_seconds": sum(timer.seconds.values()),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_cuda_bytes": result.peak_cuda_bytes,
-        "checkpoint_bytes": export["total_bytes"],
-        # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
-        # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
-        "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
-    }
-    write_metrics(Path(metrics_path), metrics)
+    write_kpis(Path(metrics_path), "calibrate", results)
     log.info("%s: perplexity %.3f -> %.3f (%+.1f%%), calibrate %.1f s", recipe.id, baseline_ppl, quantized_ppl,
-             metrics["perplexity_delta_pct"], timer.seconds["calibrate"])
+             results["perplexity_delta_pct"], timer.seconds["calibrate"])
     return 0
 
 

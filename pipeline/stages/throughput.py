@@ -9,7 +9,8 @@ TTFT/TPOT percentiles) and a latency run on a dataset generated for the recipe's
 lengths, NVML power sampled while they run, and measured / predicted. Elsewhere `measured` is null
 and `measured_reason` says why; nothing is estimated in its place.
 
-Out: the flat JSON at `--metrics` (for `dvc metrics show` and the report stage). The bench dataset
+Out (`--out`): `throughput.json` (every number above, read by the report stage) and `manifest.json`;
+the throughput KPIs of pipeline/kpis.py at `--metrics` for `dvc metrics show`. The bench dataset
 and trtllm-bench reports go to `--workdir` (default: a temporary directory, removed afterwards).
 """
 
@@ -27,8 +28,18 @@ from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
-from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE
-from pipeline.manifest import manifest_digest, read_manifest, verify_files, write_metrics
+from pipeline.kpis import write_kpis
+from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, THROUGHPUT_FILE
+from pipeline.manifest import (
+    build_manifest,
+    input_entry,
+    manifest_digest,
+    read_manifest,
+    staged_output,
+    verify_files,
+    write_json,
+    write_manifest,
+)
 from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Ceilings, Plan
@@ -48,6 +59,7 @@ BENCH_SEED = 0
 EXAMPLE = """examples:
   forge throughput recipes/smollm2-135m-instruct/fp8.yaml --gpu h200 \\
       --bundle data/bundles/smollm2-135m-instruct-fp8-h200 \\
+      --out data/throughput/smollm2-135m-instruct-fp8-h200 \
       --metrics metrics/throughput/smollm2-135m-instruct-fp8-h200.json
   forge throughput ... --price 2.10 --run require   # on the H200 node, with trtllm-bench
 """
@@ -62,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", type=Path)
     p.add_argument("--gpu", required=True, help="a target key of the recipe")
     p.add_argument("--bundle", type=Path, required=True, help="build stage output for this target")
-    p.add_argument("--metrics", type=Path, required=True, help="flat JSON metrics for `dvc metrics show`")
+    p.add_argument("--out", type=Path, required=True, help="output directory (throughput.json + manifest.json)")
+    p.add_argument("--metrics", type=Path, required=True, help="the KPIs for `dvc metrics show`")
     p.add_argument("--price", type=float, help="USD per GPU-hour (default: the target's price_per_gpu_hour_usd)")
     p.add_argument("--run", choices=RUN_MODES, default="auto",
                    help="auto: benchmark when this machine has the target GPU and trtllm-bench; "
@@ -77,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return main(args.recipe, args.gpu, args.bundle, args.metrics, args.price, args.run, args.num_requests,
-                args.workdir, args.measured_dir, args.catalog)
+                args.workdir, args.measured_dir, args.catalog, args.out)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -85,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, price: float | None = None,
          run_mode: str = "auto", num_requests: int = DEFAULT_NUM_REQUESTS, workdir: Path | None = None,
-         measured_dir: Path = DEFAULT_MEASURED_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:
+         measured_dir: Path = DEFAULT_MEASURED_DIR, catalog_path: Path = DEFAULT_CATALOG,
+         out_dir: Path | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog)
@@ -103,7 +117,9 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
         metrics.update(measure(recipe, gpu, Path(bundle_dir), plan, catalog[gpu], pricing, num_requests, workdir))
     else:
         metrics.update(measured=None, measured_reason=decision.reason)
-    write_metrics(Path(metrics_path), metrics)
+    if out_dir is not None:
+        write_results(Path(out_dir), recipe, gpu, Path(bundle_dir), metrics)
+    write_kpis(Path(metrics_path), "throughput", metrics)
     log.info("%s: predicted %s output tok/s at batch %s (%s rates); measured: %s", recipe.artifact_name(gpu),
              _fmt(metrics.get("predicted_output_tok_s")), plan.roofline.get("decode_batch"), ceilings.source,
              _fmt(metrics.get("measured_output_tok_s")) if decision.run else decision.reason)
@@ -111,6 +127,14 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
 
 
 # ---------------------------------------------------------------------------- checks and inputs
+
+
+def write_results(out_dir: Path, recipe: Recipe, gpu: str, bundle_dir: Path, metrics: dict[str, Any]) -> None:
+    with staged_output(out_dir) as tmp:
+        write_json(tmp / THROUGHPUT_FILE, metrics)
+        write_manifest(tmp, build_manifest("throughput", recipe.artifact_name(gpu), tmp,
+                                           {"bundle": input_entry(bundle_dir, "build")}, {},
+                                           recipe=recipe.provenance(f"targets.{gpu}")))
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_new_writes_a_model_and_a_recipe_per_format(repo, capsys):
     assert model["source"] == {"kind": "hf", "repo_id": "meta-llama/Llama-3.1-8B-Instruct", "revision": REVISION}
     fp8, nvfp4 = (load_recipe(model_dir / f"{v}.yaml") for v in ("fp8", "nvfp4"))
     assert set(fp8.spec.targets) == {"h200", "h100"} and set(nvfp4.spec.targets) == {"b200"}
-    catalog = load_catalog(repo / "recipes/gpus.yaml")
+    catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
     for recipe in (fp8, nvfp4):
         assert all(p.fits for p in validate_recipe(recipe, catalog).values())
     assert "regenerated plan.yaml" in out and "forge plan --dvc --all --model llama-test" in out
@@ -68,7 +68,7 @@ def test_new_picks_the_smallest_tp_that_fits(repo, capsys):
 
 
 def test_format_for_each_gpu_derives_from_the_registry():
-    catalog = load_catalog(ROOT / "recipes/gpus.yaml")
+    catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
     assert format_for(catalog["h200"]) == "fp8" and format_for(catalog["b200"]) == "nvfp4"
     assert model_name("meta-llama/Llama-3.1-8B-Instruct") == "llama-3-1-8b-instruct"
 

@@ -22,7 +22,7 @@ from pipeline.sizing import ServingShape, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_70B = "recipes/llama-3-3-70b-instruct/config.json"
-CATALOG = load_catalog(ROOT / "recipes/gpus.yaml")
+CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
 
 
 @pytest.fixture(autouse=True)

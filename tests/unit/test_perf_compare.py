@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-compare")
-    assert gpu_compare.main(out, ROOT / "recipes", ROOT / "recipes/gpus.yaml") == 0
+    assert gpu_compare.main(out, ROOT / "recipes", ROOT / "pipeline/data/gpus.yaml") == 0
     return out, json.loads((out / gpu_compare.JSON_FILE).read_text())
 
 
@@ -44,7 +44,7 @@ def test_published_measurement_sits_beside_forges_prediction_of_that_run(compare
     assert row["published_output_tok_s"] == 17744  # perf-overview v1.0, 1000/1000
     published = next(r for r in load_rows(CALIBRATION_ROWS)
                      if (r.model, r.gpu, r.isl, r.osl) == ("Llama-3.1-8B", "H200", 1000, 1000))
-    expected = predict_row(published, load_catalog(ROOT / "recipes/gpus.yaml"), Efficiency.load())
+    expected = predict_row(published, load_catalog(ROOT / "pipeline/data/gpus.yaml"), Efficiency.load())
     assert row["predicted_for_published"] == pytest.approx(expected.predicted_output_tok_s)
     assert row["published_error"] == pytest.approx(expected.predicted_output_tok_s / 17744 - 1)
     b200_8b = next(r for r in result["rows"] if r["target"] == "llama-3-1-8b-instruct-nvfp4-b200")

@@ -18,7 +18,7 @@ from pipeline.perfmodel import CONSTANTS_FILE, Efficiency, Hardware, Workload, p
 from pipeline.sizing import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = load_catalog(ROOT / "recipes/gpus.yaml")
+CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
 LLAMA_8B = json.loads((ROOT / "recipes/llama-3-1-8b-instruct/config.json").read_text())
 LLAMA_70B = json.loads((ROOT / "recipes/llama-3-3-70b-instruct/config.json").read_text())
 FP8, NVFP4, KV8 = FORMATS["fp8"], FORMATS["nvfp4"], KV_CACHE_DTYPES["fp8"]

@@ -22,7 +22,7 @@ CONFIGS = {
     "llama-3.1-405b": ROOT / "tests/data/configs/llama-3.1-405b-instruct.json",
     "mixtral-8x22b": ROOT / "tests/data/configs/mixtral-8x22b-instruct-v0.1.json",
 }
-CATALOG = load_catalog(ROOT / "recipes/gpus.yaml")
+CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
 GIB = 1 << 30  # CUDA context charged per GPU (sizing.RUNTIME_OVERHEAD_BYTES)
 
 
@@ -157,7 +157,7 @@ def _recipe(tmp_path: Path, node: dict | None, model: str = "llama-3-3-70b-instr
 def test_forge_plan_json_carries_the_calibration_plan(tmp_path, monkeypatch, capsys):
     path = _recipe(tmp_path, {"gpu": "h100", "count": 2})
     monkeypatch.chdir(tmp_path)
-    assert main(["plan", str(path.relative_to(tmp_path)), "--json", "--catalog", str(ROOT / "recipes/gpus.yaml")]) == 0
+    assert main(["plan", str(path.relative_to(tmp_path)), "--json", "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 0
     out = json.loads(capsys.readouterr().out)
     calibration = out["llama-3-3-70b-instruct-fp8-h200"]["calibration_plan"]
     assert calibration["gpus"] == 2 and calibration["node"] == {"gpu": "h100", "count": 2, "cpu_offload_bytes": 0}
@@ -168,7 +168,7 @@ def test_forge_plan_json_carries_the_calibration_plan(tmp_path, monkeypatch, cap
 def test_default_node_is_eight_of_the_first_target(tmp_path, monkeypatch, capsys):
     path = _recipe(tmp_path, None)
     monkeypatch.chdir(tmp_path)
-    assert main(["plan", str(path.relative_to(tmp_path)), "--catalog", str(ROOT / "recipes/gpus.yaml")]) == 0
+    assert main(["plan", str(path.relative_to(tmp_path)), "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 0
     table = capsys.readouterr().out
     assert "8 x h100" in table and "calibration GPUs used" in table and "model.layers.40" in table
 
@@ -176,7 +176,7 @@ def test_default_node_is_eight_of_the_first_target(tmp_path, monkeypatch, capsys
 def test_validate_refuses_a_node_too_small(tmp_path, monkeypatch, capsys):
     path = _recipe(tmp_path, {"gpu": "h100", "count": 1})
     monkeypatch.chdir(tmp_path)
-    assert main(["validate", str(path.relative_to(tmp_path)), "--catalog", str(ROOT / "recipes/gpus.yaml")]) == 2
+    assert main(["validate", str(path.relative_to(tmp_path)), "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 2
     err = capsys.readouterr().err
     assert "calibration.node" in err and "1 x h100 hold 80 GB" in err and "{gpu: h100, count: 2}" in err
 
@@ -196,7 +196,7 @@ def test_node_is_a_closed_schema_and_outside_the_digest(tmp_path):
 
 def test_adhoc_plan_for_405b_on_h200s(capsys):
     assert main(["plan", "--model-config", str(CONFIGS["llama-3.1-405b"]), "--format", "fp8", "--gpu", "h200",
-                 "--json", "--catalog", str(ROOT / "recipes/gpus.yaml")]) == 0
+                 "--json", "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 0
     calibration = json.loads(capsys.readouterr().out)["calibration_plan"]
     assert calibration["gpus"] == 7 and len(calibration["per_gpu_bytes"]) == 7
 

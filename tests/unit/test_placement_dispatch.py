@@ -38,7 +38,6 @@ def runs(tiny_llama, tmp_path_factory):
     for name in ("calibration", "eval"):
         (root / name).symlink_to(ROOT / name)
     (root / "recipes/tiny-llama").mkdir(parents=True)
-    shutil.copy(ROOT / "recipes/gpus.yaml", root / "recipes/gpus.yaml")
     shutil.copy(tiny_llama.model_dir / "config.json", root / "recipes/tiny-llama/config.json")
     (root / "recipes/tiny-llama/model.yaml").write_text(yaml.safe_dump(
         {"source": {"kind": "local", "path": str(tiny_llama.model_dir)}, "eval": {"suite": "smoke"}}))

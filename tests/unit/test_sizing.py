@@ -27,7 +27,7 @@ LINEAR_70B = 80 * 855_638_016
 EMBED_70B = 128256 * 8192  # one of embeddings / lm_head, each kept BF16
 NORMS_70B = 80 * 2 * 8192 + 8192
 BF16_REST_70B = 2 * (2 * EMBED_70B + NORMS_70B)
-# Memory the driver reports (recipes/gpus.yaml: nvidia-smi totals, MiB x 2^20).
+# Memory the driver reports (pipeline/data/gpus.yaml: nvidia-smi totals, MiB x 2^20).
 H200_BYTES = 143_771 * 2**20
 B200_BYTES = 183_359 * 2**20
 

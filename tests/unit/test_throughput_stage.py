@@ -63,8 +63,11 @@ def plan_now(ceilings=None):
 
 def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_path):
     metrics_path = tmp_path / "m.json"
-    assert throughput.main(FP8, "h200", bundle, metrics_path, measured_dir=tmp_path / "no-probes") == 0
-    m = json.loads(metrics_path.read_text())
+    assert throughput.main(FP8, "h200", bundle, metrics_path, measured_dir=tmp_path / "no-probes",
+                           out_dir=tmp_path / "out") == 0
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    # The DVC metrics file: the throughput KPIs only (pipeline/kpis.py); measured ones only when measured.
+    assert json.loads(metrics_path.read_text()) == {"predicted_tok_s": round(m["predicted_decode_tok_s_max_batch"], 6)}
     plan = plan_now()
     tok_s = plan.throughput["predicted_output_tok_s"]  # the throughput model's run, not the ceiling
     assert tok_s < plan.decode_tok_s_max_batch
@@ -92,8 +95,8 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
 
 
 def test_price_on_the_command_line_wins(bundle, tmp_path):
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", price=2.0, measured_dir=tmp_path)
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", price=2.0, measured_dir=tmp_path)
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert (m["price_per_gpu_hour_usd"], m["price_source"]) == (2.0, "--price")
     assert m["predicted_usd_per_mtok"] == pytest.approx(2.0 / (m["predicted_output_tok_s"] * 3600) * 1e6)
 
@@ -103,8 +106,8 @@ def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
                              bf16_tflops=790.0, fp8_tflops=1300.0, method={}, torch_version="2.13.0", cuda_version="13.0",
                              measured_at="2026-11-01T00:00:00+00:00")
     perf.save_probe(probe, load_catalog(CATALOG), tmp_path / "measured")
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", measured_dir=tmp_path / "measured")
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", measured_dir=tmp_path / "measured")
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert m["ceilings_source"] == "measured"
     assert (m["predicted_inputs"]["memory_bandwidth_bytes_per_s"], m["predicted_inputs"]["peak_flops"]) == (4.3e12, 1.3e15)
     measured_plan = plan_now(perf.load_ceilings("h200", "fp8", tmp_path / "measured"))
@@ -128,8 +131,8 @@ def test_another_sku_of_the_same_compute_capability_is_not_measured(monkeypatch,
     h100 = LocalGpu(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", memory_bytes=80_000_000_000, sku="h100")
     monkeypatch.setattr(throughput, "detect_local_gpu", lambda known: h100)
     monkeypatch.setattr(throughput.shutil, "which", lambda name: "/usr/bin/trtllm-bench")
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json")
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert m["measured"] is None
     assert m["measured_reason"] == "not run: this machine lacks a NVIDIA H200 SXM 141GB (this machine has NVIDIA H100 80GB HBM3)"
 
@@ -165,8 +168,8 @@ def test_measurement_on_the_target_gpu(monkeypatch, bundle, tmp_path):
         return perf.BenchRun(command.mode, command.argv, perf.parse_bench_report(bench_report(tok_s)), power, 2.0)
 
     monkeypatch.setattr(perf, "run_bench", fake_run_bench)
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", num_requests=3, workdir=tmp_path / "work")
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", num_requests=3, workdir=tmp_path / "work")
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     plan = plan_now()
     assert [c.mode for c in runs] == ["throughput", "latency"]
     argv = runs[0].argv
