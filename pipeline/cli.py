@@ -284,8 +284,11 @@ def _adhoc_request(args: argparse.Namespace):
     )
 
     def calibration(catalog):
-        from pipeline.placement import Node, plan_calibration
+        from pipeline.placement import SUPPORTED_MODEL_TYPES, Node, plan_calibration
 
+        if config.get("model_type") not in SUPPORTED_MODEL_TYPES:  # exploring a model forge cannot place yet
+            return {"skipped": f"model_type {config.get('model_type')!r} has no module layout in pipeline/placement.py "
+                               f"(known: {', '.join(SUPPORTED_MODEL_TYPES)})"}
         node = Node(args.gpu, args.calibration_gpus, int(args.cpu_offload_gb * 1e9))
         return plan_calibration(config, args.format, catalog[args.gpu], node, args.calibration_batch,
                                 args.calibration_seq_len, catalog, where="--calibration-gpus").to_json()

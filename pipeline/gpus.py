@@ -27,6 +27,12 @@ class GpuSpec(BaseModel):
     tflops: dict[str, float] = Field(description="dense tensor-core TFLOP/s by compute dtype")
     tdp_watts: float = Field(gt=0)
     nvlink_bytes_per_s: float = Field(ge=0)
+    pcie_bytes_per_s: float = Field(default=0, ge=0, description="host link, bidirectional: TP's path without NVLink")
+
+    @property
+    def interconnect_bytes_per_s(self) -> float:
+        """What a TP all-reduce runs over: NVLink where the GPU has it, else PCIe."""
+        return self.nvlink_bytes_per_s or self.pcie_bytes_per_s
 
     @field_validator("tflops")
     @classmethod

@@ -96,16 +96,16 @@ class Hardware:
     gemm_flops: float  # dense FLOP/s at the format's compute dtype
     compute_dtype: str
     attention_flops: float  # dense BF16 FLOP/s
-    nvlink: float  # bytes/s, bidirectional (catalog convention)
+    nvlink: float  # bytes/s, bidirectional (catalog convention): NVLink, or PCIe where there is none
     source: str
 
     @classmethod
     def of(cls, gpu: GpuSpec, fmt: Format, ceilings: Ceilings | None = None) -> Hardware:
         if ceilings is None:
             return cls(gpu.memory_bandwidth_bytes_per_s, gpu.peak_flops(fmt.compute_dtype), fmt.compute_dtype,
-                       gpu.peak_flops("bf16"), gpu.nvlink_bytes_per_s, "datasheet")
+                       gpu.peak_flops("bf16"), gpu.interconnect_bytes_per_s, "datasheet")
         return cls(ceilings.memory_bandwidth_bytes_per_s, ceilings.peak_flops, fmt.compute_dtype, gpu.peak_flops("bf16"),
-                   gpu.nvlink_bytes_per_s, ceilings.source)
+                   gpu.interconnect_bytes_per_s, ceilings.source)
 
 
 @dataclass(frozen=True)

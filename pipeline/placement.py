@@ -36,13 +36,21 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.errors import RecipeError
+from pipeline.formats import FORMATS
 from pipeline.gpus import GpuSpec
 from pipeline.sizing import RUNTIME_OVERHEAD_BYTES, ModelShape, count_params
 
 BF16_BYTES = 2
 AMAX_BYTES = 4  # one fp32 amax buffer per TensorQuantizer
 # Bytes of temporaries per element of the weight being packed at export (see module docstring).
-EXPORT_TEMP_BYTES_PER_ELEMENT = {"bf16": 0, "fp8": 3, "nvfp4": 12, "mxfp4": 12}  # bf16: nothing is packed
+# Keyed by the format's element type (pipeline/formats.py), so a new format of a known element type
+# needs no entry here; an unquantized format packs nothing.
+EXPORT_TEMP_BYTES_PER_ELEMENT_TYPE = {"e4m3": 3, "e2m1": 12}
+
+
+def export_temp_bytes_per_element(fmt: str) -> int:
+    spec = FORMATS[fmt]
+    return EXPORT_TEMP_BYTES_PER_ELEMENT_TYPE[spec.element_type] if spec.quantized else 0
 # Transformers' decoder-only layout (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM,
 # Qwen2/Qwen3ForCausalLM): model.embed_tokens, model.rotary_emb, model.layers.N, model.norm, lm_head.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
@@ -152,7 +160,7 @@ def _load(index: int, group: list[Module], fmt: str, memory: int, reserve_for: i
     weights = sum(m.weight_bytes for m in group)
     quantizers = sum(m.quantizers for m in group) * AMAX_BYTES
     calib = max((m.activation_bytes for m in group), default=0)
-    export = max((m.largest_tensor_elements for m in group), default=0) * EXPORT_TEMP_BYTES_PER_ELEMENT[fmt]
+    export = max((m.largest_tensor_elements for m in group), default=0) * export_temp_bytes_per_element(fmt)
     total = RUNTIME_OVERHEAD_BYTES + weights + reserve_for + quantizers + max(calib, export)
     return GpuLoad(index, [m.name for m in group], weights, quantizers, calib, export, RUNTIME_OVERHEAD_BYTES,
                    reserve_for, total, memory)

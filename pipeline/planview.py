@@ -93,7 +93,9 @@ def plan_rows(target: PlannedTarget) -> list[tuple[str, str]]:
         ("fits", "yes" if p["fits"] else f"NO: {p['why_not']}"),
         ("smallest TP that fits", str(p["min_tp"]) if p["min_tp"] else "none up to 8"),
     ]
-    if target.calibration_plan is not None:
+    if target.calibration_plan and "skipped" in target.calibration_plan:
+        rows.append(("calibration placement", f"not planned: {target.calibration_plan['skipped']}"))
+    elif target.calibration_plan is not None:
         from pipeline.placement import table_rows
 
         rows += table_rows(target.calibration_plan)

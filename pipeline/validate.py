@@ -136,8 +136,14 @@ def spec_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[ForgeEr
 
 
 def would_fit(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[Alternative]:
+    """What fits, among (format, GPU) pairs some serving engine loads (pipeline/engines.py)."""
+    from pipeline.engines import engines_loading_format
+
+    kv = KV_CACHE_DTYPES[spec.kv_cache_dtype]
     formats = [FORMATS[spec.format]] + [f for f in FORMATS.values() if f.quantized and f.name != spec.format]
-    return fitting_alternatives(spec.config, formats, KV_CACHE_DTYPES[spec.kv_cache_dtype], catalog, spec.serving)
+    return [a for a in fitting_alternatives(spec.config, formats, kv, catalog, spec.serving)
+            if not FORMATS[a.format].quantized
+            or engines_loading_format(a.format, kv.kv_cache_quant_algo, catalog[a.gpu].cc)]
 
 
 def fit_problem(spec: TargetSpec, target_plan: Plan, catalog: dict[str, GpuSpec]) -> RecipeError | None:
@@ -193,7 +199,7 @@ def engine_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[Forge
         spec.at("format"),
         f"no serving engine loads {fmt.name} (quant_algo {fmt.quant_algo!r}, as ModelOpt writes it) on "
         f"{spec.gpu} (TensorRT-LLM, vLLM and SGLang contracts, pipeline/engines.py).",
-        f"use {' or '.join(spec.spell('format', f) for f in usable) or 'another format'} for {spec.gpu}.",
+        f"use {' or '.join(usable) or 'another format'} for {spec.gpu}.",
     )]
 
 
@@ -221,10 +227,12 @@ def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Pa
             problems.append(exc)
     from pipeline.placement import plan_recipe_calibration
 
-    try:  # the calibration node holds the BF16 model, or a fix is raised
-        plan_recipe_calibration(recipe, catalog)
-    except ForgeError as exc:
-        problems.append(exc)
+    node = recipe.spec.calibration.node
+    if node is not None or next(iter(recipe.spec.targets)) in catalog:  # else: the target's problem says it
+        try:  # the calibration node holds the BF16 model, or a fix is raised
+            plan_recipe_calibration(recipe, catalog)
+        except ForgeError as exc:
+            problems.append(exc)
     raise_all(problems)
     return plans
 

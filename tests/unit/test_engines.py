@@ -271,7 +271,7 @@ def test_validate_refuses_plain_mxfp4(tmp_path):
     (model_dir / "mx.yaml").write_text(text)
     recipe = load_recipe(model_dir / "mx.yaml")
     with pytest.raises(RecipeError) as err:
-        check_target(recipe, "b200", load_catalog(ROOT / "pipeline/data/gpus.yaml"))
+        check_target(recipe, "b200", load_catalog(root / "pipeline/data/gpus.yaml"))
     assert str(err.value) == (
         f"{recipe.path}: quant.format: no serving engine loads mxfp4 (quant_algo 'mxfp4', as ModelOpt writes it) "
         "on b200 (TensorRT-LLM, vLLM and SGLang contracts, pipeline/engines.py). "

@@ -30,8 +30,8 @@ def test_kpis_are_numbers_with_human_names_and_nothing_else():
                "gate_verdict": "pass", "path": "simulated-cpu"}
     assert kpis.select("evaluate", results) == {"gate_pass": 1, "min_recovery": 0.973123, "gates_failed": 0}
     # A KPI the stage could not measure (no GPU) is left out, never written as a placeholder.
-    assert kpis.select("throughput", {"predicted_decode_tok_s_max_batch": 1000.0, "measured_output_tok_s": None}) == {
-        "predicted_tok_s": 1000.0}
+    assert kpis.select("throughput", {"predicted_output_tok_s": 400.0, "predicted_decode_tok_s_max_batch": 1000.0,
+                                      "measured_output_tok_s": None}) == {"predicted_tok_s": 400.0, "ceiling_tok_s": 1000.0}
     with pytest.raises(TypeError, match=r"^KPI evaluate.min_recovery \(min_recovery\) must be a finite number, got inf$"):
         kpis.select("evaluate", {"min_recovery": float("inf")})
 

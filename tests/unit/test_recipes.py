@@ -76,7 +76,7 @@ CASES = {
     ),
     "unknown format": (
         "fp8", lambda d: d["quant"].update(format="int3"),
-        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4' or 'mxfp4', got 'int3'. Fix: use one of the listed values.",
+        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4', 'mxfp4' or 'w4a8_mxfp4_fp8', got 'int3'. Fix: use one of the listed values.",
     ),
     "nvfp4 on hopper": (
         "nvfp4", lambda d: d["targets"].update(h200=d["targets"].pop("b200")),
@@ -197,9 +197,14 @@ def test_model_that_fits_at_no_tp(tmp_path, capsys):
     code, err = _run(capsys, "validate", str(path))
     assert code == 2
     assert "targets.h100: smollm2-135m-instruct fp8 does not fit: weights" in err
-    # What would fit is computed: the 4-bit formats on b200 at TP 8, nothing else in the catalog.
-    assert "Fix: no TP up to 8 fits fp8 on h100; what fits: mxfp4 on b200 x8 (max batch " in err
-    assert "nvfp4 on b200 x8" in err and "h200" not in err.split("Fix:")[1]
+    # What would fit is computed: the 4-bit formats an engine loads, on b200 at TP 8, nothing else
+    # in the catalog (plain mxfp4 fits too, but no engine loads it: pipeline/engines.py).
+    serving = next(line for line in err.splitlines() if "targets.h100:" in line)
+    assert "Fix: no TP up to 8 fits fp8 on h100; what fits: w4a8_mxfp4_fp8 on b200 x8 (max batch " in serving
+    assert "nvfp4 on b200 x8" in serving and "h200" not in serving.split("Fix:")[1]
+    assert "mxfp4 on b200" not in serving.replace("w4a8_mxfp4_fp8 on b200", "")
+    # The BF16 model cannot be calibrated on the default node (8 x h100) either: the placement says what would.
+    assert "calibration.node" in err
 
 
 def test_too_small_tp_suggests_the_smallest_that_fits(tmp_path, capsys):
