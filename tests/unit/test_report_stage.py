@@ -121,7 +121,7 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
     with (out / "plots" / "throughput.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["label"], r["throughput_source"], r["power_source"]) for r in rows] == [
-        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct mxfp4@b200x1", "predicted", "tdp")]
+        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct w4a8_mxfp4_fp8@b200x1", "predicted", "tdp")]
     with (out / "plots" / "recovery.csv").open() as fh:
         recovery = list(csv.DictReader(fh))
     assert len(recovery) == 4 and {r["eval_path"] for r in recovery} == {"simulated-cpu"}
