@@ -76,7 +76,7 @@ CASES = {
     ),
     "unknown format": (
         "fp8", lambda d: d["quant"].update(format="int3"),
-        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4' or 'mxfp4', got 'int3'. Fix: use one of the listed values.",
+        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4', 'mxfp4' or 'w4a8_mxfp4_fp8', got 'int3'. Fix: use one of the listed values.",
     ),
     "nvfp4 on hopper": (
         "nvfp4", lambda d: d["targets"].update(h200=d["targets"].pop("b200")),

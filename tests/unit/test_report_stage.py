@@ -87,11 +87,11 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
                f"{3.5 / (fp8_plan.decode_tok_s_max_batch * 3600) * 1e6:.4g} |")
     assert fp8_row in md
     # mxfp4: no throughput metrics, so the build's prediction is shown, labelled as such
-    assert (f"| mxfp4 | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
+    assert (f"| w4a8_mxfp4_fp8 | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
             f"{mx_plan.weights_bytes / 2**30:.2f} | {mx_plan.kv_capacity_tokens:,} | "
             f"{mx_plan.decode_tok_s_max_batch:,.0f} (predicted) |") in md
     assert "| fp8 | h200 | 15.300 | 15.630 | +2.2% |" in md
-    assert "### mxfp4@b200x1: accuracy gate failed" in md
+    assert "### w4a8_mxfp4_fp8@b200x1: accuracy gate failed" in md
     missing = md.split("## Missing results\n\n")[1].splitlines()
     assert missing == [
         (f"- smollm2-135m-instruct-mxfp4-b200: {metrics_dir}/throughput/smollm2-135m-instruct-mxfp4-b200.json missing "
@@ -105,7 +105,7 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
     with (out / "plots" / "throughput.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["label"], r["throughput_source"], r["power_source"]) for r in rows] == [
-        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct mxfp4@b200x1", "predicted", "tdp")]
+        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct w4a8_mxfp4_fp8@b200x1", "predicted", "tdp")]
     with (out / "plots" / "recovery.csv").open() as fh:
         recovery = list(csv.DictReader(fh))
     assert len(recovery) == 4 and {r["eval_path"] for r in recovery} == {"simulated-cpu"}
