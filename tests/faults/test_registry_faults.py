@@ -207,7 +207,15 @@ def _silent_server() -> tuple[socket.socket, int]:
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     conns = []
-    threading.Thread(target=lambda: [conns.append(server.accept()) for _ in range(8)], daemon=True).start()
+
+    def hold() -> None:  # accept and never answer, until the test closes the socket
+        try:
+            for _ in range(8):
+                conns.append(server.accept())
+        except OSError:
+            pass
+
+    threading.Thread(target=hold, daemon=True).start()
     return server, server.getsockname()[1]
 
 
