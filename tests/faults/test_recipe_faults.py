@@ -111,7 +111,7 @@ def test_a_long_bad_value_is_not_echoed(model_dir, capsys):
     path.write_text(yaml.safe_dump(data))
     code, err, _ = _validate(capsys, path)
     assert code == 2
-    _assert_one_clear_line(err, path, "quant.format: input should be 'fp8', 'nvfp4' or 'mxfp4', got 'fp888")
+    _assert_one_clear_line(err, path, "quant.format: input should be 'fp8', 'nvfp4', 'mxfp4' or 'w4a8_mxfp4_fp8', got 'fp888")
     assert "…" in err
 
 

@@ -196,8 +196,8 @@ def test_weights_over_memory_is_refused_with_numbers_and_tp_fix(tmp_path):
     assert str(info.value) == (
         f"{recipe_path}: targets.l40s: llama-3-3-70b-instruct fp8 does not fit: weights 72.7 GB/GPU + reserve "
         "2.3 GB exceed 48 GB at TP 1 (max_seq_len 8192). Fix: set tp: 2 (the smallest TP that fits on l40s), or a "
-        "smaller format or max_seq_len; also fits: mxfp4 on b200 x1 (max batch 91), nvfp4 on b200 x1 (max batch 90), "
-        "fp8 on b200 x1 (max batch 70)."
+        "smaller format or max_seq_len; also fits: w4a8_mxfp4_fp8 on b200 x1 (max batch 100), nvfp4 on b200 x1 "
+        "(max batch 98), fp8 on b200 x1 (max batch 78)."
     )
     _no_output(out, metrics)
 

@@ -24,6 +24,9 @@ CONFIGS = {
 }
 CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
 GIB = 1 << 30  # CUDA context charged per GPU (sizing.RUNTIME_OVERHEAD_BYTES)
+# Memory as the driver reports it (pipeline/data/gpus.yaml: nvidia-smi totals, MiB x 2^20).
+H200 = 143_771 * 2**20  # 150.75e9 bytes
+H100 = 81_559 * 2**20  # 85.52e9 bytes
 
 
 def config(name: str) -> dict:
@@ -49,75 +52,85 @@ def test_llama_8b_calibrates_on_one_h200():
     p = plan("llama-3.1-8b")
     assert p.gpus == 1 and p.offload_bytes == 0 and p.weights_bytes == weights
     assert p.per_gpu_bytes == [weights + GIB + quantizers + logits] == [17_790_937_344]
-    assert p.headroom_bytes == [141_000_000_000 - 17_790_937_344]  # 123.2 GB
+    assert CATALOG["h200"].memory_bytes == H200
+    assert p.headroom_bytes == [H200 - 17_790_937_344]  # 133.0 GB
     assert set(p.device_map.values()) == {0}
 
 
-def test_llama_70b_needs_two_h200s_balanced_40_40():
+def test_llama_70b_fits_one_h200_with_7_9_gb_headroom():
     embed = 128256 * 8192 * 2
     layer = (8192 * (8192 + 1024 + 1024 + 8192) + 3 * 8192 * 28672 + 2 * 8192) * 2
     assert layer == 1_711_308_800
     weights = 2 * embed + 80 * layer + 8192 * 2 + 128 * 2
-    assert weights == 141_107_413_248 > 141_000_000_000  # 141.1 GB of BF16: no single H200 (catalog 141 GB)
+    assert weights == 141_107_413_248  # 141.1 GB (131.4 GiB) of BF16
     p = plan("llama-3.3-70b")
-    assert p.gpus == 2
-    export = 28672 * 8192 * 3  # FP8 packing of one 28672 x 8192 MLP weight
+    assert p.gpus == 1
+    # The biggest transient: FP8 packing of one 28672 x 8192 MLP weight (3 B/elem), above lm_head's
+    # 512-token logits (512 x 128256 x 10 B).
+    export = 28672 * 8192 * 3
+    assert export > 512 * 128256 * 10
+    total = weights + GIB + 80 * 16 * 4 + export
+    assert p.per_gpu_bytes == [total] == [142_885_803_264]
+    assert p.headroom_bytes == [H200 - total]  # stated headroom: 7.87 GB (the issue: "under 9 GiB")
+    assert set(p.device_map.values()) == {0}
+
+
+def test_llama_70b_on_h100s_takes_two_balanced_40_40_with_13_gb_headroom():
+    embed = 128256 * 8192 * 2
+    layer = 1_711_308_800
+    export = 28672 * 8192 * 3
+    p = plan("llama-3.3-70b", gpu="h100")
     gpu0 = embed + 128 * 2 + 40 * layer + GIB + 40 * 16 * 4 + export
-    assert p.per_gpu_bytes[0] == gpu0 == 72_332_086_016
+    assert p.gpus == 2 and p.per_gpu_bytes[0] == gpu0 == 72_332_086_016
     assert p.loads[0]["modules"][-1] == "model.layers.39" and p.loads[1]["modules"][0] == "model.layers.40"
-    assert min(p.headroom_bytes) > 68e9  # stated headroom: 68.7 GB per H200
+    assert p.headroom_bytes[0] == H100 - gpu0  # 13.19 GB
     assert p.device_map["lm_head"] == 1 and p.device_map["model.embed_tokens"] == 0
 
 
-def test_llama_70b_on_h100s_takes_two_with_7_gb_headroom():
-    p = plan("llama-3.3-70b", gpu="h100")
-    assert p.gpus == 2 and p.per_gpu_bytes[0] == 72_332_086_016
-    assert 7.6e9 < min(p.headroom_bytes) < 7.7e9  # 80 GB - 72.33 GB
-
-
-def test_llama_405b_needs_seven_h200s():
+def test_llama_405b_needs_six_h200s():
     layer = (16384 * (16384 + 1024 + 1024 + 16384) + 3 * 16384 * 53248 + 2 * 16384) * 2
     embed = 128256 * 16384 * 2
     export = 16384 * 53248 * 3
-    room = 141_000_000_000 - GIB - export  # for weights on one GPU (quantizer amax: KBs)
-    assert room // layer == 21  # 21 layers on a middle GPU
-    assert (room - embed) // layer == 20  # 20 beside embed_tokens on GPU 0 (and beside lm_head on the last)
-    assert 20 + 4 * 21 + 20 == 124 < 126  # six GPUs hold 124 of 126 layers: a seventh is needed
+    room = H200 - GIB - export  # for weights on one GPU (quantizer amax: KBs)
+    assert room // layer == 23  # 23 layers on a middle GPU
+    assert (room - embed) // layer == 22  # 22 beside embed_tokens on GPU 0 (and beside lm_head on the last)
+    assert 22 + 3 * 23 + 22 == 113 < 126 <= 22 + 4 * 23 + 22  # five GPUs hold 113 of 126 layers; six hold all
     p = plan("llama-3.1-405b")
-    assert p.gpus == 7 and p.offload_bytes == 0
+    assert p.gpus == 6 and p.offload_bytes == 0
     assert p.weights_bytes == 2 * embed + 126 * layer + 16384 * 2 + 128 * 2 == 811_706_777_856
-    assert max(p.per_gpu_bytes) <= 141e9
-    assert [len(load["modules"]) for load in p.loads] == [20, 18, 18, 18, 18, 18, 20]  # balanced, not filled
+    assert max(p.per_gpu_bytes) <= H200
+    # Balanced, not filled: the middle GPUs carry 21 layers, the ends embed_tokens / lm_head + 21.
+    assert [len(load["modules"]) for load in p.loads] == [23, 21, 21, 21, 21, 23]
 
 
-def test_mixtral_8x22b_needs_three_h200s():
+def test_mixtral_8x22b_needs_two_h200s():
     layer = (6144 * (6144 + 1024 + 1024 + 6144) + 8 * 3 * 6144 * 16384 + 6144 * 8 + 2 * 6144) * 2
     assert layer == 5_008_121_856
     export = 2 * 16384 * 6144 * 3  # one expert's gate_up slice, packed at a time
-    assert (141_000_000_000 - GIB - export) // layer == 27 and 2 * 27 < 56
+    assert (H200 - GIB - export) // layer == 29 and 29 < 56 <= 2 * 28  # one GPU is not enough; two are
     p = plan("mixtral-8x22b")
-    assert p.gpus == 3 and max(p.per_gpu_bytes) <= 141e9
+    assert p.gpus == 2 and max(p.per_gpu_bytes) <= H200
 
 
 def test_node_too_small_is_refused_with_what_would_fit():
     with pytest.raises(RecipeError) as err:
         plan("llama-3.1-405b", gpu="h100", count=8)
     text = str(err.value)
-    assert "811.7 GB of BF16 weights" in text and "8 x h100 hold 640 GB" in text
-    assert "{gpu: h200, count: 7}" in text and "{gpu: h100, count: 12}" in text
-    assert "cpu_offload_gb: 253" in text  # see test_cpu_offload_when_allowed
+    assert "811.7 GB of BF16 weights" in text and "8 x h100 hold 684 GB" in text
+    assert "{gpu: h200, count: 6}" in text and "{gpu: h100, count: 11}" in text
+    assert "cpu_offload_gb: 202" in text  # see test_cpu_offload_when_allowed
 
 
 def test_cpu_offload_when_allowed():
-    # An H100 has 80e9 - 1 GiB context - 2.62e9 FP8 export buffer = 76.31e9 for weights: 11 layers
-    # of 6.375e9; GPU 0 also holds embed_tokens (4.2e9) and room for one offloaded layer: 10.
+    # An H100 has 85.52e9 - 1 GiB context - 2.62e9 FP8 export buffer = 81.83e9 for weights: 12
+    # layers of 6.375e9; GPU 0 also holds embed_tokens (4.2e9) and room for one offloaded layer: 11.
     layer, head = 6_375_407_616, 128256 * 16384 * 2
-    room = 80_000_000_000 - GIB - 16384 * 53248 * 3
-    assert room // layer == 11 and (room - head - layer) // layer == 10
-    offloaded_layers = 126 - (10 + 7 * 11)  # 39
+    room = H100 - GIB - 16384 * 53248 * 3
+    assert room // layer == 12 and (room - head - layer) // layer == 11
+    offloaded_layers = 126 - (11 + 7 * 12)  # 31
     p = plan("llama-3.1-405b", gpu="h100", count=8, cpu_offload_bytes=300_000_000_000)
-    assert p.gpus == 8 and p.offload_bytes == offloaded_layers * layer + 16384 * 2 + head == 252_843_622_400
-    assert "cpu" in p.device_map.values() and max(p.per_gpu_bytes) <= 80e9
+    assert p.gpus == 8 and p.offload_bytes == offloaded_layers * layer + 16384 * 2 + head == 201_840_361_472
+    assert "cpu" in p.device_map.values() and max(p.per_gpu_bytes) <= H100
     # GPU 0 keeps room to run the largest offloaded module (one 6.38 GB layer) on itself.
     assert p.loads[0]["offload_reserve_bytes"] == 6_375_407_616
     assert p.max_memory()["cpu"] == p.offload_bytes
@@ -178,7 +191,7 @@ def test_validate_refuses_a_node_too_small(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["validate", str(path.relative_to(tmp_path)), "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "calibration.node" in err and "1 x h100 hold 80 GB" in err and "{gpu: h100, count: 2}" in err
+    assert "calibration.node" in err and "1 x h100 hold 86 GB" in err and "{gpu: h100, count: 2}" in err
 
 
 def test_node_is_a_closed_schema_and_outside_the_digest(tmp_path):
@@ -195,10 +208,11 @@ def test_node_is_a_closed_schema_and_outside_the_digest(tmp_path):
 
 
 def test_adhoc_plan_for_405b_on_h200s(capsys):
+    # Serving 405B FP8 needs TP 4 on H200 (410 GB of weights); calibrating its BF16 copy needs six.
     assert main(["plan", "--model-config", str(CONFIGS["llama-3.1-405b"]), "--format", "fp8", "--gpu", "h200",
-                 "--json", "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 0
+                 "--tp", "4", "--json", "--catalog", str(ROOT / "pipeline/data/gpus.yaml")]) == 0
     calibration = json.loads(capsys.readouterr().out)["calibration_plan"]
-    assert calibration["gpus"] == 7 and len(calibration["per_gpu_bytes"]) == 7
+    assert calibration["gpus"] == 6 and len(calibration["per_gpu_bytes"]) == 6
 
 
 def _fake_cuda(monkeypatch, count: int, total_memory: int):

@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
 CASES = [  # config, GPU kind, node size, GPUs the plan must use
     ("recipes/llama-3-1-8b-instruct/config.json", "h200", 8, 1),
-    ("recipes/llama-3-3-70b-instruct/config.json", "h200", 8, 2),
+    ("recipes/llama-3-3-70b-instruct/config.json", "h200", 8, 1),
     ("recipes/llama-3-3-70b-instruct/config.json", "h100", 8, 2),
-    ("tests/data/configs/llama-3.1-405b-instruct.json", "h200", 8, 7),
-    ("tests/data/configs/mixtral-8x22b-instruct-v0.1.json", "h200", 8, 3),
+    ("tests/data/configs/llama-3.1-405b-instruct.json", "h200", 8, 6),
+    ("tests/data/configs/mixtral-8x22b-instruct-v0.1.json", "h200", 8, 2),
     ("recipes/smollm2-135m-instruct/config.json", "h200", 8, 1),  # tied embeddings
 ]
 
