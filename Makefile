@@ -9,14 +9,14 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup serve-env repro test plan bench clean-outputs
+.PHONY: setup serve-env repro test plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(if $(TORCH_SPEC),$(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true)
-	$(PIP) install -e ".[dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -e ".[pipeline,dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
 	$(VENV)/bin/python -c "import torch, modelopt, lm_eval, dvc, pipeline" 
 	touch $(STAMP)
 
@@ -41,10 +41,18 @@ $(SERVE_STAMP):
 	$(SERVE_VENV)/bin/python -c "import vllm, vllm.entrypoints.cli.main; print('vllm', vllm.__version__)"
 	touch $(SERVE_STAMP)
 
+# A recipe added or removed since plan.yaml was generated would be silently left out of (or
+# still run by) `dvc repro`: refuse to start with a stale plan (`make plan` regenerates it).
 repro: setup serve-env
+	forge plan --dvc --check
 	dvc repro
 
-test: setup
+# Copy the results table of the last `dvc repro` (reports/readme_results.md) into README.md's
+# results block; scripts/check_repro.py fails when the two differ.
+readme: setup
+	$(VENV)/bin/python scripts/readme_results.py --write
+
+test: setup oci-registry
 	$(VENV)/bin/python -m pytest -q
 
 plan: setup
@@ -52,3 +60,23 @@ plan: setup
 
 bench: setup
 	$(VENV)/bin/python bench/calibrate_overhead.py
+
+# The real OCI registry the deploy tests start on loopback (Debian's docker-registry, the CNCF
+# distribution registry 2.8) and htpasswd for its basic auth. apt retries while another install holds the lock.
+oci-registry:
+	@command -v docker-registry >/dev/null && command -v htpasswd >/dev/null || { \
+	  apt-get update -qq; \
+	  for i in 1 2 3 4 5 6; do DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry apache2-utils \
+	    && break; echo "apt busy, retrying in 10 s"; sleep 10; done; \
+	  command -v docker-registry >/dev/null && command -v htpasswd >/dev/null; }
+
+# After `make repro`: push what the pipeline published to a loopback OCI registry, pull it back with forge and curl.
+oci-roundtrip: setup oci-registry
+	$(VENV)/bin/python scripts/oci_roundtrip.py
+# The wheels scripts/gpu_check.sh installs on the GPU machine (.whl/, cp312 manylinux x86_64).
+gpu-wheels: setup
+	PYTHON=$(VENV)/bin/python scripts/fetch_gpu_wheels.sh
+
+# On a CUDA machine: the GPU check (tests/gpu, ModelOpt CUDA calibration, FP8 _scaled_mm, probe).
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -2,7 +2,7 @@
 
     python bench/probe_gpu.py [--device N] [--gemm-size 8192] [--copy-mib 1024]
 
-For a device run: compare with the datasheet rates in recipes/gpus.yaml (FACTS.md reference on one
+For a device run: compare with the datasheet rates in pipeline/data/gpus.yaml (FACTS.md reference on one
 H100: copy ~3.0 TB/s, BF16 8192^3 ~798 TFLOP/s; on one H200: ~4.3 TB/s, ~790 TFLOP/s).
 """
 

@@ -28,8 +28,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.deadline import DeadlineExceeded, call_within, transfer_deadline
 from pipeline.errors import CalibrationError, RecipeError, StageInputError
-from pipeline.sources import check_pinned_revision, hub_settings, probe_hub, sha256_file
+from pipeline.sources import check_pinned_revision, hub_settings, probe_hub, repo_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +272,22 @@ def _hf_documents(
 ) -> tuple[int, Iterator[Document]]:
     check_pinned_revision("dataset", spec.dataset, spec.revision)
     # Bounded probe first: load_dataset against a hanging endpoint retries for minutes.
-    probe_hub("dataset", spec.dataset, spec.revision, hub_settings(endpoint, offline, timeout_s))
+    settings = hub_settings(endpoint, offline, timeout_s)
+    info = probe_hub("dataset", spec.dataset, spec.revision, settings)
     import datasets
 
     where = f"hf:{spec.dataset}@{spec.revision}"
+    # load_dataset's own timeouts are per request: the whole call gets a total deadline.
+    deadline_s = transfer_deadline(repo_bytes(info), timeout_s)
     try:
-        table = datasets.load_dataset(spec.dataset, name=spec.config, split=spec.split, revision=spec.revision)
+        table = call_within(lambda: datasets.load_dataset(spec.dataset, name=spec.config, split=spec.split,
+                                                          revision=spec.revision), deadline_s, settings.endpoint)
+    except DeadlineExceeded as exc:
+        raise CalibrationError(
+            where,
+            f"load_dataset from hub endpoint {settings.endpoint} did not finish within {deadline_s:,.0f} s.",
+            "Check the network path to the hub (a proxy or mirror that stalls); retry.",
+        ) from exc
     except Exception as exc:  # datasets raises many unrelated types (DatasetNotFoundError, ValueError, OSError)
         raise CalibrationError(
             where,

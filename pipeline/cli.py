@@ -10,13 +10,16 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline import __version__
 from pipeline.errors import ForgeError, RecipeError
-from pipeline.formats import FORMATS, KV_CACHE_DTYPES
+from pipeline.formats import FORMATS, KV_CACHE_ALIASES, KV_CACHE_DTYPES, KV_CACHE_NAMES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.recipe import TARGET_DEFAULTS
 
 log = logging.getLogger("forge")
 
@@ -29,8 +32,19 @@ EXAMPLES = """examples:
   forge list --gpu h200                            # published artifacts for one GPU
   forge pull smollm2-135m-instruct --gpu auto --dest ./model   # best artifact for this machine's GPU
   forge probe                                      # measure this GPU's bandwidth and GEMM rates
+  forge new meta-llama/Llama-3.1-8B-Instruct --revision <40-hex commit> --config config.json --gpu h200 --gpu b200
 stage verbs (download, calibration-set, calibrate, baseline, evaluate, build, throughput, report,
 publish) are what dvc.yaml runs; `forge VERB --help` shows each one's arguments and an example.
+"""
+
+
+PLAN_EXAMPLES = """examples:
+  forge plan recipes/llama-3-3-70b-instruct/fp8.yaml                 # every target of the recipe
+  forge plan recipes/llama-3-3-70b-instruct/fp8.yaml --gpu b200 --format nvfp4 --tp 2   # a what-if on top
+  forge plan --model-config recipes/llama-3-3-70b-instruct/config.json --format nvfp4 --gpu b200 --json
+  forge plan --dvc                                  # regenerate plan.yaml (+ dvc.yaml artifacts)
+  forge plan --dvc --all --model llama-3-1-8b-instruct   # one Hub model on a GPU node
+  dvc repro publish@smollm2-135m-instruct-fp8-h200  # then run one target and what it needs
 """
 
 
@@ -51,31 +65,51 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # Libraries' deprecation notices (torch, transformers, ModelOpt, lm-eval) speak to their
+        # callers' authors, not to someone running a stage; `forge -v` shows them.
+        import warnings
+
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 # ---------------------------------------------------------------------------- validate / show / plan
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.recipe import discover_recipes, load_recipe
-    from pipeline.validate import validate_recipe
+    from pipeline.errors import raise_all
+    from pipeline.recipe import RECIPES_DIR, walk_recipes
 
     catalog = load_catalog(args.catalog)
-    paths = [Path(p) for p in args.paths] or discover_recipes()
-    if not paths:
-        raise RecipeError("recipes/", "no recipes found.", "add recipes/<model>/<variant>.yaml.")
+    paths = [Path(p) for p in args.paths] or [RECIPES_DIR]
     expanded: list[Path] = []
     for path in paths:
-        expanded.extend(discover_recipes(path) if path.is_dir() else [path])
+        if not path.exists() and not path.is_symlink():
+            raise RecipeError(str(path), "no such file or directory.", "pass a recipe file or a directory of recipes.")
+        expanded.extend(walk_recipes(path))
+    if not expanded:
+        raise RecipeError(", ".join(map(str, paths)), "no recipes found (model.yaml and gpus.yaml are not recipes).",
+                          "pass recipes/<model>/<variant>.yaml files or the directories that hold them.")
+    problems = []
     for path in expanded:
-        recipe = load_recipe(path)
-        plans = validate_recipe(recipe, catalog)
-        summary = ", ".join(
-            f"{gpu} tp{p.inputs['tp']} batch<={p.max_batch_at_seq_len}" for gpu, p in plans.items()
-        )
+        try:
+            plans = validate_one(path, catalog)
+        except ForgeError as exc:
+            problems.append(exc)
+            continue
+        summary = ", ".join(f"{gpu} tp{p.inputs['tp']} batch<={p.max_batch_at_seq_len}" for gpu, p in plans.items())
         print(f"ok  {path}  ({summary})")
-    print(f"{len(expanded)} recipe(s) valid; GPU catalog {args.catalog} has {len(catalog)} GPUs.")
+    print(f"{len(expanded) - len(problems)} of {len(expanded)} recipe(s) valid; GPU catalog {args.catalog} has {len(catalog)} GPUs.")
+    raise_all(problems)
     return 0
+
+
+def validate_one(path: Path, catalog):
+    from pipeline.recipe import load_recipe
+    from pipeline.validate import validate_recipe
+
+    return validate_recipe(load_recipe(path), catalog)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -91,98 +125,181 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e9:,.2f} GB"
-
-
-def _num(n: float | None, unit: str = "") -> str:
-    return "-" if n is None else f"{n:,.1f}{unit}"
-
-
-def render_plan_table(title: str, plan_json: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=True, header_style="bold")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    inputs = plan_json["inputs"]
-    rows = [
-        ("format / KV cache", f"{inputs['format']} / {inputs['kv_cache_dtype']}"),
-        ("GPU (compute capability) x TP", f"{inputs['gpu']} ({inputs['compute_capability']}) x {inputs['tp']}"),
-        ("params", f"{plan_json['params'] / 1e9:,.3f} B"),
-        ("weights (all GPUs)", _gb(plan_json["weights_bytes"])),
-        ("weights per GPU", _gb(plan_json["weights_bytes_per_gpu"])),
-        ("KV per token (per GPU)", f"{plan_json['kv_bytes_per_token'] / 1024:,.1f} KiB ({plan_json['kv_bytes_per_token_per_gpu'] / 1024:,.1f} KiB)"),
-        ("GPU memory", _gb(plan_json["memory_bytes"])),
-        ("runtime reserve (estimate)", _gb(plan_json["reserve_bytes"])),
-        ("memory left for KV", _gb(plan_json["memory_left_for_kv_bytes"])),
-        (f"KV pool ({inputs['kv_cache_free_gpu_memory_fraction']:.0%} of that)", _gb(plan_json["kv_pool_bytes"])),
-        ("KV capacity", f"{plan_json['kv_capacity_tokens']:,} tokens"),
-        (f"max batch at seq len {inputs['seq_len']:,}", f"{plan_json['max_batch_at_seq_len']:,}"),
-        ("fits", "yes" if plan_json["fits"] else f"NO: {plan_json['why_not']}"),
-        ("smallest TP that fits", str(plan_json["min_tp"]) if plan_json["min_tp"] else "none up to 8"),
-        ("decode tok/s, batch 1 (predicted)", _num(plan_json["decode_tok_s_batch1"])),
-        (f"decode tok/s, batch {plan_json['decode_batch']} (predicted)", _num(plan_json["decode_tok_s_max_batch"])),
-        ("  bound by", str(plan_json["decode_bound_max_batch"])),
-        ("prefill tok/s (predicted)", _num(plan_json["prefill_tok_s"])),
-        ("J/token at TDP (predicted)", _num(plan_json["joules_per_token"], " J")),
-        ("$ per M output tokens (predicted)", _num(plan_json["usd_per_mtok"])),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    Console().print(table)
-    print(f"predicted = roofline ceiling from {plan_json['ceilings_source']} rates; TensorRT-LLM reaches ~30-40% of it.")
+# Flags that change what is planned; on a recipe they are what-ifs on top of its targets.
+WHAT_IF_FLAGS = {"gpu": "--gpu", "format": "--format", "tp": "--tp", "kv_dtype": "--kv-dtype",
+                 "input_len": "--input-len", "output_len": "--output-len", "seq_len": "--seq-len",
+                 "concurrency": "--concurrency", "price": "--price"}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.errors import raise_all
+    from pipeline.planview import plan_json, render_plan_table
+
     catalog = load_catalog(args.catalog)
     if args.dvc:
         return _write_dvc_plan(args, catalog)
-    plans: dict[str, dict[str, Any]] = {}
-    if args.recipe:
-        if args.model_config:
-            raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
-        from pipeline.recipe import load_recipe
-        from pipeline.validate import plan_target, validate_recipe
-
-        recipe = load_recipe(Path(args.recipe))
-        validate_recipe(recipe, catalog)
-        for gpu in recipe.spec.targets:
-            plans[recipe.artifact_name(gpu)] = plan_target(recipe, gpu, catalog).to_json()
-    else:
-        plans["ad-hoc"] = _adhoc_plan(args, catalog).to_json()
+    if args.model:
+        raise RecipeError("forge plan --model", "--model selects a model for --dvc.", "add --dvc (and --all for Hub models).")
+    if args.recipe and args.model_config:
+        raise RecipeError("forge plan", "give a RECIPE or --model-config, not both.", "drop one.")
+    requests = _recipe_requests(args) if args.recipe else [_adhoc_request(args)]
+    planned, problems = [], []
+    for request in requests:
+        target, problem = _plan_one(request, catalog)
+        planned.append(target)
+        if problem:
+            problems.append(problem)
     if args.json:
-        print(json.dumps(plans if len(plans) > 1 else next(iter(plans.values())), indent=2))
+        out = {t.title: plan_json(t) for t in planned}
+        print(json.dumps(out if len(out) > 1 else next(iter(out.values())), indent=2))
     else:
-        for title, plan_json in plans.items():
-            render_plan_table(title, plan_json)
+        for target in planned:
+            render_plan_table(target)
+    raise_all(problems)  # a plan that does not fit exits 2, after showing what would
     return 0
 
 
-def _adhoc_plan(args: argparse.Namespace, catalog):
-    from pipeline.sizing import ServingShape, plan
+def _plan_one(request, catalog):
+    """The checks `forge validate` runs (validate.spec_problems raise before planning); a plan
+    that does not fit comes back with what would, and its problem. `forge probe` rates, where
+    measured for the GPU, replace datasheet rates in the prediction."""
+    from pipeline.errors import raise_all
+    from pipeline.perf import probe_ceilings
+    from pipeline.planview import PlannedTarget
+    from pipeline.validate import fit_problem, plan_spec, spec_problems, would_fit
 
-    missing = [flag for flag, value in (("--model-config", args.model_config), ("--format", args.format), ("--gpu", args.gpu)) if not value]
+    spec = request.spec
+    raise_all(spec_problems(spec, catalog))
+    plan = plan_spec(spec, catalog, probe_ceilings(spec.gpu, spec.format))
+    problem = fit_problem(spec, plan, catalog)
+    alternatives = tuple(would_fit(spec, catalog)) if problem else ()
+    calibration = request.calibration(catalog) if request.calibration else None
+    return PlannedTarget(request.title, plan, request.what_ifs, request.defaults, alternatives, calibration), problem
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in WHAT_IF_FLAGS if getattr(args, name) is not None}
+
+
+def _serving(base, given: dict[str, Any]):
+    """A ServingShape with the given flags applied on top of `base` (a recipe target's or the defaults')."""
+    import dataclasses
+
+    changes = {key: given[flag] for flag, key in (("input_len", "max_input_len"), ("output_len", "max_output_len"),
+                                                  ("concurrency", "concurrency"), ("price", "price_per_gpu_hour_usd"))
+               if flag in given}
+    if "seq_len" in given:
+        changes["seq_len"] = given["seq_len"]
+    elif {"input_len", "output_len"} & set(given):  # keep max_seq_len >= one request
+        total = changes.get("max_input_len", base.max_input_len) + changes.get("max_output_len", base.max_output_len)
+        changes["seq_len"] = max(base.seq_len, total)
+    shape = dataclasses.replace(base, **changes)
+    if shape.seq_len < shape.max_input_len + shape.max_output_len:
+        raise RecipeError("--seq-len", f"max_seq_len {shape.seq_len} < max_input_len + max_output_len "
+                          f"({shape.max_input_len + shape.max_output_len}).", "raise --seq-len or leave it out.")
+    return shape
+
+
+def _recipe_requests(args: argparse.Namespace):
+    """Each target of the recipe, or, with flags, what-ifs on top of it: `--gpu` picks (or adds)
+    one target, the other flags replace that target's settings. Nothing given is dropped."""
+    import dataclasses
+
+    from pipeline.formats import canonical_kv_dtype
+    from pipeline.placement import plan_recipe_calibration
+    from pipeline.planview import PlanRequest
+    from pipeline.recipe import load_recipe
+    from pipeline.validate import target_spec, validate_recipe
+
+    recipe = load_recipe(Path(args.recipe))
+    given = _given(args)
+
+    def calibration(catalog):  # calibration runs on the recipe's node, whatever the what-ifs
+        return plan_recipe_calibration(recipe, catalog).to_json()
+
+    if not given:
+        validate_recipe(recipe, load_catalog(args.catalog))
+        return [PlanRequest(recipe.artifact_name(gpu), target_spec(recipe, gpu), defaults=_defaulted(recipe, gpu),
+                            calibration=calibration)
+                for gpu in recipe.spec.targets]
+    gpus = [given["gpu"]] if "gpu" in given else list(recipe.spec.targets)
+    specs = []
+    for gpu in gpus:
+        base_gpu = gpu if gpu in recipe.spec.targets else next(iter(recipe.spec.targets))
+        base = target_spec(recipe, base_gpu)
+        serving = _serving(base.serving, given)
+        if gpu != base_gpu and "price" not in given:  # a price is per GPU model: not carried to another
+            serving = dataclasses.replace(serving, price_per_gpu_hour_usd=None)
+        flags = " ".join(f"{WHAT_IF_FLAGS[k]} {v}" for k, v in given.items())
+        spec = dataclasses.replace(
+            base, gpu=gpu, format=given.get("format", base.format),
+            kv_cache_dtype=canonical_kv_dtype(given.get("kv_dtype", base.kv_cache_dtype)),
+            tp=given.get("tp", base.tp), serving=serving,
+            where=f"{recipe.path} (what-if {flags})", flags=True,
+            fields={"kv": "--kv-dtype", "tp": "--tp", "seq": "--seq-len"},
+        )
+        specs.append(PlanRequest(f"{recipe.artifact_prefix}-{gpu} (what-if)", spec, what_ifs=given,
+                                 calibration=calibration))
+    return specs
+
+
+def _defaulted(recipe, gpu: str) -> dict[str, Any]:
+    """The target settings this recipe leaves to TARGET_DEFAULTS, so `forge plan` can print them."""
+    target, quant = recipe.spec.targets[gpu], recipe.spec.quant
+    names = ("max_input_len", "max_output_len", "max_seq_len", "tp", "max_num_tokens", "kv_cache_free_gpu_memory_fraction")
+    out = {name: getattr(target, name) for name in names if name not in target.model_fields_set}
+    if "max_seq_len" in out:
+        out["max_seq_len"] = "max_input_len + max_output_len"
+    if "kv_cache_dtype" not in quant.model_fields_set:
+        out["kv_cache_dtype"] = quant.kv_cache_dtype
+    return out
+
+
+def _adhoc_request(args: argparse.Namespace):
+    from pipeline.formats import canonical_kv_dtype
+    from pipeline.planview import PlanRequest
+    from pipeline.recipe import TARGET_DEFAULTS
+    from pipeline.sizing import ServingShape
+    from pipeline.validate import TargetSpec
+    from pipeline.yamlio import read_json
+
+    missing = [flag for flag, value in (("--model-config", args.model_config), ("--format", args.format),
+                                        ("--gpu", args.gpu)) if not value]
     if missing:
         raise RecipeError("forge plan", f"missing {', '.join(missing)}.", "pass a RECIPE, or --model-config, --format and --gpu.")
-    if args.gpu not in catalog:
-        raise RecipeError("--gpu", f"unknown GPU '{args.gpu}'.", f"use one of {', '.join(catalog)}.")
-    path = Path(args.model_config)
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RecipeError(str(path), f"cannot read a JSON model config ({exc}).", "pass a HF config.json.") from None
-    serving = ServingShape(max_input_len=args.input_len, max_output_len=args.output_len,
-                           seq_len=args.seq_len or args.input_len + args.output_len,
-                           concurrency=args.concurrency, price_per_gpu_hour_usd=args.price)
-    return plan(config, FORMATS[args.format], KV_CACHE_DTYPES[args.kv_dtype], catalog[args.gpu], args.gpu, serving, tp=args.tp)
+    d = TARGET_DEFAULTS
+    given = _given(args)
+    defaults = {WHAT_IF_FLAGS[key]: value for key, value in (
+        ("tp", d.tp), ("kv_dtype", d.kv_cache_dtype), ("input_len", d.max_input_len),
+        ("output_len", d.max_output_len), ("seq_len", "input + output")) if key not in given}
+    base = ServingShape(max_input_len=d.max_input_len, max_output_len=d.max_output_len,
+                        seq_len=d.max_input_len + d.max_output_len, max_num_tokens=d.max_num_tokens,
+                        kv_cache_free_gpu_memory_fraction=d.kv_cache_free_gpu_memory_fraction)
+    config = read_json(Path(args.model_config), "model's config.json")
+    spec = TargetSpec(
+        model=Path(args.model_config).parent.name or "model", config=config, format=args.format,
+        kv_cache_dtype=canonical_kv_dtype(args.kv_dtype or d.kv_cache_dtype), gpu=args.gpu,
+        tp=args.tp or d.tp, serving=_serving(base, given), where=f"forge plan --gpu {args.gpu}",
+        fields={"kv": "--kv-dtype", "tp": "--tp", "seq": "--seq-len"}, flags=True,
+    )
+
+    def calibration(catalog):
+        from pipeline.placement import SUPPORTED_MODEL_TYPES, Node, plan_calibration
+
+        if config.get("model_type") not in SUPPORTED_MODEL_TYPES:  # exploring a model forge cannot place yet
+            return {"skipped": f"model_type {config.get('model_type')!r} has no module layout in pipeline/placement.py "
+                               f"(known: {', '.join(SUPPORTED_MODEL_TYPES)})"}
+        node = Node(args.gpu, args.calibration_gpus, int(args.cpu_offload_gb * 1e9))
+        return plan_calibration(config, args.format, catalog[args.gpu], node, args.calibration_batch,
+                                args.calibration_seq_len, catalog, where="--calibration-gpus").to_json()
+
+    return PlanRequest("ad-hoc", spec, defaults=defaults, calibration=calibration)
 
 
 def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
     from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_artifacts
 
-    plan = build_plan(catalog, include_all=args.all)
+    plan = build_plan(catalog, include_all=args.all, models_wanted=args.model)
     wanted = {PLAN_FILE: render_plan(plan), DVC_FILE: with_artifacts(DVC_FILE.read_text(), plan)}
     if args.check:
         stale = [str(path) for path, text in wanted.items() if not path.exists() or path.read_text() != text]
@@ -194,12 +311,13 @@ def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
     for path, text in wanted.items():
         path.write_text(text)
         print(f"wrote {path}")
+    print("run everything: dvc repro; one target (and what it needs): " + (
+        "; ".join(f"dvc repro publish@{t}" for t in sorted(plan["targets"])) or "none planned"))
     return 0
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
     """The format registry, KV-cache dtypes and GPU catalog, printed from their one source."""
-    from rich.console import Console
     from rich.table import Table
 
     catalog = load_catalog(args.catalog)
@@ -211,10 +329,11 @@ def cmd_formats(args: argparse.Namespace) -> int:
         formats.add_row(f.name, f.element_type, str(f.block_size or "-"), f.scale_type or "-", f"{f.bits_per_weight:g}",
                         str(f.min_compute_capability), f.modelopt_config or "-", gpus)
     kv = Table(title="KV-cache dtypes")
-    for column in ("name", "bytes/element", "min CC", "ModelOpt preset"):
+    for column in ("name", "also accepted as", "bytes/element", "min CC", "ModelOpt preset"):
         kv.add_column(column)
     for k in KV_CACHE_DTYPES.values():
-        kv.add_row(k.name, f"{k.bytes_per_element:g}", str(k.min_compute_capability), k.modelopt_config or "-")
+        aliases = ", ".join(a for a, name in KV_CACHE_ALIASES.items() if name == k.name) or "-"
+        kv.add_row(k.name, aliases, f"{k.bytes_per_element:g}", str(k.min_compute_capability), k.modelopt_config or "-")
     gpus = Table(title=f"GPUs ({args.catalog})")
     for column in ("key", "name", "CC", "memory", "bandwidth", "dense TFLOP/s", "TDP"):
         gpus.add_column(column)
@@ -222,9 +341,10 @@ def cmd_formats(args: argparse.Namespace) -> int:
         gpus.add_row(key, g.name, g.compute_capability, f"{g.memory_bytes / 1e9:.0f} GB",
                      f"{g.memory_bandwidth_bytes_per_s / 1e12:.2f} TB/s",
                      " / ".join(f"{d} {v:g}" for d, v in g.tflops.items()), f"{g.tdp_watts:g} W")
-    console = Console()
+    from pipeline.tables import print_table
+
     for table in (formats, kv, gpus):
-        console.print(table)
+        print_table(table)
     return 0
 
 
@@ -240,8 +360,9 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
         prog="forge", description=__doc__.splitlines()[0], epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (also after the verb)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("validate", help="check recipes (schema, GPUs, format x compute capability, fit)",
@@ -260,29 +381,62 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
     _add_common(p)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("plan", help="memory plan and predicted roofline (or --dvc: regenerate plan.yaml)",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?")
-    p.add_argument("--model-config", help="HF config.json for an ad-hoc plan")
-    p.add_argument("--format", choices=list(FORMATS), help="weight format")
-    p.add_argument("--gpu", help="GPU key from the catalog")
-    p.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8])
-    p.add_argument("--kv-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, help="max sequence length (default input + output)")
-    p.add_argument("--concurrency", type=int)
-    p.add_argument("--price", type=float, help="USD per GPU-hour, for $/Mtok")
+    p = sub.add_parser(
+        "plan", help="memory plan and predicted roofline (or --dvc: regenerate plan.yaml)",
+        description=textwrap.fill(
+            "Plan a recipe's targets, what-ifs on top of a recipe (any of --gpu/--format/--tp/"
+            "--kv-dtype/--input-len/--output-len/--seq-len/--concurrency/--price), or an ad-hoc "
+            "model config. Every form runs the checks `forge validate` runs; a plan that does not "
+            "fit prints what would and exits 2. Defaults (recipes and ad-hoc alike): "
+            f"{TARGET_DEFAULTS.describe()}.", 100),
+        epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="a recipe file (plan each of its targets)")
+    p.add_argument("--model-config", metavar="CONFIG_JSON", help="HF config.json for an ad-hoc plan (with --format and --gpu)")
+    p.add_argument("--format", choices=list(FORMATS), help="weight format (pipeline/formats.py)")
+    p.add_argument("--gpu", metavar="GPU", help="GPU key from the catalog (forge formats lists them)")
+    p.add_argument("--tp", type=int, choices=[1, 2, 4, 8], help=f"tensor-parallel GPUs (default {TARGET_DEFAULTS.tp})")
+    p.add_argument("--kv-dtype", choices=list(KV_CACHE_NAMES),
+                   help=f"KV-cache dtype; bf16/fp16 name the unquantized cache (= auto) (default {TARGET_DEFAULTS.kv_cache_dtype})")
+    p.add_argument("--input-len", type=int, metavar="N", help=f"max input tokens per request (default {TARGET_DEFAULTS.max_input_len})")
+    p.add_argument("--output-len", type=int, metavar="N", help=f"max output tokens per request (default {TARGET_DEFAULTS.max_output_len})")
+    p.add_argument("--seq-len", type=int, metavar="N", help="max sequence length the KV pool must hold per request (default input + output)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="target concurrent sequences (default: as many as fit)")
+    p.add_argument("--price", type=float, metavar="USD", help="USD per GPU-hour, for $/Mtok (default: not reported)")
+    p.add_argument("--calibration-gpus", type=int, default=8, metavar="N",
+                   help="ad-hoc: GPUs (of --gpu) in the calibration node (default %(default)s)")
+    p.add_argument("--calibration-batch", type=int, default=1, metavar="N", help="ad-hoc: calibration batch size (default %(default)s)")
+    p.add_argument("--calibration-seq-len", type=int, default=512, metavar="N",
+                   help="ad-hoc: calibration sample length (default %(default)s, as ModelOpt's hf_ptq.py)")
+    p.add_argument("--cpu-offload-gb", type=float, default=0, metavar="GB",
+                   help="ad-hoc: host RAM calibration may offload layers to (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--dvc", action="store_true", help="write plan.yaml (the list dvc.yaml iterates over)")
+    p.add_argument("--dvc", action="store_true", help="write plan.yaml and dvc.yaml's artifacts (the list dvc.yaml iterates over)")
     p.add_argument("--all", action="store_true", help="with --dvc: include models that need a GPU node / the Hub")
+    p.add_argument("--model", action="append", metavar="NAME", help="with --dvc: only this model (repeatable)")
     p.add_argument("--check", action="store_true", help="with --dvc: fail if plan.yaml is stale")
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
+    from pipeline.newmodel import register as register_new
+
+    register_new(sub)
+
     for register in (stage_verbs or {}).values():
         register(sub)
+    _accept_global_flags_after_the_verb(sub)
     return parser
+
+
+def _accept_global_flags_after_the_verb(sub: argparse._SubParsersAction) -> None:
+    """`forge validate --debug` as well as `forge --debug validate`. SUPPRESS keeps a verb's parser
+    from resetting what the top-level parser already set (argparse copies sub-parser defaults)."""
+    for verb_parser in set(sub.choices.values()):
+        for flags, options in ((("--debug",), {"help": "show tracebacks for errors"}),
+                               (("-v", "--verbose"), {"help": "debug logging"})):
+            try:
+                verb_parser.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, **options)
+            except argparse.ArgumentError:  # the verb defines this flag itself
+                pass
 
 
 def stage_verbs() -> dict[str, Callable[[argparse._SubParsersAction], None]]:
@@ -308,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `forge plan ... | head -1`: the reader left. Point stdout at devnull so the interpreter's
+        # final flush does not raise again (Python docs, signal module: "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
     except ForgeError as exc:
         if args.debug:
             raise

@@ -46,3 +46,29 @@ class VerificationError(RegistryError):
 
 class ServeError(ForgeError):
     """An engine could not be started, did not answer, or serves something other than asked."""
+MAX_LISTED = 20
+
+
+class RecipeProblems(RecipeError):
+    """Several problems found together, reported together (torchtune's ConfigError collects them
+    all): fixing one and re-running to meet the next is the loop this avoids. Each line keeps the
+    file: field: problem. Fix: shape."""
+
+    def __init__(self, problems: list[ForgeError]):
+        flat: list[ForgeError] = []
+        for problem in problems:
+            flat.extend(problem.problems if isinstance(problem, RecipeProblems) else [problem])
+        self.problems = flat
+        self.where, self.problem, self.fix = flat[0].where, flat[0].problem, flat[0].fix
+        lines = [f"{len(flat)} problems:"] + [f"  {p}" for p in flat[:MAX_LISTED]]
+        if len(flat) > MAX_LISTED:  # a generated or hostile file must not produce an unbounded message
+            lines.append(f"  ... and {len(flat) - MAX_LISTED} more; fix these first.")
+        Exception.__init__(self, "\n".join(lines))
+
+
+def raise_all(problems: list[ForgeError]) -> None:
+    """Raise nothing, the one problem, or all of them as one RecipeProblems."""
+    if len(problems) == 1 and not isinstance(problems[0], RecipeProblems):
+        raise problems[0]
+    if problems:
+        raise RecipeProblems(problems)

@@ -274,17 +274,55 @@ def run_suite(
     tasks_dir: Path,
     device: str,
     batch_size: int | None = None,
+    progress: Any | None = None,
 ) -> SuiteResult:
-    """Score an in-memory causal LM on `suite`. Moves `model` to `device` and sets eval mode."""
+    """Score an in-memory causal LM on `suite`. Moves `model` to `device` and sets eval mode.
+
+    With `progress` (a pipeline.heartbeat.Progress), lm-eval's progress bars are turned off and
+    its requests and forward batches are counted there instead, for the stage's heartbeat."""
     from lm_eval.models.huggingface import HFLM
 
     specs = task_specs(suite, tasks_dir)
     start = time.perf_counter()
     model.to(device)
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or suite.batch_size, device=device)
+    size = batch_size or suite.batch_size
+    lm_class = HFLM if progress is None else _counted_hflm(HFLM, progress, size)
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=size, device=device)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return _evaluate(lm, suite, specs, tasks_dir, start, model_name=name)
+    hook = None if progress is None else model.register_forward_hook(lambda *_: progress.advance())
+    try:
+        return _evaluate(lm, suite, specs, tasks_dir, start, model_name=name)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _counted_hflm(base: type, progress: Any, batch_size: int) -> type:
+    """HFLM with every progress bar off and each request type a heartbeat phase. The bars cannot be
+    turned off from outside: lm-eval's evaluator calls `lm.loglikelihood(requests)` with the default
+    disable_tqdm=False, and loglikelihood_rolling passes disable_tqdm=False to _loglikelihood_tokens
+    once per batch of windows (lm_eval/models/huggingface.py, 0.4.13), which under DVC printed one
+    `\\r`-joined bar per batch. Forward batches are counted by the caller's forward hook."""
+
+    class CountedHFLM(base):  # type: ignore[misc, valid-type]
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            progress.phase(f"lm-eval loglikelihood, {len(requests)} requests", -(-len(requests) // batch_size),
+                           "forward batches (about)")
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+            progress.phase(f"lm-eval loglikelihood_rolling, {len(requests)} documents", None, "forward batches")
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+            progress.phase(f"lm-eval generate_until, {len(requests)} requests", None, "forward passes")
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return CountedHFLM
 
 
 def remote_model_args(

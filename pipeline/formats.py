@@ -111,6 +111,24 @@ FORMATS: dict[str, Format] = {
             quant_algo="mxfp4",
             quantized=True,
         ),
+        # MXFP4 weights with FP8 (E4M3, per-tensor) activations: what TensorRT-LLM runs as a dense
+        # MXFP4 Linear (QuantAlgo.W4A8_MXFP4_FP8 -> W4A8MXFP4FP8LinearMethod, an FP8 x FP4 GEMM,
+        # tensorrt_llm/_torch/modules/linear.py). ModelOpt 0.47 exports it on CPU as
+        # quant_algo "W4A8_MXFP4_FP8" (tests/unit/test_engines.py). The GEMM reads FP8 activations,
+        # so it runs at the FP8 tensor-core rate.
+        Format(
+            name="w4a8_mxfp4_fp8",
+            description="MXFP4 weights (E2M1, E8M0 scale per 32) x FP8 E4M3 activations (W4A8)",
+            element_type="e2m1",
+            block_size=32,
+            scale_type="e8m0 per 32",
+            bits_per_weight=4.0 + 8 / 32,
+            min_compute_capability=ComputeCapability(10, 0),
+            compute_dtype="fp8",
+            modelopt_config="W4A8_MXFP4_FP8_CFG",
+            quant_algo="W4A8_MXFP4_FP8",
+            quantized=True,
+        ),
     )
 }
 
@@ -136,6 +154,17 @@ KV_CACHE_DTYPES: dict[str, KvCacheDtype] = {
         KvCacheDtype("nvfp4", 0.5 + 1 / 16, ComputeCapability(10, 0), "NVFP4_KV_CFG", "NVFP4"),
     )
 }
+
+
+# Other names users give the unquantized (16-bit) KV cache. "auto" keeps the checkpoint's dtype
+# (TensorRT-LLM KvCacheConfig.dtype), which is BF16 for every checkpoint forge writes; FP16 takes
+# the same 2 bytes per element, so both plan identically.
+KV_CACHE_ALIASES: dict[str, str] = {"bf16": "auto", "fp16": "auto"}
+KV_CACHE_NAMES: tuple[str, ...] = (*KV_CACHE_DTYPES, *KV_CACHE_ALIASES)
+
+
+def canonical_kv_dtype(name: str) -> str:
+    return KV_CACHE_ALIASES.get(name, name)
 
 
 def get_format(name: str) -> Format:

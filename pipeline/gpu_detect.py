@@ -39,7 +39,7 @@ class LocalGpu:
 def match_sku(name: str, known: Mapping[str, str | Sequence[str]]) -> str | None:
     """Map an NVML device name to a catalog key; `known` maps key -> substring(s) of the NVML name.
 
-    A key may list several substrings (recipes/gpus.yaml `nvml_names`, e.g. h100: ["H100 80GB
+    A key may list several substrings (pipeline/data/gpus.yaml `nvml_names`, e.g. h100: ["H100 80GB
     HBM3", "H100 SXM"]); matching is case-insensitive. When several substrings match, the longest wins, so a catalog
     can hold both "H100" and "H100 NVL" and "NVIDIA H100 NVL" maps to the second. Two different
     keys matching with equally long substrings is a catalog bug and raises RecipeError.

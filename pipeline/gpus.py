@@ -1,4 +1,8 @@
-"""The GPU catalog loader. The data lives in recipes/gpus.yaml, the only list of GPUs."""
+"""The GPU catalog loader. The data lives in pipeline/data/gpus.yaml, the only list of GPUs.
+
+It ships inside the package (package data, pyproject.toml) rather than beside the recipes, so
+`forge pull` / `forge list` work from any folder and from a wheel installed without the checkout.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline.formats import ComputeCapability
 from pipeline.yamlio import load_model_file
 
-DEFAULT_CATALOG = Path("recipes/gpus.yaml")
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "gpus.yaml"
 
 
 class GpuSpec(BaseModel):
@@ -23,6 +27,12 @@ class GpuSpec(BaseModel):
     tflops: dict[str, float] = Field(description="dense tensor-core TFLOP/s by compute dtype")
     tdp_watts: float = Field(gt=0)
     nvlink_bytes_per_s: float = Field(ge=0)
+    pcie_bytes_per_s: float = Field(default=0, ge=0, description="host link, bidirectional: TP's path without NVLink")
+
+    @property
+    def interconnect_bytes_per_s(self) -> float:
+        """What a TP all-reduce runs over: NVLink where the GPU has it, else PCIe."""
+        return self.nvlink_bytes_per_s or self.pcie_bytes_per_s
 
     @field_validator("tflops")
     @classmethod

@@ -7,3 +7,4 @@ CALIBRATION_TENSORS_FILE = "calibration.safetensors"  # calibration-set: [N, L] 
 OPTIONS_FILE = "llm_api_options.yaml"  # build: TensorRT-LLM LLM-API options
 GATE_REPORT_FILE = "gate_report.json"  # evaluate: GateReport.to_json()
 RECEIPT_FILE = "receipt.json"  # publish: what was published or why not
+THROUGHPUT_FILE = "throughput.json"  # throughput: predicted (and measured) tok/s, J/token, $/Mtok

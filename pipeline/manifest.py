@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StageInputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "forge.manifest/1"
@@ -171,20 +174,30 @@ def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+TMP_MARK = ".tmp-"  # `.<final>.tmp-<random>`: a stage output being written
+OLD_MARK = ".old-"  # `.<final>.old-<pid>-<ns>`: the previous output, moved aside for the final rename
+
+
 @contextlib.contextmanager
 def staged_output(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename,
-    on any error it is removed. Readers never see a half-written output."""
+    on any error it is removed. Readers never see a half-written output.
+
+    The writer holds an exclusive flock on its temporary directory for as long as it lives; a
+    process killed with -9 loses the lock with its file descriptors (flock(2)), so the next
+    writer into the same parent removes what the dead one left (`collect_leftovers`) and never
+    touches a live writer's directory."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    collect_leftovers(final.parent)
+    tmp, lock = _locked_tmpdir(final)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; outputs are shared like any directory
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+            old = final.with_name(f".{final.name}{OLD_MARK}{os.getpid()}-{time.time_ns()}")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -193,6 +206,65 @@ def staged_output(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _locked_tmpdir(final: Path) -> tuple[Path, int]:
+    """A fresh `.<final>.tmp-*` directory and an fd holding its flock. Between mkdtemp and flock a
+    cleaner could take the still-unlocked directory; then the lock is on a removed inode (or the
+    open fails) and a new directory is made."""
+    import fcntl
+
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(tmp).st_ino:
+                return tmp, fd
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def collect_leftovers(parent: Path) -> list[Path]:
+    """Remove `.<name>.tmp-*` / `.<name>.old-*` directories in `parent` whose writer is gone.
+
+    A directory is a leftover when nobody holds its flock: `staged_output` locks its temporary
+    directory before writing into it, so a live writer's directory is always locked. An `.old-*`
+    directory is never locked: it exists only between two renames of a finishing writer, which
+    removes it itself; removing it here as well is harmless (both ignore a missing tree).
+    Returns the paths removed."""
+    import fcntl
+
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in Path(parent).iterdir() if p.name.startswith(".") and p.is_dir()
+                      and not p.is_symlink() and (TMP_MARK in p.name or OLD_MARK in p.name)]
+    except OSError:
+        return removed
+    for path in sorted(candidates):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone already (its writer finished or another cleaner took it)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live writer holds it
+        try:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.warning("removed %s (%.1f MB) left by an interrupted stage", path, size / 1e6)
+        finally:
+            os.close(fd)
+    return removed
 
 
 class Timer:

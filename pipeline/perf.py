@@ -242,7 +242,7 @@ def gpu_key_for(device_name: str, catalog: Mapping[str, GpuSpec]) -> str:
         raise RecipeError(
             "GPU catalog",
             f"GPU {device_name!r} is not in the catalog (known: {names}).",
-            "add it to recipes/gpus.yaml with its NVML name under nvml_names, then re-run `forge probe`.",
+            "add it to pipeline/data/gpus.yaml with its NVML name under nvml_names, then re-run `forge probe`.",
         )
     return key
 
@@ -254,7 +254,7 @@ def save_probe(result: ProbeResult, catalog: Mapping[str, GpuSpec], out_dir: Pat
     expected = catalog[key].compute_capability
     if ComputeCapability.parse(expected) != ComputeCapability.parse(result.compute_capability):
         raise RecipeError(
-            f"recipes/gpus.yaml: gpus.{key}",
+            f"pipeline/data/gpus.yaml: gpus.{key}",
             f"{result.gpu_name!r} reports compute capability {result.compute_capability}, the catalog says {expected}.",
             "fix the catalog entry or its nvml_names.",
         )
@@ -298,6 +298,14 @@ def load_ceilings(gpu_key: str, compute_dtype: str, measured_dir: Path = DEFAULT
         log.info("probe for %s has no %s GEMM rate; using datasheet ceilings", gpu_key, compute_dtype)
         return None
     return Ceilings(probe.copy_bandwidth_bytes_per_s, tflops * 1e12, "measured")
+
+
+def probe_ceilings(gpu_key: str, format_name: str, measured_dir: Path = DEFAULT_MEASURED_DIR) -> Ceilings | None:
+    """`load_ceilings` for a format name: what `forge plan` passes the planner so a probe of this GPU,
+    where one exists, replaces the datasheet rates in the throughput prediction and the roofline."""
+    from pipeline.formats import FORMATS
+
+    return load_ceilings(gpu_key, FORMATS[format_name].compute_dtype, measured_dir)
 
 
 # ------------------------------------------------------------------------------------- trtllm-bench

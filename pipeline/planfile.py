@@ -24,11 +24,22 @@ HEADER = (
 )
 
 
-def build_plan(catalog: dict[str, GpuSpec], include_all: bool = False, root: Path = RECIPES_DIR) -> dict[str, Any]:
+def build_plan(catalog: dict[str, GpuSpec], include_all: bool = False, root: Path = RECIPES_DIR,
+               models_wanted: list[str] | None = None) -> dict[str, Any]:
+    """The plan; `models_wanted` keeps only those models (each must exist under root)."""
+    known = {p.parent.name for p in discover_recipes(root)}
+    unknown = sorted(set(models_wanted or ()) - known)
+    if unknown:
+        from pipeline.errors import RecipeError
+
+        raise RecipeError("--model", f"no recipes for {', '.join(repr(u[:60]) for u in unknown)} under {root}.",
+                          f"use one of {', '.join(sorted(known))}.")
     models: dict[str, Any] = {}
     recipes: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     for path in discover_recipes(root):
+        if models_wanted and path.parent.name not in models_wanted:
+            continue
         recipe = load_recipe(path)
         if not (include_all or recipe.model.spec.default_pipeline):
             continue

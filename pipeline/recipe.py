@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import RecipeError
-from pipeline.formats import KV_CACHE_DTYPES, QUANTIZED_FORMATS
+from pipeline.formats import KV_CACHE_DTYPES, QUANTIZED_FORMATS, canonical_kv_dtype
 from pipeline.yamlio import load_model_file
 
 RECIPES_DIR = Path("recipes")
@@ -33,13 +33,48 @@ CATALOG_FILE = "gpus.yaml"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 COMMIT_PATTERN = r"^[0-9a-f]{40}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Calibration sets and eval suites are looked up as <dir>/<name>.yaml: a name is one plain file
+# stem, never a path (`../recipes/gpus` would read another file).
+PLAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+@dataclass(frozen=True)
+class TargetDefaults:
+    """The one set of serving defaults, used by recipe targets and by the ad-hoc `forge plan`
+    (which prints them). FP8 KV cache: ModelOpt's hf_ptq.py quantizes the KV cache to FP8 by
+    default (shared/FACTS.md) and every catalog GPU has FP8 (compute capability >= 8.9)."""
+
+    max_input_len: int = 1024
+    max_output_len: int = 1024
+    kv_cache_dtype: str = "fp8"
+    tp: int = 1
+    max_num_tokens: int = 8192  # TensorRT-LLM's default tokens per engine step
+    kv_cache_free_gpu_memory_fraction: float = 0.9  # TensorRT-LLM KvCacheConfig default
+
+    def describe(self) -> str:
+        return (f"ISL/OSL {self.max_input_len}/{self.max_output_len}, max_seq_len = ISL + OSL, "
+                f"KV cache {self.kv_cache_dtype}, TP {self.tp}, max_num_tokens {self.max_num_tokens}, "
+                f"KV pool {self.kv_cache_free_gpu_memory_fraction:.0%} of free memory")
+
+
+TARGET_DEFAULTS = TargetDefaults()
 
 FormatName = Literal[QUANTIZED_FORMATS]  # type: ignore[valid-type]
 KvCacheDtypeName = Literal[tuple(KV_CACHE_DTYPES)]  # type: ignore[valid-type]
 
 
 class Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `true` is not the integer 1, and "8" is not 8.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _plain_name(value: str, what: str, directory: str) -> str:
+    import re
+
+    if len(value) > 64 or not re.match(PLAIN_NAME_PATTERN, value):
+        raise ValueError(f"{what} names are plain file stems ({directory}/<name>.yaml), got {value[:60]!r}; "
+                         "use up to 64 letters, digits, '-' and '_', no '/' or '..'")
+    return value
 
 
 # ---------------------------------------------------------------------------- model.yaml
@@ -79,6 +114,11 @@ ModelSource = Annotated[HfSource | LocalSource | PypiGgufSource | LocalGgufSourc
 class BaselineEval(Closed):
     suite: str = Field(description="eval suite name (eval/suites/<name>.yaml) for the unquantized baseline")
 
+    @field_validator("suite")
+    @classmethod
+    def _plain_suite(cls, value: str) -> str:
+        return _plain_name(value, "eval suite", "eval/suites")
+
 
 class ModelRecipe(Closed):
     description: str = ""
@@ -91,16 +131,40 @@ class ModelRecipe(Closed):
         description="include in the DVC plan that `make repro` runs on any machine (CPU, no Hub access)",
     )
 
+    @field_validator("architecture")
+    @classmethod
+    def _beside_model_yaml(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(f"architecture is a file name beside model.yaml, got {value[:60]!r}")
+        return value
+
 
 # ---------------------------------------------------------------------------- <variant>.yaml
 
 
 class QuantSection(Closed):
     format: FormatName = Field(description="weight/activation format (pipeline/formats.py)")
-    kv_cache_dtype: KvCacheDtypeName = Field("auto", description="KV-cache dtype; auto keeps BF16")
+    kv_cache_dtype: KvCacheDtypeName = Field(
+        TARGET_DEFAULTS.kv_cache_dtype, description="KV-cache dtype; auto keeps the model dtype (BF16)"
+    )
     exclude: list[str] = Field(
         default_factory=list,
         description="module name patterns left unquantized, in addition to ModelOpt's defaults (lm_head, routers)",
+    )
+
+    @field_validator("kv_cache_dtype", mode="before")
+    @classmethod
+    def _kv_alias(cls, value: Any) -> Any:  # bf16/fp16 name the unquantized cache (pipeline/formats.py)
+        return canonical_kv_dtype(value) if isinstance(value, str) else value
+
+
+class CalibrationNode(Closed):
+    """The machine calibration runs on: the BF16 model is placed across its GPUs (pipeline/placement.py)."""
+
+    gpu: str = Field(description="GPU kind, a key of pipeline/data/gpus.yaml")
+    count: int = Field(8, ge=1, le=64, description="GPUs in the node; the plan uses the fewest that hold the model")
+    cpu_offload_gb: float = Field(
+        0, ge=0, description="host RAM (decimal GB) layers may be offloaded to when the GPUs cannot hold them; 0: none"
     )
 
 
@@ -111,21 +175,41 @@ class CalibrationSection(Closed):
     seed: int = 0
     chat_template: bool = Field(False, description="wrap samples in the tokenizer's chat template")
     batch_size: int = Field(1, ge=1)
+    # Excluded from model_dump, hence from the recipe and section digests: where calibration runs
+    # does not change what it produces (tests/unit/test_placement_dispatch.py checks identical
+    # tensors), so moving a recipe to another node must not make its calibration data stale.
+    node: CalibrationNode | None = Field(
+        None, exclude=True, description="calibration node; default 8 GPUs of the first target's kind"
+    )
+
+    @field_validator("set")
+    @classmethod
+    def _plain_set(cls, value: str) -> str:
+        return _plain_name(value, "calibration set", "calibration")
 
 
 class Target(Closed):
     """The serving shape on one GPU SKU."""
 
-    max_input_len: int = Field(ge=1)
-    max_output_len: int = Field(ge=1)
-    max_seq_len: int | None = Field(None, description="defaults to max_input_len + max_output_len")
-    tp: Literal[1, 2, 4, 8] = 1
-    max_num_tokens: int = Field(8192, ge=1, description="tokens per engine step (TensorRT-LLM default 8192)")
+    max_input_len: int = Field(TARGET_DEFAULTS.max_input_len, ge=1)
+    max_output_len: int = Field(TARGET_DEFAULTS.max_output_len, ge=1)
+    max_seq_len: int | None = Field(None, ge=1, description="defaults to max_input_len + max_output_len")
+    tp: Literal[1, 2, 4, 8] = TARGET_DEFAULTS.tp
+    max_num_tokens: int = Field(TARGET_DEFAULTS.max_num_tokens, ge=1, description="tokens per engine step (TensorRT-LLM default 8192)")
     kv_cache_free_gpu_memory_fraction: float = Field(
-        0.9, gt=0, le=1, description="share of memory left after weights and reserve given to the KV pool"
+        TARGET_DEFAULTS.kv_cache_free_gpu_memory_fraction, gt=0, le=1,
+        description="share of memory left after weights and reserve given to the KV pool",
     )
     concurrency: int | None = Field(None, ge=1, description="target concurrent sequences; capped by KV capacity")
     price_per_gpu_hour_usd: float | None = Field(None, gt=0, description="for $/Mtok; none means not reported")
+
+    @field_validator("tp", mode="before")
+    @classmethod
+    def _tp_is_a_number(cls, value: Any) -> Any:
+        # Literal[1, 2, 4, 8] accepts True (True == 1 in Python), even in strict mode.
+        if isinstance(value, bool):
+            raise ValueError(f"tp is a number of GPUs (1, 2, 4 or 8), got the YAML boolean {str(value).lower()}")
+        return value
 
     @model_validator(mode="after")
     def _seq_len_holds_a_request(self) -> Target:
@@ -141,15 +225,42 @@ class Target(Closed):
         return self.max_seq_len or self.max_input_len + self.max_output_len
 
 
+def _recovery(value: float, field: str) -> float:
+    # Recovery is quantized / baseline (llm-compressor's lm-eval tests; pipeline/gates.py), so a
+    # minimum above 1 asks the quantized model to beat the baseline and one <= 0 gates nothing.
+    if not 0 < value <= 1:
+        hint = f"; for {value:g}% write {value / 100:g}" if 1 < value <= 100 else ""
+        raise ValueError(f"{field} is a recovery ratio (quantized / baseline) in (0, 1], e.g. 0.95 keeps 95% "
+                         f"of the baseline; got {value:g}{hint}")
+    return value
+
+
 class GateSection(Closed):
-    default_min_recovery: float = Field(0.95, gt=0, le=1.5, description="quantized/baseline per metric")
-    overrides: dict[str, float] = Field(default_factory=dict, description="per-metric min recovery")
+    default_min_recovery: float = Field(0.95, description="minimum quantized/baseline per metric, in (0, 1]")
+    overrides: dict[str, float] = Field(default_factory=dict, description="per-metric min recovery, in (0, 1]")
+
+    @field_validator("default_min_recovery")
+    @classmethod
+    def _default_is_a_ratio(cls, value: float) -> float:
+        return _recovery(value, "default_min_recovery")
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_are_ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        for metric, minimum in value.items():
+            _recovery(minimum, f"the override for {metric[:60]!r}")
+        return value
 
 
 class EvalSection(Closed):
-    suite: str
+    suite: str = Field(description="eval suite name (eval/suites/<name>.yaml)")
     gates: GateSection = GateSection()
     strict: bool = Field(False, description="a failed gate makes the evaluate stage exit non-zero")
+
+    @field_validator("suite")
+    @classmethod
+    def _plain_suite(cls, value: str) -> str:
+        return _plain_name(value, "eval suite", "eval/suites")
 
 
 class BuildSection(Closed):
@@ -177,7 +288,7 @@ class VariantRecipe(Closed):
     def _target_keys(cls, value: dict[str, Target]) -> dict[str, Target]:
         for key in value:
             if not isinstance(key, str) or not key:
-                raise ValueError("target keys are GPU names from recipes/gpus.yaml")
+                raise ValueError("target keys are GPU names from pipeline/data/gpus.yaml")
         return value
 
 
@@ -195,17 +306,17 @@ class Model:
         return self.directory / self.spec.architecture
 
     def architecture(self) -> dict[str, Any]:
+        from pipeline.yamlio import read_json
+
         path = self.architecture_path
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.is_file():
             raise RecipeError(
                 f"{self.directory / MODEL_FILE}: architecture",
                 f"{path} does not exist.",
                 "save the model's config.json (at the pinned revision) beside model.yaml.",
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise RecipeError(str(path), f"not valid JSON ({exc}).", "restore the model's config.json.") from None
+            )
+        check_inside(path, self.directory)
+        return read_json(path, "model's config.json")
 
 
 @dataclass(frozen=True)
@@ -264,10 +375,21 @@ def _check_name(name: str, where: str, what: str) -> None:
         )
 
 
+def check_inside(path: Path, directory: Path) -> None:
+    """A recipe, model.yaml or config.json must live in its model directory. A symlink to a file
+    elsewhere would let a recipe's content change outside the tree git and DVC track."""
+    target = path.resolve()
+    if not target.is_relative_to(Path(directory).resolve()):
+        raise RecipeError(str(path), f"a symlink to {str(target)[:120]}, outside {directory}.",
+                          f"copy the file into {directory} instead of linking it.")
+
+
 def load_model(model_dir: Path) -> Model:
     model_dir = Path(model_dir)
     path = model_dir / MODEL_FILE
     _check_name(model_dir.name, str(model_dir), "model directory")
+    if path.exists():
+        check_inside(path, model_dir)
     return Model(name=model_dir.name, directory=model_dir, spec=load_model_file(path, ModelRecipe))
 
 
@@ -276,6 +398,8 @@ def load_recipe(path: Path) -> Recipe:
     if path.name == MODEL_FILE:
         raise RecipeError(str(path), "this is a model file, not a recipe.", f"pass a recipe beside it, e.g. {path.parent}/fp8.yaml.")
     _check_name(path.stem, str(path), "recipe")
+    if path.exists():
+        check_inside(path, path.parent)
     spec = load_model_file(path, VariantRecipe)
     return Recipe(path=path, model=load_model(path.parent), variant=path.stem, spec=spec)
 
@@ -283,6 +407,21 @@ def load_recipe(path: Path) -> Recipe:
 def discover_recipes(root: Path = RECIPES_DIR) -> list[Path]:
     """Every recipe under root: recipes/<model>/<variant>.yaml, model.yaml excluded, sorted."""
     return sorted(p for p in Path(root).glob("*/*.yaml") if p.name != MODEL_FILE)
+
+
+def walk_recipes(path: Path) -> list[Path]:
+    """The recipes a path names: a file is itself; a directory is walked (any depth) for *.yaml,
+    skipping model.yaml, the GPU catalog and hidden directories."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    found = []
+    for candidate in path.rglob("*.yaml"):
+        parts = candidate.relative_to(path).parts
+        if candidate.name in (MODEL_FILE, CATALOG_FILE) or any(p.startswith(".") for p in parts):
+            continue
+        found.append(candidate)
+    return sorted(found)
 
 
 def discover_models(root: Path = RECIPES_DIR) -> list[Path]:

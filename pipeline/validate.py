@@ -4,13 +4,26 @@ expensive work, by `forge validate` and at the start of every stage."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pipeline.errors import RecipeError
+from pipeline.errors import ForgeError, RecipeError, raise_all
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import GpuSpec
 from pipeline.recipe import Recipe, Target
-from pipeline.sizing import Plan, ServingShape, plan
+from pipeline.sizing import (
+    TP_CHOICES,
+    Alternative,
+    ModelShape,
+    Plan,
+    ServingShape,
+    fitting_alternatives,
+    max_positions,
+    plan,
+    tp_is_valid,
+)
+from pipeline.yamlio import excerpt
 
 CALIBRATION_DIR = Path("calibration")
 EVAL_SUITES_DIR = Path("eval/suites")
@@ -28,18 +41,137 @@ def serving_shape(target: Target) -> ServingShape:
     )
 
 
-def plan_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec], ceilings=None) -> Plan:
+@dataclass(frozen=True)
+class TargetSpec:
+    """One thing to plan: a model config at a format, KV-cache dtype, GPU, TP and serving shape.
+    Built from a recipe target or from `forge plan` flags, so both run the same checks and get the
+    same messages; `fields` says how to name each setting where it came from."""
+
+    model: str
+    config: dict[str, Any]
+    format: str
+    kv_cache_dtype: str
+    gpu: str
+    tp: int
+    serving: ServingShape
+    where: str  # e.g. "recipes/x/fp8.yaml: targets.h200", or "forge plan --gpu h200"
+    fields: dict[str, str] = field(default_factory=dict)  # setting -> "file: field" or "--flag"
+    flags: bool = False  # name settings as command-line flags rather than YAML keys
+
+    def at(self, setting: str) -> str:
+        return self.fields.get(setting, self.where)
+
+    def spell(self, setting: str, value: Any) -> str:
+        """How the user writes `setting = value` where it came from: YAML key or CLI flag."""
+        yaml_key, flag = SETTING_NAMES[setting]
+        return f"{flag} {value}" if self.flags else f"{yaml_key}: {value}"
+
+
+SETTING_NAMES = {"format": ("format", "--format"), "kv": ("kv_cache_dtype", "--kv-dtype"),
+                 "tp": ("tp", "--tp"), "seq": ("max_seq_len", "--seq-len")}
+
+
+def target_spec(recipe: Recipe, gpu_key: str) -> TargetSpec:
     target = recipe.spec.targets[gpu_key]
-    return plan(
-        recipe.model.architecture(),
-        FORMATS[recipe.spec.quant.format],
-        KV_CACHE_DTYPES[recipe.spec.quant.kv_cache_dtype],
-        catalog[gpu_key],
-        gpu_key,
-        serving_shape(target),
-        tp=target.tp,
-        ceilings=ceilings,
+    at = f"{recipe.path}: targets.{excerpt(gpu_key)[1:-1]}"
+    return TargetSpec(
+        model=recipe.model.name, config=recipe.model.architecture(), format=recipe.spec.quant.format,
+        kv_cache_dtype=recipe.spec.quant.kv_cache_dtype, gpu=gpu_key, tp=target.tp,
+        serving=serving_shape(target), where=at,
+        fields={"format": f"{recipe.path}: quant.format", "kv": f"{recipe.path}: quant.kv_cache_dtype", "tp": f"{at}.tp",
+                "seq": f"{at}.max_seq_len" if target.max_seq_len else f"{at}.max_input_len + max_output_len"},
     )
+
+
+def plan_spec(spec: TargetSpec, catalog: dict[str, GpuSpec], ceilings=None) -> Plan:
+    return plan(spec.config, FORMATS[spec.format], KV_CACHE_DTYPES[spec.kv_cache_dtype], catalog[spec.gpu],
+                spec.gpu, spec.serving, tp=spec.tp, ceilings=ceilings)
+
+
+def plan_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec], ceilings=None) -> Plan:
+    return plan_spec(target_spec(recipe, gpu_key), catalog, ceilings)
+
+
+def spec_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[ForgeError]:
+    """Every problem with a target that planning cannot get past: unknown GPU, format or KV cache
+    the GPU cannot run, a TP the heads do not split into, a sequence past the model's positions."""
+    if spec.gpu not in catalog:
+        return [RecipeError(spec.where, f"unknown GPU {excerpt(spec.gpu)}.", f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")]
+    problems: list[ForgeError] = []
+    gpu = catalog[spec.gpu]
+    fmt = FORMATS[spec.format]
+    if not fmt.min_compute_capability <= gpu.cc:
+        alternatives = [f.name for f in FORMATS.values() if f.quantized and f.min_compute_capability <= gpu.cc]
+        problems.append(RecipeError(
+            spec.where,
+            f"{fmt.name} needs compute capability >= {fmt.min_compute_capability}, {spec.gpu} is {gpu.cc}.",
+            f"target {' or '.join(_gpus_supporting(fmt.min_compute_capability, catalog))}, "
+            f"or use {' or '.join(alternatives) or 'another GPU'}.",
+        ))
+    kv = KV_CACHE_DTYPES[spec.kv_cache_dtype]
+    if not kv.min_compute_capability <= gpu.cc:
+        usable = [k.name for k in KV_CACHE_DTYPES.values() if k.min_compute_capability <= gpu.cc]
+        problems.append(RecipeError(
+            spec.at("kv"),
+            f"a {kv.name} KV cache needs compute capability >= {kv.min_compute_capability}, {spec.gpu} is {gpu.cc}.",
+            f"use {' or '.join(spec.spell('kv', k) for k in usable)} for this target.",
+        ))
+    shape = ModelShape.from_hf_config(spec.config)
+    if not tp_is_valid(shape, spec.tp):
+        problems.append(RecipeError(
+            spec.at("tp"),
+            f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {spec.tp} ways.",
+            f"use {' or '.join(spec.spell('tp', t) for t in TP_CHOICES if tp_is_valid(shape, t))}.",
+        ))
+    problems += engine_problems(spec, catalog)
+    positions = max_positions(spec.config)
+    if positions is not None and spec.serving.seq_len > positions:
+        problems.append(RecipeError(
+            spec.at("seq"),
+            f"max_seq_len {spec.serving.seq_len:,} exceeds the {positions:,} positions {spec.model}'s config allows "
+            "(max_position_embeddings, with any rope_scaling).",
+            f"set {spec.spell('seq', positions)} or less.",
+        ))
+    return problems
+
+
+def would_fit(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[Alternative]:
+    """What fits, among (format, GPU) pairs some serving engine loads (pipeline/engines.py)."""
+    from pipeline.engines import engines_loading_format
+
+    kv = KV_CACHE_DTYPES[spec.kv_cache_dtype]
+    formats = [FORMATS[spec.format]] + [f for f in FORMATS.values() if f.quantized and f.name != spec.format]
+    return [a for a in fitting_alternatives(spec.config, formats, kv, catalog, spec.serving)
+            if not FORMATS[a.format].quantized
+            or engines_loading_format(a.format, kv.kv_cache_quant_algo, catalog[a.gpu].cc)]
+
+
+def fit_problem(spec: TargetSpec, target_plan: Plan, catalog: dict[str, GpuSpec]) -> RecipeError | None:
+    """None when the plan fits; otherwise the problem, with what would fit (computed)."""
+    if target_plan.fits:
+        return None
+    elsewhere = [a for a in would_fit(spec, catalog) if (a.gpu, a.format) != (spec.gpu, spec.format)]
+    also = f"; also fits: {', '.join(str(a) for a in elsewhere[:3])}" if elsewhere else ""
+    if target_plan.min_tp is not None:
+        fix = (f"set {spec.spell('tp', target_plan.min_tp)} (the smallest TP that fits on {spec.gpu}), "
+               f"or a smaller format or max_seq_len{also}.")
+    elif elsewhere:
+        fix = f"no TP up to 8 fits {spec.format} on {spec.gpu}; what fits: {', '.join(str(a) for a in elsewhere[:4])}."
+    else:
+        fix = (f"no TP up to 8 fits on any catalog GPU in any format: use a shorter max_seq_len "
+               f"({spec.serving.seq_len:,} now).")
+    return RecipeError(spec.where, f"{spec.model} {spec.format} does not fit: {target_plan.why_not} "
+                       f"(max_seq_len {spec.serving.seq_len}).", fix)
+
+
+def check_spec(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> Plan:
+    """Every check for one target, raised together; the plan when it is servable."""
+    raise_all(spec_problems(spec, catalog))
+    target_plan = plan_spec(spec, catalog)
+    problem = fit_problem(spec, target_plan, catalog)
+    if problem:
+        raise problem
+    return target_plan
 
 
 def _gpus_supporting(cc_needed, catalog: dict[str, GpuSpec]) -> list[str]:
@@ -47,37 +179,28 @@ def _gpus_supporting(cc_needed, catalog: dict[str, GpuSpec]) -> list[str]:
 
 
 def check_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> Plan:
-    """Raise the first problem with one target; return its plan when it is servable."""
-    where = f"{recipe.path}: targets.{gpu_key}"
-    if gpu_key not in catalog:
-        raise RecipeError(where, f"unknown GPU '{gpu_key}'.", f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")
-    gpu = catalog[gpu_key]
-    fmt = FORMATS[recipe.spec.quant.format]
-    if not fmt.min_compute_capability <= gpu.cc:
-        alternatives = [f.name for f in FORMATS.values() if f.quantized and f.min_compute_capability <= gpu.cc]
-        raise RecipeError(
-            where,
-            f"{fmt.name} needs compute capability >= {fmt.min_compute_capability}, {gpu_key} is {gpu.cc}.",
-            f"target {' or '.join(_gpus_supporting(fmt.min_compute_capability, catalog))}, "
-            f"or use {' or '.join(alternatives) or 'another GPU'}.",
-        )
-    kv = KV_CACHE_DTYPES[recipe.spec.quant.kv_cache_dtype]
-    if not kv.min_compute_capability <= gpu.cc:
-        raise RecipeError(
-            f"{recipe.path}: quant.kv_cache_dtype",
-            f"a {kv.name} KV cache needs compute capability >= {kv.min_compute_capability}, {gpu_key} is {gpu.cc}.",
-            "use kv_cache_dtype: fp8 or auto for this target.",
-        )
-    target_plan = plan_target(recipe, gpu_key, catalog)
-    if not target_plan.fits:
-        target = recipe.spec.targets[gpu_key]
-        if target_plan.min_tp is not None:
-            fix = f"set tp: {target_plan.min_tp} (the smallest TP that fits), or a smaller format or max_seq_len."
-        else:
-            fix = "no TP up to 8 fits: use a 4-bit format, a GPU with more memory, or a shorter max_seq_len."
-        raise RecipeError(where, f"{recipe.model.name} {fmt.name} does not fit: {target_plan.why_not} "
-                          f"(max_seq_len {target.seq_len}).", fix)
-    return target_plan
+    """Raise every problem with one target; return its plan when it is servable."""
+    return check_spec(target_spec(recipe, gpu_key), catalog)
+
+
+def engine_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[ForgeError]:
+    """A format no serving engine loads on this GPU (contracts in pipeline/engines.py)."""
+    from pipeline.engines import engines_loading_format
+
+    fmt, gpu = FORMATS[spec.format], catalog[spec.gpu]
+    if not fmt.quantized or not fmt.min_compute_capability <= gpu.cc:
+        return []  # unquantized, or already refused for compute capability
+    kv = KV_CACHE_DTYPES[spec.kv_cache_dtype]
+    if engines_loading_format(fmt.name, kv.kv_cache_quant_algo, gpu.cc):
+        return []
+    usable = [f.name for f in FORMATS.values()
+              if f.quantized and engines_loading_format(f.name, kv.kv_cache_quant_algo, gpu.cc)]
+    return [RecipeError(
+        spec.at("format"),
+        f"no serving engine loads {fmt.name} (quant_algo {fmt.quant_algo!r}, as ModelOpt writes it) on "
+        f"{spec.gpu} (TensorRT-LLM, vLLM and SGLang contracts, pipeline/engines.py).",
+        f"use {' or '.join(usable) or 'another format'} for {spec.gpu}.",
+    )]
 
 
 def check_named_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]) -> Plan:
@@ -92,15 +215,39 @@ def check_named_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]
 
 
 def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Path(".")) -> dict[str, Plan]:
-    """Every check for one recipe; returns the plan of each target. Raises the first problem."""
+    """Every check for one recipe; returns the plan of each target. Raises all problems found."""
+    problems: list[ForgeError] = []
+    problems += _names_problems(recipe, root)
+    problems += _calibration_length_problems(recipe)
+    plans: dict[str, Plan] = {}
+    for gpu_key in recipe.spec.targets:
+        try:
+            plans[gpu_key] = check_target(recipe, gpu_key, catalog)
+        except ForgeError as exc:
+            problems.append(exc)
+    from pipeline.placement import plan_recipe_calibration
+
+    node = recipe.spec.calibration.node
+    if node is not None or next(iter(recipe.spec.targets)) in catalog:  # else: the target's problem says it
+        try:  # the calibration node holds the BF16 model, or a fix is raised
+            plan_recipe_calibration(recipe, catalog)
+        except ForgeError as exc:
+            problems.append(exc)
+    raise_all(problems)
+    return plans
+
+
+def _names_problems(recipe: Recipe, root: Path) -> list[ForgeError]:
+    """The calibration set and eval suites a recipe names exist; gate overrides name suite metrics."""
+    problems: list[ForgeError] = []
     calib = root / CALIBRATION_DIR / f"{recipe.spec.calibration.set}.yaml"
     if not calib.is_file():
         known = sorted(p.stem for p in (root / CALIBRATION_DIR).glob("*.yaml"))
-        raise RecipeError(
+        problems.append(RecipeError(
             f"{recipe.path}: calibration.set",
             f"unknown calibration set '{recipe.spec.calibration.set}'.",
             f"use one of {', '.join(known)} or add {calib}.",
-        )
+        ))
     from pipeline.evaluation import load_suite
 
     for where, name in (
@@ -109,12 +256,29 @@ def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Pa
     ):
         if not (root / EVAL_SUITES_DIR / f"{name}.yaml").is_file():
             known = sorted(p.stem for p in (root / EVAL_SUITES_DIR).glob("*.yaml"))
-            raise RecipeError(where, f"unknown eval suite '{name}'.", f"use one of {', '.join(known)}.")
-        load_suite(name, root / EVAL_SUITES_DIR)
-    suite = load_suite(recipe.spec.eval.suite, root / EVAL_SUITES_DIR)
-    unknown = sorted(set(recipe.spec.eval.gates.overrides) - set(suite.directions()))
-    if unknown:
-        raise RecipeError(f"{recipe.path}: eval.gates.overrides",
-                          f"no metric {', '.join(repr(u) for u in unknown)} in eval suite {suite.name!r}.",
-                          f"use the suite's metric keys: {', '.join(suite.directions())}.")
-    return {gpu_key: check_target(recipe, gpu_key, catalog) for gpu_key in recipe.spec.targets}
+            problems.append(RecipeError(where, f"unknown eval suite '{name}'.", f"use one of {', '.join(known)}."))
+            continue
+        try:
+            load_suite(name, root / EVAL_SUITES_DIR)
+        except ForgeError as exc:
+            problems.append(exc)
+    if (root / EVAL_SUITES_DIR / f"{recipe.spec.eval.suite}.yaml").is_file():
+        suite = load_suite(recipe.spec.eval.suite, root / EVAL_SUITES_DIR)
+        unknown = sorted(set(recipe.spec.eval.gates.overrides) - set(suite.directions()))
+        if unknown:
+            problems.append(RecipeError(
+                f"{recipe.path}: eval.gates.overrides",
+                f"no metric {', '.join(repr(u[:60]) for u in unknown)} in eval suite {suite.name!r}.",
+                f"use the suite's metric keys: {', '.join(suite.directions())}.",
+            ))
+    return problems
+
+
+def _calibration_length_problems(recipe: Recipe) -> list[ForgeError]:
+    positions = max_positions(recipe.model.architecture())
+    seq_len = recipe.spec.calibration.seq_len
+    if positions is not None and seq_len > positions:
+        return [RecipeError(f"{recipe.path}: calibration.seq_len",
+                            f"{seq_len:,} tokens exceeds the {positions:,} positions {recipe.model.name}'s config allows.",
+                            f"set seq_len: {positions} or less (ModelOpt's examples calibrate at 512-4096).")]
+    return []

@@ -8,6 +8,7 @@
    and leaves `dvc status` with no changed stage.
 5. Editing only one target's serving shape in a recipe changes only that target's stages (`dvc status`
    names build@<target> and throughput@<target>, nothing upstream); the recipe is restored afterwards.
+6. README.md's results block is the table this run generated (reports/readme_results.md).
 
 Usage (from anywhere): .venv/bin/python scripts/check_repro.py [--skip-repro]
 Exit code 0 when everything holds, 1 otherwise; a summary line per check either way.
@@ -28,7 +29,9 @@ import yaml
 
 from pipeline.layout import RECEIPT_FILE
 from pipeline.manifest import file_digests, read_manifest
-from pipeline.registry import MANIFEST_FILENAME
+from pipeline.readme_results import drift
+from pipeline.registry import PULL_WRITES
+from pipeline.report import README_RESULTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = ROOT / "plan.yaml"
@@ -54,6 +57,7 @@ def main(skip_repro: bool = False) -> int:
                    for key, receipt in found.items() if receipt["published"]]
     checks += [check_refusal(key, receipt) for key, receipt in found.items() if not receipt["published"]]
     checks.append(check_something_published(found))
+    checks.append(check_readme_results())
     if not skip_repro:
         registries = sorted({receipt["registry"] for receipt in found.values() if receipt["published"]})
         before = {url: registry_snapshot(url) for url in registries}
@@ -92,7 +96,7 @@ def check_pull(key: str, receipt: dict, gpu: str, dest: Path) -> Check:
         return Check(False, f"{key}: forge pull {name} {version} failed: {tail(done)}")
     bundle = Path(read_manifest(PUBLISHED_DIR / key, "publish")["inputs"]["bundle"]["path"])
     bundle = bundle if bundle.is_absolute() else ROOT / bundle
-    pulled = file_digests(dest, exclude=(MANIFEST_FILENAME,))
+    pulled = file_digests(dest, exclude=PULL_WRITES)  # forge-artifact.json, SHA256SUMS: written by pull
     expected = file_digests(bundle, exclude=())
     if pulled != expected:
         differing = sorted(set(pulled) ^ set(expected) | {k for k in set(pulled) & set(expected)
@@ -115,6 +119,13 @@ def check_something_published(receipts: dict[str, dict]) -> Check:
     if not published:
         return Check(False, "no artifact was published: every target was refused or missing")
     return Check(True, f"{len(published)} of {len(receipts)} targets published")
+
+
+def check_readme_results() -> Check:
+    problem = drift(ROOT / "README.md", ROOT / "reports" / README_RESULTS_FILE)
+    if problem:
+        return Check(False, problem)
+    return Check(True, f"README.md results block matches reports/{README_RESULTS_FILE} from this run")
 
 
 def registry_snapshot(url: str) -> dict[str, dict]:

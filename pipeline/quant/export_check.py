@@ -10,6 +10,8 @@ tests/unit/test_export_check.py on a tiny Llama, CPU):
          weight_scale_2 F32 scalar (global); input_scale F32 scalar.
 - mxfp4: weight U8 [out, in/2]; weight_scale U8 (E8M0 exponents) [out, in/32]; no input
          scale: MXFP4 activations are scaled dynamically. quant_algo is written lower case.
+- w4a8_mxfp4_fp8: the mxfp4 weight layout plus an F32 scalar input_scale (FP8 activations);
+         quant_algo "W4A8_MXFP4_FP8", group_size 32.
 - fused shards (q/k/v, gate/up of one block): equal fp8 weight_scale and input_scale, equal
   nvfp4 weight_scale_2 and input_scale (values read from the scalar tensors only).
 - KV cache (fp8 or nvfp4): `k_scale` on k_proj and `v_scale` on v_proj, F32 scalars, one pair
@@ -92,6 +94,15 @@ EXPORT_RULES: dict[str, ExportRule] = {
         values_per_element=2,
         block_size=32,
         scales=(ScaleRule("weight_scale", "U8", True),),
+    ),
+    # Weights as mxfp4; plus the FP8 activations' per-tensor input_scale (TensorRT-LLM's
+    # W4A8MXFP4FP8LinearMethod quantizes activations dynamically and does not read it).
+    "w4a8_mxfp4_fp8": ExportRule(
+        weight_dtype="U8",
+        values_per_element=2,
+        block_size=32,
+        scales=(ScaleRule("weight_scale", "U8", True), ScaleRule("input_scale", "F32", False)),
+        fused_equal=("input_scale",),
     ),
 }
 
@@ -205,7 +216,7 @@ def verify_unified_export(
         quantized += 1
         quantized_modules.add(module)
         q_bytes += info.nbytes
-        problems.extend(_check_linear(module, info, tensors, rule))
+        problems.extend(check_linear(module, info, tensors, rule))
 
     problems.extend(_check_fused_scales(export_dir, quantized_modules, tensors, rule.fused_equal))
 
@@ -254,7 +265,7 @@ def verify_unified_export(
     )
 
 
-def _check_linear(module: str, weight: TensorInfo, tensors: dict[str, TensorInfo], rule: ExportRule) -> list[str]:
+def check_linear(module: str, weight: TensorInfo, tensors: dict[str, TensorInfo], rule: ExportRule) -> list[str]:
     problems: list[str] = []
     if weight.dtype != rule.weight_dtype:
         problems.append(f"{module}.weight is {weight.dtype}, expected {rule.weight_dtype}")
@@ -298,7 +309,7 @@ def _check_fused_scales(
         for suffix in suffixes:
             found = {m: values.get(f"{m}.{suffix}") for m in group}
             if None in found.values() or len(set(found.values())) == 1:
-                continue  # a missing scale is reported by _check_linear
+                continue  # a missing scale is reported by check_linear
             shown = ", ".join(f"{m.rsplit('.', 1)[-1]} {v:.6g}" for m, v in found.items())
             problems.append(
                 f"{group[0].rsplit('.', 1)[0]}: fused shards have different {suffix} ({shown}); "

@@ -15,7 +15,9 @@ converts that model's weights in place, so export comes last):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import resource
@@ -23,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,10 @@ def build_quant_config(modelopt_preset: str, kv_cache: str, exclude: list[str]) 
         # exclusions is deliberate: TensorRT-LLM allocates one KV pool with one dtype
         # (KvCacheConfig.dtype), so a layer excluded from weight quantization keeps a
         # quantized KV cache and still needs its k/v scales.
-        config = update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(getattr(mtq, kv_preset)["quant_cfg"]))
+        # It prints the whole merged config on one line (print_rank_0 in
+        # modelopt/torch/quantization/utils/core_utils.py, 0.47): DEBUG only.
+        with _stdout_to_debug_log("modelopt: "):
+            config = update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(getattr(mtq, kv_preset)["quant_cfg"]))
     return config
 
 
@@ -175,11 +180,15 @@ def calibrate(
     quant_config: Mapping[str, Any],
     batches: Iterable[Mapping[str, torch.Tensor]],
     progress: bool,
+    input_device: str | torch.device | None = None,
 ) -> CalibrationResult:
     """Insert ModelOpt quantizers into `model` (in place) and calibrate them on `batches`.
 
     Then unifies the scales of Linears that read one input (`unify_fused_shard_scales`), so
     the calibrated model is the one engines run after fusing q/k/v and gate/up.
+
+    `input_device`: where batches go; for a model dispatched over several devices, the device its
+    first module executes on (pipeline.modeling.input_device). Default: the first parameter's.
 
     Runs on whatever device the model is on (the stage puts it on CUDA when one is present);
     each batch (`input_ids`, `attention_mask`) is moved there. Raises CalibrationError when a
@@ -197,7 +206,7 @@ def calibrate(
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = torch.device(input_device) if input_device is not None else _model_device(model)
     # Materialised because ModelOpt may call the loop more than once (e.g. AWQ-style
     # algorithms) and a generator would be empty the second time; token ids are small.
     batch_list = list(batches)
@@ -220,7 +229,8 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    mtq.quantize(model, dict(quant_config), forward_loop)
+    with _stdout_to_debug_log("modelopt: "):
+        mtq.quantize(model, dict(quant_config), forward_loop)
     fused_groups = unify_fused_shard_scales(model)
     seconds = time.perf_counter() - start
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -281,6 +291,19 @@ def unify_fused_shard_scales(model: nn.Module) -> int:
         preprocess_linear_fusion(modules)
     log.info("unified per-tensor scales of %d fused-shard groups", len(groups))
     return len(groups)
+@contextlib.contextmanager
+def _stdout_to_debug_log(prefix: str) -> Iterator[None]:
+    """ModelOpt prints to stdout (`print` in modelopt/torch/quantization/conversion.py and
+    model_quant.py, 0.47), including the whole quantization config on one 1,800-character line:
+    keep it at DEBUG (`forge -v`), out of the stage's log."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.debug("%s%s", prefix, line)
 
 
 def check_calibrated(model: nn.Module) -> QuantizerSummary:
@@ -518,7 +541,8 @@ def export_unified(model: nn.Module, out_dir: Path | str, dtype: torch.dtype = t
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     start = time.perf_counter()
     try:
-        export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
+        with _stdout_to_debug_log("modelopt export: "):
+            export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

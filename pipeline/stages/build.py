@@ -22,9 +22,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.engines import compatibility_table
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.kpis import write_kpis
 from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
@@ -35,7 +37,6 @@ from pipeline.manifest import (
     verify_files,
     write_json,
     write_manifest,
-    write_metrics,
 )
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Plan
@@ -123,20 +124,23 @@ def main(
     target = recipe.spec.targets[gpu]
     fmt, kv = recipe.spec.quant.format, recipe.spec.quant.kv_cache_dtype
     options = llm_api_options(plan, target, fmt, kv, engine)
-    commands = serve_commands(options, plan, served_model_id(recipe), engine_dir="engine" if engine == "tensorrt" else None)
+    compatibility = [v.to_dict() for v in compatibility_table(upstream.checkpoint, gpu, cc)]
+    commands = serve_commands(options, plan, served_model_id(recipe), engine_dir="engine" if engine == "tensorrt" else None,
+                              engine_flags={r["engine"]: tuple(r["flags"]) for r in compatibility if r["loads"]})
 
     with staged_output(Path(out_dir)) as stage:
         with timer("link_checkpoint"):
             linked = link_tree(upstream.checkpoint, stage / CHECKPOINT_DIR)
         write_options(stage / OPTIONS_FILE, options, recipe, gpu)
         write_json(stage / COMMANDS_FILE, commands.to_json())
-        (stage / SERVE_FILE).write_text(serve_markdown(recipe.artifact_name(gpu), commands, plan))
+        (stage / SERVE_FILE).write_text(serve_markdown(recipe.artifact_name(gpu), commands, plan, compatibility))
         if engine == "tensorrt":
             with timer("engine"):
                 build_legacy_engine(upstream.base_model_dir(), upstream.quant_state, stage, options, fmt, target.tp)
         with timer("load_test"):
             result = run_load_test(stage / CHECKPOINT_DIR, options) if decision.run else not_run(decision.reason)
         details = bundle_details(recipe, gpu, plan, options, upstream, linked, result, catalog[gpu].name)
+        details["compatibility"] = compatibility
         manifest = build_manifest(
             "build", recipe.artifact_name(gpu), stage,
             inputs={"quantized": input_entry(Path(quantized_dir), "calibrate")},
@@ -144,7 +148,7 @@ def main(
             recipe=recipe.provenance("quant", f"targets.{gpu}", "build"),
         )
         write_manifest(stage, manifest)
-    write_metrics(Path(metrics_path), metrics(plan, linked, result))
+    write_kpis(Path(metrics_path), "build", metrics(plan, linked, result))
     log.info("bundle %s: %s, load_tested=%s", recipe.artifact_name(gpu), out_dir, result.tested)
     return Path(out_dir)
 
@@ -324,7 +328,7 @@ def bundle_details(recipe: Recipe, gpu: str, plan: Plan, options: dict[str, Any]
 
 
 def metrics(plan: Plan, linked: LinkedTree, result: LoadTestResult) -> dict[str, Any]:
-    """Flat numbers for `dvc metrics show`. `predicted_*` come from the planner's arithmetic and
+    """The numbers the build KPIs are chosen from (pipeline/kpis.py). `predicted_*` come from the planner's arithmetic and
     roofline; `checkpoint_bytes` is measured on disk; `runtime_*` only exists after a load test."""
     return {
         "predicted_weights_bytes": plan.weights_bytes,

@@ -2,11 +2,17 @@
 
 Out (`--out`): `checkpoint/` (ModelOpt's unified HF checkpoint, verified after export),
 `quant_state.pt` (ModelOpt state + calibrated quantizer buffers, to rebuild the fake-quant model
-for evaluation), `recipe.resolved.yaml`, `manifest.json`. Metrics (`--metrics`): perplexity of the
-BF16 baseline and of the quantized model on the same held-out tokens, time and peak memory.
+for evaluation), `recipe.resolved.yaml`, `manifest.json` whose `details.results` hold perplexity of
+the BF16 baseline and of the quantized model on the same held-out tokens, time and peak memory.
+Metrics (`--metrics`): the calibrate KPIs of pipeline/kpis.py.
 
 Order matters: ModelOpt's export converts the in-memory weights to the packed format, after which
 the model cannot run a forward pass (FACTS.md), so perplexity and the state are taken first.
+
+Placement: on CUDA the model is loaded as the recipe's calibration plan says (pipeline/placement.py:
+the fewest GPUs of `calibration.node`, accelerate device map + max_memory, CPU offload if planned);
+on CPU it is loaded whole unless `--cpu-memory-budget` asks for a dispatch within that many bytes,
+the rest offloaded to disk. The manifest records the device map and the peak memory of each device.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ import argparse
 import logging
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.heartbeat import Progress, heartbeat
+from pipeline.kpis import write_kpis
 from pipeline.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
@@ -30,7 +39,6 @@ from pipeline.manifest import (
     staged_output,
     verify_files,
     write_manifest,
-    write_metrics,
 )
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.validate import validate_recipe
@@ -50,79 +58,108 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    p.add_argument("--cpu-memory-budget", type=int, default=None, metavar="BYTES",
+                   help="CPU only: dispatch the model within this much RAM, offloading the rest to disk")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return main(args.recipe, args.model, args.calibration, args.out, args.metrics, args.catalog)
+    return main(args.recipe, args.model, args.calibration, args.out, args.metrics, args.catalog,
+                args.cpu_memory_budget)
 
 
 def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Path, metrics_path: Path,
-         catalog_path: Path = DEFAULT_CATALOG) -> int:
+         catalog_path: Path = DEFAULT_CATALOG, cpu_memory_budget: int | None = None) -> int:
     from pipeline.calibdata import load_materialized
-    from pipeline.modeling import load_checkpoint, perplexity
+    from pipeline.modeling import load_checkpoint
+
+    recipe = load_recipe(recipe_path)
+    catalog = load_catalog(catalog_path)
+    validate_recipe(recipe, catalog)
+    inputs = check_inputs(recipe, Path(model_dir), Path(calibration_dir))
+    timer = Timer()
+    # Disk-offloaded weights (CPU dispatch only) live here until the stage ends.
+    with tempfile.TemporaryDirectory(prefix="forge-offload-") as offload_dir:
+        with timer("load"):
+            placement, planned = choose_placement(recipe, catalog, Path(model_dir) / CHECKPOINT_DIR,
+                                                  cpu_memory_budget, Path(offload_dir))
+            loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR, placement)
+            tensors = load_materialized(Path(calibration_dir) / CALIBRATION_TENSORS_FILE)
+        return _calibrate_and_export(recipe, loaded, tensors, inputs, timer, Path(out_dir), Path(metrics_path),
+                                     planned)
+
+
+def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: Timer, out_dir: Path,
+                          metrics_path: Path, planned: dict | None) -> int:
+    from pipeline.modeling import perplexity
     from pipeline.quant import modelopt_glue as glue
     from pipeline.quant.simulate import reference_fp4_simulation
 
-    recipe = load_recipe(recipe_path)
-    validate_recipe(recipe, load_catalog(catalog_path))
-    inputs = check_inputs(recipe, Path(model_dir), Path(calibration_dir))
-    timer = Timer()
-    with timer("load"):
-        loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR)
-        tensors = load_materialized(Path(calibration_dir) / CALIBRATION_TENSORS_FILE)
     rows = recipe.spec.calibration.num_samples
     calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
-    with timer("baseline_perplexity"):
-        baseline_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
+    progress = Progress(f"calibrate {recipe.id}")
+    # One forward call = one calibration batch or one held-out row (perplexity runs batch_size=1).
+    hook = loaded.model.register_forward_hook(lambda *_: progress.advance())
+    with heartbeat(progress):
+        progress.phase("baseline perplexity", total=int(heldout_ids.shape[0]), unit="rows")
+        with timer("baseline_perplexity"):
+            baseline_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
 
-    quant = recipe.spec.quant
-    fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
-    config = glue.build_quant_config(fmt.modelopt_config, quant.kv_cache_dtype, list(quant.exclude))
-    batch = recipe.spec.calibration.batch_size
-    batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
-               for i in range(0, rows, batch)]
-    with timer("calibrate"):
-        result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty())
-    with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
-        quantized_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
+        quant = recipe.spec.quant
+        fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
+        config = glue.build_quant_config(fmt.modelopt_config, quant.kv_cache_dtype, list(quant.exclude))
+        batch = recipe.spec.calibration.batch_size
+        batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
+                   for i in range(0, rows, batch)]
+        progress.phase("calibration", total=len(batches), unit="batches")
+        with timer("calibrate"):
+            result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
+                                    input_device=loaded.device)
+        progress.phase("quantized perplexity", total=int(heldout_ids.shape[0]), unit="rows")
+        with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
+            quantized_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
+        hook.remove()  # before export: only the forward passes above are counted
+        progress.phase("export")
 
-    with staged_output(out_dir) as tmp:
-        glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
-        with timer("export"):
-            glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
-        loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
-        export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name)
-        (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        details = {
-            "format": fmt.name, "kv_cache_dtype": kv.name, "quant_algo": fmt.quant_algo,
-            "kv_cache_quant_algo": kv.kv_cache_quant_algo, "modelopt_config": fmt.modelopt_config,
-            "exclude": list(quant.exclude), "device": loaded.device, "dtype": loaded.dtype,
-            "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
-            "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
-            "export": export,
-        }
-        write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, timer.seconds, details,
-                                           recipe=recipe.provenance("model", "quant", "calibration")))
+        with staged_output(out_dir) as tmp:
+            glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
+            with timer("export"):
+                glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
+            loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
+            export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name)
+            (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+            results = {
+                "perplexity_baseline": baseline_ppl,
+                "perplexity_quantized": quantized_ppl,
+                "perplexity_delta_pct": 100 * (quantized_ppl / baseline_ppl - 1),
+                "heldout_tokens": int(heldout_ids.numel()),
+                "calibration_tokens": int(calibration_ids.numel()),
+                "calibrate_seconds": timer.seconds["calibrate"],
+                "stage_seconds": sum(timer.seconds.values()),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_cuda_bytes": result.peak_cuda_bytes,
+                "checkpoint_bytes": export["total_bytes"],
+                # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
+                # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
+                "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
+            }
+            details = {
+                "results": results,
+                "format": fmt.name, "kv_cache_dtype": kv.name, "quant_algo": fmt.quant_algo,
+                "kv_cache_quant_algo": kv.kv_cache_quant_algo, "modelopt_config": fmt.modelopt_config,
+                "exclude": list(quant.exclude), "device": loaded.device, "dtype": loaded.dtype,
+                "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
+                "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
+                "export": export,
+                "placement": {"device_map": loaded.device_map, "planned": planned,
+                              "peak_bytes_per_device": peak_bytes_per_device()},
+            }
+            write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, timer.seconds, details,
+                                               recipe=recipe.provenance("model", "quant", "calibration")))
 
-    metrics = {
-        "perplexity_baseline": baseline_ppl,
-        "perplexity_quantized": quantized_ppl,
-        "perplexity_delta_pct": 100 * (quantized_ppl / baseline_ppl - 1),
-        "heldout_tokens": int(heldout_ids.numel()),
-        "calibration_tokens": int(calibration_ids.numel()),
-        "calibrate_seconds": timer.seconds["calibrate"],
-        "stage_seconds": sum(timer.seconds.values()),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_cuda_bytes": result.peak_cuda_bytes,
-        "checkpoint_bytes": export["total_bytes"],
-        # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
-        # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
-        "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
-    }
-    write_metrics(Path(metrics_path), metrics)
+    write_kpis(Path(metrics_path), "calibrate", results)
     log.info("%s: perplexity %.3f -> %.3f (%+.1f%%), calibrate %.1f s", recipe.id, baseline_ppl, quantized_ppl,
-             metrics["perplexity_delta_pct"], timer.seconds["calibrate"])
+             results["perplexity_delta_pct"], timer.seconds["calibrate"])
     return 0
 
 
@@ -152,3 +189,43 @@ def verify_export(checkpoint_dir: Path, format_name: str, kv_name: str) -> dict:
 def peak_rss_bytes() -> int:
     # ru_maxrss is KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def choose_placement(recipe: Recipe, catalog: dict, checkpoint_dir: Path, cpu_memory_budget: int | None,
+                     offload_dir: Path):
+    """The Placement to load with (None: whole model on one device) and the plan it follows."""
+    import torch
+
+    from pipeline.errors import StageInputError
+    from pipeline.modeling import Placement, cpu_placement
+    from pipeline.placement import plan_recipe_calibration
+
+    if not torch.cuda.is_available():
+        if cpu_memory_budget is None:
+            return None, None
+        placement = cpu_placement(checkpoint_dir, cpu_memory_budget, offload_dir)
+        return placement, {"cpu_memory_budget": cpu_memory_budget}
+    if cpu_memory_budget is not None:
+        raise StageInputError("--cpu-memory-budget", "is for CPU-only machines; this one has CUDA.",
+                              "drop it: on CUDA the recipe's calibration.node plan places the model.")
+    plan = plan_recipe_calibration(recipe, catalog)
+    have = torch.cuda.device_count()
+    small = [i for i in range(min(have, plan.gpus))
+             if torch.cuda.get_device_properties(i).total_memory < plan.per_gpu_bytes[i]]
+    if have < plan.gpus or small:
+        raise StageInputError(
+            f"{recipe.path}: calibration.node",
+            f"the plan needs {plan.gpus} GPU(s) of {plan.node['gpu']} ({max(plan.per_gpu_bytes) / 1e9:,.1f} GB each); "
+            f"this machine has {have}" + (f", GPU {small[0]} too small" if small else "") + ".",
+            "run on the planned node, or set calibration.node to this machine (forge plan shows what fits).")
+    return Placement(plan.device_map, plan.max_memory()), plan.to_json()
+
+
+def peak_bytes_per_device() -> dict[str, int]:
+    """Peak allocated bytes on each CUDA device since the process started, and the peak RSS."""
+    import torch
+
+    peaks = {"cpu_rss": peak_rss_bytes()}
+    if torch.cuda.is_available():
+        peaks.update({f"cuda:{i}": int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())})
+    return peaks

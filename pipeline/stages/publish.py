@@ -7,8 +7,9 @@ calibration set and the downloaded model. A failed accuracy gate is a recorded r
 the receipt in `--out` says why nothing was published, and the exit code is 0 so `dvc repro`
 finishes (`--strict`: 1). Out (`--out`): `receipt.json` and `manifest.json`.
 
-pull verifies every file against the registry manifest's sha256 before the destination appears
-(pipeline/registry.py), and refuses an artifact built for another compute capability or another
+The registry is any kind pipeline/registries.py opens (directory, OCI, plain layout, HTTP); every kind
+offers the same calls, so nothing here branches on it. pull verifies every file against the registry
+manifest's sha256 before the destination appears (pipeline/pulling.py), and refuses an artifact built for another compute capability or another
 TensorRT-LLM version unless `--force`. `forge pull MODEL --gpu auto` picks among a model's artifacts
 the way NVIDIA NIM picks a profile: the local SKU, then fewer bits per weight, then the newest.
 """
@@ -20,7 +21,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -28,9 +30,11 @@ from typing import Any
 
 from pipeline.errors import RecipeError, RegistryError, StageInputError
 from pipeline.formats import FORMATS
+from pipeline.engines import require_loadable
 from pipeline.gates import GateReport
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.gto_tags import has_tag, tag_stage, tag_version
 from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
 from pipeline.manifest import (
     Timer,
@@ -45,19 +49,16 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.recipe import Recipe, load_recipe
+from pipeline.registries import open_registry
 from pipeline.registry import (
     PASSING_VERDICT,
     ArtifactSummary,
     PublishResult,
     PullResult,
-    Registry,
-    has_tag,
-    reject_reason,
     select_for_gpu,
-    tag_stage,
-    tag_version,
     validate_name,
 )
+from pipeline.selection import ProfileRow, profile_rows
 from pipeline.serving.gate_source import choose_gate_source
 from pipeline.sizing import KV_BLOCK_TOKENS
 from pipeline.validate import check_named_target, validate_recipe
@@ -87,9 +88,15 @@ PULL_EXAMPLE = """examples:
   forge pull smollm2-135m-instruct-fp8-h200 --stage prod --dest /srv/models/smollm2
   forge pull smollm2-135m-instruct --gpu auto --dest /srv/models/smollm2    # best artifact for this GPU
   forge pull smollm2-135m-instruct --gpu h200 --dest out/                    # ... for a catalog GPU
+  forge pull smollm2-135m-instruct-fp8-h200 --registry oci://registry.example.com/forge --dest out/
+  forge pull smollm2-135m-instruct-fp8-h200 --registry https://models.example.com/forge --dest out/
+registries: a directory or fsspec URL (s3://, gs://: extras forge-quant[s3], [gcs]); oci://HOST/NAMESPACE
+(oci+http:// without TLS; credentials from the docker config or ORAS_USER/ORAS_PASS); plain+DIR (plain
+layout); http(s):// (a plain layout served over HTTP, read only).
 """
 LIST_EXAMPLE = """examples:
   forge list
+  forge list --gpu h100          # every artifact, compatible or not with an H100, and why (as pull --gpu decides)
   forge list --gpu b200 --json
 """
 
@@ -129,14 +136,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="artifacts in the registry: versions, stages, format, GPU, key metrics",
                        epilog=LIST_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", help="only artifacts built for this GPU catalog key")
+    p.add_argument("--gpu", help="a GPU catalog key: show each artifact's compatibility with it, and which "
+                                 "one `forge pull MODEL --gpu` would take")
+    p.add_argument("--count", type=int, help="GPUs of that kind available (default 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_registry_options(p)
     p.set_defaults(func=run_list)
 
 
 def _add_registry_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", help=f"directory or fsspec URL (default: ${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY})")
+    p.add_argument("--registry", help=f"directory, fsspec URL, oci://HOST/NAMESPACE, plain+DIR or http(s):// "
+                                      f"(default: ${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY})")
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
 
 
@@ -156,7 +166,8 @@ def run_pull(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     local_gpu = resolve_gpu(args.gpu, catalog, args.count)
     result = pull_main(args.target, args.dest, registry_url(args), local_gpu, local_runtime_versions(),
-                       version=args.version, stage=args.stage, select=args.gpu is not None, force=args.force)
+                       version=args.version, stage=args.stage, select=args.gpu is not None, force=args.force,
+                       progress=sys.stderr.isatty())
     print(f"pulled {result.name} {result.version} into {result.dest}: {result.files} files, "
           f"{result.total_bytes / 1e6:,.1f} MB, every file's sha256 verified against the registry manifest"
           + (f" (forced past: {'; '.join(result.overridden)})" if result.overridden else ""))
@@ -164,15 +175,25 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    if args.gpu is not None and args.gpu not in (catalog := load_catalog(args.catalog)):
-        raise RecipeError("--gpu", f"unknown GPU {args.gpu!r}.",
-                          f"use one of {', '.join(catalog)} (recipes/gpus.yaml).")
     url = registry_url(args)
-    summaries = list_main(url, args.gpu)
-    if args.json:
-        print(json.dumps([asdict(s) for s in summaries], indent=2))
+    if args.gpu is not None:
+        catalog = load_catalog(args.catalog)
+        if args.gpu not in catalog:
+            raise RecipeError("--gpu", f"unknown GPU {args.gpu!r}.",
+                              f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")
+        rows, problems = profiles_main(url, resolve_gpu(args.gpu, catalog, args.count))
+        if args.json:
+            print(json.dumps([asdict(r) for r in rows], indent=2))
+        else:
+            render_profiles(url, args.gpu, rows)
     else:
-        render_list(url, summaries)
+        summaries, problems = list_main(url)
+        if args.json:
+            print(json.dumps([asdict(s) for s in summaries], indent=2))
+        else:
+            render_list(url, summaries)
+    for problem in problems:
+        print(f"warning: skipped unreadable {problem}", file=sys.stderr)
     return 0
 
 
@@ -233,24 +254,60 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
         source = choose_gate_source(Path(evaluation_dir), served_evaluation_dir, Path(bundle_dir))
         evaluation = read_verified(source.evaluation_dir, "evaluate")
         check_bundle_target(recipe, gpu, bundle)
+        # Nothing unloadable is published: the build's engine-contract table must name a loader.
+        require_loadable((bundle.manifest.get("details") or {}).get("compatibility") or [], f"bundle {bundle.path}")
         lineage = check_lineage(recipe, name, bundle, evaluation)
         gate = read_gate(evaluation)
-    if gate.verdict != PASSING_VERDICT:
-        receipt = refusal(name, registry, gate)
+    meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
+    meta["gate"]["scored_by"] = source.scored_by
+    target = open_registry(registry)
+    receipt = refuse(PublishCandidate(recipe, gpu, bundle, evaluation, gate, meta), name, registry)
+    if receipt is not None:
         if served_evaluation_dir is not None:  # the verdict says whether served or simulated scores failed
             receipt = replace(receipt, reason=f"{receipt.reason} (gated on {source.scored_by})")
         log.warning("%s: not published: %s", name, receipt.reason)
+        target.record_refusal(name, meta, receipt.reason)
     else:
         meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
         meta["gate"]["scored_by"] = source.scored_by
         with timer("publish"):
-            receipt = publish_verified(Registry(registry), registry, name, bundle, meta,
+            receipt = publish_verified(target, registry, name, bundle, meta,
                                        stage or recipe.spec.publish.stage, Path(repo_dir) if tag else None)
     write_receipt(Path(out_dir), receipt, recipe, bundle, evaluation, timer)
     return receipt
 
 
-def publish_verified(registry: Registry, url: str, name: str, bundle: Verified, meta: dict[str, Any],
+@dataclass(frozen=True)
+class PublishCandidate:
+    """Everything a publish check may look at; the checks below decide before anything is uploaded."""
+
+    recipe: Recipe
+    gpu: str
+    bundle: Verified
+    evaluation: Verified
+    gate: GateReport
+    metadata: dict[str, Any]
+
+
+def accuracy_gate(candidate: PublishCandidate, name: str, registry: str) -> Receipt | None:
+    return refusal(name, registry, candidate.gate) if candidate.gate.verdict != PASSING_VERDICT else None
+
+
+# The seam for further refusals: each check returns a refusal Receipt (nothing is published, the
+# registry records why) or None. Add checks here, e.g. "no engine loads this bundle" or "the served
+# result fails the gate"; the first refusal wins.
+PUBLISH_CHECKS: tuple[Callable[[PublishCandidate, str, str], Receipt | None], ...] = (accuracy_gate,)
+
+
+def refuse(candidate: PublishCandidate, name: str, registry: str) -> Receipt | None:
+    for check in PUBLISH_CHECKS:
+        receipt = check(candidate, name, registry)
+        if receipt is not None:
+            return receipt
+    return None
+
+
+def publish_verified(registry, url: str, name: str, bundle: Verified, meta: dict[str, Any],
                      label: str | None, tag_repo: Path | None) -> Receipt:
     """Upload (nothing new when the newest version has this content), label, tag in git if asked."""
     result = registry.publish(bundle.path, name, meta)
@@ -438,7 +495,7 @@ def predicted_throughput(plan: Mapping[str, Any]) -> dict[str, Any]:
                                "(forge plan); TensorRT-LLM reaches ~30-40% of it"}
 
 
-def assign_stage(registry: Registry, result: PublishResult, label: str) -> bool:
+def assign_stage(registry, result: PublishResult, label: str) -> bool:
     """Point `label` at this version; True if the label moved (a re-run leaves it, and its history, alone)."""
     if registry.stages(result.name).get(label) == result.version:
         return False
@@ -501,14 +558,14 @@ def local_runtime_versions() -> dict[str, str | None]:
 
 def pull_main(target: str, dest: Path, registry_url: str, local_gpu: LocalGpu | None,
               runtime_versions: Mapping[str, str | None], *, version: str | None = None, stage: str | None = None,
-              select: bool = False, force: bool = False) -> PullResult:
-    registry = Registry(registry_url)
+              select: bool = False, force: bool = False, progress: bool = False) -> PullResult:
+    registry = open_registry(registry_url)
     name, version = choose_artifact(registry, target, local_gpu, version, stage, select)
     return registry.pull(name, dest, version=version, stage=stage, force=force,
-                         local_gpu=local_gpu, runtime_versions=runtime_versions)
+                         local_gpu=local_gpu, runtime_versions=runtime_versions, progress=progress)
 
 
-def choose_artifact(registry: Registry, target: str, local_gpu: LocalGpu | None, version: str | None,
+def choose_artifact(registry, target: str, local_gpu: LocalGpu | None, version: str | None,
                     stage: str | None, select: bool) -> tuple[str, str | None]:
     """`target` names an artifact: pull it. Else, with `select` (a --gpu was given), it names a
     model: choose among its artifacts NIM-style (registry.select_for_gpu)."""
@@ -528,16 +585,19 @@ def choose_artifact(registry: Registry, target: str, local_gpu: LocalGpu | None,
         raise RegistryError(f"model {target}", "no NVIDIA GPU detected; nothing to choose an artifact for.",
                             "pass --gpu <catalog key>.")
     candidates = registry.manifests(model=target)
-    if not candidates:
+    refused = [r for r in registry.refusals() if (r.get("metadata") or {}).get("model") == target]
+    if not candidates and not refused:
         raise RegistryError(f"registry {registry.url}", f"has no artifact or model named {target!r} "
                                                         f"(artifacts: {', '.join(registry.names()) or 'none'}).",
                             "run `forge list` and pull one of those.")
     chosen = select_for_gpu(candidates, local_gpu)
     if chosen is None:
-        reasons = "; ".join(f"{m['name']} {m['version']}: {reject_reason(m, local_gpu)}" for m in candidates)
+        reasons = "; ".join(f"{r.name}{' ' + r.version if r.version else ''}: {r.reason}"
+                            for r in profile_rows(candidates, refused, local_gpu, model=target))
         raise RegistryError(f"model {target}", f"no artifact fits {local_gpu.name} "
                                                f"(compute capability {local_gpu.compute_capability}): {reasons}.",
-                            "build one for this GPU (add a target to the recipe), or pull one by name with --force.")
+                            "build one for this GPU (add a target to the recipe), or pull one by name with --force. "
+                            f"`forge list --gpu {local_gpu.sku or '<key>'}` shows the same rows.")
     exact = local_gpu.sku is not None and chosen["metadata"].get("gpu") == local_gpu.sku
     log.info("selected %s %s for %s: %s, %s bits/weight", chosen["name"], chosen["version"], local_gpu.name,
              "built for this SKU" if exact else f"built for {chosen['metadata'].get('gpu')} (same compute capability)",
@@ -548,8 +608,44 @@ def choose_artifact(registry: Registry, target: str, local_gpu: LocalGpu | None,
 # ---------------------------------------------------------------------------- list
 
 
-def list_main(registry_url: str, gpu: str | None = None) -> list[ArtifactSummary]:
-    return Registry(registry_url).list_artifacts(gpu=gpu)
+def list_main(registry_url: str) -> tuple[list[ArtifactSummary], list[str]]:
+    """Every artifact's summary, and the unreadable manifests skipped (named, not fatal)."""
+    registry = open_registry(registry_url)
+    return registry.list_artifacts(), registry.problems
+
+
+def profiles_main(registry_url: str, gpu: LocalGpu) -> tuple[list[ProfileRow], list[str]]:
+    """Each artifact's compatibility with `gpu`, by the rule `forge pull MODEL --gpu` uses."""
+    registry = open_registry(registry_url)
+    rows = profile_rows(registry.manifests(), registry.refusals(), gpu)
+    return rows, registry.problems
+
+
+def render_profiles(url: str, gpu_key: str, rows: list[ProfileRow]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        print(f"no artifacts in registry {url}")
+        return
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=200)
+    if console.width < 140:  # too narrow for the table's reasons: one line per artifact, nothing cut
+        print(f"{url}: artifacts for {gpu_key}")
+        for r in rows:
+            verdict = "SELECTED" if r.selected else ("compatible" if r.compatible else "incompatible")
+            print(f"  {r.name} {r.version or '-'}  {verdict}: {r.reason}")
+        return
+    table = Table(title=f"{url}: artifacts for {gpu_key}", header_style="bold")
+    table.add_column("name", no_wrap=True, min_width=max(len(r.name) for r in rows))  # copied by users: never cut
+    for column in ("version", "format", "built for", "cc", "compatible"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("why", overflow="fold", min_width=20)
+    for r in rows:
+        table.add_row(r.name, r.version or "-", r.format, r.gpu, r.compute_capability,
+                      "SELECTED" if r.selected else ("yes" if r.compatible else "no"), r.reason)
+    console.print(table)
 
 
 def key_metrics(summary: ArtifactSummary) -> dict[str, float | None]:
@@ -559,16 +655,14 @@ def key_metrics(summary: ArtifactSummary) -> dict[str, float | None]:
 
 
 def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     if not summaries:
         print(f"no artifacts in registry {url}")
         return
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=200)  # rich assumes 80 columns off a terminal, which truncates every name
-    table = Table(title=f"registry {url}", header_style="bold")
+    from pipeline.tables import print_table  # widens the console so no name is ever cut
+
+    table = Table(title=f"artifacts in {url}", header_style="bold")
     for column in ("name", "versions", "stages", "format", "bits/w", "gpu", "cc", "gate", "min recovery",
                    "decode tok/s (predicted)"):
         table.add_column(column, justify="right" if column in ("bits/w", "min recovery", "decode tok/s (predicted)")
@@ -580,7 +674,7 @@ def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
         table.add_row(s.name, versions, stages, s.format, f"{s.bits_per_weight:g}", s.gpu, s.compute_capability,
                       s.gate_verdict, _fmt(metrics["min_recovery"], ".3f"),
                       _fmt(metrics["predicted_decode_tok_s"], ",.0f"))
-    console.print(table)
+    print_table(table)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -1,9 +1,14 @@
-"""Stage `report`: one comparison across every planned target, from the stages' DVC metrics.
+"""Stage `report`: one comparison across every planned target, from the stages' outputs.
 
-In: plan.yaml (the targets `dvc repro` built) and the metrics directory: calibrate/<recipe>.json,
-evaluate/<recipe>.json, build/<target>.json, throughput/<target>.json. Out (`--out`): report.md,
-figures/*.png and plots/*.csv (pipeline/report.py). A planned target whose metrics are absent is
-listed under "Missing results" with the file that is missing, never dropped silently.
+In: plan.yaml (the targets `dvc repro` built) and the data directory the stages write, read
+through their manifests: quantized/<recipe> (held-out perplexity, manifest `details.results`),
+eval/<recipe> (gate_report.json), bundles/<target> (the memory plan), throughput/<target>
+(throughput.json), published/<target> (receipt.json). DVC metrics files are never read back
+(pipeline/kpis.py). Out (`--out`): report.md, figures/*.png, plots/*.csv|json and
+readme_results.md (pipeline/report.py); on stderr, a one-screen summary of what was published
+and what was refused and why: `dvc repro` runs this stage last, so its log ends with it.
+A planned target whose outputs are absent is listed under "Missing results" with the path that
+is missing, never dropped silently.
 """
 
 from __future__ import annotations
@@ -18,39 +23,46 @@ from typing import Any
 import yaml
 
 from pipeline.errors import StageInputError
+from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE, THROUGHPUT_FILE
+from pipeline.manifest import MANIFEST_NAME, read_manifest
 from pipeline.recipe import load_recipe
 
 log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
-  forge report --plan plan.yaml --metrics metrics --out reports
+  forge report --plan plan.yaml --data data --out reports
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="comparison report across recipes and GPUs (Markdown + PNG + DVC plot tables)",
+    p = sub.add_parser("report", help="comparison report across recipes and GPUs (Markdown + PNG + tables + summary)",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", type=Path, required=True, help="plan.yaml (forge plan --dvc)")
-    p.add_argument("--metrics", type=Path, required=True, help="the metrics directory the stages write")
+    p.add_argument("--data", type=Path, required=True, help="the directory the stages write their outputs into")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="forge comparison report")
+    p.add_argument("--gpu-compare", type=Path, help="the gpu-compare stage's output directory, to include as a section")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return main(args.plan, args.metrics, args.out, args.title)
+    return main(args.plan, args.data, args.out, args.title, args.gpu_compare)
 
 
-def main(plan_path: Path, metrics_dir: Path, out_dir: Path, title: str = "forge comparison report") -> int:
-    from pipeline.report import write_report
+def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge comparison report",
+         gpu_compare_dir: Path | None = None) -> int:
+    from pipeline.report import gpu_comparison_section, summary_lines, write_report
 
     targets = read_plan_targets(Path(plan_path))
-    collected = collect(targets, Path(metrics_dir))
-    files = write_report(collected.entries, Path(out_dir), title, collected.missing)
+    collected = collect(targets, Path(data_dir))
+    sections = [gpu_comparison_section(Path(gpu_compare_dir), Path(out_dir))] if gpu_compare_dir else []
+    files = write_report(collected.entries, Path(out_dir), title, collected.missing, sections)
     for line in collected.missing:
         log.warning("report: %s", line)
     log.info("report: %s, %d figures, %d of %d targets complete", files.markdown, len(files.plots),
              len(targets) - len({m.split(":")[0] for m in collected.missing}), len(targets))
+    for line in summary_lines(collected.entries, collected.missing):
+        log.info("%s", line)
     return 0
 
 
@@ -80,7 +92,7 @@ def read_plan_targets(plan_path: Path) -> list[PlannedTarget]:
         raise StageInputError(f"{plan_path}: targets", f"an entry lacks {exc}.", "regenerate it: forge plan --dvc.") from None
 
 
-def read_metrics(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -98,89 +110,123 @@ class Collected:
     missing: list[str]  # "<target>: <what is missing and what it means>"
 
 
-def collect(targets: list[PlannedTarget], metrics_dir: Path) -> Collected:
+@dataclass(frozen=True)
+class StageOutputs:
+    """What the report reads of one target, None where that stage's output is absent."""
+
+    calibrate: dict[str, Any] | None  # calibrate manifest details.results
+    evaluate: dict[str, Any] | None  # {"gate": GateReport dict, "path": how it was scored}
+    build: dict[str, Any] | None  # the memory plan (Plan.to_json) the bundle was sized by
+    throughput: dict[str, Any] | None  # throughput.json
+    publish: dict[str, Any] | None  # receipt.json
+
+
+CONSEQUENCE = {"calibrate": "no perplexity", "evaluate": "accuracy not gated", "build": "bundle not built",
+               "throughput": "throughput stage did not run", "publish": "not published yet"}
+
+
+def collect(targets: list[PlannedTarget], data_dir: Path) -> Collected:
     entries: list[dict[str, Any]] = []
     missing: list[str] = []
     for target in targets:
-        files = {
-            "calibrate": metrics_dir / "calibrate" / f"{target.recipe_id}.json",
-            "evaluate": metrics_dir / "evaluate" / f"{target.recipe_id}.json",
-            "build": metrics_dir / "build" / f"{target.key}.json",
-            "throughput": metrics_dir / "throughput" / f"{target.key}.json",
+        dirs = {
+            "calibrate": data_dir / "quantized" / target.recipe_id,
+            "evaluate": data_dir / "eval" / target.recipe_id,
+            "build": data_dir / "bundles" / target.key,
+            "throughput": data_dir / "throughput" / target.key,
+            "publish": data_dir / "published" / target.key,
         }
-        found = {stage: read_metrics(path) for stage, path in files.items()}
-        consequence = {"calibrate": "no perplexity", "evaluate": "accuracy not gated",
-                       "build": "bundle not built", "throughput": "throughput stage did not run"}
-        for stage, data in found.items():
-            if data is None:
-                missing.append(f"{target.key}: {files[stage]} missing ({consequence[stage]})")
+        found = read_outputs(dirs)
+        for stage, value in vars(found).items():
+            if value is None:
+                missing.append(f"{target.key}: {dirs[stage]} missing ({CONSEQUENCE[stage]})")
         try:
             entry = target_entry(target, found)
         except KeyError as exc:
-            stage = next((s for s, d in found.items() if d is not None), "build")
-            raise StageInputError(str(files[stage]), f"lacks the key {exc}.", "re-run the stage that writes it.") from None
-        served_file = metrics_dir / "serve" / f"{target.key}.json"
-        if entry is not None and (served := read_metrics(served_file)) is not None:
-            try:
-                entry["served"] = served_from_metrics(served)
-            except KeyError as exc:
-                raise StageInputError(str(served_file), f"lacks the key {exc}.", "re-run the serve-eval stage.") from None
+            raise StageInputError(str(dirs["throughput"] if found.throughput else dirs["build"]), f"lacks the key {exc}.",
+                                  "re-run the stage that writes it.") from None
+        if entry is not None and (served := read_served(data_dir / "eval" / f"{target.key}-served")) is not None:
+            entry["served"] = served
         if entry is None:
-            missing.append(f"{target.key}: no memory plan (neither build nor throughput metrics): target not shown")
+            missing.append(f"{target.key}: no memory plan (neither build nor throughput output): target not shown")
         else:
             entries.append(entry)
     return Collected(entries, missing)
 
 
-def target_entry(target: PlannedTarget, found: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+def read_outputs(dirs: dict[str, Path]) -> StageOutputs:
+    def manifest(stage: str, kind: str) -> dict[str, Any] | None:
+        return read_manifest(dirs[stage], kind) if (dirs[stage] / MANIFEST_NAME).is_file() else None
+
+    calibrate, evaluate, build = manifest("calibrate", "calibrate"), manifest("evaluate", "evaluate"), manifest("build", "build")
+    gate = read_json(dirs["evaluate"] / GATE_REPORT_FILE) if evaluate else None
+    return StageOutputs(
+        calibrate=(calibrate["details"].get("results") if calibrate else None),
+        evaluate={"gate": gate, "path": evaluate["details"].get("path")} if evaluate and gate else None,
+        build=(build["details"].get("plan") if build else None),
+        throughput=read_json(dirs["throughput"] / THROUGHPUT_FILE) if manifest("throughput", "throughput") else None,
+        publish=read_json(dirs["publish"] / RECEIPT_FILE) if manifest("publish", "publish") else None,
+    )
+
+
+def target_entry(target: PlannedTarget, found: StageOutputs) -> dict[str, Any] | None:
     """One pipeline.report entry, or None when there is no memory plan to show."""
-    build, tput, ev, cal = found["build"], found["throughput"], found["evaluate"], found["calibrate"]
-    sized = tput or build
-    if sized is None:
+    build, tput, ev, cal, receipt = found.build, found.throughput, found.evaluate, found.calibrate, found.publish
+    if tput is not None:
+        memory = {"weights_bytes": tput["predicted_weights_bytes"], "kv_capacity_tokens": tput["predicted_kv_capacity_tokens"]}
+    elif build is not None:
+        memory = {"weights_bytes": build["weights_bytes"], "kv_capacity_tokens": build["kv_capacity_tokens"]}
+    else:
         return None
     recipe = load_recipe(target.recipe_path)
     measured = bool(tput and tput.get("measured_output_tok_s"))
     prefix = "measured_" if measured else "predicted_"
-    energy = tput or build
+    # Without a throughput output, the build's plan has the same TDP-based predictions, unprefixed.
+    energy = tput or {f"predicted_{k}": build.get(k) for k in ("joules_per_token", "usd_per_mtok")}
     return {
         "model": target.model,
         "format": recipe.spec.quant.format,
         "gpu": target.gpu,
         "tp": recipe.spec.targets[target.gpu].tp,
-        "gate": gate_from_metrics(ev) if ev else None,
-        "memory": {"weights_bytes": sized["predicted_weights_bytes"],
-                   "kv_capacity_tokens": sized["predicted_kv_capacity_tokens"]},
-        "throughput": throughput_from_metrics(tput, build),
+        "gate": ev["gate"] if ev else None,
+        "memory": memory,
+        "throughput": throughput_entry(tput, build),
         "joules_per_token": energy.get(f"{prefix}joules_per_token"),
         "power_source": energy.get(f"{prefix}power_source") or ("tdp" if energy.get("predicted_joules_per_token") else None),
         "usd_per_mtok": energy.get(f"{prefix}usd_per_mtok"),
-        "eval_path": ev.get("path") if ev else None,
+        "eval_path": ev["path"] if ev else None,
         "perplexity": {"baseline": cal["perplexity_baseline"], "quantized": cal["perplexity_quantized"]} if cal else None,
+        "publish": ({"published": receipt["published"], "version": receipt.get("version"), "reason": receipt.get("reason")}
+                    if receipt else None),
     }
 
 
-def gate_from_metrics(ev: dict[str, Any]) -> dict[str, Any]:
-    """The evaluate stage's flat metrics back into GateReport.to_dict() form."""
-    fields = ("baseline", "quantized", "direction", "recovery", "threshold", "verdict", "reason")
-    return {"verdict": ev["gate_verdict"],
-            "rows": [{"metric": metric, **{k: row[k] for k in fields}} for metric, row in ev["gates"].items()]}
+def read_served(served_dir: Path) -> dict[str, Any] | None:
+    """The serve-eval stage's output (pipeline/stages/evaluate.py): the bundle scored through a real
+    engine (engine, version, device, start time and decode rate from its manifest, the gate from
+    its gate report), or why no engine here ran it. None when the stage has not run."""
+    if not (served_dir / MANIFEST_NAME).is_file():
+        return None
+    details = read_manifest(served_dir, "evaluate")["details"]
+    served = details.get("served")
+    if not served:
+        return {"served": False, "reason": details.get("reason")}
+    return {"served": True, "engine": served["engine"], "engine_version": served.get("engine_version"),
+            "device": served.get("device"), "start_seconds": served.get("start_seconds"),
+            "decode_tok_s": (served.get("decode") or {}).get("tok_s"),
+            "gate": read_json(served_dir / GATE_REPORT_FILE)}
 
 
-def served_from_metrics(sv: dict[str, Any]) -> dict[str, Any]:
-    """The serve-eval stage's flat metrics (pipeline/stages/evaluate.py served_labels + flat_metrics)."""
-    if not sv.get("served"):
-        return {"served": False, "reason": sv["not_served_reason"]}
-    return {"served": True, "engine": sv["engine"], "engine_version": sv.get("engine_version"), "device": sv.get("device"),
-            "start_seconds": sv.get("engine_start_seconds"), "decode_tok_s": sv.get("served_decode_tok_s"),
-            "gate": gate_from_metrics(sv)}
-
-
-def throughput_from_metrics(tput: dict[str, Any] | None, build: dict[str, Any] | None) -> dict[str, Any] | None:
+def throughput_entry(tput: dict[str, Any] | None, plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The throughput model's predicted run (predicted_output_tok_s) where the stage carries one, else
+    # the roofline ceiling.
     if tput and tput.get("measured_output_tok_s"):
         return {"decode_tok_s_max_batch": tput["measured_output_tok_s"], "source": "measured",
-                "predicted_tok_s": tput.get("predicted_decode_tok_s_max_batch"),
+                "predicted_tok_s": tput.get("predicted_output_tok_s") or tput.get("predicted_decode_tok_s_max_batch"),
                 "measured_over_predicted": tput.get("measured_over_predicted")}
-    for source in (tput, build):
-        if source and source.get("predicted_decode_tok_s_max_batch") is not None:
-            return {"decode_tok_s_max_batch": source["predicted_decode_tok_s_max_batch"], "source": "predicted"}
+    for source in (tput, plan):
+        value = source and (source.get("predicted_output_tok_s") or source.get("predicted_decode_tok_s_max_batch")
+                            or source.get("decode_tok_s_max_batch"))
+        if value is not None and source:
+            return {"decode_tok_s_max_batch": value, "source": "predicted"}
     return None

@@ -1,13 +1,16 @@
 """Stage `throughput`: how fast one bundle serves on its target GPU, and what a token costs.
 
-Always: the planner's predicted decode and prefill throughput for the target (keys `predicted_*`,
-with the ceilings and serving shape they came from), and J/token and $/Mtok at TDP from them.
+Always: the throughput model's prediction of trtllm-bench's offline run for the target
+(`predicted_output_tok_s`, per GPU, per user, TTFT, TPOT, the limits and bounds; pipeline/perfmodel.py),
+J/token and $/Mtok at TDP from it, and the roofline's decode/prefill ceilings beside it (keys
+`predicted_decode_*`, upper bounds), with the rates and serving shape they came from.
 Only on the target GPU with TensorRT-LLM's `trtllm-bench` on PATH: a throughput run (streamed, for
 TTFT/TPOT percentiles) and a latency run on a dataset generated for the recipe's input/output
 lengths, NVML power sampled while they run, and measured / predicted. Elsewhere `measured` is null
 and `measured_reason` says why; nothing is estimated in its place.
 
-Out: the flat JSON at `--metrics` (for `dvc metrics show` and the report stage). The bench dataset
+Out (`--out`): `throughput.json` (every number above, read by the report stage) and `manifest.json`;
+the throughput KPIs of pipeline/kpis.py at `--metrics` for `dvc metrics show`. The bench dataset
 and trtllm-bench reports go to `--workdir` (default: a temporary directory, removed afterwards).
 """
 
@@ -25,8 +28,18 @@ from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
-from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE
-from pipeline.manifest import manifest_digest, read_manifest, verify_files, write_metrics
+from pipeline.kpis import write_kpis
+from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, THROUGHPUT_FILE
+from pipeline.manifest import (
+    build_manifest,
+    input_entry,
+    manifest_digest,
+    read_manifest,
+    staged_output,
+    verify_files,
+    write_json,
+    write_manifest,
+)
 from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Ceilings, Plan
@@ -46,6 +59,7 @@ BENCH_SEED = 0
 EXAMPLE = """examples:
   forge throughput recipes/smollm2-135m-instruct/fp8.yaml --gpu h200 \\
       --bundle data/bundles/smollm2-135m-instruct-fp8-h200 \\
+      --out data/throughput/smollm2-135m-instruct-fp8-h200 \
       --metrics metrics/throughput/smollm2-135m-instruct-fp8-h200.json
   forge throughput ... --price 2.10 --run require   # on the H200 node, with trtllm-bench
 """
@@ -60,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", type=Path)
     p.add_argument("--gpu", required=True, help="a target key of the recipe")
     p.add_argument("--bundle", type=Path, required=True, help="build stage output for this target")
-    p.add_argument("--metrics", type=Path, required=True, help="flat JSON metrics for `dvc metrics show`")
+    p.add_argument("--out", type=Path, required=True, help="output directory (throughput.json + manifest.json)")
+    p.add_argument("--metrics", type=Path, required=True, help="the KPIs for `dvc metrics show`")
     p.add_argument("--price", type=float, help="USD per GPU-hour (default: the target's price_per_gpu_hour_usd)")
     p.add_argument("--run", choices=RUN_MODES, default="auto",
                    help="auto: benchmark when this machine has the target GPU and trtllm-bench; "
@@ -75,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return main(args.recipe, args.gpu, args.bundle, args.metrics, args.price, args.run, args.num_requests,
-                args.workdir, args.measured_dir, args.catalog)
+                args.workdir, args.measured_dir, args.catalog, args.out)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -83,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, price: float | None = None,
          run_mode: str = "auto", num_requests: int = DEFAULT_NUM_REQUESTS, workdir: Path | None = None,
-         measured_dir: Path = DEFAULT_MEASURED_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:
+         measured_dir: Path = DEFAULT_MEASURED_DIR, catalog_path: Path = DEFAULT_CATALOG,
+         out_dir: Path | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog)
@@ -101,14 +117,24 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
         metrics.update(measure(recipe, gpu, Path(bundle_dir), plan, catalog[gpu], pricing, num_requests, workdir))
     else:
         metrics.update(measured=None, measured_reason=decision.reason)
-    write_metrics(Path(metrics_path), metrics)
-    log.info("%s: predicted decode %s tok/s at batch %s (%s ceilings); measured: %s", recipe.artifact_name(gpu),
-             _fmt(plan.decode_tok_s_max_batch), plan.roofline.get("decode_batch"), ceilings.source,
+    if out_dir is not None:
+        write_results(Path(out_dir), recipe, gpu, Path(bundle_dir), metrics)
+    write_kpis(Path(metrics_path), "throughput", metrics)
+    log.info("%s: predicted %s output tok/s at batch %s (%s rates); measured: %s", recipe.artifact_name(gpu),
+             _fmt(metrics.get("predicted_output_tok_s")), plan.roofline.get("decode_batch"), ceilings.source,
              _fmt(metrics.get("measured_output_tok_s")) if decision.run else decision.reason)
     return 0
 
 
 # ---------------------------------------------------------------------------- checks and inputs
+
+
+def write_results(out_dir: Path, recipe: Recipe, gpu: str, bundle_dir: Path, metrics: dict[str, Any]) -> None:
+    with staged_output(out_dir) as tmp:
+        write_json(tmp / THROUGHPUT_FILE, metrics)
+        write_manifest(tmp, build_manifest("throughput", recipe.artifact_name(gpu), tmp,
+                                           {"bundle": input_entry(bundle_dir, "build")}, {},
+                                           recipe=recipe.provenance(f"targets.{gpu}")))
 
 
 @dataclass(frozen=True)
@@ -216,12 +242,27 @@ def predicted_metrics(recipe: Recipe, gpu: str, plan: Plan, ceilings: Ceilings, 
         "predicted_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
         "price_per_gpu_hour_usd": pricing.usd_per_gpu_hour,
         "price_source": pricing.source,
+        "predicted_decode_basis": "ceiling (roofline upper bound); predicted_output_tok_s is the run's prediction",
     }
-    if plan.decode_tok_s_max_batch:
-        energy = energy_and_cost(plan.decode_tok_s_max_batch, None, spec.tdp_watts, tp, pricing.usd_per_gpu_hour)
+    out.update(predicted_run(plan))
+    tok_s = out.get("predicted_output_tok_s")
+    if tok_s:  # J/token and $/Mtok of the predicted run, not of the ceiling
+        energy = energy_and_cost(tok_s, None, spec.tdp_watts, tp, pricing.usd_per_gpu_hour)
         out.update({f"predicted_{k}": energy[k] for k in ("power_source", "joules_per_token", "gpu_hours_per_mtok",
                                                             "usd_per_mtok")})
     return out
+
+
+def predicted_run(plan: Plan) -> dict[str, Any]:
+    """trtllm-bench's offline run at the plan's limits, as the throughput model predicts it."""
+    t = plan.throughput
+    if not t:
+        return {"predicted_output_tok_s": None}
+    keys = ("predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "predicted_output_tok_s_per_user",
+            "predicted_ttft_ms", "predicted_tpot_ms")
+    return {**{k: t[k] for k in keys}, "predicted_max_batch_size": t["max_batch_size"],
+            "predicted_max_num_tokens": t["max_num_tokens"], "predicted_bound_prefill": t["bound_prefill"],
+            "predicted_bound_decode": t["bound_decode"], "predicted_hardware_source": t["hardware_source"]}
 
 
 def measure(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: GpuSpec, pricing: Pricing,
@@ -246,7 +287,10 @@ def _measure_in(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: Gp
     commands = bench_commands(served_model_id(recipe), bundle_dir / CHECKPOINT_DIR, dataset.path, bundle_dir / OPTIONS_FILE,
                               target.tp, work / "reports", work / "workspace",
                               concurrency=plan.roofline.get("decode_batch") or None, num_requests=num_requests)
-    predicted = {"throughput": plan.decode_tok_s_max_batch, "latency": plan.decode_tok_s_batch1}
+    # measured / predicted: the throughput run against the model's prediction of that run; the
+    # latency run (batch 1) against the batch-1 roofline ceiling, which the model does not predict.
+    predicted = {"throughput": (plan.throughput or {}).get("predicted_output_tok_s") or plan.decode_tok_s_max_batch,
+                 "latency": plan.decode_tok_s_batch1}
     runs: dict[str, Any] = {}
     for command in commands:
         outcome = run_bench(command)

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from pipeline.formats import FORMATS, ComputeCapability
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.stages import build
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = ROOT / "recipes/gpus.yaml"
+CATALOG = DEFAULT_CATALOG
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +46,7 @@ def gpu_key() -> str:
         pytest.skip("needs tensorrt_llm (NGC container nvcr.io/nvidia/tensorrt-llm/release)")
     key = _catalog_gpu_for(cc)
     if key is None:
-        pytest.skip(f"no GPU of compute capability {cc} in recipes/gpus.yaml")
+        pytest.skip(f"no GPU of compute capability {cc} in pipeline/data/gpus.yaml")
     return key
 
 

@@ -23,10 +23,10 @@ FLOOR = 0.3
 
 @pytest.fixture(scope="module")
 def probed():
-    from pipeline.gpus import load_catalog
+    from pipeline.gpus import DEFAULT_CATALOG, load_catalog
     from pipeline.perf import match_gpu_key, probe_gpu
 
-    catalog = load_catalog(Path("recipes/gpus.yaml"))
+    catalog = load_catalog(DEFAULT_CATALOG)
     result = probe_gpu(0)
     key = match_gpu_key(result.gpu_name, catalog)
     return result, (catalog[key] if key else None)
@@ -47,7 +47,7 @@ def test_probe_reports_the_device(probed):
 def test_bandwidth_and_bf16_are_plausible(probed):
     result, spec = probed
     if spec is None:
-        pytest.skip(f"{result.gpu_name} is not in recipes/gpus.yaml")
+        pytest.skip(f"{result.gpu_name} is not in pipeline/data/gpus.yaml")
     assert result.copy_bandwidth_bytes_per_s > FLOOR * spec.memory_bandwidth_bytes_per_s
     assert result.copy_bandwidth_bytes_per_s < 1.1 * spec.memory_bandwidth_bytes_per_s
     assert result.bf16_tflops > FLOOR * spec.tflops["bf16"]
@@ -71,13 +71,13 @@ def test_fp8_skipped_below_sm89(probed):
 
 
 def test_saved_probe_becomes_measured_ceilings(probed, tmp_path):
-    from pipeline.gpus import load_catalog
+    from pipeline.gpus import DEFAULT_CATALOG, load_catalog
     from pipeline.perf import load_ceilings, save_probe
 
     result, spec = probed
     if spec is None:
-        pytest.skip(f"{result.gpu_name} is not in recipes/gpus.yaml")
-    path = save_probe(result, load_catalog(Path("recipes/gpus.yaml")), tmp_path)
+        pytest.skip(f"{result.gpu_name} is not in pipeline/data/gpus.yaml")
+    path = save_probe(result, load_catalog(DEFAULT_CATALOG), tmp_path)
     ceilings = load_ceilings(path.stem, "bf16", tmp_path)
     assert ceilings.source == "measured"
     assert ceilings.peak_flops == pytest.approx(result.bf16_tflops * 1e12)

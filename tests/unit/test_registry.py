@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import cli
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
+from pipeline.gto_tags import tag_stage, tag_version
 from pipeline.registry import (
     MANIFEST_FILENAME,
     Registry,
     artifact_name,
     compatibility_problems,
-    tag_stage,
-    tag_version,
     validate_name,
 )
 
@@ -78,6 +78,7 @@ def test_round_trip_preserves_every_file_and_writes_manifest(tmp_path):
     assert pulled.version == "v1.0.0" and pulled.files == 5 and pulled.overridden == ()
     got = tree(tmp_path / "out" / "deep")
     manifest = json.loads(got.pop(MANIFEST_FILENAME))
+    assert got.pop("SHA256SUMS").decode() == "".join(f"{f['sha256']}  {f['relpath']}\n" for f in manifest["files"])
     assert got == tree(bundle)
     assert pulled.total_bytes == sum(len(b) for b in got.values()) == manifest["total_bytes"]
     assert manifest["metadata"] == metadata()
@@ -225,7 +226,7 @@ def test_pull_from_copied_registry(tmp_path):
     copy_reg = Registry(str(tmp_path / "elsewhere" / "copy"))
     copy_reg.pull(NAME, tmp_path / "dest")
     got = tree(tmp_path / "dest")
-    got.pop(MANIFEST_FILENAME)
+    got.pop(MANIFEST_FILENAME), got.pop("SHA256SUMS")
     assert got == tree(bundle)
 
 
@@ -251,6 +252,7 @@ def test_fsspec_remote_code_path_round_trip(tmp_path):
     reg.pull(NAME, tmp_path / "dest", version="v1.0.0")
     got = tree(tmp_path / "dest")
     assert json.loads(got.pop(MANIFEST_FILENAME))["metadata"]["tp"] == 1
+    got.pop("SHA256SUMS")
     assert got == tree(bundle)
     with pytest.raises(FileExistsError):
         reg._create_exclusive(reg._manifest_path(NAME, "v1.0.0"), b"{}")
@@ -415,7 +417,8 @@ def test_stages_newest_event_wins_and_list_artifacts(tmp_path):
         (other, "v1.0.0"),
     ]
     assert reg.manifests(model="llama-3-1-8b") == []
-    assert Registry(tmp_path / "nowhere").list_artifacts() == []
+    with pytest.raises(RegistryError, match="nowhere: does not exist. Fix: check the registry URL"):
+        Registry(tmp_path / "nowhere").list_artifacts()  # a typo in FORGE_REGISTRY is not "no artifacts"
 
 
 def test_publish_does_not_keep_callers_metadata(tmp_path):
@@ -500,6 +503,47 @@ def test_corrupt_manifest_named(tmp_path):
     reg.publish(make_bundle(tmp_path), NAME, metadata())
     path = tmp_path / "reg" / "artifacts" / NAME / "versions" / "v1.0.0.json"
     path.write_text('{"name": ')
+    other = "other-fp8-h200"
+    reg.publish(make_bundle(tmp_path / "o"), other, metadata())
+    # Issue 12 item 26: the bad file is named, the healthy artifacts are still listed.
+    assert [s.name for s in reg.list_artifacts()] == [other]
+    assert reg.problems[0].startswith(f"{path}: is not valid JSON (Expecting value: line 1 column 10 (char 9)).")
     with pytest.raises(VerificationError) as err:
-        reg.list_artifacts()
+        reg.get_manifest(NAME)
     assert str(err.value).startswith(f"{path}: is not valid JSON (Expecting value: line 1 column 10 (char 9)).")
+
+
+def test_b200_rows_say_the_artifacts_exist_but_were_refused_by_their_gate(tmp_path, capsys):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    refused = "smollm2-135m-instruct-nvfp4-b200"
+    reason = "accuracy gate failed: word_perplexity recovery 0.654 < 0.95"
+    reg.record_refusal(refused, metadata(format="nvfp4", gpu="b200", compute_capability="10.0",
+                                         gate={"verdict": "fail"}), reason)
+    url = str(tmp_path / "reg")
+    assert cli.main(["list", "--registry", url, "--gpu", "b200", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[refused]["version"] is None and not rows[refused]["compatible"]
+    assert rows[refused]["reason"] == f"built, but refused by its accuracy gate ({reason}); nothing to pull"
+    assert rows[NAME]["reason"] == "built for compute capability 9.0, local GPU is 10.0"
+    code = cli.main(["pull", "smollm2-135m-instruct", "--gpu", "b200", "--registry", url, "--dest", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{refused}: built, but refused by its accuracy gate ({reason})" in err
+    assert f"{NAME} v1.0.0: built for compute capability 9.0, local GPU is 10.0" in err
+    assert "`forge list --gpu b200` shows the same rows." in err
+
+
+def test_progress_counts_every_byte_when_asked_and_draws_nothing_otherwise(tmp_path, monkeypatch):
+    from pipeline import pulling
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    advanced = []
+    real = pulling.ByteProgress.advance
+    monkeypatch.setattr(pulling.ByteProgress, "advance", lambda self, n: advanced.append(n) or real(self, n))
+    quiet = reg.pull(NAME, tmp_path / "quiet")
+    assert quiet.total_bytes > 0 and sum(advanced) == quiet.total_bytes  # counted...
+    bar = pulling.ByteProgress(quiet.total_bytes, NAME, enabled=False)
+    assert bar.__enter__()._progress is None  # ...but not drawn off a terminal
+    loud = reg.pull(NAME, tmp_path / "loud", progress=True)
+    assert sum(advanced) == 2 * loud.total_bytes

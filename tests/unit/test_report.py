@@ -60,6 +60,7 @@ def test_report_files_and_numbers(entries, tmp_path):
     assert names == sorted(
         [
             "report.md",
+            "readme_results.md",
             "figures/recovery_smollm2-135m.png",
             "figures/recovery_tiny.png",
             "figures/throughput.png",

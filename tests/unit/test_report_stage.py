@@ -1,6 +1,7 @@
-"""The report stage: metrics written by the real stage functions (calibrate's keys, build.metrics,
-throughput.predicted_metrics, evaluate.flat_metrics) collected per planned target into the
-comparison report; a planned target without metrics is reported as missing."""
+"""The report stage: stage outputs as the real stages leave them (calibrate's manifest results,
+build's plan, throughput.predicted_metrics in throughput.json, evaluate's gate_report.json, publish's
+receipt) collected per planned target into the comparison report and the end-of-run summary; a
+planned target without outputs is reported as missing. Metrics files are never read."""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ import pytest
 
 from pipeline import cli
 from pipeline.errors import StageInputError
-from pipeline.evaluation import SuiteResult
 from pipeline.gates import GatePolicy, evaluate_gates
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.manifest import build_manifest, write_manifest
 from pipeline.recipe import load_recipe
-from pipeline.stages import build, evaluate, throughput
 from pipeline.stages import report as report_stage
-from pipeline.trtllm import not_run
+from pipeline.stages import throughput
 from pipeline.validate import plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = Path("recipes/gpus.yaml")
+CATALOG = DEFAULT_CATALOG
 DIRECTIONS = {"forge_mc/acc,none": "higher", "forge_prose/word_perplexity,none": "lower"}
 BASELINE = {"forge_mc/acc,none": 0.7483, "forge_prose/word_perplexity,none": 133.31}
 QUANTIZED = {"fp8": {"forge_mc/acc,none": 0.7417, "forge_prose/word_perplexity,none": 136.2},
@@ -48,28 +48,40 @@ def write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
 
+def stage_output(directory: Path, stage: str, files: dict[str, dict], details: dict | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write(directory / name, data)
+    write_manifest(directory, build_manifest(stage, directory.name, directory, {}, {}, details))
+
+
 @pytest.fixture
 def metrics_dir(tmp_path):
-    """fp8@h200 complete; mxfp4@b200 without throughput metrics; nvfp4@b200 with nothing at all."""
+    """The data directory. fp8@h200 complete and published; mxfp4@b200 without throughput output,
+    refused; nvfp4@b200 with nothing at all. (Named for the old layout: no metrics file is written.)"""
     catalog = load_catalog(CATALOG)
-    metrics = tmp_path / "metrics"
+    data = tmp_path / "data"
     for variant, gpu in (("fp8", "h200"), ("mxfp4", "b200")):
         recipe = load_recipe(Path(f"recipes/smollm2-135m-instruct/{variant}.yaml"))
         plan = plan_target(recipe, gpu, catalog)
         key = recipe.artifact_name(gpu)
-        write(metrics / "calibrate" / f"{recipe.id}.json",
-              {"perplexity_baseline": 15.30, "perplexity_quantized": 15.63 if variant == "fp8" else 56.5})
-        write(metrics / "build" / f"{key}.json", build.metrics(plan, build.LinkedTree(3, 1000, "hardlink"), not_run("cpu")))
+        stage_output(data / "quantized" / recipe.id, "calibrate", {}, {"results": {
+            "perplexity_baseline": 15.30, "perplexity_quantized": 15.63 if variant == "fp8" else 56.5}})
+        stage_output(data / "bundles" / key, "build", {}, {"plan": plan.to_json()})
         gate = evaluate_gates(BASELINE, QUANTIZED[variant], DIRECTIONS, GatePolicy(0.95))
-        result = SuiteResult("smoke", QUANTIZED[variant], {}, {}, {}, None, 12.5, "0.4.13")
-        scored = evaluate.Scored(result, "simulated-cpu", "cpu", "float32", None)
-        write(metrics / "evaluate" / f"{recipe.id}.json", evaluate.flat_metrics(recipe, scored, gate, 20.0))
+        stage_output(data / "eval" / recipe.id, "evaluate", {"gate_report.json": gate.to_dict()},
+                     {"path": "simulated-cpu"})
+        receipt = ({"published": True, "name": key, "registry": "registry", "version": "v1.0.0"} if variant == "fp8" else
+                   {"published": False, "name": key, "registry": "registry",
+                    "reason": "accuracy gate failed: forge_mc/acc,none recovery 0.5345 < 0.95"})
+        stage_output(data / "published" / key, "publish", {"receipt.json": receipt})
         if variant == "fp8":
             pricing = throughput.Pricing(3.5, "recipe")
             ceilings = throughput.ceilings_for(recipe, gpu, catalog[gpu], tmp_path / "no-probes")
             predicted = throughput.predicted_metrics(recipe, gpu, plan, ceilings, catalog[gpu], pricing)
-            write(metrics / "throughput" / f"{key}.json", {**predicted, "measured": None, "measured_reason": "cpu"})
-    return metrics
+            stage_output(data / "throughput" / key, "throughput",
+                         {"throughput.json": {**predicted, "measured": None, "measured_reason": "cpu"}})
+    return data
 
 
 def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
@@ -81,31 +93,35 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
     catalog = load_catalog(CATALOG)
     fp8_plan = plan_target(load_recipe(Path("recipes/smollm2-135m-instruct/fp8.yaml")), "h200", catalog)
     mx_plan = plan_target(load_recipe(Path("recipes/smollm2-135m-instruct/mxfp4.yaml")), "b200", catalog)
+    predicted = fp8_plan.throughput["predicted_output_tok_s"]  # the throughput model's run (pipeline/perfmodel.py)
     fp8_row = (f"| fp8 | h200 | 1 | PASS (simulated-cpu) | {0.7417 / 0.7483:.4f} | {133.31 / 136.2:.4f} | "
                f"{fp8_plan.weights_bytes / 2**30:.2f} | {fp8_plan.kv_capacity_tokens:,} | "
-               f"{fp8_plan.decode_tok_s_max_batch:,.0f} (predicted) | {700 / fp8_plan.decode_tok_s_max_batch:.4g} (tdp) | "
-               f"{3.5 / (fp8_plan.decode_tok_s_max_batch * 3600) * 1e6:.4g} |")
+               f"{predicted:,.0f} (predicted) | {700 / predicted:.4g} (tdp) | "
+               f"{3.5 / (predicted * 3600) * 1e6:.4g} |")
     assert fp8_row in md
-    # mxfp4: no throughput metrics, so the build's prediction is shown, labelled as such
-    assert (f"| mxfp4 | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
+    # mxfp4 (the recipe's format is w4a8_mxfp4_fp8): no throughput output, so the build's prediction
+    # is shown, labelled as such
+    assert (f"| w4a8_mxfp4_fp8 | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
             f"{mx_plan.weights_bytes / 2**30:.2f} | {mx_plan.kv_capacity_tokens:,} | "
-            f"{mx_plan.decode_tok_s_max_batch:,.0f} (predicted) |") in md
+            f"{mx_plan.throughput['predicted_output_tok_s']:,.0f} (predicted) |") in md
     assert "| fp8 | h200 | 15.300 | 15.630 | +2.2% |" in md
-    assert "### mxfp4@b200x1: accuracy gate failed" in md
+    assert "### w4a8_mxfp4_fp8@b200x1: accuracy gate failed" in md
     missing = md.split("## Missing results\n\n")[1].splitlines()
     assert missing == [
-        (f"- smollm2-135m-instruct-mxfp4-b200: {metrics_dir}/throughput/smollm2-135m-instruct-mxfp4-b200.json missing "
+        (f"- smollm2-135m-instruct-mxfp4-b200: {metrics_dir}/throughput/smollm2-135m-instruct-mxfp4-b200 missing "
          "(throughput stage did not run)"),
-        *(f"- smollm2-135m-instruct-nvfp4-b200: {metrics_dir}/{stage}/smollm2-135m-instruct-nvfp4{suffix}.json missing ({why})"
-          for stage, suffix, why in (("calibrate", "", "no perplexity"), ("evaluate", "", "accuracy not gated"),
-                                     ("build", "-b200", "bundle not built"),
-                                     ("throughput", "-b200", "throughput stage did not run"))),
-        "- smollm2-135m-instruct-nvfp4-b200: no memory plan (neither build nor throughput metrics): target not shown",
+        *(f"- smollm2-135m-instruct-nvfp4-b200: {metrics_dir}/{stage}/smollm2-135m-instruct-nvfp4{suffix} missing ({why})"
+          for stage, suffix, why in (("quantized", "", "no perplexity"), ("eval", "", "accuracy not gated"),
+                                     ("bundles", "-b200", "bundle not built"),
+                                     ("throughput", "-b200", "throughput stage did not run"),
+                                     ("published", "-b200", "not published yet"))),
+        "- smollm2-135m-instruct-nvfp4-b200: no memory plan (neither build nor throughput output): target not shown",
     ]
+    assert "| smollm2-135m-instruct | w4a8_mxfp4_fp8@b200x1 | refused | accuracy gate failed: forge_mc/acc,none" in md
     with (out / "plots" / "throughput.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["label"], r["throughput_source"], r["power_source"]) for r in rows] == [
-        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct mxfp4@b200x1", "predicted", "tdp")]
+        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct w4a8_mxfp4_fp8@b200x1", "predicted", "tdp")]
     with (out / "plots" / "recovery.csv").open() as fh:
         recovery = list(csv.DictReader(fh))
     assert len(recovery) == 4 and {r["eval_path"] for r in recovery} == {"simulated-cpu"}
@@ -114,7 +130,7 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
 
 def test_measured_throughput_is_preferred_and_labelled(metrics_dir, tmp_path):
     key = "smollm2-135m-instruct-fp8-h200"
-    path = metrics_dir / "throughput" / f"{key}.json"
+    path = metrics_dir / "throughput" / key / "throughput.json"
     data = json.loads(path.read_text())
     data.update(measured={"throughput": {}}, measured_output_tok_s=40_000.0, measured_over_predicted=0.31,
                 measured_joules_per_token=0.011, measured_power_source="nvml", measured_usd_per_mtok=0.024)
@@ -122,14 +138,14 @@ def test_measured_throughput_is_preferred_and_labelled(metrics_dir, tmp_path):
     collected = report_stage.collect(report_stage.read_plan_targets(_plan(tmp_path)), metrics_dir)
     entry = next(e for e in collected.entries if e["format"] == "fp8")
     assert entry["throughput"] == {"decode_tok_s_max_batch": 40_000.0, "source": "measured",
-                                   "predicted_tok_s": data["predicted_decode_tok_s_max_batch"],
+                                   "predicted_tok_s": data["predicted_output_tok_s"],  # the model, not the ceiling
                                    "measured_over_predicted": 0.31}
     assert (entry["joules_per_token"], entry["power_source"], entry["usd_per_mtok"]) == (0.011, "nvml", 0.024)
 
 
-def test_broken_metrics_file_is_named(metrics_dir, tmp_path):
-    (metrics_dir / "evaluate" / "smollm2-135m-instruct-fp8.json").write_text("{not json")
-    with pytest.raises(StageInputError, match=r"smollm2-135m-instruct-fp8\.json: not valid JSON"):
+def test_broken_output_file_is_named(metrics_dir, tmp_path):
+    (metrics_dir / "eval" / "smollm2-135m-instruct-fp8" / "gate_report.json").write_text("{not json")
+    with pytest.raises(StageInputError, match=r"smollm2-135m-instruct-fp8/gate_report\.json: not valid JSON"):
         report_stage.collect(report_stage.read_plan_targets(_plan(tmp_path)), metrics_dir)
 
 
@@ -140,7 +156,7 @@ def test_plan_without_targets_is_refused(tmp_path):
 
 
 def test_cli_verb(metrics_dir, tmp_path):
-    assert cli.main(["report", "--plan", str(_plan(tmp_path)), "--metrics", str(metrics_dir),
+    assert cli.main(["report", "--plan", str(_plan(tmp_path)), "--data", str(metrics_dir),
                      "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.md").read_text().startswith("# forge comparison report")
 
@@ -149,3 +165,56 @@ def _plan(tmp_path: Path) -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(json.dumps(PLAN))
     return path
+
+
+def test_summary_says_what_was_published_and_refused_and_why(metrics_dir, tmp_path, caplog):
+    """Item 19: `dvc repro` ends with the report stage, whose last lines are this summary."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.report"):
+        assert report_stage.main(_plan(tmp_path), metrics_dir, tmp_path / "reports") == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.stages.report"]
+    summary = lines[lines.index(next(m for m in lines if m.startswith("summary:"))):]
+    assert summary[0] == "summary: 1 published, 1 refused, 0 not published yet, 7 missing outputs"
+    assert summary[1].startswith("  PUBLISHED smollm2-135m-instruct fp8@h200x1 v1.0.0: gate pass, min recovery 0.9")
+    assert summary[2] == ("  REFUSED  smollm2-135m-instruct w4a8_mxfp4_fp8@b200x1: accuracy gate failed: "
+                          "forge_mc/acc,none recovery 0.5345 < 0.95")
+    assert len(summary) == 3 and all(len(line) <= 160 for line in summary)
+
+
+def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_path):
+    """Item 20: the README table comes from the run; check_repro compares it with README.md."""
+    from pipeline.readme_results import BEGIN, END, block, drift, with_block
+
+    report_stage.main(_plan(tmp_path), metrics_dir, tmp_path / "reports")
+    table = (tmp_path / "reports" / "readme_results.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == ("| model | format -> GPU | held-out ppl (calibrate) | forge_mc acc recovery | "
+                        "forge_prose word_perplexity recovery | gate (>= 0.95) | published |")
+    assert lines[2] == (f"| smollm2-135m-instruct | fp8 -> H200 | 15.30 -> 15.63 (+2.2%) | {0.7417 / 0.7483:.4f} | "
+                        f"{133.31 / 136.2:.4f} | pass | v1.0.0 |")
+    assert lines[3].endswith("| fail | refused |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}\n| old | table |\n{END}\n\nafter\n")
+    problem = drift(readme, tmp_path / "reports" / "readme_results.md")
+    assert problem.startswith(f"{readme} results block differs from {tmp_path}/reports/readme_results.md: "
+                              "README '| old | table |' vs run '| model |")
+    assert problem.endswith("Fix: run `make readme` and commit README.md.")
+    readme.write_text(with_block(readme.read_text(), table))
+    assert drift(readme, tmp_path / "reports" / "readme_results.md") is None
+    assert block(readme.read_text()) == table and readme.read_text().endswith(f"{END}\n\nafter\n")
+
+
+def test_readme_without_markers_is_named(tmp_path):
+    from pipeline.readme_results import block
+
+    with pytest.raises(StageInputError, match=r"^README.md: needs exactly one results block"):
+        block("# no markers\n")
+
+
+def test_the_readme_has_one_results_block():
+    """Its content is checked against a real run by scripts/check_repro.py (unit tests have no run)."""
+    from pipeline.readme_results import block
+
+    table = block((ROOT / "README.md").read_text()).splitlines()
+    assert len(table) >= 3 and all(line.startswith("|") and line.endswith("|") for line in table)

@@ -14,6 +14,11 @@ import yaml
 from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
+FORMAT_TARGETS = (("fp8", "h200"), ("nvfp4", "b200"), ("w4a8_mxfp4_fp8", "b200"))
+
+
+def _variant(fmt: str) -> str:
+    return fmt.replace("_", "-")  # recipe file names are artifact names: no underscores
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +28,14 @@ def workspace(tiny_llama, tmp_path_factory):
     for name in ("calibration", "eval"):
         (root / name).symlink_to(ROOT / name)
     (root / "recipes").mkdir()
-    shutil.copy(ROOT / "recipes/gpus.yaml", root / "recipes/gpus.yaml")
     model_dir = root / "recipes/tiny-llama"
     model_dir.mkdir()
     shutil.copy(tiny_llama.model_dir / "config.json", model_dir / "config.json")
     (model_dir / "model.yaml").write_text(yaml.safe_dump({
         "source": {"kind": "local", "path": str(tiny_llama.model_dir)}, "eval": {"suite": "smoke"},
     }))
-    for fmt, gpu in (("fp8", "h200"), ("nvfp4", "b200")):
-        (model_dir / f"{fmt}.yaml").write_text(yaml.safe_dump({
+    for fmt, gpu in FORMAT_TARGETS:
+        (model_dir / f"{_variant(fmt)}.yaml").write_text(yaml.safe_dump({
             "quant": {"format": fmt, "kv_cache_dtype": "fp8"},
             "calibration": {"set": "generated-en", "num_samples": 4, "seq_len": 32},
             "targets": {gpu: {"max_input_len": 256, "max_output_len": 256, "concurrency": 8}},
@@ -52,16 +56,17 @@ def pipeline_outputs(workspace):
     os.chdir(workspace)
     try:
         assert forge("download", "recipes/tiny-llama/model.yaml", "--out", "data/models/tiny-llama") == 0
-        for fmt, gpu in (("fp8", "h200"), ("nvfp4", "b200")):
-            recipe = f"recipes/tiny-llama/{fmt}.yaml"
+        for fmt, gpu in FORMAT_TARGETS:
+            v = _variant(fmt)
+            recipe = f"recipes/tiny-llama/{v}.yaml"
             assert forge("calibration-set", recipe, "--model", "data/models/tiny-llama",
-                         "--out", f"data/calibration/tiny-llama-{fmt}") == 0
+                         "--out", f"data/calibration/tiny-llama-{v}") == 0
             assert forge("calibrate", recipe, "--model", "data/models/tiny-llama", "--calibration",
-                         f"data/calibration/tiny-llama-{fmt}", "--out", f"data/quantized/tiny-llama-{fmt}",
-                         "--metrics", f"metrics/calibrate/tiny-llama-{fmt}.json") == 0
-            assert forge("build", recipe, "--gpu", gpu, "--quantized", f"data/quantized/tiny-llama-{fmt}",
-                         "--out", f"data/bundles/tiny-llama-{fmt}-{gpu}",
-                         "--metrics", f"metrics/build/tiny-llama-{fmt}-{gpu}.json") == 0
+                         f"data/calibration/tiny-llama-{v}", "--out", f"data/quantized/tiny-llama-{v}",
+                         "--metrics", f"metrics/calibrate/tiny-llama-{v}.json") == 0
+            assert forge("build", recipe, "--gpu", gpu, "--quantized", f"data/quantized/tiny-llama-{v}",
+                         "--out", f"data/bundles/tiny-llama-{v}-{gpu}",
+                         "--metrics", f"metrics/build/tiny-llama-{v}-{gpu}.json") == 0
         yield workspace
     finally:
         os.chdir(cwd)
@@ -75,9 +80,9 @@ def test_download_writes_checkpoint_and_manifest(pipeline_outputs):
     assert isinstance(manifest["details"]["smoke_completion"], str)
 
 
-@pytest.mark.parametrize("fmt,quant_algo", [("fp8", "FP8"), ("nvfp4", "NVFP4")])
+@pytest.mark.parametrize("fmt,quant_algo", [("fp8", "FP8"), ("nvfp4", "NVFP4"), ("w4a8_mxfp4_fp8", "W4A8_MXFP4_FP8")])
 def test_calibrate_exports_a_verified_unified_checkpoint(pipeline_outputs, fmt, quant_algo):
-    out = pipeline_outputs / f"data/quantized/tiny-llama-{fmt}"
+    out = pipeline_outputs / f"data/quantized/tiny-llama-{_variant(fmt)}"
     quant_config = json.loads((out / "checkpoint/hf_quant_config.json").read_text())["quantization"]
     assert quant_config["quant_algo"] == quant_algo
     assert quant_config["kv_cache_quant_algo"] == "FP8"
@@ -85,9 +90,19 @@ def test_calibrate_exports_a_verified_unified_checkpoint(pipeline_outputs, fmt, 
     assert manifest["inputs"]["model"]["stage"] == "download"
     assert manifest["details"]["export"]["quantized_layers"] == 2 * 7  # q,k,v,o,gate,up,down x 2 layers
     assert (out / "quant_state.pt").is_file() and (out / "checkpoint/tokenizer.json").is_file()
-    metrics = json.loads((pipeline_outputs / f"metrics/calibrate/tiny-llama-{fmt}.json").read_text())
-    assert metrics["perplexity_quantized"] != metrics["perplexity_baseline"]
-    assert metrics["path"] == {"fp8": "modelopt-fake-quant-cpu", "nvfp4": "forge-fp4-reference-cpu"}[fmt]
+    results = manifest["details"]["results"]
+    assert results["perplexity_quantized"] != results["perplexity_baseline"]
+    assert results["path"] == {"fp8": "modelopt-fake-quant-cpu"}.get(fmt, "forge-fp4-reference-cpu")
+    # The DVC metrics file holds only the calibrate KPIs, all numbers (pipeline/kpis.py).
+    metrics = json.loads((pipeline_outputs / f"metrics/calibrate/tiny-llama-{_variant(fmt)}.json").read_text())
+    assert sorted(metrics) == ["calibrate_s", "checkpoint_bytes", "perplexity_change_pct"]
+    assert metrics["perplexity_change_pct"] == round(results["perplexity_delta_pct"], 6)
+    # Only the engines whose contract loads the bundle (pipeline/engines.py) appear with a command.
+    gpu = dict(FORMAT_TARGETS)[fmt]
+    bundle = json.loads((pipeline_outputs / f"data/bundles/tiny-llama-{_variant(fmt)}-{gpu}/manifest.json").read_text())
+    loads = [r["engine"] for r in bundle["details"]["compatibility"] if r["loads"]]
+    assert loads == {"fp8": ["tensorrt-llm", "vllm", "vllm-cpu", "sglang"], "nvfp4": ["tensorrt-llm", "vllm", "sglang"],
+                     "w4a8_mxfp4_fp8": ["tensorrt-llm"]}[fmt]
 
 
 def test_build_bundle_agrees_with_plan(pipeline_outputs, capsys):

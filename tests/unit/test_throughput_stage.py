@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from pipeline import perf
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.gpu_detect import LocalGpu
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.recipe import load_recipe
 from pipeline.stages import build, throughput
@@ -21,7 +21,7 @@ from pipeline.trtllm import LocalRuntime
 from pipeline.validate import plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = Path("recipes/gpus.yaml")
+CATALOG = DEFAULT_CATALOG
 FP8 = Path("recipes/smollm2-135m-instruct/fp8.yaml")
 H200 = LocalGpu(name="NVIDIA H200", compute_capability="9.0", memory_bytes=141_000_000_000, count=1, sku="h200")
 
@@ -63,16 +63,26 @@ def plan_now(ceilings=None):
 
 def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_path):
     metrics_path = tmp_path / "m.json"
-    assert throughput.main(FP8, "h200", bundle, metrics_path, measured_dir=tmp_path / "no-probes") == 0
-    m = json.loads(metrics_path.read_text())
+    assert throughput.main(FP8, "h200", bundle, metrics_path, measured_dir=tmp_path / "no-probes",
+                           out_dir=tmp_path / "out") == 0
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    # The DVC metrics file: the throughput KPIs only (pipeline/kpis.py); measured ones only when measured.
+    assert json.loads(metrics_path.read_text()) == {"predicted_tok_s": round(m["predicted_output_tok_s"], 6),
+                                                    "ceiling_tok_s": round(m["predicted_decode_tok_s_max_batch"], 6)}
     plan = plan_now()
-    tok_s = plan.decode_tok_s_max_batch
+    tok_s = plan.throughput["predicted_output_tok_s"]  # the throughput model's run, not the ceiling
+    assert tok_s < plan.decode_tok_s_max_batch
     assert (m["target"], m["format"], m["gpu"], m["tp"]) == ("smollm2-135m-instruct-fp8-h200", "fp8", "h200", 1)
     assert m["ceilings_source"] == "datasheet"
     assert m["predicted_inputs"]["memory_bandwidth_bytes_per_s"] == 4.8e12
     assert m["predicted_inputs"]["peak_flops"] == 1979e12  # fp8 GEMMs on an H200
     assert (m["predicted_inputs"]["max_input_len"], m["predicted_inputs"]["max_output_len"]) == (2048, 512)
-    assert m["predicted_decode_tok_s_max_batch"] == tok_s
+    assert m["predicted_output_tok_s"] == tok_s and m["predicted_output_tok_s_per_gpu"] == tok_s  # TP 1
+    assert m["predicted_max_batch_size"] == plan.roofline["decode_batch"]
+    assert m["predicted_max_num_tokens"] == plan.inputs["max_num_tokens"]
+    assert m["predicted_ttft_ms"] > 0 and m["predicted_tpot_ms"] > 0
+    assert m["predicted_decode_tok_s_max_batch"] == plan.decode_tok_s_max_batch  # the ceiling stays, labelled
+    assert m["predicted_decode_basis"].startswith("ceiling")
     assert m["predicted_decode_batch"] == plan.roofline["decode_batch"] == 256  # the recipe's concurrency
     assert m["predicted_prefill_tok_s"] == plan.roofline["prefill_tok_s"]
     assert m["predicted_power_source"] == "tdp"
@@ -86,10 +96,10 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
 
 
 def test_price_on_the_command_line_wins(bundle, tmp_path):
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", price=2.0, measured_dir=tmp_path)
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", price=2.0, measured_dir=tmp_path)
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert (m["price_per_gpu_hour_usd"], m["price_source"]) == (2.0, "--price")
-    assert m["predicted_usd_per_mtok"] == pytest.approx(2.0 / (m["predicted_decode_tok_s_max_batch"] * 3600) * 1e6)
+    assert m["predicted_usd_per_mtok"] == pytest.approx(2.0 / (m["predicted_output_tok_s"] * 3600) * 1e6)
 
 
 def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
@@ -97,12 +107,17 @@ def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
                              bf16_tflops=790.0, fp8_tflops=1300.0, method={}, torch_version="2.13.0", cuda_version="13.0",
                              measured_at="2026-11-01T00:00:00+00:00")
     perf.save_probe(probe, load_catalog(CATALOG), tmp_path / "measured")
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", measured_dir=tmp_path / "measured")
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", measured_dir=tmp_path / "measured")
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert m["ceilings_source"] == "measured"
     assert (m["predicted_inputs"]["memory_bandwidth_bytes_per_s"], m["predicted_inputs"]["peak_flops"]) == (4.3e12, 1.3e15)
-    assert m["predicted_decode_tok_s_max_batch"] == pytest.approx(
-        plan_now(perf.load_ceilings("h200", "fp8", tmp_path / "measured")).decode_tok_s_max_batch)
+    measured_plan = plan_now(perf.load_ceilings("h200", "fp8", tmp_path / "measured"))
+    assert m["predicted_decode_tok_s_max_batch"] == pytest.approx(measured_plan.decode_tok_s_max_batch)
+    # The probe's rates replace the datasheet's in the predicted run too (at the same runtime limits).
+    assert m["predicted_hardware_source"] == "measured"
+    assert m["predicted_output_tok_s"] == pytest.approx(measured_plan.throughput["predicted_output_tok_s"])
+    assert m["predicted_output_tok_s"] < plan_now().throughput["predicted_output_tok_s"]  # slower probe, fewer tok/s
+    assert m["predicted_max_batch_size"] == plan_now().roofline["decode_batch"]
 
 
 def test_require_on_a_cpu_machine_is_refused_before_writing(bundle, tmp_path):
@@ -117,8 +132,8 @@ def test_another_sku_of_the_same_compute_capability_is_not_measured(monkeypatch,
     h100 = LocalGpu(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", memory_bytes=80_000_000_000, sku="h100")
     monkeypatch.setattr(throughput, "detect_local_gpu", lambda known: h100)
     monkeypatch.setattr(throughput.shutil, "which", lambda name: "/usr/bin/trtllm-bench")
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json")
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert m["measured"] is None
     assert m["measured_reason"] == "not run: this machine lacks a NVIDIA H200 SXM 141GB (this machine has NVIDIA H100 80GB HBM3)"
 
@@ -154,8 +169,8 @@ def test_measurement_on_the_target_gpu(monkeypatch, bundle, tmp_path):
         return perf.BenchRun(command.mode, command.argv, perf.parse_bench_report(bench_report(tok_s)), power, 2.0)
 
     monkeypatch.setattr(perf, "run_bench", fake_run_bench)
-    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", num_requests=3, workdir=tmp_path / "work")
-    m = json.loads((tmp_path / "m.json").read_text())
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", num_requests=3, workdir=tmp_path / "work")
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     plan = plan_now()
     assert [c.mode for c in runs] == ["throughput", "latency"]
     argv = runs[0].argv
@@ -165,13 +180,13 @@ def test_measurement_on_the_target_gpu(monkeypatch, bundle, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "work" / "bench_dataset.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and {len(x["input_ids"]) for x in lines} == {2048} and {x["output_tokens"] for x in lines} == {512}
     assert m["measured_output_tok_s"] == 40_000.0
-    assert m["measured_over_predicted"] == pytest.approx(40_000.0 / plan.decode_tok_s_max_batch)
+    assert m["measured_over_predicted"] == pytest.approx(40_000.0 / plan.throughput["predicted_output_tok_s"])
     assert m["measured_latency_over_predicted_batch1"] == pytest.approx(900.0 / plan.decode_tok_s_batch1)
     assert (m["measured_ttft_ms_p50"], m["measured_ttft_ms_p99"], m["measured_tpot_ms_p90"]) == (40.0, 70.0, 5.0)
     assert m["measured_power_source"] == "nvml"
     assert m["measured_joules_per_token"] == pytest.approx(450.0 / 40_000.0)
     assert m["measured_usd_per_mtok"] == pytest.approx(3.50 / (40_000.0 * 3600) * 1e6)
-    assert m["predicted_joules_per_token"] == pytest.approx(700 / plan.decode_tok_s_max_batch)  # still there, labelled
+    assert m["predicted_joules_per_token"] == pytest.approx(700 / plan.throughput["predicted_output_tok_s"])  # labelled
     assert m["measured"]["dataset"]["num_requests"] == 3 and "measured_reason" not in m
 
 

