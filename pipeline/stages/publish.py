@@ -28,9 +28,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.engines import require_loadable
 from pipeline.errors import RecipeError, RegistryError, StageInputError
 from pipeline.formats import FORMATS
-from pipeline.engines import require_loadable
 from pipeline.gates import GateReport
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
