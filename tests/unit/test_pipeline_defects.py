@@ -105,7 +105,7 @@ def test_recovery_plot_has_short_labels_and_a_threshold_rule(monkeypatch, tmp_pa
 
 def test_make_repro_checks_the_plan_before_dvc_repro():
     makefile = (ROOT / "Makefile").read_text()
-    recipe = makefile.split("\nrepro: setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    recipe = makefile.split("\nrepro: setup serve-env\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert [line.strip() for line in recipe] == ["forge plan --dvc --check", "dvc repro"]
 
 
