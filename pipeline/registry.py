@@ -385,6 +385,40 @@ def _bundle_files(bundle_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the registry
 
 
+class ManifestListing:
+    """`manifests` and `list_artifacts` for a registry kind that reads one manifest per version
+    (`get_manifest`) and names the unreadable ones in `self.problems` (the OCI and plain kinds;
+    the directory kind also skips to an older readable version, so it keeps its own)."""
+
+    problems: list[str]
+
+    def manifests(self, model: str | None = None) -> list[dict]:
+        out = []
+        for name in self.names():
+            for version in self.versions(name):
+                try:
+                    manifest = self.get_manifest(name, version)
+                except VerificationError as exc:
+                    self.problems.append(str(exc))
+                    continue
+                if model is None or manifest["metadata"].get("model") == model:
+                    out.append(manifest)
+        return out
+
+    def list_artifacts(self, gpu: str | None = None) -> list[ArtifactSummary]:
+        summaries = []
+        for name in self.names():
+            versions = tuple(self.versions(name))
+            try:
+                meta = self.get_manifest(name, versions[-1])["metadata"]
+            except VerificationError as exc:
+                self.problems.append(str(exc))
+                continue
+            if gpu is None or meta.get("gpu") == gpu:
+                summaries.append(summarize(name, versions, self.stages(name), meta))
+        return summaries
+
+
 class Registry:
     """A registry rooted at `url` (a local directory or any fsspec URL). Creates nothing until written to."""
 

@@ -50,7 +50,7 @@ from pipeline.registry import (
     NAME_PATTERN,
     PULL_WRITES,
     VERSION_PATTERN,
-    ArtifactSummary,
+    ManifestListing,
     PublishResult,
     PullResult,
     StageAssignment,
@@ -60,7 +60,6 @@ from pipeline.registry import (
     check_compatible,
     format_version,
     parse_version,
-    summarize,
     validate_metadata,
     validate_name,
 )
@@ -94,7 +93,7 @@ def parse_oci_url(url: str) -> tuple[str, str, bool]:
     return match[2], match[3], bool(match[1])
 
 
-class OciRegistry:
+class OciRegistry(ManifestListing):
     """The artifact store API of pipeline.registry.Registry, on an OCI distribution registry."""
 
     def __init__(self, url: str):
@@ -275,32 +274,6 @@ class OciRegistry:
                                     "re-publish the artifact.")
         return {**forge, "version": resolved, "oci": {"repository": f"{self.host}/{self.namespace}/{name}",
                                                       "digest": digest}}
-
-    def manifests(self, model: str | None = None) -> list[dict]:
-        out = []
-        for name in self.names():
-            for version in self.versions(name):
-                try:
-                    manifest = self.get_manifest(name, version)
-                except VerificationError as exc:
-                    self.problems.append(str(exc))
-                    continue
-                if model is None or manifest["metadata"].get("model") == model:
-                    out.append(manifest)
-        return out
-
-    def list_artifacts(self, gpu: str | None = None) -> list[ArtifactSummary]:
-        summaries = []
-        for name in self.names():
-            versions = tuple(self.versions(name))
-            try:
-                meta = self.get_manifest(name, versions[-1])["metadata"]
-            except VerificationError as exc:
-                self.problems.append(str(exc))
-                continue
-            if gpu is None or meta.get("gpu") == gpu:
-                summaries.append(summarize(name, versions, self.stages(name), meta))
-        return summaries
 
     def refusals(self) -> list[dict]:
         return []  # an OCI registry holds only what passed its gate (record_refusal below)

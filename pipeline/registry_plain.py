@@ -45,7 +45,7 @@ from pipeline.registry import (
     MAX_PUBLISH_ATTEMPTS,
     NAME_PATTERN,
     VERSION_PATTERN,
-    ArtifactSummary,
+    ManifestListing,
     PublishResult,
     PullResult,
     Registry,
@@ -57,7 +57,6 @@ from pipeline.registry import (
     check_compatible,
     format_version,
     parse_version,
-    summarize,
     validate_metadata,
     validate_name,
 )
@@ -70,7 +69,7 @@ PLAIN_RESERVED = (MANIFEST_FILENAME, SUMS_FILE, FORGE_FILE)
 HTTP_TIMEOUT = (10, 60)
 
 
-class PlainRegistry:
+class PlainRegistry(ManifestListing):
     """`plain+<dir or fsspec URL>` (read and write) or `http(s)://...` (read only)."""
 
     def __init__(self, url: str):
@@ -180,32 +179,6 @@ class PlainRegistry:
             raise VerificationError(where, "has no `metadata` mapping.", "re-publish.")
         check_entries(manifest.get("files"), where, reserved=PLAIN_RESERVED)
         return manifest
-
-    def manifests(self, model: str | None = None) -> list[dict]:
-        out = []
-        for name in self.names():
-            for version in self.versions(name):
-                try:
-                    manifest = self.get_manifest(name, version)
-                except VerificationError as exc:
-                    self.problems.append(str(exc))
-                    continue
-                if model is None or manifest["metadata"].get("model") == model:
-                    out.append(manifest)
-        return out
-
-    def list_artifacts(self, gpu: str | None = None) -> list[ArtifactSummary]:
-        summaries = []
-        for name in self.names():
-            versions = tuple(self.versions(name))
-            try:
-                meta = self.get_manifest(name, versions[-1])["metadata"]
-            except VerificationError as exc:
-                self.problems.append(str(exc))
-                continue
-            if gpu is None or meta.get("gpu") == gpu:
-                summaries.append(summarize(name, versions, self.stages(name), meta))
-        return summaries
 
     def refusals(self) -> list[dict]:
         return []  # the plain layout holds only what passed its gate
