@@ -124,6 +124,9 @@ class TargetEntry(BaseModel):
 
     model: str = Field(min_length=1)
     format: str = Field(min_length=1)
+    # The recipe's variant (its file's stem) where it is not the format's name: two recipes of one
+    # format for one GPU (fp8.yaml, fp8-kv-bf16.yaml) stay two targets.
+    variant: str | None = None
     gpu: str = Field(min_length=1)
     tp: int = Field(ge=1)
     gate: _GateIn | None = None
@@ -138,8 +141,13 @@ class TargetEntry(BaseModel):
     publish: PublishResult | None = None
 
     @property
+    def recipe(self) -> str:
+        """The format, or "variant (format)" where the recipe's name differs from its format's."""
+        return self.format if self.variant in (None, self.format) else f"{self.variant} ({self.format})"
+
+    @property
     def target(self) -> str:
-        return f"{self.format}@{self.gpu}x{self.tp}"
+        return f"{self.recipe}@{self.gpu}x{self.tp}"
 
     def gate_report(self) -> GateReport | None:
         return None if self.gate is None else GateReport.from_dict(self.gate.model_dump())
@@ -327,7 +335,7 @@ def _model_table(targets: Sequence[TargetEntry]) -> str:
             if r.metric not in metrics:
                 metrics.append(r.metric)
     head = [
-        "format",
+        "recipe",
         "GPU",
         "TP",
         "gate",
@@ -343,7 +351,7 @@ def _model_table(targets: Sequence[TargetEntry]) -> str:
         report = t.gate_report()
         by_metric = {r.metric: r for r in report.rows} if report else {}
         gate = report.verdict.upper() if report else "not gated"
-        cells = [t.format, t.gpu, str(t.tp), f"{gate} ({t.eval_path})" if report and t.eval_path else gate]
+        cells = [t.recipe, t.gpu, str(t.tp), f"{gate} ({t.eval_path})" if report and t.eval_path else gate]
         for m in metrics:
             r = by_metric.get(m)
             cells.append("—" if r is None else format_recovery(r.recovery) + ("" if r.verdict == "pass" else " ✗"))
@@ -369,11 +377,11 @@ def _throughput_cell(tput: Throughput | None) -> str:
 
 
 def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
-    lines = ["| format | GPU | baseline ppl | quantized ppl | change |", "|---|---|---:|---:|---:|"]
+    lines = ["| recipe | GPU | baseline ppl | quantized ppl | change |", "|---|---|---:|---:|---:|"]
     for t in targets:
         if t.perplexity:
             p = t.perplexity
-            lines.append(f"| {t.format} | {t.gpu} | {p.baseline:.3f} | {p.quantized:.3f} | "
+            lines.append(f"| {t.recipe} | {t.gpu} | {p.baseline:.3f} | {p.quantized:.3f} | "
                          f"{100 * (p.quantized / p.baseline - 1):+.1f}% |")
     return "\n".join(lines) + "\n"
 
@@ -502,7 +510,7 @@ def readme_results(entries: Sequence[TargetEntry]) -> str:
             if r.metric not in metrics:
                 metrics.append(r.metric)
     gate_head = f"gate (>= {min(thresholds):g})" if len(thresholds) == 1 else "gate"
-    head = ["model", "format -> GPU", "held-out ppl (calibrate)", *(f"{short_metric(m)} recovery" for m in metrics),
+    head = ["model", "recipe -> GPU", "held-out ppl (calibrate)", *(f"{short_metric(m)} recovery" for m in metrics),
             gate_head, "published"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
@@ -510,7 +518,7 @@ def readme_results(entries: Sequence[TargetEntry]) -> str:
         by_metric = {r.metric: r for r in report.rows} if report else {}
         p = e.perplexity
         ppl = "—" if p is None else f"{p.baseline:.2f} -> {p.quantized:.2f} ({100 * (p.quantized / p.baseline - 1):+.1f}%)"
-        cells = [e.model, f"{e.format} -> {e.gpu.upper()}" + (f" x{e.tp}" if e.tp > 1 else ""), ppl]
+        cells = [e.model, f"{e.recipe} -> {e.gpu.upper()}" + (f" x{e.tp}" if e.tp > 1 else ""), ppl]
         cells += ["—" if m not in by_metric else f"{format_recovery(by_metric[m].recovery)}" for m in metrics]
         cells.append(report.verdict if report else "not gated")
         cells.append("—" if e.publish is None else (e.publish.version or "yes") if e.publish.published else "refused")
@@ -552,7 +560,7 @@ def _clip(text: str, width: int) -> str:
 
 def _short_target(e: TargetEntry) -> str:
     """"fp8@h200" (TP shown only when > 1): a label short enough never to be cut."""
-    return f"{e.format}@{e.gpu}" + (f"x{e.tp}" if e.tp > 1 else "")
+    return f"{e.variant or e.format}@{e.gpu}" + (f"x{e.tp}" if e.tp > 1 else "")
 
 
 def _slug(text: str) -> str:

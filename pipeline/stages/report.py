@@ -186,6 +186,7 @@ def target_entry(target: PlannedTarget, found: StageOutputs) -> dict[str, Any] |
     return {
         "model": target.model,
         "format": recipe.spec.quant.format,
+        "variant": recipe.path.stem,
         "gpu": target.gpu,
         "tp": recipe.spec.targets[target.gpu].tp,
         "gate": ev["gate"] if ev else None,

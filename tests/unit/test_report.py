@@ -76,7 +76,7 @@ def test_report_files_and_numbers(entries, tmp_path):
     md = files.markdown.read_text()
     assert md.count("## smollm2-135m") == 1 and md.count("## tiny") == 1
     header = (
-        "| format | GPU | TP | gate | recovery forge_mc/acc,none | recovery forge_prose/word_perplexity,none | "
+        "| recipe | GPU | TP | gate | recovery forge_mc/acc,none | recovery forge_prose/word_perplexity,none | "
         "weights GiB | KV capacity (tokens) | decode tok/s (max batch) | J/token | $/Mtok |"
     )
     assert header in md

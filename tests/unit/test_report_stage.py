@@ -101,11 +101,11 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
     assert fp8_row in md
     # mxfp4 (the recipe's format is w4a8_mxfp4_fp8): no throughput output, so the build's prediction
     # is shown, labelled as such
-    assert (f"| w4a8_mxfp4_fp8 | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
+    assert (f"| mxfp4 (w4a8_mxfp4_fp8) | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
             f"{mx_plan.weights_bytes / 2**30:.2f} | {mx_plan.kv_capacity_tokens:,} | "
             f"{mx_plan.throughput['predicted_output_tok_s']:,.0f} (predicted) |") in md
     assert "| fp8 | h200 | 15.300 | 15.630 | +2.2% |" in md
-    assert "### w4a8_mxfp4_fp8@b200x1: accuracy gate failed" in md
+    assert "### mxfp4 (w4a8_mxfp4_fp8)@b200x1: accuracy gate failed" in md
     missing = md.split("## Missing results\n\n")[1].splitlines()
     assert missing == [
         (f"- smollm2-135m-instruct-mxfp4-b200: {metrics_dir}/throughput/smollm2-135m-instruct-mxfp4-b200 missing "
@@ -117,11 +117,11 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
                                      ("published", "-b200", "not published yet"))),
         "- smollm2-135m-instruct-nvfp4-b200: no memory plan (neither build nor throughput output): target not shown",
     ]
-    assert "| smollm2-135m-instruct | w4a8_mxfp4_fp8@b200x1 | refused | accuracy gate failed: forge_mc/acc,none" in md
+    assert "| smollm2-135m-instruct | mxfp4 (w4a8_mxfp4_fp8)@b200x1 | refused | accuracy gate failed: forge_mc/acc,none" in md
     with (out / "plots" / "throughput.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["label"], r["throughput_source"], r["power_source"]) for r in rows] == [
-        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct w4a8_mxfp4_fp8@b200x1", "predicted", "tdp")]
+        ("smollm2-135m-instruct fp8@h200x1", "predicted", "tdp"), ("smollm2-135m-instruct mxfp4 (w4a8_mxfp4_fp8)@b200x1", "predicted", "tdp")]
     with (out / "plots" / "recovery.csv").open() as fh:
         recovery = list(csv.DictReader(fh))
     assert len(recovery) == 4 and {r["eval_path"] for r in recovery} == {"simulated-cpu"}
@@ -177,7 +177,7 @@ def test_summary_says_what_was_published_and_refused_and_why(metrics_dir, tmp_pa
     summary = lines[lines.index(next(m for m in lines if m.startswith("summary:"))):]
     assert summary[0] == "summary: 1 published, 1 refused, 0 not published yet, 7 missing outputs"
     assert summary[1].startswith("  PUBLISHED smollm2-135m-instruct fp8@h200x1 v1.0.0: gate pass, min recovery 0.9")
-    assert summary[2] == ("  REFUSED  smollm2-135m-instruct w4a8_mxfp4_fp8@b200x1: accuracy gate failed: "
+    assert summary[2] == ("  REFUSED  smollm2-135m-instruct mxfp4 (w4a8_mxfp4_fp8)@b200x1: accuracy gate failed: "
                           "forge_mc/acc,none recovery 0.5345 < 0.95")
     assert len(summary) == 3 and all(len(line) <= 160 for line in summary)
 
@@ -189,7 +189,7 @@ def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_pat
     report_stage.main(_plan(tmp_path), metrics_dir, tmp_path / "reports")
     table = (tmp_path / "reports" / "readme_results.md").read_text()
     lines = table.splitlines()
-    assert lines[0] == ("| model | format -> GPU | held-out ppl (calibrate) | forge_mc acc recovery | "
+    assert lines[0] == ("| model | recipe -> GPU | held-out ppl (calibrate) | forge_mc acc recovery | "
                         "forge_prose word_perplexity recovery | gate (>= 0.95) | published |")
     assert lines[2] == (f"| smollm2-135m-instruct | fp8 -> H200 | 15.30 -> 15.63 (+2.2%) | {0.7417 / 0.7483:.4f} | "
                         f"{133.31 / 136.2:.4f} | pass | v1.0.0 |")
