@@ -50,7 +50,7 @@ import posixpath
 import re
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -383,6 +383,24 @@ def _bundle_files(bundle_dir: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the registry
+
+
+def place_verified(name: str, manifest: Mapping[str, Any], dest: str | os.PathLike, problems: Sequence[str],
+                   progress: bool, fetch: Callable[[Mapping[str, Any], Path, str, ByteProgress], None]) -> PullResult:
+    """Every registry kind's pull, after it has resolved and checked the manifest: `fetch(entry,
+    staging, where, bar)` writes one file and verifies its digest; then `forge-artifact.json` and
+    `SHA256SUMS` (so `sha256sum -c SHA256SUMS` verifies the folder) are added, and `dest` appears
+    all at once or not at all (staged_pull)."""
+    where = f"{name} {manifest['version']}"
+    total = sum(f["size"] for f in manifest["files"])
+    with staged_pull(dest) as staging, ByteProgress(total, where, progress) as bar:
+        for entry in manifest["files"]:
+            fetch(entry, staging, where, bar)
+        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (staging / SUMS_FILE).write_text(sha256sums(manifest["files"]))
+    target = Path(dest).absolute()
+    log.info("pulled %s into %s", where, target)
+    return PullResult(name, manifest["version"], target, len(manifest["files"]), total, tuple(problems))
 
 
 class ManifestListing:
@@ -891,15 +909,7 @@ class Registry:
         resolved = manifest["version"]
         where = f"{name} {resolved}"
         problems = check_compatible(manifest, where, local_gpu, runtime_versions, force)
-        total = sum(f["size"] for f in manifest["files"])
-        with staged_pull(dest) as staging, ByteProgress(total, where, progress) as bar:
-            for entry in manifest["files"]:
-                self._fetch_verified(entry, staging, where, bar)
-            (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            (staging / SUMS_FILE).write_text(sha256sums(manifest["files"]))  # `sha256sum -c SHA256SUMS` verifies
-        target = Path(dest).absolute()
-        log.info("pulled %s into %s", where, target)
-        return PullResult(name, resolved, target, len(manifest["files"]), total, tuple(problems))
+        return place_verified(name, manifest, dest, problems, progress, self._fetch_verified)
 
     def _fetch_verified(self, entry: Mapping[str, Any], staging: Path, where: str, bar: ByteProgress) -> None:
         blob = self._blob_path(entry["sha256"])

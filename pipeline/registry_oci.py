@@ -42,9 +42,8 @@ import requests
 
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
-from pipeline.pulling import SUMS_FILE, ByteProgress, check_entries, copy_verified, sha256sums, staged_pull
+from pipeline.pulling import ByteProgress, check_entries, copy_verified
 from pipeline.registry import (
-    MANIFEST_FILENAME,
     MANIFEST_SCHEMA,
     MAX_PUBLISH_ATTEMPTS,
     NAME_PATTERN,
@@ -60,6 +59,7 @@ from pipeline.registry import (
     check_compatible,
     format_version,
     parse_version,
+    place_verified,
     validate_metadata,
     validate_name,
 )
@@ -386,14 +386,12 @@ class OciRegistry(ManifestListing):
         resolved = manifest["version"]
         where = f"{name} {resolved}"
         problems = check_compatible(manifest, where, local_gpu, runtime_versions, force)
-        total = sum(f["size"] for f in manifest["files"])
-        with staged_pull(dest) as staging, ByteProgress(total, where, progress) as bar:
-            for entry in manifest["files"]:
-                with self._blob(name, f"sha256:{entry['sha256']}") as response:
-                    copy_verified(response.iter_content(1 << 20), staging / entry["relpath"], entry, where, bar)
-            (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            (staging / SUMS_FILE).write_text(sha256sums(manifest["files"]))  # `sha256sum -c SHA256SUMS` verifies
-        return PullResult(name, resolved, Path(dest).absolute(), len(manifest["files"]), total, tuple(problems))
+
+        def fetch(entry: Mapping[str, Any], staging: Path, where: str, bar: ByteProgress) -> None:
+            with self._blob(name, f"sha256:{entry['sha256']}") as response:
+                copy_verified(response.iter_content(1 << 20), staging / entry["relpath"], entry, where, bar)
+
+        return place_verified(name, manifest, dest, problems, progress, fetch)
 
 
 def annotations(name: str, meta: Mapping[str, Any], created: datetime) -> dict[str, str]:

@@ -38,7 +38,7 @@ import requests
 
 from pipeline.errors import RegistryError, VerificationError
 from pipeline.gpu_detect import LocalGpu
-from pipeline.pulling import SUMS_FILE, ByteProgress, check_entries, copy_verified, file_chunks, sha256sums, staged_pull
+from pipeline.pulling import SUMS_FILE, ByteProgress, check_entries, copy_verified, file_chunks, sha256sums
 from pipeline.registry import (
     MANIFEST_FILENAME,
     MANIFEST_SCHEMA,
@@ -57,6 +57,7 @@ from pipeline.registry import (
     check_compatible,
     format_version,
     parse_version,
+    place_verified,
     validate_metadata,
     validate_name,
 )
@@ -273,18 +274,16 @@ class PlainRegistry(ManifestListing):
         if sums != sha256sums(manifest["files"]):
             raise VerificationError(where, f"{SUMS_FILE} does not list the files and digests of {FORGE_FILE}.",
                                     "re-publish the artifact.")
-        total = sum(f["size"] for f in manifest["files"])
-        with staged_pull(dest) as staging, ByteProgress(total, where, progress) as bar:
-            for entry in manifest["files"]:
-                try:
-                    copy_verified(self._chunks(name, resolved, *entry["relpath"].split("/")),
-                                  staging / entry["relpath"], entry, where, bar)
-                except FileNotFoundError:
-                    raise VerificationError(where, f"file {entry['relpath']} is missing from the registry.",
-                                            "re-publish the artifact.") from None
-            (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            (staging / SUMS_FILE).write_text(sums)
-        return PullResult(name, resolved, Path(dest).absolute(), len(manifest["files"]), total, tuple(problems))
+
+        def fetch(entry: Mapping[str, Any], staging: Path, where: str, bar: ByteProgress) -> None:
+            try:
+                copy_verified(self._chunks(name, resolved, *entry["relpath"].split("/")),
+                              staging / entry["relpath"], entry, where, bar)
+            except FileNotFoundError:
+                raise VerificationError(where, f"file {entry['relpath']} is missing from the registry.",
+                                        "re-publish the artifact.") from None
+
+        return place_verified(name, manifest, dest, problems, progress, fetch)
 
 
 def _umask() -> int:
