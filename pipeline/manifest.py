@@ -80,21 +80,11 @@ def now_iso() -> str:
 
 
 def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise StageInputError(
-            str(directory),
-            f"no {MANIFEST_NAME}: the upstream stage{f' ({stage})' if stage else ''} has not run or did not finish.",
-            "run `dvc repro` (or the upstream forge command) first.",
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") != SCHEMA:
-        raise StageInputError(str(path), f"unknown manifest schema {manifest.get('schema')!r}.", "re-run the stage.")
-    if stage and manifest.get("stage") != stage:
-        raise StageInputError(
-            str(path), f"expected a {stage} manifest, found {manifest.get('stage')!r}.", "pass the right directory."
-        )
-    return manifest
+    """The raw manifest dict (for tests and tools). Stages read upstream outputs through
+    pipeline.handoff.open_upstream, which also type-checks and verifies them."""
+    from pipeline.handoff import read_raw
+
+    return read_raw(directory, stage)
 
 
 def manifest_digest(directory: Path) -> str:
@@ -135,6 +125,11 @@ def build_manifest(
     details: dict[str, Any] | None = None,
     recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The manifest for `output_dir`; `details` must match the stage's handoff model (pipeline/handoff.py),
+    checked in its JSON form, so the writer fails on a field no reader knows."""
+    from pipeline.handoff import check_details
+
+    check_details(stage, json.loads(json.dumps(details or {}, default=str)), f"{output_dir}/{MANIFEST_NAME} ({stage})")
     return {
         "schema": SCHEMA,
         "stage": stage,

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.layout import RECEIPT_FILE
-from pipeline.manifest import file_digests, read_manifest
+from pipeline.handoff import open_upstream
+from pipeline.manifest import file_digests
 from pipeline.readme_results import drift
 from pipeline.registry import PULL_WRITES
 from pipeline.report import README_RESULTS_FILE
@@ -94,7 +95,7 @@ def check_pull(key: str, receipt: dict, gpu: str, dest: Path) -> Check:
                 "--dest", str(dest)])
     if done.returncode != 0:
         return Check(False, f"{key}: forge pull {name} {version} failed: {tail(done)}")
-    bundle = Path(read_manifest(PUBLISHED_DIR / key, "publish")["inputs"]["bundle"]["path"])
+    bundle = Path(open_upstream(PUBLISHED_DIR / key, "publish", verify=False).envelope.inputs["bundle"].path)
     bundle = bundle if bundle.is_absolute() else ROOT / bundle
     pulled = file_digests(dest, exclude=PULL_WRITES)  # forge-artifact.json, SHA256SUMS: written by pull
     expected = file_digests(bundle, exclude=())

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import RegistryError
-from pipeline.manifest import manifest_digest, read_manifest
+from pipeline.handoff import EvaluateDetails, NotServedDetails, open_upstream
+from pipeline.manifest import manifest_digest
 
 
 @dataclass(frozen=True)
@@ -24,19 +25,22 @@ class GateSource:
 
 
 def choose_gate_source(simulated_dir: Path, served_dir: Path | None, bundle_dir: Path) -> GateSource:
-    simulated_path = (read_manifest(Path(simulated_dir), "evaluate").get("details") or {}).get("path", "simulated")
+    # Typed, not verified here: publish verifies the evaluation it gates on (open_upstream).
+    simulated = open_upstream(Path(simulated_dir), "evaluate", verify=False).details
+    simulated_path = simulated.path if isinstance(simulated, EvaluateDetails) else "simulated"
     if served_dir is None:
         return GateSource(Path(simulated_dir), False, f"simulated ({simulated_path}); no served evaluation given")
-    details = read_manifest(Path(served_dir), "evaluate").get("details") or {}
-    if details.get("served") is False:
+    opened = open_upstream(Path(served_dir), "evaluate", verify=False)
+    details = opened.details
+    if isinstance(details, NotServedDetails):
         return GateSource(Path(simulated_dir), False,
-                          f"simulated ({simulated_path}); not served here: {details.get('reason')}")
-    inputs = read_manifest(Path(served_dir), "evaluate").get("inputs") or {}
-    scored_bundle = (inputs.get("bundle") or {}).get("manifest_sha256")
+                          f"simulated ({simulated_path}); not served here: {details.reason}")
+    scored = opened.envelope.inputs.get("bundle")
+    scored_bundle = scored.manifest_sha256 if scored else None
     if scored_bundle != manifest_digest(Path(bundle_dir)):
         raise RegistryError(str(served_dir), f"served and scored another bundle than {bundle_dir} (build manifest "
                             f"{str(scored_bundle)[:12]}…, the bundle's is {manifest_digest(Path(bundle_dir))[:12]}…).",
                             "re-run the served evaluation: dvc repro serve-eval.")
-    served = details.get("served") or {}
+    served = details.served or {}
     return GateSource(Path(served_dir), True,
                       f"served: {served.get('engine')} {served.get('engine_version')} on {served.get('device')}")

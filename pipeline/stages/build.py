@@ -26,15 +26,13 @@ from pipeline.engines import compatibility_table
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.handoff import CalibrateDetails, Opened, open_upstream
 from pipeline.kpis import write_kpis
 from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
 from pipeline.manifest import (
     Timer,
     build_manifest,
-    input_entry,
-    read_manifest,
     staged_output,
-    verify_files,
     write_json,
     write_manifest,
 )
@@ -143,7 +141,7 @@ def main(
         details["compatibility"] = compatibility
         manifest = build_manifest(
             "build", recipe.artifact_name(gpu), stage,
-            inputs={"quantized": input_entry(Path(quantized_dir), "calibrate")},
+            inputs={"quantized": upstream.opened.input_entry()},
             timings=timer.seconds, details=details,
             recipe=recipe.provenance("quant", f"targets.{gpu}", "build"),
         )
@@ -160,8 +158,7 @@ def main(
 class Upstream:
     """The calibrate stage's output, verified."""
 
-    directory: Path
-    manifest: dict[str, Any]
+    opened: Opened[CalibrateDetails]
     checkpoint: Path
     quant_state: Path
     quant_algo: str
@@ -169,29 +166,24 @@ class Upstream:
 
     @property
     def modelopt_version(self) -> str | None:
-        return (self.manifest.get("tools") or {}).get("nvidia-modelopt")
+        return self.opened.envelope.tools.get("nvidia-modelopt")
 
     def base_model_dir(self) -> Path:
         """The unquantized model the calibration ran on (the legacy engine path restores it)."""
-        for entry in (self.manifest.get("inputs") or {}).values():
-            if entry.get("stage") == "download":
-                return Path(entry["path"])
+        entry = self.opened.input_of_stage("download")
+        if entry is not None:
+            return Path(entry.path)
         raise StageInputError(
-            str(self.directory / "manifest.json"),
+            str(self.opened.path / "manifest.json"),
             "no download-stage input recorded: the base model cannot be found for the engine export.",
             "re-run the calibrate stage (it records its model input).",
         )
 
 
 def read_upstream(quantized_dir: Path, recipe: Recipe) -> Upstream:
-    """Read and verify the calibrate manifest; the checkpoint must be this recipe's format."""
-    manifest = read_manifest(quantized_dir, "calibrate")
-    verify_files(quantized_dir, manifest)
-    where = str(quantized_dir)
-    produced_by = (manifest.get("recipe") or {}).get("id")
-    if produced_by and produced_by != recipe.id:
-        raise StageInputError(where, f"was calibrated for recipe '{produced_by}', not '{recipe.id}'.",
-                              f"pass --quantized data/quantized/{recipe.id}.")
+    """Read and verify the calibrate output: made for this recipe's quant section, in its format."""
+    opened = open_upstream(quantized_dir, "calibrate", recipe, ("quant",),
+                           rerun=f"pass --quantized data/quantized/{recipe.id}, or re-run it: dvc repro calibrate@{recipe.id}")
     checkpoint = quantized_dir / CHECKPOINT_DIR
     quant_config_path = checkpoint / "hf_quant_config.json"
     if not quant_config_path.is_file():
@@ -218,7 +210,7 @@ def read_upstream(quantized_dir: Path, recipe: Recipe) -> Upstream:
             f"{recipe.spec.quant.kv_cache_dtype} needs {expected_kv!r} (the KV scales come from calibration).",
             "re-run the calibrate stage with this recipe.",
         )
-    return Upstream(quantized_dir, manifest, checkpoint, quantized_dir / QUANT_STATE_FILE, algo, kv_algo)
+    return Upstream(opened, checkpoint, quantized_dir / QUANT_STATE_FILE, algo, kv_algo)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,7 @@ from pipeline.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STAT
 from pipeline.manifest import (
     Timer,
     build_manifest,
-    input_entry,
-    read_manifest,
     staged_output,
-    verify_files,
     write_manifest,
 )
 from pipeline.recipe import Recipe, load_recipe
@@ -165,16 +162,12 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
 
 def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict:
     """Upstream outputs exist, are intact, and were made for this recipe's calibration section."""
-    from pipeline.errors import StageInputError
+    from pipeline.handoff import open_upstream
 
-    verify_files(model_dir, read_manifest(model_dir, "download"))
-    calibration_manifest = read_manifest(calibration_dir, "calibration-set")
-    verify_files(calibration_dir, calibration_manifest)
-    made_for = calibration_manifest["recipe"]["sections"]["calibration"]
-    if made_for != recipe.section_digest("calibration"):
-        raise StageInputError(str(calibration_dir), "was made for a different calibration section of this recipe.",
-                              "re-run it: dvc repro calibration-set@" + recipe.id)
-    return {"model": input_entry(model_dir, "download"), "calibration": input_entry(calibration_dir, "calibration-set")}
+    model = open_upstream(model_dir, "download")
+    calibration = open_upstream(calibration_dir, "calibration-set", recipe, ("calibration",),
+                                rerun="re-run it: dvc repro calibration-set@" + recipe.id)
+    return {"model": model.input_entry(), "calibration": calibration.input_entry()}
 
 
 def verify_export(checkpoint_dir: Path, format_name: str, kv_name: str) -> dict:

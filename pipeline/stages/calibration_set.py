@@ -8,8 +8,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.handoff import open_upstream
 from pipeline.layout import CALIBRATION_TENSORS_FILE
-from pipeline.manifest import Timer, build_manifest, input_entry, read_manifest, staged_output, write_manifest
+from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
 from pipeline.recipe import load_recipe
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Pat
     recipe = load_recipe(recipe_path)
     section = recipe.spec.calibration
     spec = load_calibration_set(section.set, calibration_dir)
-    read_manifest(model_dir, "download")
+    model = open_upstream(Path(model_dir), "download")
     tokenizer = AutoTokenizer.from_pretrained(Path(model_dir) / "checkpoint")
     timer = Timer()
     with staged_output(out_dir) as tmp:
@@ -54,7 +55,7 @@ def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Pat
                    "seq_len": section.seq_len, "seed": section.seed, "chat_template": section.chat_template,
                    "tensors_sha256": written.sha256, "documents_used": written.documents_used,
                    "set_spec": spec.model_dump(mode="json")}
-        write_manifest(tmp, build_manifest("calibration-set", recipe.id, tmp, {"model": input_entry(model_dir, "download")},
+        write_manifest(tmp, build_manifest("calibration-set", recipe.id, tmp, {"model": model.input_entry()},
                                            timer.seconds, details, recipe=recipe.provenance("calibration")))
     log.info("%s: %d + %d rows x %d tokens from %s", recipe.id, section.num_samples, HELDOUT_ROWS, section.seq_len, section.set)
     return 0

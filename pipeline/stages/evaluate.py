@@ -39,6 +39,7 @@ from pipeline.errors import RecipeError, StageInputError
 from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
 from pipeline.gates import GatePolicy, GateReport, evaluate_gates
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.handoff import BuildDetails, NotServedDetails, Opened, open_upstream, read_raw
 from pipeline.heartbeat import Progress, heartbeat
 from pipeline.kpis import write_kpis
 from pipeline.layout import CHECKPOINT_DIR, GATE_REPORT_FILE, QUANT_STATE_FILE
@@ -46,11 +47,8 @@ from pipeline.manifest import (
     MANIFEST_NAME,
     Timer,
     build_manifest,
-    input_entry,
     manifest_digest,
-    read_manifest,
     staged_output,
-    verify_files,
     write_json,
     write_manifest,
 )
@@ -262,12 +260,11 @@ def gate_policy(recipe: Recipe) -> GatePolicy:
 
 
 def check_model_dir(model_dir: Path, model: Model) -> dict[str, Any]:
-    manifest = read_manifest(model_dir, "download")
-    if manifest.get("subject") != model.name:
-        raise StageInputError(str(model_dir), f"holds model {manifest.get('subject')!r}, not {model.name!r}.",
+    opened = open_upstream(model_dir, "download")
+    if opened.envelope.subject != model.name:
+        raise StageInputError(str(model_dir), f"holds model {opened.envelope.subject!r}, not {model.name!r}.",
                               f"pass --model data/models/{model.name}.")
-    verify_files(model_dir, manifest)
-    return input_entry(model_dir, "download")
+    return opened.input_entry()
 
 
 @dataclass(frozen=True)
@@ -283,41 +280,35 @@ class Upstream:
 
 def check_inputs(recipe: Recipe, suite: EvalSuite, model_dir: Path, quantized_dir: Path, baseline_dir: Path) -> Upstream:
     """Everything evaluate reads exists, is intact and belongs together, before a model is loaded."""
-    model_input = check_model_dir(model_dir, recipe.model)
-    baseline = check_baseline(baseline_dir, recipe, suite, model_dir)
+    model_input_entry = check_model_dir(model_dir, recipe.model)
+    baseline, baseline_input = check_baseline(baseline_dir, recipe, suite, model_dir)
     check_quantized_files(quantized_dir, recipe)
-    manifest = read_manifest(quantized_dir, "calibrate")
-    verify_files(quantized_dir, manifest)
-    made_for = manifest.get("recipe") or {}
-    if made_for.get("id") != recipe.id:
-        raise StageInputError(str(quantized_dir), f"was calibrated for recipe {made_for.get('id')!r}, not {recipe.id!r}.",
-                              f"pass --quantized data/quantized/{recipe.id}.")
-    if (made_for.get("sections") or {}).get("quant") != recipe.section_digest("quant"):
-        raise StageInputError(str(quantized_dir), f"was calibrated with a different quant section than {recipe.path} has now.",
-                              f"re-run it: dvc repro calibrate@{recipe.id}")
-    calibrated_on = ((manifest.get("inputs") or {}).get("model") or {}).get("manifest_sha256")
-    if calibrated_on != manifest_digest(model_dir):
+    calibrated = open_upstream(quantized_dir, "calibrate", recipe, ("quant",),
+                               rerun=f"pass --quantized data/quantized/{recipe.id}, or re-run it: dvc repro calibrate@{recipe.id}")
+    model_input = calibrated.envelope.inputs.get("model")
+    if model_input is None or model_input.manifest_sha256 != manifest_digest(model_dir):
         # The quant state holds amax values of those weights; on other weights they are wrong.
         raise StageInputError(str(quantized_dir), f"was calibrated on another download of the model than {model_dir}.",
                               f"re-run it: dvc repro calibrate@{recipe.id}")
     return Upstream(model_dir, quantized_dir / CHECKPOINT_DIR, quantized_dir / QUANT_STATE_FILE, baseline,
-                    {"model": model_input, "calibrate": input_entry(quantized_dir, "calibrate"),
-                     "baseline": input_entry(baseline_dir, "baseline")})
+                    {"model": model_input_entry, "calibrate": calibrated.input_entry(), "baseline": baseline_input})
 
 
-def check_baseline(baseline_dir: Path, recipe: Recipe, suite: EvalSuite, model_dir: Path) -> dict[str, float]:
-    """The baseline exists, was run on this model's download and on exactly this suite; returns its metrics."""
+def check_baseline(baseline_dir: Path, recipe: Recipe, suite: EvalSuite,
+                   model_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """The baseline exists, was run on this model's download and on exactly this suite; returns its
+    metrics and how the consumer records it as an input."""
     model = recipe.model.name
     rerun = f"dvc repro baseline@{model} (or forge baseline {recipe.model.directory / MODEL_FILE} --model {model_dir} --out {baseline_dir})"
     if not (baseline_dir / MANIFEST_NAME).is_file():
         raise StageInputError(str(baseline_dir), "no baseline evaluation here: the quantized model's scores would have "
                               "nothing to be compared with.", f"run it first: {rerun}.")
-    manifest = read_manifest(baseline_dir, "baseline")
-    verify_files(baseline_dir, manifest)
-    if manifest.get("subject") != model:
-        raise StageInputError(str(baseline_dir), f"is the baseline of {manifest.get('subject')!r}, not of {model!r}.",
+    opened = open_upstream(baseline_dir, "baseline")
+    if opened.envelope.subject != model:
+        raise StageInputError(str(baseline_dir), f"is the baseline of {opened.envelope.subject!r}, not of {model!r}.",
                               f"pass --baseline data/eval/{model}-baseline.")
-    if ((manifest.get("inputs") or {}).get("model") or {}).get("manifest_sha256") != manifest_digest(model_dir):
+    model_input = opened.envelope.inputs.get("model")
+    if model_input is None or model_input.manifest_sha256 != manifest_digest(model_dir):
         raise StageInputError(str(baseline_dir), f"was evaluated on another download of {model} than {model_dir}.",
                               f"re-run it: {rerun}.")
     metrics = json.loads((baseline_dir / METRICS_FILE).read_text())
@@ -335,7 +326,7 @@ def check_baseline(baseline_dir: Path, recipe: Recipe, suite: EvalSuite, model_d
             f"the baseline ran suite {suite.name!r} with other settings ({'; '.join(differences)}).",
             f"evaluate with the baseline's settings (e.g. the same --limit), or re-run: {rerun}.",
         )
-    return {k: float(v) for k, v in metrics["metrics"].items()}
+    return {k: float(v) for k, v in metrics["metrics"].items()}, opened.input_entry()
 
 
 def check_quantized_files(quantized_dir: Path, recipe: Recipe) -> None:
@@ -343,7 +334,7 @@ def check_quantized_files(quantized_dir: Path, recipe: Recipe) -> None:
     rebuilds the fake-quant model. Named here so the refusal says exactly what is missing."""
     rerun = f"re-run the calibrate stage: dvc repro calibrate@{recipe.id}"
     if not (quantized_dir / MANIFEST_NAME).is_file():
-        read_manifest(quantized_dir, "calibrate")  # raises the standard "has not run" error
+        read_raw(quantized_dir, "calibrate")  # raises the standard "has not run" error
     checkpoint = quantized_dir / CHECKPOINT_DIR
     missing = [] if (checkpoint / TOKENIZER_CONFIG).is_file() else [TOKENIZER_CONFIG]
     if not any((checkpoint / name).is_file() for name in TOKENIZER_VOCABS):
@@ -522,24 +513,20 @@ def check_bundle(bundle_dir: Path, recipe: Recipe) -> Bundle:
     from pipeline.formats import ComputeCapability
     from pipeline.layout import OPTIONS_FILE
 
-    manifest = read_manifest(Path(bundle_dir), "build")
-    verify_files(Path(bundle_dir), manifest)
-    if (manifest.get("recipe") or {}).get("id") != recipe.id:
-        raise StageInputError(str(bundle_dir), f"is a bundle of recipe {(manifest.get('recipe') or {}).get('id')!r}, "
-                              f"not {recipe.id!r}.", f"pass --bundle data/bundles/{recipe.id}-<gpu>.")
-    cc = ComputeCapability.parse(manifest["details"]["compute_capability"])
-    return Bundle(input_entry(Path(bundle_dir), "build"), Path(bundle_dir) / CHECKPOINT_DIR,
+    opened: Opened[BuildDetails] = open_upstream(Path(bundle_dir), "build", recipe, ("quant",),
+                                                 rerun=f"pass --bundle data/bundles/{recipe.id}-<gpu>.")
+    cc = ComputeCapability.parse(opened.details.compute_capability)
+    return Bundle(opened.input_entry(), Path(bundle_dir) / CHECKPOINT_DIR,
                   Path(bundle_dir) / OPTIONS_FILE, cc)
 
 
 def baseline_not_served(baseline_dir: Path) -> str | None:
     """A served score is gated against the served baseline; without one there is nothing to compare."""
-    path = baseline_dir / METRICS_FILE
-    if not path.is_file():
+    if not (baseline_dir / MANIFEST_NAME).is_file():
         return None  # check_baseline names the missing baseline
-    metrics = json.loads(path.read_text())
-    if metrics.get("served") is False:
-        return f"the baseline was not served here either ({metrics.get('reason')})"
+    details = open_upstream(baseline_dir, "baseline").details
+    if isinstance(details, NotServedDetails):
+        return f"the baseline was not served here either ({details.reason})"
     return None
 
 

@@ -35,16 +35,14 @@ from pipeline.gates import GateReport
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
 from pipeline.gto_tags import has_tag, tag_stage, tag_version
+from pipeline.handoff import BuildDetails, EvaluateDetails, Opened, open_upstream
 from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
+from pipeline.lineage import RERUN, Link, check_lineage
 from pipeline.manifest import (
     Timer,
     build_manifest,
-    input_entry,
-    manifest_digest,
-    read_manifest,
     sha256_file,
     staged_output,
-    verify_files,
     write_json,
     write_manifest,
 )
@@ -67,13 +65,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = "registry"  # a directory relative to the working directory (the repo root under DVC)
 REGISTRY_ENV = "FORGE_REGISTRY"
-RERUN = "re-run the pipeline so every stage sees the same upstream outputs (`dvc repro`), then publish again."
-# Stages whose outputs a recipe drives (their manifests carry `recipe.id` and section digests), and
-# the sections without which an output cannot be tied to the recipe at all.
-RECIPE_STAGES = ("build", "evaluate", "calibrate", "calibration-set")
-REQUIRED_SECTIONS = {"calibrate": ("model", "quant", "calibration"), "calibration-set": ("calibration",)}
-# The chain the issue asks for: recipe -> calibration set -> downloaded model, under the bundle and its evaluation.
-REQUIRED_LINKS = ("build", "evaluate", "calibrate", "calibration-set", "download")
 # Recipe sections a published version depends on. `publish` is left out on purpose: relabelling
 # (publish.stage) must not mint a new version of identical files.
 METADATA_SECTIONS = ("model", "quant", "calibration", "eval", "build")
@@ -221,25 +212,6 @@ class Receipt:
         return not self.published and bool(self.gate_failures)
 
 
-@dataclass(frozen=True)
-class Verified:
-    """A stage output whose files match its manifest."""
-
-    path: Path
-    manifest: dict[str, Any]
-    manifest_sha256: str
-
-
-@dataclass(frozen=True)
-class Link:
-    """One manifest of the lineage, as found on disk and matching what its consumer recorded."""
-
-    stage: str
-    subject: str | None
-    path: str
-    manifest_sha256: str
-
-
 def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, registry: str, out_dir: Path, *,
          stage: str | None = None, tag: bool = False, repo_dir: Path = Path("."),
          catalog_path: Path = DEFAULT_CATALOG, served_evaluation_dir: Path | None = None) -> Receipt:
@@ -250,12 +222,12 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     check_named_target(recipe, gpu, catalog)
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):
-        bundle = read_verified(Path(bundle_dir), "build")
+        bundle: Opened[BuildDetails] = open_upstream(Path(bundle_dir), "build")
         source = choose_gate_source(Path(evaluation_dir), served_evaluation_dir, Path(bundle_dir))
-        evaluation = read_verified(source.evaluation_dir, "evaluate")
+        evaluation: Opened[EvaluateDetails] = open_upstream(source.evaluation_dir, "evaluate")
         check_bundle_target(recipe, gpu, bundle)
         # Nothing unloadable is published: the build's engine-contract table must name a loader.
-        require_loadable((bundle.manifest.get("details") or {}).get("compatibility") or [], f"bundle {bundle.path}")
+        require_loadable([row.model_dump() for row in bundle.details.compatibility], f"bundle {bundle.path}")
         lineage = check_lineage(recipe, name, bundle, evaluation)
         gate = read_gate(evaluation)
     meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
@@ -283,8 +255,8 @@ class PublishCandidate:
 
     recipe: Recipe
     gpu: str
-    bundle: Verified
-    evaluation: Verified
+    bundle: Opened
+    evaluation: Opened
     gate: GateReport
     metadata: dict[str, Any]
 
@@ -307,7 +279,7 @@ def refuse(candidate: PublishCandidate, name: str, registry: str) -> Receipt | N
     return None
 
 
-def publish_verified(registry, url: str, name: str, bundle: Verified, meta: dict[str, Any],
+def publish_verified(registry, url: str, name: str, bundle: Opened, meta: dict[str, Any],
                      label: str | None, tag_repo: Path | None) -> Receipt:
     """Upload (nothing new when the newest version has this content), label, tag in git if asked."""
     result = registry.publish(bundle.path, name, meta)
@@ -318,104 +290,18 @@ def publish_verified(registry, url: str, name: str, bundle: Verified, meta: dict
     return Receipt(True, name, url, result.version, result.created, result.manifest_url, label, tags)
 
 
-def read_verified(directory: Path, stage: str) -> Verified:
-    manifest = read_manifest(directory, stage)
-    verify_files(directory, manifest)
-    return Verified(directory, manifest, manifest_digest(directory))
-
-
-def check_bundle_target(recipe: Recipe, gpu: str, bundle: Verified) -> None:
+def check_bundle_target(recipe: Recipe, gpu: str, bundle: Opened) -> None:
     """The bundle is this recipe's target. That it was sized from the recipe's `targets.<gpu>` and
     `build` sections as they read now is checked by section digest in `check_lineage`."""
     where = f"bundle {bundle.path}"
-    made_for = (bundle.manifest.get("recipe") or {}).get("id")
-    if made_for != recipe.id or bundle.manifest.get("subject") != recipe.artifact_name(gpu):
-        raise RegistryError(where, f"is {bundle.manifest.get('subject')!r} of recipe {made_for!r}, not "
+    made_for = bundle.recipe_id
+    if made_for != recipe.id or bundle.envelope.subject != recipe.artifact_name(gpu):
+        raise RegistryError(where, f"is {bundle.envelope.subject!r} of recipe {made_for!r}, not "
                                    f"{recipe.artifact_name(gpu)!r} of {recipe.id!r}.",
                             f"pass --bundle data/bundles/{recipe.artifact_name(gpu)}.")
 
 
-def check_lineage(recipe: Recipe, name: str, bundle: Verified, evaluation: Verified) -> tuple[Link, ...]:
-    """Walk every recorded input, digest by digest, from the bundle and the evaluation down to the
-    downloaded model; each manifest must be the one on disk now and, for recipe-driven stages,
-    have read the recipe's sections as they are now. Returns the links, sorted."""
-    where = f"lineage of {name}"
-    bundle_calibrate = _input_of_stage(bundle, "calibrate", where)
-    evaluated_calibrate = _input_of_stage(evaluation, "calibrate", where)
-    if bundle_calibrate["manifest_sha256"] != evaluated_calibrate["manifest_sha256"]:
-        raise RegistryError(
-            where,
-            f"the bundle ({bundle.path}) was built from calibrate manifest {bundle_calibrate['manifest_sha256'][:12]}… "
-            f"but the evaluation ({evaluation.path}) scored calibrate manifest "
-            f"{evaluated_calibrate['manifest_sha256'][:12]}…: its accuracy figures are not this bundle's.", RERUN)
-    found: dict[tuple[str, str], Link] = {}
-    pending = [(bundle.path, bundle.manifest, bundle.manifest_sha256), (evaluation.path, evaluation.manifest,
-                                                                          evaluation.manifest_sha256)]
-    while pending:
-        directory, manifest, digest = pending.pop(0)
-        link = Link(manifest["stage"], manifest.get("subject"), str(directory), digest)
-        if (link.path, digest) in found:
-            continue
-        found[(link.path, digest)] = link
-        check_recipe_record(recipe, link, manifest.get("recipe"), where)
-        for key, entry in sorted((manifest.get("inputs") or {}).items()):
-            child = Path(entry["path"])
-            described = f"link {link.stage} {directory} -> {key} ({entry['stage']} {child})"
-            current = _current_digest(child, described, where)
-            if current != entry["manifest_sha256"]:
-                raise RegistryError(
-                    where, f"{described} is broken: it was made from manifest {entry['manifest_sha256'][:12]}…, "
-                           f"{child} now holds {current[:12]}….", RERUN)
-            pending.append((child, read_manifest(child, entry["stage"]), current))
-    stages = {link.stage for link in found.values()}
-    missing = [s for s in REQUIRED_LINKS if s not in stages]
-    if missing:
-        raise RegistryError(where, f"does not reach {', '.join(missing)}: the bundle cannot be traced back to the "
-                                   "downloaded model and calibration set.", RERUN)
-    return tuple(sorted(found.values(), key=lambda link: (REQUIRED_LINKS.index(link.stage)
-                                                          if link.stage in REQUIRED_LINKS else len(REQUIRED_LINKS),
-                                                          link.path)))
-
-
-def _input_of_stage(output: Verified, stage: str, where: str) -> dict[str, Any]:
-    entries = [e for e in (output.manifest.get("inputs") or {}).values() if e.get("stage") == stage]
-    if len(entries) != 1:
-        raise RegistryError(where, f"{output.path} records {len(entries)} {stage} inputs, expected exactly one.", RERUN)
-    return entries[0]
-
-
-def _current_digest(directory: Path, link: str, where: str) -> str:
-    try:
-        return manifest_digest(directory)
-    except FileNotFoundError:
-        raise RegistryError(where, f"{link} is broken: {directory} has no manifest any more.", RERUN) from None
-
-
-def check_recipe_record(recipe: Recipe, link: Link, record: Mapping[str, Any] | None, where: str) -> None:
-    """A recipe-driven output was made for this recipe, from its sections as they read now."""
-    if link.stage not in RECIPE_STAGES:
-        return
-    record = record or {}
-    if record.get("id") != recipe.id:
-        raise RegistryError(where, f"{link.stage} output {link.path} was made for recipe {record.get('id')!r}, "
-                                   f"not {recipe.id!r}.", RERUN)
-    sections = record.get("sections") or {}
-    missing = [s for s in REQUIRED_SECTIONS.get(link.stage, ()) if s not in sections]
-    if missing:
-        raise RegistryError(where, f"{link.stage} output {link.path} records no digest of recipe section(s) "
-                                   f"{', '.join(missing)}, so it cannot be tied to {recipe.path}.", RERUN)
-    for section, digest in sorted(sections.items()):
-        try:
-            current = recipe.section_digest(section)
-        except KeyError:
-            raise RegistryError(where, f"{link.stage} output {link.path} was made from section {section!r}, which "
-                                       f"{recipe.path} no longer has.", RERUN) from None
-        if current != digest:
-            raise RegistryError(where, f"{link.stage} output {link.path} was made from another `{section}` section of "
-                                       f"{recipe.path} (digest {digest[:12]}…, now {current[:12]}…).", RERUN)
-
-
-def read_gate(evaluation: Verified) -> GateReport:
+def read_gate(evaluation: Opened) -> GateReport:
     path = evaluation.path / GATE_REPORT_FILE
     try:
         return GateReport.from_dict(json.loads(path.read_text()))
@@ -433,13 +319,13 @@ def refusal(name: str, registry: str, gate: GateReport) -> Receipt:
     return Receipt(False, name, registry, reason=reason, gate_failures=failures)
 
 
-def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Verified, evaluation: Verified,
+def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Opened, evaluation: Opened,
                       gate: GateReport, lineage: tuple[Link, ...]) -> dict[str, Any]:
     """What a deployment system needs to choose this artifact, and where it came from."""
-    details = bundle.manifest["details"]
-    plan = details["plan"]
+    details = bundle.details
+    plan = details.plan.model_dump(exclude_none=True)
     fmt = FORMATS[recipe.spec.quant.format]
-    modelopt = (details.get("made_for") or {}).get("nvidia-modelopt") or _installed("nvidia-modelopt")
+    modelopt = details.made_for.nvidia_modelopt or _installed("nvidia-modelopt")
     runtime = {"tensorrt_llm": recipe.spec.build.tensorrt_llm_version, **({"modelopt": modelopt} if modelopt else {})}
     return {
         "model": recipe.model.name,
@@ -447,14 +333,14 @@ def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Verified,
         "kv_cache_dtype": recipe.spec.quant.kv_cache_dtype,
         "gpu": gpu,
         "gpu_name": spec.name,
-        "compute_capability": details["compute_capability"],
-        "tp": details["tp"],
-        "engine": details["engine"],
+        "compute_capability": details.compute_capability,
+        "tp": details.tp,
+        "engine": details.engine,
         "bits_per_weight": fmt.bits_per_weight,
         "runtime_versions": runtime,
         "memory_plan": memory_plan(plan),
         "min_gpu_memory_bytes": min_gpu_memory_bytes(plan),
-        "load_tested": bool(details.get("load_tested")),
+        "load_tested": details.load_tested,
         "accuracy": {r.metric: {"baseline": r.baseline, "quantized": r.quantized,
                                 "recovery": _json_number(r.recovery), "threshold": r.threshold}
                      for r in gate.rows},
@@ -516,15 +402,14 @@ def create_git_tags(repo_dir: Path, result: PublishResult, label: str | None, as
     return tuple(created)
 
 
-def write_receipt(out_dir: Path, receipt: Receipt, recipe: Recipe, bundle: Verified, evaluation: Verified,
+def write_receipt(out_dir: Path, receipt: Receipt, recipe: Recipe, bundle: Opened, evaluation: Opened,
                   timer: Timer) -> None:
     body = asdict(receipt)
     with staged_output(out_dir) as tmp:
         write_json(tmp / RECEIPT_FILE, body)
         write_manifest(tmp, build_manifest(
             "publish", receipt.name, tmp,
-            inputs={"bundle": input_entry(bundle.path, "build"),
-                    "evaluation": input_entry(evaluation.path, "evaluate")},
+            inputs={"bundle": bundle.input_entry(), "evaluation": evaluation.input_entry()},
             timings=timer.seconds, details=body, recipe=recipe.provenance("publish"),
         ))
 

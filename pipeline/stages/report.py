@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 
 from pipeline.errors import StageInputError
+from pipeline.handoff import NotServedDetails, Opened, open_upstream
 from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE, THROUGHPUT_FILE
-from pipeline.manifest import MANIFEST_NAME, read_manifest
+from pipeline.manifest import MANIFEST_NAME
 from pipeline.recipe import load_recipe
 
 log = logging.getLogger(__name__)
@@ -155,17 +156,19 @@ def collect(targets: list[PlannedTarget], data_dir: Path) -> Collected:
 
 
 def read_outputs(dirs: dict[str, Path]) -> StageOutputs:
-    def manifest(stage: str, kind: str) -> dict[str, Any] | None:
-        return read_manifest(dirs[stage], kind) if (dirs[stage] / MANIFEST_NAME).is_file() else None
+    # Typed but not re-hashed: the report describes what is on disk; publish verified what it shipped.
+    def opened(stage: str) -> Opened | None:
+        return open_upstream(dirs[stage], stage, verify=False) if (dirs[stage] / MANIFEST_NAME).is_file() else None
 
-    calibrate, evaluate, build = manifest("calibrate", "calibrate"), manifest("evaluate", "evaluate"), manifest("build", "build")
+    calibrate, evaluate, build = opened("calibrate"), opened("evaluate"), opened("build")
     gate = read_json(dirs["evaluate"] / GATE_REPORT_FILE) if evaluate else None
+    results = calibrate.details.results if calibrate else None
     return StageOutputs(
-        calibrate=(calibrate["details"].get("results") if calibrate else None),
-        evaluate={"gate": gate, "path": evaluate["details"].get("path")} if evaluate and gate else None,
-        build=(build["details"].get("plan") if build else None),
-        throughput=read_json(dirs["throughput"] / THROUGHPUT_FILE) if manifest("throughput", "throughput") else None,
-        publish=read_json(dirs["publish"] / RECEIPT_FILE) if manifest("publish", "publish") else None,
+        calibrate=results.model_dump() if results else None,
+        evaluate={"gate": gate, "path": getattr(evaluate.details, "path", None)} if evaluate and gate else None,
+        build=build.details.plan.model_dump() if build else None,
+        throughput=read_json(dirs["throughput"] / THROUGHPUT_FILE) if opened("throughput") else None,
+        publish=read_json(dirs["publish"] / RECEIPT_FILE) if opened("publish") else None,
     )
 
 
@@ -208,10 +211,10 @@ def read_served(served_dir: Path) -> dict[str, Any] | None:
     its gate report), or why no engine here ran it. None when the stage has not run."""
     if not (served_dir / MANIFEST_NAME).is_file():
         return None
-    details = read_manifest(served_dir, "evaluate")["details"]
-    served = details.get("served")
+    details = open_upstream(served_dir, "evaluate", verify=False).details
+    served = None if isinstance(details, NotServedDetails) else details.served
     if not served:
-        return {"served": False, "reason": details.get("reason")}
+        return {"served": False, "reason": getattr(details, "reason", None)}
     return {"served": True, "engine": served["engine"], "engine_version": served.get("engine_version"),
             "device": served.get("device"), "start_seconds": served.get("start_seconds"),
             "decode_tok_s": (served.get("decode") or {}).get("tok_s"),

@@ -28,15 +28,12 @@ from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.handoff import BuildDetails, Opened, open_upstream
 from pipeline.kpis import write_kpis
 from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, THROUGHPUT_FILE
 from pipeline.manifest import (
     build_manifest,
-    input_entry,
-    manifest_digest,
-    read_manifest,
     staged_output,
-    verify_files,
     write_json,
     write_manifest,
 )
@@ -107,18 +104,18 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
     pricing = price_per_gpu_hour(recipe, gpu, price)
     ceilings = ceilings_for(recipe, gpu, catalog[gpu], Path(measured_dir))
     plan = plan_target(recipe, gpu, catalog, ceilings)
-    bundle_manifest = check_bundle(Path(bundle_dir), recipe, gpu, plan)
+    bundle = check_bundle(Path(bundle_dir), recipe, gpu, plan)
     decision = decide_measurement(run_mode, detect_local_gpu({k: s.nvml_names for k, s in catalog.items()}),
                                   gpu, catalog[gpu], recipe.spec.targets[gpu].tp, shutil.which("trtllm-bench"))
 
     metrics = predicted_metrics(recipe, gpu, plan, ceilings, catalog[gpu], pricing)
-    metrics["bundle_manifest_sha256"] = bundle_manifest
+    metrics["bundle_manifest_sha256"] = bundle.digest
     if decision.run:
         metrics.update(measure(recipe, gpu, Path(bundle_dir), plan, catalog[gpu], pricing, num_requests, workdir))
     else:
         metrics.update(measured=None, measured_reason=decision.reason)
     if out_dir is not None:
-        write_results(Path(out_dir), recipe, gpu, Path(bundle_dir), metrics)
+        write_results(Path(out_dir), recipe, gpu, bundle, metrics)
     write_kpis(Path(metrics_path), "throughput", metrics)
     log.info("%s: predicted %s output tok/s at batch %s (%s rates); measured: %s", recipe.artifact_name(gpu),
              _fmt(metrics.get("predicted_output_tok_s")), plan.roofline.get("decode_batch"), ceilings.source,
@@ -129,11 +126,11 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
 # ---------------------------------------------------------------------------- checks and inputs
 
 
-def write_results(out_dir: Path, recipe: Recipe, gpu: str, bundle_dir: Path, metrics: dict[str, Any]) -> None:
+def write_results(out_dir: Path, recipe: Recipe, gpu: str, bundle: Opened[BuildDetails], metrics: dict[str, Any]) -> None:
     with staged_output(out_dir) as tmp:
         write_json(tmp / THROUGHPUT_FILE, metrics)
         write_manifest(tmp, build_manifest("throughput", recipe.artifact_name(gpu), tmp,
-                                           {"bundle": input_entry(bundle_dir, "build")}, {},
+                                           {"bundle": bundle.input_entry()}, {},
                                            recipe=recipe.provenance(f"targets.{gpu}")))
 
 
@@ -162,23 +159,21 @@ def ceilings_for(recipe: Recipe, gpu: str, spec: GpuSpec, measured_dir: Path) ->
     return measured or Ceilings(spec.memory_bandwidth_bytes_per_s, spec.peak_flops(compute_dtype), "datasheet")
 
 
-def check_bundle(bundle_dir: Path, recipe: Recipe, gpu: str, plan: Plan) -> str:
-    """The bundle is intact, is this recipe's target, and was sized by the plan made now; returns
-    its manifest digest."""
-    manifest = read_manifest(bundle_dir, "build")
-    verify_files(bundle_dir, manifest)
-    details = manifest.get("details") or {}
-    made_for = ((manifest.get("recipe") or {}).get("id"), details.get("gpu"))
+def check_bundle(bundle_dir: Path, recipe: Recipe, gpu: str, plan: Plan) -> Opened[BuildDetails]:
+    """The bundle is intact, is this recipe's target, and was sized by the plan made now."""
+    opened: Opened[BuildDetails] = open_upstream(bundle_dir, "build")
+    made_for = (opened.recipe_id, opened.details.gpu)
     if made_for != (recipe.id, gpu):
         raise StageInputError(str(bundle_dir), f"is the bundle of {made_for[0]!r} for {made_for[1]!r}, not of "
                               f"{recipe.id!r} for {gpu!r}.", f"pass --bundle data/bundles/{recipe.artifact_name(gpu)}.")
-    sized, now = details.get("plan") or {}, plan.to_json()
-    differs = [f"{k} {sized.get(k)} (bundle) vs {now.get(k)} (now)" for k in PLAN_AGREEMENT_KEYS if sized.get(k) != now.get(k)]
+    sized, now = opened.details.plan, plan.to_json()
+    differs = [f"{k} {getattr(sized, k)} (bundle) vs {now.get(k)} (now)" for k in PLAN_AGREEMENT_KEYS
+               if getattr(sized, k) != now.get(k)]
     if differs:
         raise StageInputError(str(bundle_dir / "manifest.json"),
                               f"the bundle was sized by another plan than {recipe.path} gives now: {'; '.join(differs)}.",
                               f"re-run its build: dvc repro build@{recipe.artifact_name(gpu)}")
-    return manifest_digest(bundle_dir)
+    return opened
 
 
 @dataclass(frozen=True)

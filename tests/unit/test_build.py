@@ -44,7 +44,7 @@ def _cpu_machine(monkeypatch):
     monkeypatch.setattr(build, "detect_runtime", lambda: CPU)
 
 
-def fabricate_calibrate_output(directory: Path, recipe_id: str, quant_algo: str = "FP8", kv_algo: str | None = "FP8") -> Path:
+def fabricate_calibrate_output(directory: Path, recipe_path: Path, quant_algo: str = "FP8", kv_algo: str | None = "FP8") -> Path:
     """What the calibrate stage leaves: checkpoint/ (unified HF layout), quant_state.pt, manifest."""
     ckpt = directory / "checkpoint"
     ckpt.mkdir(parents=True)
@@ -60,9 +60,10 @@ def fabricate_calibrate_output(directory: Path, recipe_id: str, quant_algo: str 
                "model.layers.0.mlp.up_proj.input_scale": torch.tensor(0.02)}, ckpt / "model-00001-of-00002.safetensors")
     save_file({"lm_head.weight": torch.randn(4, 16).to(torch.bfloat16)}, ckpt / "model-00002-of-00002.safetensors")
     (directory / "quant_state.pt").write_bytes(b"quant state placeholder")
-    manifest = build_manifest("calibrate", recipe_id, directory, inputs={}, timings={"calibrate": 1.0},
+    recipe = load_recipe(recipe_path)
+    manifest = build_manifest("calibrate", recipe.id, directory, inputs={}, timings={"calibrate": 1.0},
                               details={"format": "fp8", "kv_cache_dtype": "fp8", "quant_algo": quant_algo},
-                              recipe={"id": recipe_id, "path": "recipes/x.yaml", "digest": "0" * 64})
+                              recipe=recipe.provenance("model", "quant", "calibration"))
     write_manifest(directory, manifest)
     return directory
 
@@ -81,7 +82,7 @@ def model_copy(tmp_path: Path, source: str, variant: str, **fields) -> Path:
 @pytest.fixture
 def smol(tmp_path):
     recipe = SMOL / "fp8.yaml"
-    quantized = fabricate_calibrate_output(tmp_path / "quantized", load_recipe(recipe).id)
+    quantized = fabricate_calibrate_output(tmp_path / "quantized", recipe)
     return recipe, quantized, tmp_path / "bundles" / "smol-fp8-h200", tmp_path / "metrics" / "build.json"
 
 
@@ -176,7 +177,7 @@ def _no_output(out: Path, metrics: Path) -> None:
 
 def test_format_not_supported_on_gpu_is_refused_before_writing(tmp_path):
     recipe_path = model_copy(tmp_path, "smollm2-135m-instruct", "nvfp4-hopper", fmt="nvfp4")
-    quantized = fabricate_calibrate_output(tmp_path / "q", "smollm2-135m-instruct-nvfp4-hopper", "NVFP4")
+    quantized = fabricate_calibrate_output(tmp_path / "q", recipe_path, "NVFP4")
     out, metrics = tmp_path / "bundles" / "b", tmp_path / "m.json"
     with pytest.raises(RecipeError) as info:
         build.main(recipe_path, "h200", quantized, out, metrics, CATALOG, "auto")
@@ -211,7 +212,7 @@ def test_unknown_target_is_refused(smol):
 
 def test_checkpoint_of_another_format_is_refused(tmp_path):
     recipe_path = SMOL / "fp8.yaml"
-    quantized = fabricate_calibrate_output(tmp_path / "q", "smollm2-135m-instruct-fp8", quant_algo="NVFP4")
+    quantized = fabricate_calibrate_output(tmp_path / "q", SMOL / "fp8.yaml", quant_algo="NVFP4")
     out, metrics = tmp_path / "bundles" / "b", tmp_path / "m.json"
     with pytest.raises(StageInputError) as info:
         build.main(recipe_path, "h200", quantized, out, metrics, CATALOG, "auto")
@@ -222,13 +223,13 @@ def test_checkpoint_of_another_format_is_refused(tmp_path):
 def test_quant_algo_check_is_case_insensitive(tmp_path):
     # ModelOpt 0.47 writes MXFP4 as "mxfp4" (FACTS.md); the registry's spelling is compared loosely.
     recipe_path = SMOL / "fp8.yaml"
-    quantized = fabricate_calibrate_output(tmp_path / "q", "smollm2-135m-instruct-fp8", quant_algo="fp8", kv_algo="fp8")
+    quantized = fabricate_calibrate_output(tmp_path / "q", SMOL / "fp8.yaml", quant_algo="fp8", kv_algo="fp8")
     build.main(recipe_path, "h200", quantized, tmp_path / "b", tmp_path / "m.json", CATALOG, "never")
     assert read_manifest(tmp_path / "b", "build")["details"]["quant_algo"] == "fp8"
 
 
 def test_missing_kv_scales_are_refused(tmp_path):
-    quantized = fabricate_calibrate_output(tmp_path / "q", "smollm2-135m-instruct-fp8", kv_algo=None)
+    quantized = fabricate_calibrate_output(tmp_path / "q", SMOL / "fp8.yaml", kv_algo=None)
     with pytest.raises(StageInputError, match=r"kv_cache_quant_algo is None, but the recipe's kv_cache_dtype fp8 needs 'FP8'"):
         build.main(SMOL / "fp8.yaml", "h200", quantized, tmp_path / "b", tmp_path / "m.json", CATALOG, "auto")
 
@@ -242,8 +243,17 @@ def test_modified_upstream_file_is_refused(smol):
 
 
 def test_calibration_of_another_recipe_is_refused(tmp_path):
-    quantized = fabricate_calibrate_output(tmp_path / "q", "smollm2-135m-instruct-nvfp4")
-    with pytest.raises(StageInputError, match="was calibrated for recipe 'smollm2-135m-instruct-nvfp4', not 'smollm2-135m-instruct-fp8'"):
+    quantized = fabricate_calibrate_output(tmp_path / "q", SMOL / "nvfp4.yaml")
+    with pytest.raises(StageInputError, match="was made for recipe 'smollm2-135m-instruct-nvfp4', not 'smollm2-135m-instruct-fp8'"):
+        build.main(SMOL / "fp8.yaml", "h200", quantized, tmp_path / "b", tmp_path / "m.json", CATALOG, "auto")
+
+
+def test_calibration_without_recipe_id_is_refused(tmp_path):
+    # Build's check used to let a manifest without `recipe.id` pass; the one reader does not.
+    quantized = fabricate_calibrate_output(tmp_path / "q", SMOL / "fp8.yaml")
+    old = read_manifest(quantized, "calibrate")
+    write_manifest(quantized, {**old, "recipe": {**old["recipe"], "id": None}})
+    with pytest.raises(StageInputError, match="records no recipe id, so it cannot be tied to 'smollm2-135m-instruct-fp8'"):
         build.main(SMOL / "fp8.yaml", "h200", quantized, tmp_path / "b", tmp_path / "m.json", CATALOG, "auto")
 
 
@@ -309,7 +319,7 @@ def test_load_test_result_is_recorded_when_the_runtime_is_there(smol, monkeypatc
 
 def test_engine_tensorrt_without_gpu_is_refused_before_writing(tmp_path):
     recipe_path = model_copy(tmp_path, "smollm2-135m-instruct", "fp8-engine", engine="tensorrt")
-    quantized = fabricate_calibrate_output(tmp_path / "q", "smollm2-135m-instruct-fp8-engine")
+    quantized = fabricate_calibrate_output(tmp_path / "q", recipe_path)
     out, metrics = tmp_path / "bundles" / "b", tmp_path / "m.json"
     with pytest.raises(ForgeError) as info:
         build.main(recipe_path, "h200", quantized, out, metrics, CATALOG, "auto")

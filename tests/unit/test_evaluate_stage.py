@@ -251,13 +251,13 @@ def test_calibration_of_another_quant_section_is_refused(world, tmp_path, no_mod
     manifest = read_manifest(quantized, "calibrate")
     manifest["recipe"]["sections"]["quant"] = "0" * 64
     write_manifest(quantized, manifest)
-    with pytest.raises(StageInputError, match=r"was calibrated with a different quant section than .*fp8.yaml has now\. "
-                                              r"Fix: re-run it: dvc repro calibrate@tiny-llama-fp8"):
+    with pytest.raises(StageInputError, match=r"was made from another `quant` section of .*fp8.yaml \(digest 000000000000…, now .*\)\. "
+                                              r"Fix: .*re-run it: dvc repro calibrate@tiny-llama-fp8"):
         run_evaluate(world, "fp8", tmp_path, quantized_dir=quantized)
 
 
 def test_another_recipes_calibration_is_refused(world, tmp_path, no_model_work):
-    with pytest.raises(StageInputError, match=r"was calibrated for recipe 'tiny-llama-nvfp4', not 'tiny-llama-fp8'"):
+    with pytest.raises(StageInputError, match=r"was made for recipe 'tiny-llama-nvfp4', not 'tiny-llama-fp8'"):
         run_evaluate(world, "fp8", tmp_path, quantized_dir=world["quantized"]["nvfp4"])
 
 

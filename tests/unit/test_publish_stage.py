@@ -106,7 +106,7 @@ def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59) -> Chain:
     baseline.mkdir(parents=True)
     write_json(baseline / "metrics.json", {"metrics": {METRIC: 0.6}})
     write_manifest(baseline, build_manifest("baseline", MODEL, baseline, {"model": input_entry(download, "download")},
-                                            {}, recipe={"model": MODEL, "sections": {"eval": "e" * 64}}))
+                                            {}, recipe={"model": MODEL, "path": "model.yaml", "sections": {"eval": "e" * 64}}))
 
     evaluation = data / "eval" / recipe.id
     evaluation.mkdir(parents=True)

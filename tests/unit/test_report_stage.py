@@ -20,6 +20,7 @@ from pipeline.recipe import load_recipe
 from pipeline.stages import report as report_stage
 from pipeline.stages import throughput
 from pipeline.validate import plan_target
+from tests.handoff_fixtures import build_details
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = DEFAULT_CATALOG
@@ -67,14 +68,14 @@ def metrics_dir(tmp_path):
         key = recipe.artifact_name(gpu)
         stage_output(data / "quantized" / recipe.id, "calibrate", {}, {"results": {
             "perplexity_baseline": 15.30, "perplexity_quantized": 15.63 if variant == "fp8" else 56.5}})
-        stage_output(data / "bundles" / key, "build", {}, {"plan": plan.to_json()})
+        stage_output(data / "bundles" / key, "build", {}, build_details(plan.to_json(), model=recipe.model.name))
         gate = evaluate_gates(BASELINE, QUANTIZED[variant], DIRECTIONS, GatePolicy(0.95))
         stage_output(data / "eval" / recipe.id, "evaluate", {"gate_report.json": gate.to_dict()},
                      {"path": "simulated-cpu"})
         receipt = ({"published": True, "name": key, "registry": "registry", "version": "v1.0.0"} if variant == "fp8" else
                    {"published": False, "name": key, "registry": "registry",
                     "reason": "accuracy gate failed: forge_mc/acc,none recovery 0.5345 < 0.95"})
-        stage_output(data / "published" / key, "publish", {"receipt.json": receipt})
+        stage_output(data / "published" / key, "publish", {"receipt.json": receipt}, receipt)
         if variant == "fp8":
             pricing = throughput.Pricing(3.5, "recipe")
             ceilings = throughput.ceilings_for(recipe, gpu, catalog[gpu], tmp_path / "no-probes")

@@ -18,6 +18,7 @@ from pipeline.serving.engines_here import choose_engine
 from pipeline.serving.gate_source import choose_gate_source
 from pipeline.serving.identity import check_served_identity, checkpoint_digest
 from pipeline.trtllm import LocalRuntime
+from tests.handoff_fixtures import build_details
 
 CPU_ONLY = LocalRuntime(None, None, None)
 
@@ -68,7 +69,7 @@ class _FakeEngine:
         cards_json, version_json = json.dumps({"object": "list", "data": cards}), json.dumps({"version": version})
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 if self.path == "/v1/models":
                     body = cards_json
                 elif self.path == "/version" and version is not None:
@@ -149,7 +150,7 @@ def _stage_output(directory: Path, stage: str, details: dict, inputs: dict | Non
 
 
 def test_gate_source_prefers_the_served_result_of_this_bundle(tmp_path):
-    bundle = _stage_output(tmp_path / "bundle", "build", {})
+    bundle = _stage_output(tmp_path / "bundle", "build", build_details())
     simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
     served = _stage_output(tmp_path / "served", "evaluate",
                            {"path": "served-vllm", "served": {"engine": "vllm", "engine_version": "0.32.0",
@@ -162,7 +163,7 @@ def test_gate_source_prefers_the_served_result_of_this_bundle(tmp_path):
 
 
 def test_gate_source_falls_back_to_the_simulation_and_says_why(tmp_path):
-    bundle = _stage_output(tmp_path / "bundle", "build", {})
+    bundle = _stage_output(tmp_path / "bundle", "build", build_details())
     simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
     served = _stage_output(tmp_path / "served", "evaluate", {"served": False, "reason": "no NVFP4 kernel"})
     source = choose_gate_source(simulated, served, bundle)
@@ -171,8 +172,8 @@ def test_gate_source_falls_back_to_the_simulation_and_says_why(tmp_path):
 
 
 def test_gate_source_refuses_a_served_result_of_another_bundle(tmp_path):
-    bundle = _stage_output(tmp_path / "bundle", "build", {"gpu": "h200"})
-    other = _stage_output(tmp_path / "other", "build", {"gpu": "h100"})
+    bundle = _stage_output(tmp_path / "bundle", "build", build_details(gpu="h200"))
+    other = _stage_output(tmp_path / "other", "build", build_details(gpu="h100"))
     simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
     served = _stage_output(tmp_path / "served", "evaluate", {"served": {"engine": "vllm"}},
                            {"bundle": {"path": str(other), "stage": "build", "manifest_sha256": manifest_digest(other)}})

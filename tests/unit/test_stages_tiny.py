@@ -175,7 +175,7 @@ def test_calibrate_refuses_a_calibration_set_made_for_other_settings(pipeline_ou
     finally:
         recipe.unlink()
     err = capsys.readouterr().err
-    assert code == 2 and "was made for a different calibration section of this recipe" in err
+    assert code == 2 and "was made from another `calibration` section of" in err
     _no_partial(tmp_path, "q2")
 
 

@@ -48,7 +48,7 @@ def bundle(tiny_llama, tmp_path_factory):
     (quantized / "quant_state.pt").write_bytes(b"state")
     recipe = load_recipe(ROOT / FP8)
     write_manifest(quantized, build_manifest("calibrate", recipe.id, quantized, {}, {},
-                                             recipe={"id": recipe.id, "path": str(FP8), "digest": recipe.digest()}))
+                                             recipe=recipe.provenance("model", "quant", "calibration")))
     out = root / "bundle"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
