@@ -1,0 +1,64 @@
+"""DVC sees every input a stage reads: its own code, measured ceilings, eval suites, calibration
+definitions. Resolved by DVC itself (dvc.repo.Repo over dvc.yaml + plan.yaml), no pipeline run."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM_OF_BUILD = ("download", "calibration-set", "calibrate", "baseline", "evaluate", "serve-baseline")
+
+
+@pytest.fixture(scope="module")
+def stages():
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {s.addressing: ([d.def_path for d in s.deps], [o.def_path for o in s.outs]) for s in repo.index.stages}
+
+
+def _reads(deps: list[str], path: str) -> bool:
+    return any(PurePosixPath(path) == PurePosixPath(d) or PurePosixPath(d) in PurePosixPath(path).parents for d in deps)
+
+
+def rerun_by(stages, path: str) -> set[str]:
+    """Stages `dvc repro` re-runs after `path` changes: those that depend on it, then their consumers."""
+    changed = {name for name, (deps, _) in stages.items() if _reads(deps, path)}
+    while True:
+        outs = [o for name in changed for o in stages[name][1]]
+        more = {name for name, (deps, _) in stages.items() if any(_reads(deps, o) or _reads([o], d) for o in outs
+                                                                     for d in deps)}
+        if more <= changed:
+            return changed
+        changed |= more
+
+
+def test_editing_sizing_reruns_build_and_throughput_and_nothing_upstream(stages):
+    affected = rerun_by(stages, "pipeline/sizing.py")
+    families = {name.split("@")[0] for name in affected}
+    assert {"build", "throughput"} <= families
+    assert not families & set(UPSTREAM_OF_BUILD), sorted(families)
+    builds = {n for n in stages if n.startswith("build@")}
+    assert builds <= affected and {n for n in stages if n.startswith("throughput@")} <= affected
+
+
+def test_every_stage_lists_its_own_code(stages):
+    own = {"download": "pipeline/stages/download.py", "calibration-set": "pipeline/stages/calibration_set.py",
+           "calibrate": "pipeline/stages/calibrate.py", "baseline": "pipeline/stages/evaluate.py",
+           "evaluate": "pipeline/stages/evaluate.py", "build": "pipeline/stages/build.py",
+           "serve-baseline": "pipeline/stages/evaluate.py", "serve-eval": "pipeline/stages/evaluate.py",
+           "throughput": "pipeline/stages/throughput.py", "publish": "pipeline/stages/publish.py",
+           "report": "pipeline/stages/report.py", "gpu-compare": "pipeline/gpucompare.py"}
+    for name, (deps, _) in stages.items():
+        assert own[name.split("@")[0]] in deps, f"{name} does not list its code {own[name.split('@')[0]]}"
+
+
+def test_inputs_read_from_the_tree_are_deps(stages):
+    needs = {"throughput": "recipes/measured", "evaluate": "eval", "baseline": "eval", "serve-eval": "eval",
+             "calibration-set": "calibration"}
+    for name, (deps, _) in stages.items():
+        family = name.split("@")[0]
+        if family in needs:
+            assert needs[family] in deps, f"{name} reads {needs[family]} but does not depend on it"
