@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.deadline import DeadlineExceeded, call_within, transfer_deadline
 from pipeline.errors import CalibrationError, RecipeError, StageInputError
-from pipeline.sources import check_pinned_revision, hub_settings, probe_hub, repo_bytes, sha256_file
+from pipeline.manifest import sha256_file
+from pipeline.sources import check_pinned_revision, hub_settings, probe_hub, repo_bytes
 
 log = logging.getLogger(__name__)
 
