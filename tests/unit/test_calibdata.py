@@ -12,15 +12,13 @@ import pytest
 from pipeline.calibdata import (
     GeneratedCalibrationSet,
     HFCalibrationSet,
-    _article,
-    _Verb,
-    generate_document,
     list_calibration_sets,
     load_calibration_set,
     load_materialized,
     materialize,
     preview_documents,
 )
+from pipeline.calibgen import _article, _Verb, generate_document
 from pipeline.errors import CalibrationError, RecipeError, SourceError, StageInputError
 
 REPO_CALIB = Path(__file__).resolve().parents[2] / "calibration"
