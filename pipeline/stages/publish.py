@@ -1,5 +1,5 @@
-"""`forge publish`, `forge pull`, `forge list`: ship a gated bundle to the registry, and get the right
-one back onto a serving machine.
+"""`forge publish`: ship a gated bundle to the registry (`forge pull` and `forge list`, the way back,
+are pipeline/stages/pull.py and listing.py; they share this module's registry options).
 
 publish (one DVC stage per model x format x GPU) refuses unless the bundle and its evaluation are
 intact and chain back, manifest digest by manifest digest, to this recipe's calibrate output, its
@@ -8,10 +8,7 @@ the receipt in `--out` says why nothing was published, and the exit code is 0 so
 finishes (`--strict`: 1). Out (`--out`): `receipt.json` and `manifest.json`.
 
 The registry is any kind pipeline/registries.py opens (directory, OCI, plain layout, HTTP); every kind
-offers the same calls, so nothing here branches on it. pull verifies every file against the registry
-manifest's sha256 before the destination appears (pipeline/pulling.py), and refuses an artifact built for another compute capability or another
-TensorRT-LLM version unless `--force`. `forge pull MODEL --gpu auto` picks among a model's artifacts
-the way NVIDIA NIM picks a profile: the local SKU, then fewer bits per weight, then the newest.
+offers the same calls, so nothing here branches on it.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata as importlib_metadata
@@ -29,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engines import require_loadable
-from pipeline.errors import RecipeError, RegistryError, StageInputError
+from pipeline.errors import RegistryError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gates import GateReport
-from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
 from pipeline.gto_tags import has_tag, tag_stage, tag_version
 from pipeline.handoff import BuildDetails, EvaluateDetails, Opened, open_upstream
@@ -50,13 +45,9 @@ from pipeline.recipe import Recipe, load_recipe
 from pipeline.registries import open_registry
 from pipeline.registry import (
     PASSING_VERDICT,
-    ArtifactSummary,
     PublishResult,
-    PullResult,
-    select_for_gpu,
     validate_name,
 )
-from pipeline.selection import ProfileRow, profile_rows
 from pipeline.serving.gate_source import choose_gate_source
 from pipeline.sizing import KV_BLOCK_TOKENS
 from pipeline.validate import check_named_target, validate_recipe
@@ -73,22 +64,6 @@ PUBLISH_EXAMPLE = """example:
   forge publish recipes/smollm2-135m-instruct/fp8.yaml --gpu h200 \\
       --bundle data/bundles/smollm2-135m-instruct-fp8-h200 --evaluation data/eval/smollm2-135m-instruct-fp8 \\
       --registry registry --out data/published/smollm2-135m-instruct-fp8-h200 [--tag] [--stage prod]
-"""
-PULL_EXAMPLE = """examples:
-  forge pull smollm2-135m-instruct-fp8-h200 --dest /srv/models/smollm2      # newest version
-  forge pull smollm2-135m-instruct-fp8-h200 --stage prod --dest /srv/models/smollm2
-  forge pull smollm2-135m-instruct --gpu auto --dest /srv/models/smollm2    # best artifact for this GPU
-  forge pull smollm2-135m-instruct --gpu h200 --dest out/                    # ... for a catalog GPU
-  forge pull smollm2-135m-instruct-fp8-h200 --registry oci://registry.example.com/forge --dest out/
-  forge pull smollm2-135m-instruct-fp8-h200 --registry https://models.example.com/forge --dest out/
-registries: a directory or fsspec URL (s3://, gs://: extras forge-quant[s3], [gcs]); oci://HOST/NAMESPACE
-(oci+http:// without TLS; credentials from the docker config or ORAS_USER/ORAS_PASS); plain+DIR (plain
-layout); http(s):// (a plain layout served over HTTP, read only).
-"""
-LIST_EXAMPLE = """examples:
-  forge list
-  forge list --gpu h100          # every artifact, compatible or not with an H100, and why (as pull --gpu decides)
-  forge list --gpu b200 --json
 """
 
 
@@ -111,28 +86,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_registry_options(p)
     p.set_defaults(func=run_publish)
 
-    p = sub.add_parser("pull", help="download and verify an artifact (by name, or the best one for a GPU)",
-                       epilog=PULL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="an artifact name, or with --gpu a model name to choose an artifact for")
-    p.add_argument("--dest", required=True, type=Path, help="a new (or empty) directory")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--version", help="vX.Y.Z (default: the newest)")
-    which.add_argument("--stage", help="the version a stage label points at, e.g. prod")
-    p.add_argument("--gpu", help="'auto' (NVML) or a GPU catalog key: the GPU the artifact will run on. "
-                                 "Default: the local GPU when NVML finds one, else no compute-capability check")
-    p.add_argument("--count", type=int, help="GPUs of that kind available (default: as detected, or 1)")
-    p.add_argument("--force", action="store_true", help="pull despite a compute capability or runtime mismatch")
-    _add_registry_options(p)
-    p.set_defaults(func=run_pull)
-
-    p = sub.add_parser("list", help="artifacts in the registry: versions, stages, format, GPU, key metrics",
-                       epilog=LIST_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", help="a GPU catalog key: show each artifact's compatibility with it, and which "
-                                 "one `forge pull MODEL --gpu` would take")
-    p.add_argument("--count", type=int, help="GPUs of that kind available (default 1)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_registry_options(p)
-    p.set_defaults(func=run_list)
 
 
 def _add_registry_options(p: argparse.ArgumentParser) -> None:
@@ -150,42 +103,6 @@ def run_publish(args: argparse.Namespace) -> int:
                    stage=args.stage, tag=args.tag, repo_dir=Path.cwd(), catalog_path=args.catalog,
                    served_evaluation_dir=args.served_evaluation)
     return 1 if args.strict and receipt.gate_failed else 0
-
-
-def run_pull(args: argparse.Namespace) -> int:
-    validate_name(args.target, kind="artifact or model name")  # before anything else looks at it
-    catalog = load_catalog(args.catalog)
-    local_gpu = resolve_gpu(args.gpu, catalog, args.count)
-    result = pull_main(args.target, args.dest, registry_url(args), local_gpu, local_runtime_versions(),
-                       version=args.version, stage=args.stage, select=args.gpu is not None, force=args.force,
-                       progress=sys.stderr.isatty())
-    print(f"pulled {result.name} {result.version} into {result.dest}: {result.files} files, "
-          f"{result.total_bytes / 1e6:,.1f} MB, every file's sha256 verified against the registry manifest"
-          + (f" (forced past: {'; '.join(result.overridden)})" if result.overridden else ""))
-    return 0
-
-
-def run_list(args: argparse.Namespace) -> int:
-    url = registry_url(args)
-    if args.gpu is not None:
-        catalog = load_catalog(args.catalog)
-        if args.gpu not in catalog:
-            raise RecipeError("--gpu", f"unknown GPU {args.gpu!r}.",
-                              f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")
-        rows, problems = profiles_main(url, resolve_gpu(args.gpu, catalog, args.count))
-        if args.json:
-            print(json.dumps([asdict(r) for r in rows], indent=2))
-        else:
-            render_profiles(url, args.gpu, rows)
-    else:
-        summaries, problems = list_main(url)
-        if args.json:
-            print(json.dumps([asdict(s) for s in summaries], indent=2))
-        else:
-            render_list(url, summaries)
-    for problem in problems:
-        print(f"warning: skipped unreadable {problem}", file=sys.stderr)
-    return 0
 
 
 # ---------------------------------------------------------------------------- publish
@@ -414,154 +331,6 @@ def write_receipt(out_dir: Path, receipt: Receipt, recipe: Recipe, bundle: Opene
         ))
 
 
-# ---------------------------------------------------------------------------- pull
-
-
-def resolve_gpu(gpu: str | None, catalog: Mapping[str, GpuSpec], count: int | None) -> LocalGpu | None:
-    """The GPU the pulled artifact will run on: detected (`auto`, or by default when NVML finds one),
-    or a catalog GPU described by its datasheet values."""
-    if gpu is None or gpu == "auto":
-        detected = detect_local_gpu({key: spec.nvml_names for key, spec in catalog.items()})
-        if detected is None and gpu == "auto":
-            raise RegistryError("--gpu auto", "no NVIDIA GPU detected (NVML found no device).",
-                                f"pass --gpu <key>, one of {', '.join(catalog)}.")
-        if detected is None:
-            log.info("no local NVIDIA GPU detected: compute capability not checked (pass --gpu KEY to check)")
-            return None
-        return detected if count is None else LocalGpu(detected.name, detected.compute_capability,
-                                                       detected.memory_bytes, count, detected.sku)
-    if gpu not in catalog:
-        raise RegistryError("--gpu", f"unknown GPU {gpu!r}.", f"use 'auto' or one of {', '.join(catalog)}.")
-    spec = catalog[gpu]
-    return LocalGpu(spec.name, spec.compute_capability, spec.memory_bytes, count or 1, gpu)
-
-
-def local_runtime_versions() -> dict[str, str | None]:
-    """Runtimes a bundle is bound to, as installed here; None = not installed, so not compared."""
-    return {"tensorrt_llm": _installed("tensorrt-llm")}
-
-
-def pull_main(target: str, dest: Path, registry_url: str, local_gpu: LocalGpu | None,
-              runtime_versions: Mapping[str, str | None], *, version: str | None = None, stage: str | None = None,
-              select: bool = False, force: bool = False, progress: bool = False) -> PullResult:
-    registry = open_registry(registry_url)
-    name, version = choose_artifact(registry, target, local_gpu, version, stage, select)
-    return registry.pull(name, dest, version=version, stage=stage, force=force,
-                         local_gpu=local_gpu, runtime_versions=runtime_versions, progress=progress)
-
-
-def choose_artifact(registry, target: str, local_gpu: LocalGpu | None, version: str | None,
-                    stage: str | None, select: bool) -> tuple[str, str | None]:
-    """`target` names an artifact: pull it. Else, with `select` (a --gpu was given), it names a
-    model: choose among its artifacts NIM-style (registry.select_for_gpu)."""
-    validate_name(target, kind="artifact or model name")
-    if target in registry.names():
-        return target, version
-    if not select:
-        if registry.manifests(model=target):
-            raise RegistryError(f"registry {registry.url}", f"{target!r} is a model, not an artifact.",
-                                "pass --gpu auto (or --gpu <catalog key>) to choose one of its artifacts, or pull "
-                                "an artifact by name (`forge list`).")
-        registry.resolve(target)  # raises: no such artifact (lists those there are)
-    if version is not None or stage is not None:  # chosen below, by GPU
-        raise RegistryError(f"model {target}", "--version / --stage pick a version of one artifact; for a model "
-                                               "the version is chosen by GPU.", "pull an artifact by name to pin one.")
-    if local_gpu is None:
-        raise RegistryError(f"model {target}", "no NVIDIA GPU detected; nothing to choose an artifact for.",
-                            "pass --gpu <catalog key>.")
-    candidates = registry.manifests(model=target)
-    refused = [r for r in registry.refusals() if (r.get("metadata") or {}).get("model") == target]
-    if not candidates and not refused:
-        raise RegistryError(f"registry {registry.url}", f"has no artifact or model named {target!r} "
-                                                        f"(artifacts: {', '.join(registry.names()) or 'none'}).",
-                            "run `forge list` and pull one of those.")
-    chosen = select_for_gpu(candidates, local_gpu)
-    if chosen is None:
-        reasons = "; ".join(f"{r.name}{' ' + r.version if r.version else ''}: {r.reason}"
-                            for r in profile_rows(candidates, refused, local_gpu, model=target))
-        raise RegistryError(f"model {target}", f"no artifact fits {local_gpu.name} "
-                                               f"(compute capability {local_gpu.compute_capability}): {reasons}.",
-                            "build one for this GPU (add a target to the recipe), or pull one by name with --force. "
-                            f"`forge list --gpu {local_gpu.sku or '<key>'}` shows the same rows.")
-    exact = local_gpu.sku is not None and chosen["metadata"].get("gpu") == local_gpu.sku
-    log.info("selected %s %s for %s: %s, %s bits/weight", chosen["name"], chosen["version"], local_gpu.name,
-             "built for this SKU" if exact else f"built for {chosen['metadata'].get('gpu')} (same compute capability)",
-             chosen["metadata"].get("bits_per_weight"))
-    return chosen["name"], chosen["version"]
-
-
-# ---------------------------------------------------------------------------- list
-
-
-def list_main(registry_url: str) -> tuple[list[ArtifactSummary], list[str]]:
-    """Every artifact's summary, and the unreadable manifests skipped (named, not fatal)."""
-    registry = open_registry(registry_url)
-    return registry.list_artifacts(), registry.problems
-
-
-def profiles_main(registry_url: str, gpu: LocalGpu) -> tuple[list[ProfileRow], list[str]]:
-    """Each artifact's compatibility with `gpu`, by the rule `forge pull MODEL --gpu` uses."""
-    registry = open_registry(registry_url)
-    rows = profile_rows(registry.manifests(), registry.refusals(), gpu)
-    return rows, registry.problems
-
-
-def render_profiles(url: str, gpu_key: str, rows: list[ProfileRow]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if not rows:
-        print(f"no artifacts in registry {url}")
-        return
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=200)
-    if console.width < 140:  # too narrow for the table's reasons: one line per artifact, nothing cut
-        print(f"{url}: artifacts for {gpu_key}")
-        for r in rows:
-            verdict = "SELECTED" if r.selected else ("compatible" if r.compatible else "incompatible")
-            print(f"  {r.name} {r.version or '-'}  {verdict}: {r.reason}")
-        return
-    table = Table(title=f"{url}: artifacts for {gpu_key}", header_style="bold")
-    table.add_column("name", no_wrap=True, min_width=max(len(r.name) for r in rows))  # copied by users: never cut
-    for column in ("version", "format", "built for", "cc", "compatible"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("why", overflow="fold", min_width=20)
-    for r in rows:
-        table.add_row(r.name, r.version or "-", r.format, r.gpu, r.compute_capability,
-                      "SELECTED" if r.selected else ("yes" if r.compatible else "no"), r.reason)
-    console.print(table)
-
-
-def key_metrics(summary: ArtifactSummary) -> dict[str, float | None]:
-    recoveries = [v for k, v in summary.metrics.items() if k.startswith("accuracy.") and k.endswith(".recovery")]
-    return {"min_recovery": min(recoveries) if recoveries else None,
-            "predicted_decode_tok_s": summary.metrics.get("throughput.predicted_decode_tok_s_max_batch")}
-
-
-def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
-    from rich.table import Table
-
-    if not summaries:
-        print(f"no artifacts in registry {url}")
-        return
-    from pipeline.tables import print_table  # widens the console so no name is ever cut
-
-    table = Table(title=f"artifacts in {url}", header_style="bold")
-    for column in ("name", "versions", "stages", "format", "bits/w", "gpu", "cc", "gate", "min recovery",
-                   "decode tok/s (predicted)"):
-        table.add_column(column, justify="right" if column in ("bits/w", "min recovery", "decode tok/s (predicted)")
-                         else "left")
-    for s in summaries:
-        metrics = key_metrics(s)
-        versions = s.latest if len(s.versions) == 1 else f"{s.latest} ({len(s.versions)} versions)"
-        stages = ", ".join(f"{stage}->{v}" for stage, v in sorted(s.stages.items())) or "-"
-        table.add_row(s.name, versions, stages, s.format, f"{s.bits_per_weight:g}", s.gpu, s.compute_capability,
-                      s.gate_verdict, _fmt(metrics["min_recovery"], ".3f"),
-                      _fmt(metrics["predicted_decode_tok_s"], ",.0f"))
-    print_table(table)
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -577,7 +346,3 @@ def _json_number(value: float | None) -> float | str | None:
     if value is not None and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return value
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)

@@ -271,7 +271,7 @@ def test_names_are_never_truncated_off_a_terminal(capsys, monkeypatch):
 
 
 def test_list_title_does_not_say_registry_twice(capsys, monkeypatch):
-    from pipeline.stages.publish import render_list
+    from pipeline.stages.listing import render_list
 
     class Summary:  # the fields render_list reads
         name = "smollm2-135m-instruct-fp8-rtx-pro-6000-with-a-long-suffix"

@@ -25,6 +25,7 @@ from pipeline.recipe import load_recipe
 from pipeline.registry import MANIFEST_FILENAME, Registry
 from pipeline.stages import build
 from pipeline.stages import publish as stage
+from pipeline.stages import pull as pull_stage
 from pipeline.trtllm import LocalRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -305,7 +306,7 @@ def pull(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_pull_by_name_version_and_stage(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(stage, "detect_local_gpu", lambda known: None)
+    monkeypatch.setattr(pull_stage, "detect_local_gpu", lambda known: None)
     url = str(hand_made_registry(tmp_path))
     for extra, expected in [((), "v1.0.1"), (("--version", "v1.0.0"), "v1.0.0"), (("--stage", "prod"), "v1.0.0")]:
         dest = tmp_path / "out" / "-".join(extra or ("newest",))
@@ -331,7 +332,7 @@ def test_pull_by_name_version_and_stage(tmp_path, capsys, monkeypatch):
 ])
 def test_gpu_auto_picks_sku_then_precision_then_newest(tmp_path, capsys, monkeypatch, detected, expected):
     seen = []
-    monkeypatch.setattr(stage, "detect_local_gpu", lambda known: seen.append(known) or detected)
+    monkeypatch.setattr(pull_stage, "detect_local_gpu", lambda known: seen.append(known) or detected)
     url = str(hand_made_registry(tmp_path))
     code, out, _ = pull(capsys, "m", "--gpu", "auto", "--registry", url, "--dest", str(tmp_path / "d"))
     assert code == 0 and out.startswith(f"pulled {expected} into")
@@ -340,7 +341,7 @@ def test_gpu_auto_picks_sku_then_precision_then_newest(tmp_path, capsys, monkeyp
 
 def test_gpu_auto_without_a_gpu_and_unfit_gpus_are_refused(tmp_path, capsys, monkeypatch):
     url = str(hand_made_registry(tmp_path))
-    monkeypatch.setattr(stage, "detect_local_gpu", lambda known: None)
+    monkeypatch.setattr(pull_stage, "detect_local_gpu", lambda known: None)
     code, _, err = pull(capsys, "m", "--gpu", "auto", "--registry", url, "--dest", str(tmp_path / "d"))
     assert code == 2 and "no NVIDIA GPU detected (NVML found no device). Fix: pass --gpu <key>, one of h100" in err
     code, _, err = pull(capsys, "m", "--gpu", "l40s", "--registry", url, "--dest", str(tmp_path / "d"))
@@ -363,8 +364,8 @@ def test_artifact_for_another_compute_capability_needs_force(tmp_path, capsys):
 def test_runtime_version_mismatch_is_refused(tmp_path):
     url = str(hand_made_registry(tmp_path))
     with pytest.raises(RegistryError, match="built with tensorrt_llm 1.2.1, this machine has 1.3.0rc1"):
-        stage.pull_main("m-fp8-h200", tmp_path / "d", url, H200, {"tensorrt_llm": "1.3.0rc1"})
-    assert stage.pull_main("m-fp8-h200", tmp_path / "d", url, H200, {"tensorrt_llm": None}).version == "v1.0.0"
+        pull_stage.pull_main("m-fp8-h200", tmp_path / "d", url, H200, {"tensorrt_llm": "1.3.0rc1"})
+    assert pull_stage.pull_main("m-fp8-h200", tmp_path / "d", url, H200, {"tensorrt_llm": None}).version == "v1.0.0"
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "..", "/etc/passwd", "M-FP8"])
@@ -373,7 +374,7 @@ def test_names_that_could_escape_the_registry_are_refused(tmp_path, capsys, bad)
     code, _, err = pull(capsys, bad, "--gpu", "h200", "--registry", url, "--dest", str(tmp_path / "d"))
     assert code == 2 and f"artifact or model name {bad!r}: must match" in err
     with pytest.raises(RegistryError, match="must match"):
-        stage.pull_main(bad, tmp_path / "d", url, None, {})
+        pull_stage.pull_main(bad, tmp_path / "d", url, None, {})
     assert not (tmp_path / "d").exists()
 
 
