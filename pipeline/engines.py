@@ -78,6 +78,10 @@ class Engine:
         return [c.quant_algo for c in self.formats if c.format != "bf16"]
 
 
+# The TensorRT-LLM release forge builds for: the one pin (recipe build.tensorrt_llm_version's
+# default, the option names trtllm.py accepts, the engine row below).
+TENSORRT_LLM_VERSION = "1.2.1"
+
 _TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
 _VLLM_MODELOPT = "vllm/model_executor/layers/quantization/modelopt.py"
 _SGL_MODELOPT = "python/sglang/srt/layers/quantization/modelopt_quant.py"
@@ -86,7 +90,7 @@ ENGINES: dict[str, Engine] = {
     e.name: e
     for e in (
         Engine(
-            name="tensorrt-llm", version="1.2.1", device="gpu",
+            name="tensorrt-llm", version=TENSORRT_LLM_VERSION, device="gpu",
             # 1.2 reads hf_quant_config.json `quantization` and cannot read the flat block (FACTS.md;
             # tensorrt_llm/_torch/model_config.py); QuantAlgo(value) is an exact, upper-case StrEnum
             # (tensorrt_llm/quantization/mode.py), so ModelOpt's lower-case "mxfp4" is not a member.

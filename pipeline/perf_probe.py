@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.errors import ForgeError, RecipeError
-from pipeline.formats import ComputeCapability
+from pipeline.formats import FORMATS, ComputeCapability
 from pipeline.gpu_detect import match_sku
 from pipeline.gpus import GpuSpec
 from pipeline.sizing import Ceilings
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEASURED_DIR = Path("recipes/measured")
 PROBE_SCHEMA = "forge.probe/1"
-# FP8 tensor cores arrive with Ada (SM 8.9) and Hopper (SM 9.0); the same floor as formats.FORMATS["fp8"].
-FP8_MIN_COMPUTE_CAPABILITY = ComputeCapability(8, 9)
+# FP8 tensor cores arrive with Ada (SM 8.9) and Hopper (SM 9.0): the fp8 format's floor, from the registry.
+FP8_MIN_COMPUTE_CAPABILITY = FORMATS["fp8"].min_compute_capability
 
 
 # ---------------------------------------------------------------------------------------------- probe

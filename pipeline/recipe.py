@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.artifacts import NAME_PATTERN, NAME_RULE
+from pipeline.engines import TENSORRT_LLM_VERSION
 from pipeline.errors import RecipeError
 from pipeline.formats import KV_CACHE_DTYPES, QUANTIZED_FORMATS, canonical_kv_dtype
 from pipeline.yamlio import load_model_file
@@ -28,9 +30,8 @@ RECIPES_DIR = Path("recipes")
 MODEL_FILE = "model.yaml"
 CATALOG_FILE = "gpus.yaml"
 
-# GTO artifact names allow letters, digits, '-', '_', '/': no dots (FACTS.md). Model and recipe
-# names become artifact names, so they follow the stricter lower-case form.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
+# Model and recipe names become artifact names (<model>-<variant>-<gpu>), so they follow the one
+# name rule, pipeline/artifacts.py NAME_PATTERN (GTO's names, lower-case; FACTS.md).
 COMMIT_PATTERN = r"^[0-9a-f]{40}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # Calibration sets and eval suites are looked up as <dir>/<name>.yaml: a name is one plain file
@@ -267,7 +268,7 @@ class BuildSection(Closed):
     engine: Literal["pytorch", "tensorrt"] = Field(
         "pytorch", description="pytorch: unified checkpoint + LLM-API options; tensorrt: legacy trtllm-build (<=1.2)"
     )
-    tensorrt_llm_version: str = Field("1.2.1", description="the TensorRT-LLM release the bundle is made for")
+    tensorrt_llm_version: str = Field(TENSORRT_LLM_VERSION, description="the TensorRT-LLM release the bundle is made for")
 
 
 class PublishSection(Closed):
@@ -370,8 +371,8 @@ def _check_name(name: str, where: str, what: str) -> None:
     if not re.match(NAME_PATTERN, name):
         raise RecipeError(
             where,
-            f"{what} name '{name}' is not allowed: artifact names use lower-case letters, digits and '-' only.",
-            f"rename it, e.g. '{re.sub(r'[^a-z0-9-]+', '-', name.lower()).strip('-') or 'model'}'.",
+            f"{what} name '{name}' is not allowed: artifact names use {NAME_RULE}.",
+            f"rename it, e.g. '{re.sub(r'[^a-z0-9_-]+', '-', name.lower()).strip('-')[:128] or 'model'}'.",
         )
 
 

@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.engines import TENSORRT_LLM_VERSION
 from pipeline.errors import ForgeError
 from pipeline.formats import ComputeCapability
 from pipeline.recipe import Target
@@ -39,7 +40,7 @@ from pipeline.sizing import KV_BLOCK_TOKENS, Plan
 
 log = logging.getLogger(__name__)
 
-PINNED_VERSION = "1.2.1"
+PINNED_VERSION = TENSORRT_LLM_VERSION  # pinned once, in pipeline/engines.py
 # The engine (TensorRT) backend was frozen in 1.0-1.2 and removed in 1.3 (FACTS.md: docs
 # legacy/tensorrt-backend-removal, PRs #5312, #15767, #15918).
 LAST_ENGINE_RELEASE = (1, 2)

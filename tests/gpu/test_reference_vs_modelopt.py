@@ -19,6 +19,7 @@ import pytest
 import torch
 from tiny_models import random_tiny_llama
 
+from pipeline.formats import FORMATS as FORMAT_REGISTRY
 from pipeline.quant.reference import (
     mxfp4_quantize_dequantize,
     mxfp4_scale_exponents,
@@ -36,7 +37,11 @@ pytestmark = pytest.mark.skipif(
     reason=f"needs CUDA with compute capability >= {MIN_CAPABILITY} for ModelOpt's FP4 kernels",
 )
 
-FORMATS = {"nvfp4": (16, (4, 3)), "mxfp4": (32, (8, 0))}
+# Block size and scale encoding from the format registry; (exponent, mantissa) bits of each scale
+# encoding as ModelOpt's num_bits spells them.
+SCALE_BITS = {"e4m3": (4, 3), "e8m0": (8, 0)}
+FORMATS = {name: (FORMAT_REGISTRY[name].block_size, SCALE_BITS[FORMAT_REGISTRY[name].scale_type.split()[0]])
+           for name in ("nvfp4", "mxfp4")}
 
 
 def needs_mx_extension(fmt: str) -> None:
