@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.engines import compatibility_table
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
@@ -70,6 +71,21 @@ EXAMPLE = """example:
 # ---------------------------------------------------------------------------- CLI
 
 
+@dataclass(frozen=True)
+class BuildArgs:
+    """`forge build`'s arguments, declared once (pipeline/cliargs.py); each field is a parameter of main."""
+
+    recipe_path: Path = arg(positional="recipe", help="recipes/<model>/<variant>.yaml")
+    gpu: str = arg(required=True, help="a target key of the recipe (a GPU of the catalog)")
+    quantized_dir: Path = arg(required=True, flag="quantized", help="the calibrate stage's output directory")
+    out_dir: Path = arg(required=True, flag="out", help="bundle directory (replaced atomically)")
+    metrics_path: Path = arg(required=True, flag="metrics", help="flat JSON metrics for `dvc metrics show`")
+    catalog_path: Path = arg(DEFAULT_CATALOG, flag="catalog", help="GPU catalog (default: %(default)s)")
+    load_test: str = arg("auto", choices=LOAD_TEST_MODES,
+                         help="auto: load-test when this machine has the target's GPU and tensorrt_llm; "
+                              "require: fail otherwise; never: skip (default: %(default)s)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build",
@@ -77,23 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipe", type=Path, help="recipes/<model>/<variant>.yaml")
-    p.add_argument("--gpu", required=True, help="a target key of the recipe (a GPU of the catalog)")
-    p.add_argument("--quantized", required=True, type=Path, help="the calibrate stage's output directory")
-    p.add_argument("--out", required=True, type=Path, help="bundle directory (replaced atomically)")
-    p.add_argument("--metrics", required=True, type=Path, help="flat JSON metrics for `dvc metrics show`")
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
-    p.add_argument(
-        "--load-test", choices=LOAD_TEST_MODES, default="auto",
-        help="auto: load-test when this machine has the target's GPU and tensorrt_llm; "
-        "require: fail otherwise; never: skip (default: %(default)s)",
-    )
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    main(args.recipe, args.gpu, args.quantized, args.out, args.metrics, args.catalog, args.load_test)
-    return 0
+    add_arguments(p, BuildArgs)
+    p.set_defaults(func=runner(BuildArgs, main))
 
 
 # ---------------------------------------------------------------------------- the stage

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
@@ -65,29 +66,31 @@ EXAMPLE = """examples:
 # ---------------------------------------------------------------------------- CLI
 
 
+@dataclass(frozen=True)
+class ThroughputArgs:
+    """`forge throughput`'s arguments, declared once (pipeline/cliargs.py); each field is a parameter of main."""
+
+    recipe_path: Path = arg(positional="recipe", help="recipes/<model>/<variant>.yaml")
+    gpu: str = arg(required=True, help="a target key of the recipe")
+    bundle_dir: Path = arg(required=True, flag="bundle", help="build stage output for this target")
+    out_dir: Path | None = arg(required=True, flag="out", help="output directory (throughput.json + manifest.json)")
+    metrics_path: Path = arg(required=True, flag="metrics", help="the KPIs for `dvc metrics show`")
+    price: float | None = arg(help="USD per GPU-hour (default: the target's price_per_gpu_hour_usd)")
+    run_mode: str = arg("auto", flag="run", choices=RUN_MODES,
+                        help="auto: benchmark when this machine has the target GPU and trtllm-bench; "
+                             "require: fail otherwise; never: predicted only (default: %(default)s)")
+    num_requests: int = arg(DEFAULT_NUM_REQUESTS, help="bench dataset size (default: %(default)s)")
+    workdir: Path | None = arg(help="keep the bench dataset and trtllm-bench reports here")
+    measured_dir: Path = arg(DEFAULT_MEASURED_DIR, help="`forge probe` results; a probe of the target GPU replaces "
+                                                        "datasheet ceilings (default: %(default)s)")
+    catalog_path: Path = arg(DEFAULT_CATALOG, flag="catalog")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput", help="predicted (always) and measured (on the target GPU) tok/s, J/token, $/Mtok",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", type=Path)
-    p.add_argument("--gpu", required=True, help="a target key of the recipe")
-    p.add_argument("--bundle", type=Path, required=True, help="build stage output for this target")
-    p.add_argument("--out", type=Path, required=True, help="output directory (throughput.json + manifest.json)")
-    p.add_argument("--metrics", type=Path, required=True, help="the KPIs for `dvc metrics show`")
-    p.add_argument("--price", type=float, help="USD per GPU-hour (default: the target's price_per_gpu_hour_usd)")
-    p.add_argument("--run", choices=RUN_MODES, default="auto",
-                   help="auto: benchmark when this machine has the target GPU and trtllm-bench; "
-                        "require: fail otherwise; never: predicted only (default: %(default)s)")
-    p.add_argument("--num-requests", type=int, default=DEFAULT_NUM_REQUESTS, help="bench dataset size (default: %(default)s)")
-    p.add_argument("--workdir", type=Path, help="keep the bench dataset and trtllm-bench reports here")
-    p.add_argument("--measured-dir", type=Path, default=DEFAULT_MEASURED_DIR,
-                   help="`forge probe` results; a probe of the target GPU replaces datasheet ceilings (default: %(default)s)")
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(args.recipe, args.gpu, args.bundle, args.metrics, args.price, args.run, args.num_requests,
-                args.workdir, args.measured_dir, args.catalog, args.out)
+    add_arguments(p, ThroughputArgs)
+    p.set_defaults(func=runner(ThroughputArgs, main))
 
 
 # ---------------------------------------------------------------------------- the stage
