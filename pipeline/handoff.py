@@ -359,9 +359,11 @@ def read_raw(directory: Path, kind: str | None) -> dict[str, Any]:
 
 
 def open_upstream(directory: Path, kind: str, recipe: Any = None, sections: Iterable[str] = (), *,
-                  verify: bool = True, rerun: str | None = None) -> Opened[Any]:
+                  verify: bool = True, rerun: str | None = None, any_recipe_id: bool = False) -> Opened[Any]:
     """Read, type-check and verify the `kind` output in `directory`; with `recipe`, also that it was
-    made for that recipe from `sections` as they read now. `rerun` is the fix a mismatch names."""
+    made for that recipe from `sections` as they read now. `rerun` is the fix a mismatch names.
+    `any_recipe_id`: the output may come from another recipe whose `sections` are the same (a
+    calibration set serves every recipe with the same calibration section); the digests still count."""
     directory = Path(directory)
     where = str(directory / MANIFEST_NAME)
     raw = read_raw(directory, kind)
@@ -371,19 +373,20 @@ def open_upstream(directory: Path, kind: str, recipe: Any = None, sections: Iter
         verify_files(directory, raw)
     opened = Opened(directory, envelope, details, manifest_digest(directory))
     if recipe is not None:
-        problem = recipe_mismatch(recipe, raw.get("recipe"), tuple(sections))
+        problem = recipe_mismatch(recipe, raw.get("recipe"), tuple(sections), check_id=not any_recipe_id)
         if problem:
             raise StageInputError(str(directory), f"{problem}.",
                                   rerun or f"re-run it for this recipe: dvc repro {kind}@{recipe.id}")
     return opened
 
 
-def recipe_mismatch(recipe: Any, record: dict[str, Any] | None, sections: tuple[str, ...]) -> str | None:
+def recipe_mismatch(recipe: Any, record: dict[str, Any] | None, sections: tuple[str, ...],
+                    check_id: bool = True) -> str | None:
     """Why `record` (a manifest's `recipe`) is not `recipe` with `sections` as they read now; None if it is.
     One rule for every reader and the lineage walk: a missing id or section digest does not pass."""
     record = record or {}
     made_for = record.get("id")
-    if made_for != recipe.id:
+    if check_id and made_for != recipe.id:
         return (f"was made for recipe {made_for!r}, not {recipe.id!r}" if made_for
                 else f"records no recipe id, so it cannot be tied to {recipe.id!r}")
     recorded = record.get("sections") or {}

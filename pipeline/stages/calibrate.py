@@ -165,7 +165,7 @@ def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict
     from pipeline.handoff import open_upstream
 
     model = open_upstream(model_dir, "download")
-    calibration = open_upstream(calibration_dir, "calibration-set", recipe, ("calibration",),
+    calibration = open_upstream(calibration_dir, "calibration-set", recipe, ("calibration",), any_recipe_id=True,
                                 rerun="re-run it: dvc repro calibration-set@" + recipe.id)
     return {"model": model.input_entry(), "calibration": calibration.input_entry()}
 
