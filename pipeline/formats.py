@@ -173,3 +173,9 @@ def get_format(name: str) -> Format:
 
 def get_kv_dtype(name: str) -> KvCacheDtype:
     return KV_CACHE_DTYPES[name]
+
+
+# Tensor-core rates a GEMM can run at (GpuSpec.tflops keys), narrowest first: a GPU without a unit
+# runs the GEMM on the next wider one. Every Format.compute_dtype is one of these.
+COMPUTE_DTYPES: tuple[str, ...] = ("fp4", "fp8", "bf16")
+assert {f.compute_dtype for f in FORMATS.values()} <= set(COMPUTE_DTYPES)

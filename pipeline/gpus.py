@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.formats import ComputeCapability
+from pipeline.formats import COMPUTE_DTYPES, ComputeCapability
 from pipeline.yamlio import load_model_file
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "gpus.yaml"
@@ -37,9 +37,9 @@ class GpuSpec(BaseModel):
     @field_validator("tflops")
     @classmethod
     def _known_dtypes(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - {"bf16", "fp8", "fp4"})
+        unknown = sorted(set(value) - set(COMPUTE_DTYPES))
         if unknown:
-            raise ValueError(f"unknown compute dtype(s) {unknown}; use bf16, fp8, fp4")
+            raise ValueError(f"unknown compute dtype(s) {unknown}; use {', '.join(reversed(COMPUTE_DTYPES))}")
         if "bf16" not in value:
             raise ValueError("bf16 rate is required")
         return value
@@ -51,7 +51,7 @@ class GpuSpec(BaseModel):
     def peak_flops(self, compute_dtype: str) -> float:
         """Dense FLOP/s for a GEMM in `compute_dtype`; a GPU without that unit falls back to the
         widest rate it has below it (an FP4 GEMM on Hopper would run as FP8 or BF16)."""
-        for dtype in ("fp4", "fp8", "bf16")[("fp4", "fp8", "bf16").index(compute_dtype):]:
+        for dtype in COMPUTE_DTYPES[COMPUTE_DTYPES.index(compute_dtype):]:
             if dtype in self.tflops:
                 return self.tflops[dtype] * 1e12
         raise KeyError(compute_dtype)
