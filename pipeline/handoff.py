@@ -172,11 +172,13 @@ class MadeFor(Closed):
 
 
 class CompatibilityRow(Closed):
-    """One row of `pipeline.engines.compatibility_table` (EngineVerdict.to_dict)."""
+    """One row of `pipeline.engines.compatibility_table` (engines.Verdict.to_dict)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)  # engines.py owns the rest of the row
     engine: str
+    version: str
+    device: str
     loads: bool
+    reason: str
     flags: list[str]
 
 
