@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.handoff import open_upstream
 from pipeline.layout import CALIBRATION_TENSORS_FILE
 from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
@@ -21,19 +23,22 @@ CALIBRATION_DIR = Path("calibration")
 HELDOUT_ROWS = 8
 
 
+@dataclass(frozen=True)
+class CalibrationSetArgs:
+    """`forge calibration-set`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    recipe_path: Path = arg(positional="recipe")
+    model_dir: Path = arg(required=True, flag="model", help="download stage output")
+    out_dir: Path = arg(required=True, flag="out")
+    calibration_dir: Path = arg(CALIBRATION_DIR)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibration-set", help="tokenize a recipe's calibration set into fixed tensors",
                        epilog="example: forge calibration-set recipes/smollm2-135m-instruct/fp8.yaml "
                               "--model data/models/smollm2-135m-instruct --out data/calibration/smollm2-135m-instruct-fp8")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("--model", type=Path, required=True, help="download stage output")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--calibration-dir", type=Path, default=CALIBRATION_DIR)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(args.recipe, args.model, args.out, args.calibration_dir)
+    add_arguments(p, CalibrationSetArgs)
+    p.set_defaults(func=runner(CalibrationSetArgs, main))
 
 
 def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Path = CALIBRATION_DIR) -> int:

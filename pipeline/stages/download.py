@@ -7,9 +7,11 @@ import argparse
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.errors import SourceError
 from pipeline.heartbeat import Progress, heartbeat
 from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
@@ -25,17 +27,20 @@ ARCHITECTURE_KEYS = (
 SMOKE_PROMPT = "The capital of France is"
 
 
+@dataclass(frozen=True)
+class DownloadArgs:
+    """`forge download`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    model_yaml: Path = arg(positional="model_yaml", help="recipes/<model>/model.yaml")
+    out_dir: Path = arg(required=True, flag="out", help="output directory")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch a model into a BF16 HF checkpoint (the only stage that downloads)",
                        epilog="example: forge download recipes/smollm2-135m-instruct/model.yaml "
                               "--out data/models/smollm2-135m-instruct")
-    p.add_argument("model_yaml", type=Path, help="recipes/<model>/model.yaml")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(args.model_yaml, args.out)
+    add_arguments(p, DownloadArgs)
+    p.set_defaults(func=runner(DownloadArgs, main))
 
 
 def main(model_yaml: Path, out_dir: Path) -> int:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import RECIPES_DIR, discover_recipes, load_recipe
 from pipeline.validate import validate_recipe
@@ -23,13 +25,20 @@ log = logging.getLogger(__name__)
 JSON_FILE, MARKDOWN_FILE, FIGURES_DIR = "gpu_compare.json", "gpu_compare.md", "figures"
 
 
+@dataclass(frozen=True)
+class GpuCompareArgs:
+    """`forge gpu-compare`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    out_dir: Path = arg(required=True, flag="out")
+    recipes_dir: Path = arg(RECIPES_DIR, flag="recipes")
+    catalog_path: Path = arg(DEFAULT_CATALOG, flag="catalog")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-compare", help="predicted tok/s, $/Mtok, J/token of the real-model recipes on H100/H200/B200",
                        epilog="example: forge gpu-compare --out reports/gpu-compare")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--recipes", type=Path, default=RECIPES_DIR)
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
-    p.set_defaults(func=lambda args: main(args.out, args.recipes, args.catalog))
+    add_arguments(p, GpuCompareArgs)
+    p.set_defaults(func=runner(GpuCompareArgs, main))
 
 
 def main(out_dir: Path, recipes_dir: Path = RECIPES_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:

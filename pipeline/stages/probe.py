@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.perf import DEFAULT_MEASURED_DIR, cuda_device_name, gpu_key_for, probe_gpu, save_probe
 
@@ -20,6 +22,16 @@ EXAMPLES = """examples:
 """
 
 
+@dataclass(frozen=True)
+class ProbeArgs:
+    """`forge probe`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    device: int = arg(0, help="CUDA device index (default: %(default)s)")
+    out_dir: Path = arg(DEFAULT_MEASURED_DIR, help="where <gpu>.json goes (default: %(default)s)")
+    catalog_path: Path = arg(DEFAULT_CATALOG, flag="catalog", help="GPU catalog (default: %(default)s)")
+    as_json: bool = arg(False, flag="json", help="print the stored result as JSON")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe",
@@ -27,16 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--device", type=int, default=0, help="CUDA device index (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_MEASURED_DIR,
-                   help="where <gpu>.json goes (default: %(default)s)")
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the stored result as JSON")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(device=args.device, out_dir=args.out_dir, catalog_path=args.catalog, as_json=args.json)
+    add_arguments(p, ProbeArgs)
+    p.set_defaults(func=runner(ProbeArgs, main))
 
 
 def main(device: int, out_dir: Path, catalog_path: Path, as_json: bool = False) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.errors import StageInputError
 from pipeline.handoff import NotServedDetails, Opened, open_upstream
 from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE, THROUGHPUT_FILE
@@ -35,19 +36,23 @@ EXAMPLE = """example:
 """
 
 
+@dataclass(frozen=True)
+class ReportArgs:
+    """`forge report`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    plan_path: Path = arg(required=True, flag="plan", help="plan.yaml (forge plan --dvc)")
+    data_dir: Path = arg(required=True, flag="data", help="the directory the stages write their outputs into")
+    out_dir: Path = arg(required=True, flag="out")
+    title: str = arg("forge comparison report")
+    gpu_compare_dir: Path | None = arg(flag="gpu-compare",
+                                       help="the gpu-compare stage's output directory, to include as a section")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="comparison report across recipes and GPUs (Markdown + PNG + tables + summary)",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", type=Path, required=True, help="plan.yaml (forge plan --dvc)")
-    p.add_argument("--data", type=Path, required=True, help="the directory the stages write their outputs into")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--title", default="forge comparison report")
-    p.add_argument("--gpu-compare", type=Path, help="the gpu-compare stage's output directory, to include as a section")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(args.plan, args.data, args.out, args.title, args.gpu_compare)
+    add_arguments(p, ReportArgs)
+    p.set_defaults(func=runner(ReportArgs, main))
 
 
 def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge comparison report",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cliargs import add_arguments, arg, runner
-from pipeline.stages import build, throughput
+from pipeline.stages import build, calibration_set, download, gpu_compare, probe, report, throughput
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,11 @@ def test_parser_is_built_from_the_fields_and_main_gets_them_by_name():
         parser.parse_args(["r.yaml", "--out", "o", "--mode", "sometimes"])
 
 
-@pytest.mark.parametrize("module, spec", [(build, build.BuildArgs), (throughput, throughput.ThroughputArgs)])
+@pytest.mark.parametrize("module, spec", [
+    (build, build.BuildArgs), (throughput, throughput.ThroughputArgs), (download, download.DownloadArgs),
+    (calibration_set, calibration_set.CalibrationSetArgs), (gpu_compare, gpu_compare.GpuCompareArgs),
+    (probe, probe.ProbeArgs), (report, report.ReportArgs),
+])
 def test_every_field_is_a_parameter_of_the_stage_main(module, spec):
     params = inspect.signature(module.main).parameters
     assert {f.name for f in dataclasses.fields(spec)} == set(params)
