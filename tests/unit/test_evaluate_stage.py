@@ -141,21 +141,28 @@ def test_baseline_metrics_and_manifest(world):
     manifest = read_manifest(world["baseline"], "baseline")
     assert manifest["subject"] == "tiny-llama"
     assert manifest["inputs"]["model"]["stage"] == "download"
-    assert set(manifest["files"]) == {"metrics.json"}
+    assert set(manifest["files"]) == {"metrics.json", "samples.json"}
+    documents = json.loads((world["baseline"] / "samples.json").read_text())["tasks"]
+    assert documents["forge_mc"]["doc_ids"] == list(range(LIMIT)) and len(documents["forge_mc"]["choices"]) == LIMIT
+    assert documents["forge_prose"]["metrics"]["word_perplexity,none"]["aggregation"] == "weighted_perplexity"
 
 
 # ---------------------------------------------------------------------------- evaluate
 
 
-def test_failed_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, caplog):
+def test_inconclusive_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, caplog):
+    # byte perplexity must recover 1.0 (no loss at all): on 4 documents its interval straddles 1.0,
+    # which refuses to publish by default (eval.gates.inconclusive: refuse) and so fails a strict run.
     with caplog.at_level(logging.WARNING, logger="pipeline.stages.evaluate"):
         assert run_evaluate(world, "fp8", tmp_path) == 1
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["gate_report.json", "gate_report.md", "manifest.json", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["gate_report.json", "gate_report.md", "manifest.json", "metrics.json",
+                                                     "samples.json"]
     gate = json.loads((out / "gate_report.json").read_text())
-    assert gate["verdict"] == "fail"
+    assert gate["verdict"] == "inconclusive" and gate["inconclusive_publishes"] is False
     row = {r["metric"]: r for r in gate["rows"]}["forge_prose/byte_perplexity,none"]
-    assert row["threshold"] == 1.0 and row["verdict"] == "fail" and row["recovery"] < 1.0
+    assert row["threshold"] == 1.0 and row["verdict"] == "inconclusive"
+    assert row["recovery_lower"] < 1.0 <= row["recovery_upper"] and row["form"] == "max_increase"
     baseline = json.loads((world["baseline"] / "metrics.json").read_text())["metrics"]
     quantized = json.loads((out / "metrics.json").read_text())["metrics"]
     assert row["recovery"] == pytest.approx(baseline[row["metric"]] / quantized[row["metric"]])
@@ -164,14 +171,20 @@ def test_failed_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, 
     kpis = json.loads((tmp_path / "metrics" / "fp8.json").read_text())
     finite = [r["recovery"] for r in gate["rows"] if isinstance(r["recovery"], float)]
     failed = [r for r in gate["rows"] if r["verdict"] == "fail"]
-    assert kpis == {"gate_pass": 0, "min_recovery": round(min(finite), 6), "gates_failed": len(failed)}
-    assert "forge_prose/byte_perplexity,none" in [r["metric"] for r in failed]
+    lows = [r["recovery_lower"] for r in gate["rows"] if isinstance(r["recovery_lower"], float)]
+    unsure = [r for r in gate["rows"] if r["verdict"] == "inconclusive"]
+    assert kpis == {"gate_pass": 0, "min_recovery": round(min(finite), 6), "min_recovery_lower": round(min(lows), 6),
+                    "gates_failed": len(failed), "gates_inconclusive": len(unsure)}
+    assert all(r["method"] == "paired percentile bootstrap" and r["n"] == LIMIT for r in gate["rows"])
+    assert all(r["recovery_lower"] <= r["recovery"] <= r["recovery_upper"] for r in gate["rows"])
+    assert [r["metric"] for r in unsure] == ["forge_prose/byte_perplexity,none"] and failed == []
     assert {r["metric"]: r for r in gate["rows"]}["forge_mc/acc,none"]["threshold"] == 0.5
-    assert "Verdict: **FAIL**" in (out / "gate_report.md").read_text()
+    assert "Verdict: **INCONCLUSIVE**" in (out / "gate_report.md").read_text()
     manifest = read_manifest(out, "evaluate")
     assert set(manifest["inputs"]) == {"model", "calibrate", "baseline"}
     assert manifest["details"]["simulation"]["routed"] == {"nvfp4": 0, "mxfp4": 0}  # FP8: ModelOpt's own CPU code
-    assert "accuracy gate FAILED on forge_prose/byte_perplexity,none" in caplog.text
+    assert "accuracy gate INCONCLUSIVE on forge_prose/byte_perplexity,none" in caplog.text
+    assert "publish will refuse it (eval.gates.inconclusive: refuse)" in caplog.text
     assert "eval.strict: exit code 1" in caplog.text
 
 
