@@ -36,7 +36,7 @@ DEB_SHA256 = "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"
 SOURCES = "usr/share/doc/python3.11/html/_sources"
 FOLDERS = ("tutorial", "faq", "howto")
 MIN_CHARS, MAX_CHARS = 200, 600
-STRIDE = 4
+STRIDE = 8
 LICENSE = "PSF-2.0 (Python Software Foundation License Agreement)"
 
 _ROLE = re.compile(r":[a-zA-Z:]+:`([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`len` -> len; :ref:`text <target>` -> text
