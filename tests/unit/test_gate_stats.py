@@ -214,3 +214,48 @@ def test_tables_of_other_documents_are_refused():
     with pytest.raises(StageInputError, match=r"data/eval/x: task 'forge_mc': the baseline and the quantized model "
                                               r"were scored on different documents \(4 vs 3"):
         pair(base, fewer, ACC, "data/eval/x")
+
+
+# ---------------------------------------------------------------------------- the recipe's gate section
+
+
+def _recipe_with_gates(tmp_path, gates: str):
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m-instruct"
+    dst = tmp_path / "smollm2-135m-instruct"
+    dst.mkdir()
+    for name in ("model.yaml", "config.json"):
+        shutil.copy(src / name, dst / name)
+    text = (src / "fp8.yaml").read_text().replace("    default_min_recovery: 0.95       # llm-compressor's lm-eval regression gate\n",
+                                                  gates)
+    (dst / "fp8.yaml").write_text(text)
+    return dst / "fp8.yaml"
+
+
+def test_gate_section_schema_errors_name_file_field_and_fix(tmp_path):
+    from pipeline.recipe import load_recipe
+
+    path = _recipe_with_gates(tmp_path, "    inconclusive: maybe\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value) == (
+        f"{path}: eval.gates.inconclusive: Value error, must be one of refuse, publish, got 'maybe'; write "
+        "`inconclusive: refuse` (an inconclusive gate does not publish, the default) or `inconclusive: publish`. "
+        "Fix: correct the value.")
+    path = tmp_path / "smollm2-135m-instruct" / "fp8.yaml"
+    path.write_text(path.read_text().replace("    inconclusive: maybe\n", "    default_max_increase: 12\n"))
+    with pytest.raises(RecipeError, match=r"eval.gates.default_max_increase: .*in \(0, 10\).*got 12; for 12% write 0.12"):
+        load_recipe(path)
+
+
+def test_shipped_recipes_default_to_refusing_inconclusive_gates():
+    from pathlib import Path
+
+    from pipeline.recipe import discover_recipes, load_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    for path in discover_recipes(root):
+        gates = load_recipe(path).spec.eval.gates
+        assert gates.inconclusive == "refuse" and gates.default_max_increase is None, path
