@@ -257,8 +257,8 @@ def recovery(baseline: float, quantized: float, direction: Direction) -> float:
 def _row(metric: str, baseline: float | None, quantized: float | None, direction: Direction,
          policy: GatePolicy, interval: Interval | None) -> GateRow:
     form, limit, threshold = policy.gate_for(metric, direction)
-    base = dict(metric=metric, baseline=baseline, quantized=quantized, direction=direction, threshold=threshold,
-                form=form, max_increase=limit if form == "max_increase" else None)
+    base = {"metric": metric, "baseline": baseline, "quantized": quantized, "direction": direction,
+            "threshold": threshold, "form": form, "max_increase": limit if form == "max_increase" else None}
 
     def fail(reason: str) -> GateRow:
         return GateRow(recovery=None, verdict="fail", reason=reason, **base)
@@ -279,8 +279,8 @@ def _row(metric: str, baseline: float | None, quantized: float | None, direction
         lower, upper = ratio.lower, ratio.upper
     else:
         lower, upper = _reciprocal(ratio.upper), _reciprocal(ratio.lower)
-    extra = dict(recovery_lower=lower, recovery_upper=upper, n=ratio.n, method=ratio.method,
-                 confidence=None if ratio.method == POINT_ONLY else ratio.confidence)
+    extra = {"recovery_lower": lower, "recovery_upper": upper, "n": ratio.n, "method": ratio.method,
+             "confidence": None if ratio.method == POINT_ONLY else ratio.confidence}
     if form == "max_increase":
         extra.update(increase=_increase(value), increase_lower=ratio.lower - 1, increase_upper=ratio.upper - 1)
     zero = baseline == 0 and direction == "higher" or quantized == 0 and direction == "lower"
