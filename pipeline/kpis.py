@@ -38,7 +38,6 @@ KPIS: dict[str, tuple[Kpi, ...]] = {
         Kpi("min_recovery_lower", "min_recovery_lower",
             "lowest lower bound of the gated metrics' 95% recovery intervals (paired bootstrap)"),
         Kpi("gates_failed", "gates_failed", "how many gated metrics are below their threshold"),
-        Kpi("gates_inconclusive", "gates_inconclusive", "how many gated metrics' intervals straddle their threshold"),
         Kpi("served", "served", "serve-eval only: 1 when a real engine scored it, 0 when none here runs it"),
     ),
     "build": (
