@@ -26,9 +26,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where it is used: pipeline.gates (and so `forge publish` / `pull` on the slim
+# install, which has no numpy) needs only Interval.
 
 Aggregation = Literal["mean", "weighted_perplexity", "bits_per_byte"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "weighted_perplexity", "bits_per_byte")
@@ -59,6 +63,8 @@ class Interval:
 def aggregate(values: np.ndarray, aggregation: Aggregation) -> np.ndarray:
     """lm-eval's aggregation over the last document axis. `values` is (..., n) for `mean` and
     (..., n, 2) = (loglikelihood, weight) pairs for the perplexity aggregations."""
+    import numpy as np
+
     values = np.asarray(values, dtype=np.float64)
     if aggregation == "mean":
         return values.mean(axis=-1)
@@ -71,6 +77,8 @@ def aggregate(values: np.ndarray, aggregation: Aggregation) -> np.ndarray:
 
 
 def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    import numpy as np
+
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
@@ -89,6 +97,8 @@ def paired_ratio_interval(
     A resample whose baseline aggregate is 0 gives inf (or 1 when both are 0), as pipeline.gates
     decides a zero denominator.
     """
+    import numpy as np
+
     b, q = np.asarray(baseline, dtype=np.float64), np.asarray(quantized, dtype=np.float64)
     if b.shape != q.shape:
         raise ValueError(f"baseline and quantized must be paired document by document: shapes {b.shape} vs {q.shape}")
@@ -106,6 +116,8 @@ def paired_ratio_interval(
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.asarray(numerator, dtype=np.float64) / denominator
     zero = np.asarray(denominator) == 0
@@ -114,6 +126,8 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 def disagreement_rate(baseline_choice: np.ndarray, quantized_choice: np.ndarray) -> float:
     """Fraction of documents where the two models pick a different answer (multiple choice)."""
+    import numpy as np
+
     b, q = np.asarray(baseline_choice), np.asarray(quantized_choice)
     if b.shape != q.shape or b.size == 0:
         raise ValueError(f"choices must be paired and non-empty: shapes {b.shape} vs {q.shape}")
