@@ -5,10 +5,10 @@ again must reproduce them byte for byte (tests/unit/test_evaluation.py checks th
 
 - forge_mc.jsonl: multiple-choice questions (capitals, antonyms, number words, sequences,
   everyday facts) that a small instruct model answers better than chance (4 choices: 25%).
-- forge_prose.jsonl: short paragraphs of plain English written for this project, scored with
-  loglikelihood_rolling. They are deliberately distinct from any calibration text: the
-  calibration sets live under calibration/ and are generated elsewhere; evaluating on text the
-  quantizer calibrated on would flatter the quantized model.
+  The first 151 items are the original smoke set; the rule-generated families after them (see
+  `more_items`) grow it to the size a 0.95 gate needs (README "Accuracy gates").
+- forge_prose.jsonl is not made here: it is human-written prose extracted from a pinned Debian
+  package by eval/extract_prose.py (different in source from every calibration set).
 """
 
 from __future__ import annotations
@@ -201,65 +201,213 @@ def multiple_choice(seed: int = SEED) -> list[dict]:
         options = [answer, *wrong]
         rng.shuffle(options)
         rows.append({"category": "fact", "query": prompt, "choices": options, "gold": options.index(answer)})
+    seen = {row["query"] for row in rows}
+    rows += [row for row in _interleave(more_items(rng)) if row["query"] not in seen and not seen.add(row["query"])]
     return [{"id": i, **row} for i, row in enumerate(rows)]
 
 
-# Written for this project's evaluation only; not calibration text (see module docstring).
-PROSE = [
-    "The kitchen garden behind the old school was planted every spring by the same three neighbours. One of them grew beans along the fence, another kept a row of lettuce in the shade of the shed, and the third insisted on tomatoes even in the years when the summer was too short for them to ripen.",
-    "Repairing a bicycle chain takes more patience than strength. You turn the pedals slowly, look for the stiff link that jumps over the teeth, and work it loose with your thumbs before adding a drop of oil. Most riders only notice the chain when it starts to complain.",
-    "At low tide the rock pools along the northern beach fill with small surprises. Crabs hide under loose stones, anemones fold themselves shut when a shadow passes over them, and children crouch for an hour at a time waiting for something to move.",
-    "The town library opened its doors at nine, but a small line had usually formed by a quarter to. Students came for the quiet tables by the window, retired teachers came for the newspapers, and a few people simply came to be somewhere warm in the morning.",
-    "In the middle of winter the birds change their habits. They gather near houses where someone has hung a feeder, they fluff their feathers against the cold, and they spend the short afternoons searching hedges for the last of the berries.",
-    "Baking bread at home teaches you to wait. The dough needs time to rise, then more time after it has been shaped, and the loaf must cool before it can be cut cleanly. People who rush any of these steps learn quickly why the recipe asked for patience.",
-    "The lighthouse keeper wrote the weather in a thick notebook every evening. Wind direction, the height of the waves, the colour of the sky at sunset: nothing was too small to record. Years later, those pages were more useful to scientists than anyone had expected.",
-    "A good map is honest about what it leaves out. It shows the roads you need and the rivers you must cross, but it does not pretend to know every path through the woods. Hikers who forget this tend to discover it the hard way.",
-    "The market opened before sunrise on Saturdays. Farmers unloaded crates of apples and potatoes from their vans, the baker set out warm rolls, and by seven the square was full of people comparing prices and greeting friends they had not seen all week.",
-    "Learning to swim as an adult is mostly about trust. The water will hold you up if you let it, but the body does not believe this at first. Instructors spend the early lessons persuading students to relax their shoulders and breathe out slowly.",
-    "The old clock in the hallway ran five minutes fast for as long as anyone could remember. Nobody ever corrected it, because the whole family had learned to subtract the difference without thinking, and a correct clock would only have made them late.",
-    "When the river flooded in the spring, the farmers moved their animals to the higher fields and waited. The water usually stayed for a week, left a layer of dark mud behind, and the following summer the crops on the low ground grew better than anywhere else.",
-    "A carpenter once said that the most important tool in the workshop is the pencil. Measure twice, mark clearly, and cut once. A saw can only follow the line it is given, and a poor line means a poor joint no matter how sharp the blade.",
-    "The mountain village had one road in and the same road out. In winter the snow sometimes closed it for days, and the people who lived there kept their cellars full of flour, dried beans and firewood so that they never had to worry about it.",
-    "Tea tastes different depending on the water. Hard water from limestone hills makes a darker cup with a slight film on top, while soft water from granite country gives a lighter, brighter taste. Some people travel with their own kettle for this reason.",
-    "The choir met every Thursday in the church hall. Rehearsals began with stretching and humming, moved on to the difficult passages, and always ended with a song everyone already knew, so that people went home singing rather than worrying.",
-    "A new puppy changes the shape of a household. Shoes move to higher shelves, doors are closed more carefully, and someone always has to be awake early enough to take it outside. Within a month nobody can remember how the house worked before.",
-    "The train from the coast was slow but beautiful. It followed the river through narrow valleys, stopped at stations with flower boxes on every window, and climbed so gently into the hills that passengers hardly noticed how high they had come.",
-    "Bees spend the whole summer preparing for winter. They collect nectar from every flower within reach, turn it into honey, and seal it in wax cells. When the cold arrives, they cluster together and live on what they stored in the warm months.",
-    "The fishing boats left the harbour before dawn and came back in the early afternoon. Their return was announced by gulls, which followed the boats in loud clouds and waited on the harbour wall for whatever the crews threw away while cleaning the catch.",
-    "Painting a room is mostly preparation. Furniture must be moved, holes filled, edges taped and floors covered. The painting itself can be finished in an afternoon, but the work before it often takes a whole weekend.",
-    "The school held a science fair every March. Some projects were simple, like growing beans under different colours of light, and some were ambitious, like a model volcano that erupted a little too enthusiastically onto the judges' table.",
-    "Walking in fog makes familiar places strange. Trees appear suddenly out of the grey, sounds seem to come from nowhere, and a path you have walked a hundred times can feel like a road in another country.",
-    "The old bridge was built of stone without any mortar. Each block had been cut to lean on its neighbours, and the whole arch held together by its own weight. Engineers who came to inspect it were surprised to find it in better shape than the new road beside it.",
-    "A notebook kept in the kitchen drawer slowly becomes a family history. It holds shopping lists, phone numbers, recipes copied from friends, and the heights of children pencilled next to dates. Few people throw such notebooks away.",
-    "On the first warm day of the year the park fills up within an hour. People bring blankets and books, dogs chase each other across the grass, and the ice cream van parks by the gate as if it had been waiting all winter for that exact morning.",
-    "Sailing depends on reading the wind. A sailor watches the flags on the harbour, the ripples on the water and the shape of the clouds, and adjusts the sails long before a gust arrives. Those who wait to feel the wind are always a little late.",
-    "The village post office also sold stamps, string, birthday cards and fresh eggs. The woman who ran it knew everyone by name and usually knew what their letters were about before they had finished telling her.",
-    "Growing potatoes is easier than most people think. You plant a piece of potato with a few eyes, cover it with soil as the shoots appear, and wait. In late summer you dig, and the ground gives back many times what you put into it.",
-    "The museum's oldest exhibit was a wooden boat found in a peat bog. It had been preserved for thousands of years because the wet ground kept out the air. Visitors walked around it slowly, trying to imagine the people who had carved it.",
-    "A thunderstorm in summer often arrives quickly. The air grows heavy, the light turns yellow, and then the first drops fall, large and far apart. Within minutes the streets are running with water, and within an hour the sky is clear again.",
-    "The orchestra tuned before every concert to a single note from the oboe. One instrument at a time joined in until the whole hall hummed with the same pitch. Only then did the conductor walk onto the stage and the audience fall silent.",
-    "Learning a new language is easier when you are curious about small things. Reading the labels in a shop, listening to conversations on the bus and asking how to say the names of foods all add up to more than hours spent with a grammar book.",
-    "The farmer kept a row of beehives at the edge of the orchard. The apple trees needed the bees to carry pollen between their flowers, and the bees needed the blossom. Neither could have done well without the other.",
-    "In the workshop every tool had a painted outline on the wall behind it. When something went missing, the empty shape showed immediately what it was, and the apprentices learned to put things back before they were asked.",
-    "A long train journey at night has its own rhythm. The carriage rocks gently, the lights of small towns pass by the window, and conversations drop to whispers. By morning strangers who shared a compartment are sometimes old friends.",
-    "The river ferry carried cars, bicycles, sheep and schoolchildren across the water every half hour. It had no timetable on paper because everyone already knew it by heart, and the captain waited for anyone he could see running down the hill.",
-    "Keeping a small aquarium requires routine. The water must be tested, the filter cleaned, and the fish fed a little but not too much. Most problems come from doing too much rather than too little, and a calm tank usually means a careful owner.",
-    "The hill above the town was covered in heather that turned purple at the end of summer. Walkers came from the city to see it, and the local cafe made more money in those three weeks than in the rest of the year together.",
-    "An old recipe book is full of notes in the margins. Someone has crossed out the amount of sugar and written a smaller number, someone else has added a pinch of salt, and one page is stained so badly that it must have been the family favourite.",
-    "Street lamps in the old quarter were once lit by hand. A man walked the lanes each evening with a long pole, opening the gas valves one by one, and came back at dawn to close them. Children followed him as if he were part of a parade.",
-    "The football club had no stadium, only a field with a wooden stand on one side. On match days the whole neighbourhood came to watch, and the loudest supporters were usually the grandmothers who had been coming for fifty years.",
+
+# ---------------------------------------------------------------------------------- more items
+# The 151 items above decide a 0.95 gate inside their own noise (README "Accuracy gates"). The
+# families below are generated from rules and small hand-written lists, so every item has one
+# correct answer a small model can know, three distractors of the same kind, and the whole set
+# is reproducible from SEED. Families are interleaved (`_interleave`) so any prefix is balanced.
+
+MORE_CAPITALS = [
+    ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Czechia", "Prague"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Ukraine", "Kyiv"),
+    ("Iceland", "Reykjavik"), ("Scotland", "Edinburgh"), ("England", "London"), ("Wales", "Cardiff"),
+    ("Brazil", "Brasilia"), ("Colombia", "Bogota"), ("Venezuela", "Caracas"), ("Cuba", "Havana"),
+    ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Ethiopia", "Addis Ababa"), ("Morocco", "Rabat"),
+    ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Israel", "Jerusalem"), ("Saudi Arabia", "Riyadh"),
+    ("Pakistan", "Islamabad"), ("Indonesia", "Jakarta"), ("Vietnam", "Hanoi"), ("Philippines", "Manila"),
+    ("Malaysia", "Kuala Lumpur"), ("New Zealand", "Wellington"), ("the United States", "Washington"),
+    ("the United Kingdom", "London"),
 ]
+
+MORE_ANTONYMS = [
+    ("tall", "short"), ("heavy", "light"), ("long", "short"), ("wide", "narrow"), ("deep", "shallow"),
+    ("near", "far"), ("cheap", "expensive"), ("easy", "difficult"), ("good", "bad"), ("right", "wrong"),
+    ("alive", "dead"), ("awake", "asleep"), ("come", "go"), ("give", "take"), ("laugh", "cry"),
+    ("love", "hate"), ("remember", "forget"), ("arrive", "leave"), ("question", "answer"), ("boy", "girl"),
+    ("man", "woman"), ("king", "queen"), ("brother", "sister"), ("father", "mother"), ("summer", "winter"),
+    ("black", "white"), ("left", "right"), ("before", "after"), ("above", "below"), ("always", "never"),
+    ("many", "few"), ("more", "less"), ("morning", "evening"), ("noisy", "silent"), ("smooth", "rough"),
+    ("sharp", "blunt"), ("tight", "loose"), ("safe", "dangerous"), ("polite", "rude"), ("brave", "afraid"),
+]
+
+# (singular, plural), regular and irregular; the distractors are other nouns' plurals.
+NOUNS = [
+    ("cat", "cats"), ("dog", "dogs"), ("tree", "trees"), ("cup", "cups"), ("book", "books"), ("car", "cars"),
+    ("house", "houses"), ("bird", "birds"), ("apple", "apples"), ("chair", "chairs"), ("river", "rivers"),
+    ("flower", "flowers"), ("horse", "horses"), ("shoe", "shoes"), ("boat", "boats"), ("bell", "bells"),
+    ("box", "boxes"), ("bus", "buses"), ("glass", "glasses"), ("dish", "dishes"), ("church", "churches"),
+    ("city", "cities"), ("baby", "babies"), ("lady", "ladies"), ("story", "stories"), ("party", "parties"),
+    ("leaf", "leaves"), ("knife", "knives"), ("wolf", "wolves"), ("child", "children"), ("mouse", "mice"),
+    ("foot", "feet"), ("tooth", "teeth"), ("goose", "geese"), ("man", "men"), ("woman", "women"),
+    ("person", "people"), ("sheep", "sheep"), ("fish", "fish"), ("potato", "potatoes"), ("tomato", "tomatoes"),
+    ("hero", "heroes"), ("key", "keys"), ("toy", "toys"), ("day", "days"), ("egg", "eggs"), ("hat", "hats"),
+    ("pen", "pens"), ("door", "doors"), ("window", "windows"), ("road", "roads"), ("star", "stars"),
+]
+
+# (base, past tense); the distractors are other verbs' past tenses.
+VERBS = [
+    ("walk", "walked"), ("jump", "jumped"), ("play", "played"), ("cook", "cooked"), ("open", "opened"),
+    ("clean", "cleaned"), ("paint", "painted"), ("call", "called"), ("watch", "watched"), ("help", "helped"),
+    ("go", "went"), ("see", "saw"), ("eat", "ate"), ("drink", "drank"), ("run", "ran"), ("swim", "swam"),
+    ("sing", "sang"), ("write", "wrote"), ("read", "read"), ("speak", "spoke"), ("take", "took"),
+    ("give", "gave"), ("make", "made"), ("buy", "bought"), ("bring", "brought"), ("think", "thought"),
+    ("teach", "taught"), ("catch", "caught"), ("fly", "flew"), ("grow", "grew"), ("know", "knew"),
+    ("throw", "threw"), ("sleep", "slept"), ("keep", "kept"), ("sit", "sat"), ("stand", "stood"),
+    ("win", "won"), ("lose", "lost"), ("find", "found"), ("tell", "told"), ("sell", "sold"), ("come", "came"),
+]
+
+# (animal, its young, its sound)
+ANIMALS = [
+    ("dog", "puppy", "barks"), ("cat", "kitten", "meows"), ("cow", "calf", "moos"), ("horse", "foal", "neighs"),
+    ("sheep", "lamb", "bleats"), ("pig", "piglet", "oinks"), ("duck", "duckling", "quacks"),
+    ("lion", "cub", "roars"), ("frog", "tadpole", "croaks"), ("owl", "owlet", "hoots"), ("goat", "kid", "bleats"),
+    ("hen", "chick", "clucks"), ("bee", "larva", "buzzes"), ("snake", "snakelet", "hisses"),
+]
+
+COLOURS = [
+    ("a ripe banana", "yellow"), ("a ripe tomato", "red"), ("fresh grass", "green"), ("coal", "black"),
+    ("milk", "white"), ("a clear sky", "blue"), ("an orange", "orange"), ("chocolate", "brown"),
+    ("a lemon", "yellow"), ("snow", "white"), ("a strawberry", "red"), ("a lime", "green"), ("charcoal", "black"),
+    ("a carrot", "orange"), ("a violet", "purple"), ("a plum", "purple"), ("soil", "brown"), ("the sea", "blue"),
+]
+COLOUR_NAMES = ["yellow", "red", "green", "black", "white", "blue", "orange", "brown", "purple", "pink", "grey"]
+
+LETTERS = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_word(n: int) -> str:
+    """English words for 0..99 ("forty-two")."""
+    if n < 20:
+        return NUMBER_WORDS[n] if n <= 20 else ""
+    tens, ones = divmod(n, 10)
+    return TENS[tens] + ("" if ones == 0 else "-" + NUMBER_WORDS[ones])
+
+
+def _distinct_numbers(rng: random.Random, answer: int, low: int, high: int) -> list[int]:
+    pool = [v for v in range(max(low, answer - 6), min(high, answer + 6) + 1) if v != answer]
+    return rng.sample(pool, CHOICES_PER_QUESTION - 1)
+
+
+def _numeric(rng: random.Random, category: str, prompt: str, answer: int, low: int = 0, high: int = 999) -> dict:
+    options = [str(v) for v in [answer, *_distinct_numbers(rng, answer, low, high)]]
+    rng.shuffle(options)
+    return {"category": category, "query": prompt, "choices": options, "gold": options.index(str(answer))}
+
+
+def _pick(rng: random.Random, category: str, prompt: str, answer: str, pool: list[str]) -> dict:
+    options, gold = _choices(rng, answer, pool)
+    return {"category": category, "query": prompt, "choices": options, "gold": gold}
+
+
+def more_items(rng: random.Random) -> list[list[dict]]:
+    """One list per family, each in a deterministic order."""
+    families: dict[str, list[dict]] = {}
+    capitals = sorted({c for _, c in CAPITALS + MORE_CAPITALS})
+    families["capital"] = [_pick(rng, "capital", f"The capital of {country} is", city, capitals)
+                           for country, city in MORE_CAPITALS]
+    # Both directions of every pair, except words with two opposites (short: tall and long), which
+    # would have two right answers; distractors are never an opposite of the prompt word.
+    opposite_of: dict[str, set[str]] = {}
+    for a, b in ANTONYMS + MORE_ANTONYMS:
+        opposite_of.setdefault(a, set()).add(b)
+        opposite_of.setdefault(b, set()).add(a)
+    asked = {a for a, _ in ANTONYMS}
+    opposites = sorted(opposite_of)
+    families["antonym"] = [
+        _pick(rng, "antonym", f"The opposite of {word} is", next(iter(opposite_of[word])),
+              [w for w in opposites if w != word and w not in opposite_of[word]] + [next(iter(opposite_of[word]))])
+        for word in [a for a, _ in MORE_ANTONYMS] + [b for _, b in ANTONYMS + MORE_ANTONYMS]
+        if len(opposite_of[word]) == 1 and word not in asked and not asked.add(word)
+    ]
+    plurals = sorted({p for _, p in NOUNS})
+    families["plural"] = [_pick(rng, "plural", f"One {s}, two", p, plurals) for s, p in NOUNS] + \
+                         [_pick(rng, "plural", f"I saw one {s} and then three more", p, plurals) for s, p in NOUNS]
+    pasts = sorted({p for _, p in VERBS})
+    families["past"] = [_pick(rng, "past", f"Today I {v}. Yesterday I", p, pasts) for v, p in VERBS] + \
+                       [_pick(rng, "past", f"Every day we {v}, and last week we", p, pasts) for v, p in VERBS]
+    young, sounds = sorted({y for _, y, _ in ANIMALS}), sorted({s for _, _, s in ANIMALS})
+    families["animal"] = [_pick(rng, "animal", f"A baby {a} is called a", y, young) for a, y, _ in ANIMALS] + \
+                         [_pick(rng, "animal", f"The {a}", s, sounds) for a, _, s in ANIMALS]
+    families["colour"] = [_pick(rng, "colour", f"The colour of {thing} is", c, COLOUR_NAMES) for thing, c in COLOURS]
+    letters: list[dict] = []
+    for i in range(len(LETTERS) - 3):
+        letters.append(_pick(rng, "letter", f"{', '.join(LETTERS[i:i + 3])},", LETTERS[i + 3], LETTERS))
+        letters.append(_pick(rng, "letter", f"The letter after {LETTERS[i + 2]} is", LETTERS[i + 3], LETTERS))
+        letters.append(_pick(rng, "letter", f"The letter before {LETTERS[i + 3]} is", LETTERS[i + 2], LETTERS))
+    families["letter"] = letters
+    calendar: list[dict] = []
+    for names, unit in ((DAYS, "day"), (MONTHS, "month")):
+        k = len(names)
+        for i in range(k):
+            calendar.append(_pick(rng, "calendar", f"The {unit} after {names[i]} is", names[(i + 1) % k], names))
+            calendar.append(_pick(rng, "calendar", f"The {unit} before {names[i]} is", names[(i - 1) % k], names))
+            calendar.append(_pick(rng, "calendar", f"{names[(i + 2) % k]}, {names[(i + 1) % k]},", names[i], names))
+    families["calendar"] = calendar
+    words = [number_word(n) for n in range(100)]
+    families["number_word"] = [_pick(rng, "number_word", f"The number {n} written in words is", words[n], words)
+                               for n in range(100)] + \
+                              [_numeric(rng, "number_word", f"{words[n].capitalize()} written in digits is", n, 0, 99)
+                               for n in range(100)]
+    counting: list[dict] = []
+    for step in (1, 2, 3, 5, 10):
+        for start in range(0, 40 if step < 10 else 100, 1 if step < 10 else 10):
+            seq = [start + step * j for j in range(4)]
+            counting.append(_numeric(rng, "counting", f"{seq[0]}, {seq[1]}, {seq[2]},", seq[3]))
+    for start in range(20, 50):
+        seq = [start - 2 * j for j in range(4)]
+        counting.append(_numeric(rng, "counting", f"{seq[0]}, {seq[1]}, {seq[2]},", seq[3]))
+    families["counting"] = counting
+    sums: list[dict] = []
+    for a in range(1, 21):
+        for b in range(1, 21):
+            if (a * 7 + b * 3) % 4 == 0:  # a fixed quarter of the 20 x 20 grid, spread over both operands
+                sums.append(_numeric(rng, "digits_arithmetic", f"{a} + {b} =", a + b))
+            if a > b and (a * 5 + b) % 4 == 1:
+                sums.append(_numeric(rng, "digits_arithmetic", f"{a} - {b} =", a - b))
+    for a in range(2, 11):
+        for b in range(2, 11):
+            sums.append(_numeric(rng, "times_table", f"{a} times {b} is", a * b, 1))
+    families["arithmetic"] = sums
+    compare: list[dict] = []
+    for k in range(120):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        while a == b:
+            b = rng.randint(1, 99)
+        bigger = k % 2 == 0
+        answer = max(a, b) if bigger else min(a, b)
+        others = [v for v in rng.sample(range(1, 100), 4) if v not in (a, b)][:1]
+        options = [str(a), str(b), str(others[0]), str(answer + 100 if bigger else answer + 50)]
+        options = list(dict.fromkeys(options))
+        while len(options) < CHOICES_PER_QUESTION:
+            options.append(str(rng.randint(100, 200)))
+        rng.shuffle(options)
+        word = "larger" if bigger else "smaller"
+        compare.append({"category": "compare", "query": f"Of the numbers {a} and {b}, the {word} one is",
+                        "choices": options, "gold": options.index(str(answer))})
+    families["compare"] = compare
+    return list(families.values())
+
+
+def _interleave(families: list[list[dict]]) -> list[dict]:
+    """Round-robin over the families in proportion to their size, so any prefix keeps the mix."""
+    total = sum(len(f) for f in families)
+    keyed = [((j + 0.5) / len(f), k, row) for k, f in enumerate(families) for j, row in enumerate(f)]
+    return [row for _, _, row in sorted(keyed, key=lambda t: (t[0], t[1]))][:total]
 
 
 def write(out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"forge_mc": out_dir / "forge_mc.jsonl", "forge_prose": out_dir / "forge_prose.jsonl"}
-    datasets = {
-        "forge_mc": multiple_choice(),
-        "forge_prose": [{"id": i, "text": text} for i, text in enumerate(PROSE)],
-    }
+    paths = {"forge_mc": out_dir / "forge_mc.jsonl"}
+    datasets = {"forge_mc": multiple_choice()}
     for name, rows in datasets.items():
-        text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+        text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n" for row in rows)
         paths[name].write_text(text, encoding="utf-8")
     return paths
 

@@ -125,6 +125,9 @@ class SuiteResult:
     lm_eval_version: str
     model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per-document results (pipeline/samples.py document_table), written beside the metrics as
+    # samples.json; the gates' paired bootstrap reads them. Not part of to_dict (metrics.json).
+    documents: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -429,7 +432,7 @@ def _evaluate(
     # include_defaults=False skips indexing lm-eval's ~14,700 built-in tasks (~16 s per run).
     manager = TaskManager(include_defaults=suite.source == "builtin", include_path=str(tasks_dir))
     merged: dict[str, dict[str, Any]] = {
-        k: {} for k in ("results", "n-samples", "n-shot", "higher_is_better", "group_subtasks")
+        k: {} for k in ("results", "n-samples", "n-shot", "higher_is_better", "group_subtasks", "samples", "configs")
     }
     # simple_evaluate takes one num_fewshot for all its tasks, so run one call per few-shot count.
     by_shots: dict[int, list[str]] = {}
@@ -443,7 +446,8 @@ def _evaluate(
             num_fewshot=shots,
             limit=suite.limit,
             task_manager=manager,
-            log_samples=False,
+            # Per-document results for the gates' paired bootstrap (pipeline/samples.py).
+            log_samples=True,
         )
         if out is None:  # only non-zero ranks of a distributed run get None
             raise StageInputError(
@@ -452,6 +456,9 @@ def _evaluate(
         for key, bucket in merged.items():
             bucket.update(out.get(key) or {})
     metrics, stderr, samples, shots_used = _extract(suite, merged)
+    from pipeline.samples import document_table
+
+    documents = document_table(merged["samples"], merged["configs"], merged["group_subtasks"])
     return SuiteResult(
         suite=suite.name,
         metrics=metrics,
@@ -463,6 +470,7 @@ def _evaluate(
         lm_eval_version=lm_eval.__version__,
         model=model_name,
         extra=extra or {},
+        documents=documents,
     )
 
 

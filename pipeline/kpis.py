@@ -35,6 +35,8 @@ KPIS: dict[str, tuple[Kpi, ...]] = {
     "evaluate": (
         Kpi("gate_pass", "gate_passed", "1 when every accuracy gate passed, 0 when publish refuses it"),
         Kpi("min_recovery", "min_recovery", "lowest recovery over the gated metrics (1.0 = no loss)"),
+        Kpi("min_recovery_lower", "min_recovery_lower",
+            "lowest lower bound of the gated metrics' 95% recovery intervals (paired bootstrap)"),
         Kpi("gates_failed", "gates_failed", "how many gated metrics are below their threshold"),
         Kpi("served", "served", "serve-eval only: 1 when a real engine scored it, 0 when none here runs it"),
     ),

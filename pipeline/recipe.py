@@ -236,9 +236,52 @@ def _recovery(value: float, field: str) -> float:
     return value
 
 
+def _increase(value: float, field: str) -> float:
+    # A relative increase of a lower-is-better metric: 0.05 allows quantized up to 5% above baseline.
+    if not 0 < value < 10:
+        hint = f"; for {value:g}% write {value / 100:g}" if 10 <= value <= 1000 else ""
+        raise ValueError(f"{field} is a relative increase (quantized / baseline - 1) in (0, 10), e.g. 0.05 allows "
+                         f"5% above the baseline; got {value:g}{hint}")
+    return value
+
+
 class GateSection(Closed):
+    """Thresholds of the accuracy gates (pipeline/gates.py). Each metric is judged on the paired
+    bootstrap 95% interval of its recovery (pipeline/gate_stats.py): pass when the whole interval
+    clears the threshold, fail when all of it misses, inconclusive when it straddles."""
+
     default_min_recovery: float = Field(0.95, description="minimum quantized/baseline per metric, in (0, 1]")
     overrides: dict[str, float] = Field(default_factory=dict, description="per-metric min recovery, in (0, 1]")
+    default_max_increase: float | None = Field(
+        None, description="lower-is-better metrics (perplexity, bits per byte): maximum relative increase of quantized "
+                          "over baseline, e.g. 0.10 = at most 10% worse; unset: 1/default_min_recovery - 1 (+5.26% at 0.95)")
+    max_increase: dict[str, float] = Field(
+        default_factory=dict, description="per lower-is-better metric: maximum relative increase, > 0")
+    inconclusive: str = Field(
+        "refuse", description="an inconclusive gate (interval straddles a threshold): refuse (do not publish) or publish")
+
+    @field_validator("default_max_increase")
+    @classmethod
+    def _default_increase(cls, value: float | None) -> float | None:
+        return None if value is None else _increase(value, "default_max_increase")
+
+    @field_validator("max_increase")
+    @classmethod
+    def _increases(cls, value: dict[str, float]) -> dict[str, float]:
+        for metric, limit in value.items():
+            _increase(limit, f"the maximum increase for {metric[:60]!r}")
+        return value
+
+    @field_validator("inconclusive")
+    @classmethod
+    def _inconclusive(cls, value: str) -> str:
+        from pipeline.gates import INCONCLUSIVE_POLICIES
+
+        if value not in INCONCLUSIVE_POLICIES:
+            raise ValueError(f"must be one of {', '.join(INCONCLUSIVE_POLICIES)}, got {value[:40]!r}; write "
+                             "`inconclusive: refuse` (an inconclusive gate does not publish, the default) or "
+                             "`inconclusive: publish`")
+        return value
 
     @field_validator("default_min_recovery")
     @classmethod

@@ -46,7 +46,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import StageInputError
-from pipeline.gates import GateReport, format_recovery
+from pipeline.gates import GateReport
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,27 @@ class _GateRowIn(BaseModel):
     direction: Literal["higher", "lower"]
     recovery: float | Literal["inf", "-inf"] | None
     threshold: float
-    verdict: Literal["pass", "fail"]
+    verdict: Literal["pass", "fail", "inconclusive"]
     reason: str
+    # The paired bootstrap interval (pipeline/gates.py GateRow); absent in reports from before it.
+    recovery_lower: float | Literal["inf", "-inf"] | None = None
+    recovery_upper: float | Literal["inf", "-inf"] | None = None
+    form: Literal["min_recovery", "max_increase"] = "min_recovery"
+    max_increase: float | Literal["inf", "-inf"] | None = None
+    increase: float | Literal["inf", "-inf"] | None = None
+    increase_lower: float | Literal["inf", "-inf"] | None = None
+    increase_upper: float | Literal["inf", "-inf"] | None = None
+    n: int = 0
+    method: str = "point estimate (no per-document results)"
+    confidence: float | None = None
 
 
 class _GateIn(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    verdict: Literal["pass", "fail"]
+    verdict: Literal["pass", "fail", "inconclusive"]
     rows: tuple[_GateRowIn, ...]
+    inconclusive_publishes: bool = False
 
 
 class MemoryPlan(BaseModel):
@@ -237,7 +249,8 @@ def write_report(
 
 
 RECOVERY_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "metric", "direction", "baseline",
-                    "quantized", "recovery", "threshold", "verdict", "eval_path")
+                    "quantized", "recovery", "recovery_lower", "recovery_upper", "n", "threshold", "verdict",
+                    "eval_path")
 TARGET_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "gate", "min_recovery", "weights_bytes",
                   "kv_capacity_tokens", "decode_tok_s_max_batch", "throughput_source", "predicted_tok_s",
                   "measured_over_predicted", "joules_per_token", "power_source", "usd_per_mtok", "eval_path")
@@ -262,7 +275,10 @@ def _recovery_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
                     "quantized": r.quantized,
                     # DVC plots and CSV readers want numbers: an infinite recovery is reported as
                     # None here and as "∞" in report.md (the gate JSON keeps the string "inf").
-                    "recovery": r.recovery if r.recovery is not None and math.isfinite(r.recovery) else None,
+                    "recovery": _finite(r.recovery),
+                    "recovery_lower": _finite(r.recovery_lower),
+                    "recovery_upper": _finite(r.recovery_upper),
+                    "n": r.n,
                     "threshold": r.threshold,
                     "verdict": r.verdict,
                     "eval_path": e.eval_path,
@@ -299,6 +315,13 @@ def _target_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+_MARK = {"pass": "", "fail": " ✗", "inconclusive": " ?"}
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
@@ -339,7 +362,7 @@ def _model_table(targets: Sequence[TargetEntry]) -> str:
         "GPU",
         "TP",
         "gate",
-        *(f"recovery {m}" for m in metrics),
+        *(f"recovery {m} [95% CI]" for m in metrics),
         "weights GiB",
         "KV capacity (tokens)",
         "decode tok/s (max batch)",
@@ -354,7 +377,7 @@ def _model_table(targets: Sequence[TargetEntry]) -> str:
         cells = [t.recipe, t.gpu, str(t.tp), f"{gate} ({t.eval_path})" if report and t.eval_path else gate]
         for m in metrics:
             r = by_metric.get(m)
-            cells.append("—" if r is None else format_recovery(r.recovery) + ("" if r.verdict == "pass" else " ✗"))
+            cells.append("—" if r is None else r.interval_text + _MARK[r.verdict])
         cells += [
             _gib(t.memory.weights_bytes),
             f"{t.memory.kv_capacity_tokens:,}",
@@ -404,7 +427,7 @@ def _served_table(targets: Sequence[TargetEntry]) -> str:
                 f"| {t.target} | {engine} | {sv.device or '-'} | {_opt(sv.start_seconds, '.0f')} | "
                 f"{_opt(sv.decode_tok_s, '.1f')} | {row.metric} | {_opt(sim.quantized if sim else None, '.4g')} | "
                 f"{_opt(row.quantized, '.4g')} | {_opt(sim.recovery if sim else None, '.3f')} / {_opt(row.recovery, '.3f')}"
-                f"{' ✗' if row.verdict == 'fail' else ''} |")
+                f"{_MARK[row.verdict]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -446,8 +469,8 @@ def _model_section(model: str, targets: Sequence[TargetEntry], plots: Sequence[P
         out.append(_served_table(targets))
     for t in targets:
         report = t.gate_report()
-        if report and report.verdict == "fail":
-            out.append(f"### {t.target}: accuracy gate failed\n")
+        if report and report.verdict != "pass":
+            out.append(f"### {t.target}: accuracy gate {'failed' if report.verdict == 'fail' else report.verdict}\n")
             out.append(report.to_markdown())
     return "\n".join(out)
 
@@ -501,17 +524,16 @@ def short_metric(key: str) -> str:
 
 def readme_results(entries: Sequence[TargetEntry]) -> str:
     """The README's results table (between its `results` markers), generated from the run."""
-    metrics: list[str] = []
-    thresholds: set[float] = set()
+    metrics: dict[str, str] = {}  # metric -> its form's column name
+    thresholds: set[str] = set()
     for e in entries:
         report = e.gate_report()
         for r in report.rows if report else ():
-            thresholds.add(r.threshold)
-            if r.metric not in metrics:
-                metrics.append(r.metric)
-    gate_head = f"gate (>= {min(thresholds):g})" if len(thresholds) == 1 else "gate"
-    head = ["model", "recipe -> GPU", "held-out ppl (calibrate)", *(f"{short_metric(m)} recovery" for m in metrics),
-            gate_head, "published"]
+            thresholds.add(r.threshold_text)
+            metrics.setdefault(r.metric, "increase" if r.form == "max_increase" else "recovery")
+    gate_head = f"gate ({', '.join(sorted(thresholds))})" if thresholds else "gate"
+    head = ["model", "recipe -> GPU", "held-out ppl (calibrate)",
+            *(f"{short_metric(m)} {form} [95% CI]" for m, form in metrics.items()), gate_head, "published"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         report = e.gate_report()
@@ -519,7 +541,7 @@ def readme_results(entries: Sequence[TargetEntry]) -> str:
         p = e.perplexity
         ppl = "—" if p is None else f"{p.baseline:.2f} -> {p.quantized:.2f} ({100 * (p.quantized / p.baseline - 1):+.1f}%)"
         cells = [e.model, f"{e.recipe} -> {e.gpu.upper()}" + (f" x{e.tp}" if e.tp > 1 else ""), ppl]
-        cells += ["—" if m not in by_metric else f"{format_recovery(by_metric[m].recovery)}" for m in metrics]
+        cells += ["—" if m not in by_metric else by_metric[m].interval_text for m in metrics]
         cells.append(report.verdict if report else "not gated")
         cells.append("—" if e.publish is None else (e.publish.version or "yes") if e.publish.published else "refused")
         lines.append("| " + " | ".join(cells) + " |")
@@ -587,7 +609,7 @@ def _plot_recovery(model: str, targets: Sequence[TargetEntry], path: Path) -> Pa
     thresholds = set()
     for k, (t, report) in enumerate(gated):
         by_metric = {r.metric: r for r in report.rows}
-        xs, ys, colors = [], [], []
+        xs, ys, colors, errs = [], [], [], [[], []]
         for i, m in enumerate(metrics):
             r = by_metric.get(m)
             if r is None or r.recovery is None or not math.isfinite(r.recovery):
@@ -596,7 +618,10 @@ def _plot_recovery(model: str, targets: Sequence[TargetEntry], path: Path) -> Pa
             ys.append(r.recovery)
             colors.append(None if r.verdict == "pass" else "black")
             thresholds.add(r.threshold)
-        bars = ax.bar(xs, ys, width=width, label=_short_target(t))
+            low, high = _finite(r.recovery_lower), _finite(r.recovery_upper)
+            errs[0].append(max(0.0, r.recovery - low) if low is not None else 0.0)
+            errs[1].append(max(0.0, high - r.recovery) if high is not None else 0.0)
+        bars = ax.bar(xs, ys, width=width, label=_short_target(t), yerr=errs, capsize=2, ecolor="dimgray")
         for bar, edge in zip(bars, colors):
             if edge:
                 bar.set_edgecolor(edge)
@@ -605,7 +630,7 @@ def _plot_recovery(model: str, targets: Sequence[TargetEntry], path: Path) -> Pa
         ax.axhline(th, color="red", linestyle="--", linewidth=1, label=f"threshold {th:g}")
     ax.set_xticks(range(len(metrics)), [short_metric(m) for m in metrics], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("recovery (1.0 = baseline)")
-    ax.set_title(f"{model}: accuracy recovery (hatched bars fail their gate)", fontsize=10)
+    ax.set_title(f"{model}: accuracy recovery, 95% paired bootstrap intervals (hatched: not pass)", fontsize=10)
     ax.legend(fontsize=8)
     fig.savefig(path)
     return path

@@ -271,6 +271,21 @@ def _names_problems(recipe: Recipe, root: Path) -> list[ForgeError]:
                 f"no metric {', '.join(repr(u[:60]) for u in unknown)} in eval suite {suite.name!r}.",
                 f"use the suite's metric keys: {', '.join(suite.directions())}.",
             ))
+        gates = recipe.spec.eval.gates
+        lower = [m for m, d in suite.directions().items() if d == "lower"]
+        not_lower = sorted(set(gates.max_increase) - set(lower))
+        if not_lower:
+            problems.append(RecipeError(
+                f"{recipe.path}: eval.gates.max_increase",
+                f"{', '.join(repr(u[:60]) for u in not_lower)} is not a lower-is-better metric of eval suite "
+                f"{suite.name!r} (a maximum increase is for perplexity-type metrics).",
+                f"use one of: {', '.join(lower) or '(none in this suite)'}; gate the others with overrides.",
+            ))
+        both = sorted(set(gates.max_increase) & set(gates.overrides))
+        if both:
+            problems.append(RecipeError(f"{recipe.path}: eval.gates.max_increase",
+                                        f"{', '.join(both)} also has an override (a minimum recovery).",
+                                        "state each metric's threshold once: keep max_increase or the override."))
     return problems
 
 

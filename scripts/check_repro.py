@@ -110,7 +110,9 @@ def check_pull(key: str, receipt: dict, gpu: str, dest: Path) -> Check:
 
 def check_refusal(key: str, receipt: dict) -> Check:
     failures = receipt.get("gate_failures") or []
-    if not failures or not str(receipt.get("reason", "")).startswith("accuracy gate failed"):
+    # an inconclusive gate refuses too unless its recipe says eval.gates.inconclusive: publish
+    if not failures or not str(receipt.get("reason", "")).startswith(("accuracy gate failed",
+                                                                      "accuracy gate inconclusive")):
         return Check(False, f"{key}: not published, but not for a failed gate: {receipt.get('reason')!r}")
     return Check(True, f"{key}: refused for its accuracy gate ({', '.join(f['metric'] for f in failures)})")
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from pipeline.errors import RecipeError, StageInputError
 from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
+from pipeline.gate_stats import CONFIDENCE, METHOD, RESAMPLES, SEED
 from pipeline.gates import GatePolicy, GateReport, evaluate_gates
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.handoff import BuildDetails, NotServedDetails, Opened, open_upstream, read_raw
@@ -172,6 +173,7 @@ def baseline_main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Pa
 
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
+        write_documents(tmp, result)
         if scored.engine_log is not None:
             (tmp / ENGINE_LOG).write_text(scored.engine_log)
         write_manifest(tmp, build_manifest(
@@ -213,13 +215,16 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
                               serving.served_device if serving else None)
     else:
         scored = score_fake_quant(upstream, suite, Path(eval_dir), timer, kv_numerics)
+    intervals, agreement = gate_intervals(upstream, scored.result, suite, Path(out_dir))
     report = evaluate_gates(upstream.baseline_metrics, scored.result.metrics, suite.directions(), policy,
-                            where=f"{recipe.path}: eval.gates")
+                            where=f"{recipe.path}: eval.gates", intervals=intervals)
 
     metrics = suite_metrics(scored.result, suite, scored.path, scored.device, scored.dtype)
     metrics["simulation"] = scored.simulation
+    metrics["agreement"] = agreement
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
+        write_documents(tmp, scored.result)
         if scored.engine_log is not None:
             (tmp / ENGINE_LOG).write_text(scored.engine_log)
         (tmp / GATE_REPORT_FILE).write_text(report.to_json() + "\n")
@@ -231,7 +236,7 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
                      **({"served": scored.result.extra["served"]} if "served" in scored.result.extra else {})},
             recipe=recipe.provenance("quant", "eval"),
         ))
-    write_kpis(Path(metrics_path), "evaluate", flat_metrics(recipe, scored, report, sum(timer.seconds.values())))
+    write_kpis(Path(metrics_path), "evaluate", flat_metrics(recipe, scored, report, sum(timer.seconds.values()), agreement))
     return verdict_exit_code(recipe, report)
 
 
@@ -256,7 +261,8 @@ def suite_definition(suite: EvalSuite) -> dict[str, Any]:
 def gate_policy(recipe: Recipe) -> GatePolicy:
     """The recipe's gates (validate_recipe already refused overrides for metrics the suite lacks)."""
     gates = recipe.spec.eval.gates
-    return GatePolicy(gates.default_min_recovery, dict(gates.overrides))
+    return GatePolicy(gates.default_min_recovery, dict(gates.overrides), gates.default_max_increase,
+                      dict(gates.max_increase), gates.inconclusive)
 
 
 def check_model_dir(model_dir: Path, model: Model) -> dict[str, Any]:
@@ -276,6 +282,7 @@ class Upstream:
     quant_state: Path
     baseline_metrics: dict[str, float]
     inputs: dict[str, dict[str, Any]]
+    baseline_documents: dict[str, Any] | None = None
 
 
 def check_inputs(recipe: Recipe, suite: EvalSuite, model_dir: Path, quantized_dir: Path, baseline_dir: Path) -> Upstream:
@@ -291,7 +298,8 @@ def check_inputs(recipe: Recipe, suite: EvalSuite, model_dir: Path, quantized_di
         raise StageInputError(str(quantized_dir), f"was calibrated on another download of the model than {model_dir}.",
                               f"re-run it: dvc repro calibrate@{recipe.id}")
     return Upstream(model_dir, quantized_dir / CHECKPOINT_DIR, quantized_dir / QUANT_STATE_FILE, baseline,
-                    {"model": model_input_entry, "calibrate": calibrated.input_entry(), "baseline": baseline_input})
+                    {"model": model_input_entry, "calibrate": calibrated.input_entry(), "baseline": baseline_input},
+                    read_documents(baseline_dir, f"dvc repro baseline@{recipe.model.name}"))
 
 
 def check_baseline(baseline_dir: Path, recipe: Recipe, suite: EvalSuite,
@@ -421,18 +429,24 @@ def suite_metrics(result: SuiteResult, suite: EvalSuite, path: str, device: str 
 
 
 def gate_markdown(recipe: Recipe, path: str, report: GateReport) -> str:
+    gates = recipe.spec.eval.gates
     head = (f"# Accuracy gate: {recipe.id}\n\nVerdict: **{report.verdict.upper()}** "
-            f"(quantized model scored via `{path}`; default minimum recovery "
-            f"{recipe.spec.eval.gates.default_min_recovery:g}).\n\n")
+            f"(quantized model scored via `{path}`; default minimum recovery {gates.default_min_recovery:g}; "
+            f"intervals: {METHOD}, {CONFIDENCE:.0%}, {RESAMPLES} resamples, seed {SEED}; PASS when the interval "
+            f"clears the threshold, FAIL when it is entirely on the wrong side, INCONCLUSIVE otherwise, which "
+            f"{'publishes' if report.inconclusive_publishes else 'does not publish'}: eval.gates.inconclusive "
+            f"{gates.inconclusive}).\n\n")
     return head + report.to_markdown()
 
 
-def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: float) -> dict[str, Any]:
+def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: float,
+                 agreement: dict[str, Any] | None = None) -> dict[str, Any]:
     """The evaluate results the KPIs are chosen from (pipeline/kpis.py): one entry per gated
     metric, the verdict as 1/0 (numbers plot and diff) and as text, the lowest finite recovery,
     and how the numbers were produced."""
     rows = report.to_dict()["rows"]
     recoveries = [r.recovery for r in report.rows if r.recovery is not None and math.isfinite(r.recovery)]
+    lows = [r.recovery_lower for r in report.rows if r.recovery_lower is not None and math.isfinite(r.recovery_lower)]
     return {
         "recipe": recipe.id,
         "model": recipe.model.name,
@@ -443,13 +457,20 @@ def flat_metrics(recipe: Recipe, scored: Scored, report: GateReport, seconds: fl
         **served_labels(scored.result),
         "gate_passed": int(report.verdict == "pass"),
         "gate_verdict": report.verdict,
+        "gate_publishes": int(report.publishes),
         "failed_metrics": [r.metric for r in report.failed],
         "gates_failed": len(report.failed),
+        "gates_inconclusive": len(report.inconclusive),
         "min_recovery": min(recoveries) if recoveries else None,
+        "min_recovery_lower": min(lows) if lows else None,
+        "agreement": agreement or {},
         "eval_seconds": scored.result.seconds,
         "stage_seconds": round(seconds, 3),
-        "gates": {r["metric"]: {**{k: r[k] for k in ("baseline", "quantized", "recovery", "threshold", "direction",
-                                                      "verdict", "reason")}, "passed": int(r["verdict"] == "pass")}
+        "gates": {r["metric"]: {**{k: r[k] for k in ("baseline", "quantized", "recovery", "recovery_lower",
+                                                      "recovery_upper", "threshold", "form", "max_increase",
+                                                      "increase", "increase_lower", "increase_upper", "n", "method",
+                                                      "direction", "verdict", "reason")},
+                                "passed": int(r["verdict"] == "pass")}
                   for r in rows},
     }
 
@@ -458,6 +479,12 @@ def verdict_exit_code(recipe: Recipe, report: GateReport) -> int:
     if report.verdict == "pass":
         log.info("%s: accuracy gate PASS (%d metrics)", recipe.id, len(report.rows))
         return 0
+    if report.verdict == "inconclusive":
+        unsure = ", ".join(f"{r.metric} ({r.reason})" for r in report.inconclusive)
+        log.warning("%s: accuracy gate INCONCLUSIVE on %s; publish %s it (eval.gates.inconclusive: %s)%s", recipe.id,
+                    unsure, "ships" if report.publishes else "will refuse", recipe.spec.eval.gates.inconclusive,
+                    " (eval.strict: exit code 1)" if recipe.spec.eval.strict and not report.publishes else "")
+        return 1 if recipe.spec.eval.strict and not report.publishes else 0
     failing = ", ".join(f"{r.metric} ({r.reason})" for r in report.failed)
     log.warning("%s: accuracy gate FAILED on %s; publish will refuse it%s", recipe.id, failing,
                 " (eval.strict: exit code 1)" if recipe.spec.eval.strict else "")
@@ -475,6 +502,46 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------------------- per-document results
+
+
+def write_documents(out_dir: Path, result: SuiteResult) -> None:
+    from pipeline.samples import SAMPLES_FILE
+
+    if result.documents is not None:
+        write_json(out_dir / SAMPLES_FILE, result.documents)
+
+
+def read_documents(baseline_dir: Path, rerun: str) -> dict[str, Any]:
+    """The baseline's per-document results; a baseline from before gates had intervals has none."""
+    from pipeline.samples import SAMPLES_FILE
+
+    path = Path(baseline_dir) / SAMPLES_FILE
+    if not path.is_file():
+        raise StageInputError(str(path), "missing: the baseline has no per-document results, so the gates' paired "
+                              "bootstrap has nothing to pair with (it ran before forge kept them).", f"re-run it: {rerun}.")
+    return json.loads(path.read_text())
+
+
+def gate_intervals(upstream: Upstream, result: SuiteResult, suite: EvalSuite,
+                   out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Paired bootstrap intervals per gated metric, and how often the two models' answers differ
+    (per multiple-choice task: the rate that sizes the suite, README "Accuracy gates")."""
+    from pipeline.samples import disagreement, paired_intervals
+
+    if result.documents is None or upstream.baseline_documents is None:
+        raise StageInputError(str(out_dir), "no per-document results to pair.", "re-run baseline and evaluate.")
+    where = f"{out_dir} vs its baseline"
+    intervals = paired_intervals(upstream.baseline_documents, result.documents, suite.directions(),
+                                 upstream.baseline_metrics, result.metrics, where)
+    agreement = {}
+    for task in suite.tasks:
+        rate = disagreement(upstream.baseline_documents, result.documents, task.name)
+        if rate is not None:
+            agreement[task.name] = {"disagreement": round(rate, 6), "n": len(result.documents["tasks"][task.name]["doc_ids"])}
+    return intervals, agreement
 
 
 # ---------------------------------------------------------------------------- served by a real engine here

@@ -179,7 +179,8 @@ class PublishCandidate:
 
 
 def accuracy_gate(candidate: PublishCandidate, name: str, registry: str) -> Receipt | None:
-    return refusal(name, registry, candidate.gate) if candidate.gate.verdict != PASSING_VERDICT else None
+    # pass publishes; inconclusive publishes only where the recipe says so (eval.gates.inconclusive)
+    return refusal(name, registry, candidate.gate) if not candidate.gate.publishes else None
 
 
 # The seam for further refusals: each check returns a refusal Receipt (nothing is published, the
@@ -231,8 +232,8 @@ def read_gate(evaluation: Opened) -> GateReport:
 def refusal(name: str, registry: str, gate: GateReport) -> Receipt:
     failures = tuple({"metric": r.metric, "baseline": r.baseline, "quantized": r.quantized,
                       "recovery": _json_number(r.recovery), "threshold": r.threshold, "reason": r.reason}
-                     for r in gate.failed)
-    reason = "accuracy gate failed: " + "; ".join(f"{f['metric']} {f['reason']}" for f in failures)
+                     for r in gate.blocking)
+    reason = f"accuracy gate {'failed' if gate.verdict == 'fail' else gate.verdict}: " + "; ".join(f"{f['metric']} {f['reason']}" for f in failures)
     return Receipt(False, name, registry, reason=reason, gate_failures=failures)
 
 

@@ -141,21 +141,29 @@ def test_baseline_metrics_and_manifest(world):
     manifest = read_manifest(world["baseline"], "baseline")
     assert manifest["subject"] == "tiny-llama"
     assert manifest["inputs"]["model"]["stage"] == "download"
-    assert set(manifest["files"]) == {"metrics.json"}
+    assert set(manifest["files"]) == {"metrics.json", "samples.json"}
+    documents = json.loads((world["baseline"] / "samples.json").read_text())["tasks"]
+    assert documents["forge_mc"]["doc_ids"] == list(range(LIMIT)) and len(documents["forge_mc"]["choices"]) == LIMIT
+    assert documents["forge_prose"]["metrics"]["word_perplexity,none"]["aggregation"] == "weighted_perplexity"
 
 
 # ---------------------------------------------------------------------------- evaluate
 
 
-def test_failed_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, caplog):
+def test_unpublishable_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, caplog):
+    # byte perplexity must recover 1.0 (no loss at all): fake quant loses a little on every run, so
+    # its interval on 4 documents is below 1.0 (FAIL) or straddles it (INCONCLUSIVE, which refuses to
+    # publish by default); either way a strict run exits 1 after writing everything.
     with caplog.at_level(logging.WARNING, logger="pipeline.stages.evaluate"):
         assert run_evaluate(world, "fp8", tmp_path) == 1
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["gate_report.json", "gate_report.md", "manifest.json", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["gate_report.json", "gate_report.md", "manifest.json", "metrics.json",
+                                                     "samples.json"]
     gate = json.loads((out / "gate_report.json").read_text())
-    assert gate["verdict"] == "fail"
     row = {r["metric"]: r for r in gate["rows"]}["forge_prose/byte_perplexity,none"]
-    assert row["threshold"] == 1.0 and row["verdict"] == "fail" and row["recovery"] < 1.0
+    expected = "fail" if row["recovery_upper"] < 1.0 else "inconclusive"
+    assert row["recovery_lower"] < 1.0 and row["threshold"] == 1.0 and row["form"] == "max_increase"
+    assert row["verdict"] == expected and gate["verdict"] == expected and gate["inconclusive_publishes"] is False
     baseline = json.loads((world["baseline"] / "metrics.json").read_text())["metrics"]
     quantized = json.loads((out / "metrics.json").read_text())["metrics"]
     assert row["recovery"] == pytest.approx(baseline[row["metric"]] / quantized[row["metric"]])
@@ -164,14 +172,20 @@ def test_failed_gate_with_strict_writes_everything_and_exits_1(world, tmp_path, 
     kpis = json.loads((tmp_path / "metrics" / "fp8.json").read_text())
     finite = [r["recovery"] for r in gate["rows"] if isinstance(r["recovery"], float)]
     failed = [r for r in gate["rows"] if r["verdict"] == "fail"]
-    assert kpis == {"gate_pass": 0, "min_recovery": round(min(finite), 6), "gates_failed": len(failed)}
-    assert "forge_prose/byte_perplexity,none" in [r["metric"] for r in failed]
+    lows = [r["recovery_lower"] for r in gate["rows"] if isinstance(r["recovery_lower"], float)]
+    unsure = [r for r in gate["rows"] if r["verdict"] == "inconclusive"]
+    assert kpis == {"gate_pass": 0, "min_recovery": round(min(finite), 6), "min_recovery_lower": round(min(lows), 6),
+                    "gates_failed": len(failed)}
+    assert all(r["method"] == "paired percentile bootstrap" and r["n"] == LIMIT for r in gate["rows"])
+    assert all(r["recovery_lower"] <= r["recovery"] <= r["recovery_upper"] for r in gate["rows"])
+    assert [r["metric"] for r in failed + unsure] == ["forge_prose/byte_perplexity,none"]
     assert {r["metric"]: r for r in gate["rows"]}["forge_mc/acc,none"]["threshold"] == 0.5
-    assert "Verdict: **FAIL**" in (out / "gate_report.md").read_text()
+    assert f"Verdict: **{expected.upper()}**" in (out / "gate_report.md").read_text()
     manifest = read_manifest(out, "evaluate")
     assert set(manifest["inputs"]) == {"model", "calibrate", "baseline"}
     assert manifest["details"]["simulation"]["routed"] == {"nvfp4": 0, "mxfp4": 0}  # FP8: ModelOpt's own CPU code
-    assert "accuracy gate FAILED on forge_prose/byte_perplexity,none" in caplog.text
+    said = "FAILED" if expected == "fail" else "INCONCLUSIVE"
+    assert f"accuracy gate {said} on forge_prose/byte_perplexity,none" in caplog.text
     assert "eval.strict: exit code 1" in caplog.text
 
 
@@ -280,3 +294,35 @@ def test_cli_verbs_are_registered(world, tmp_path, no_model_work, capsys):
     assert "no baseline evaluation here" in capsys.readouterr().err
     args = cli.build_parser(cli.stage_verbs()).parse_args(["baseline", "m.yaml", "--model", "d", "--out", "o", "--limit", "3"])
     assert (args.func, args.model_yaml, args.limit, args.eval_dir) == (evaluate.run_baseline, Path("m.yaml"), 3, Path("eval"))
+
+
+def test_exit_code_of_each_verdict(caplog):
+    import logging as _logging
+
+    from pipeline.gate_stats import Interval
+    from pipeline.gates import GatePolicy, evaluate_gates
+    from pipeline.stages.evaluate import verdict_exit_code
+
+    class _Recipe:  # what verdict_exit_code reads
+        def __init__(self, strict, inconclusive):
+            self.id = "m-fp8"
+            self.spec = type("S", (), {"eval": type("E", (), {"strict": strict, "gates": type(
+                "G", (), {"inconclusive": inconclusive})()})()})()
+
+    metric = "forge_mc/acc,none"
+
+    def report(interval, inconclusive="refuse"):
+        return evaluate_gates({metric: 0.7}, {metric: 0.7 * interval.point}, {metric: "higher"},
+                              GatePolicy(0.95, inconclusive=inconclusive), intervals={metric: interval})
+
+    unsure = Interval(0.96, 0.94, 0.98, 1397)
+    with caplog.at_level(_logging.WARNING, logger="pipeline.stages.evaluate"):
+        assert verdict_exit_code(_Recipe(True, "refuse"), report(unsure)) == 1
+        assert verdict_exit_code(_Recipe(True, "publish"), report(unsure, "publish")) == 0
+        assert verdict_exit_code(_Recipe(False, "refuse"), report(unsure)) == 0
+        assert verdict_exit_code(_Recipe(True, "refuse"), report(Interval(0.99, 0.97, 1.0, 1397))) == 0
+        assert verdict_exit_code(_Recipe(True, "refuse"), report(Interval(0.9, 0.88, 0.92, 1397))) == 1
+    assert ("m-fp8: accuracy gate INCONCLUSIVE on forge_mc/acc,none (recovery 0.9600 [0.9400, 0.9800] interval "
+            "straddles 0.95); publish will refuse it (eval.gates.inconclusive: refuse) (eval.strict: exit code 1)") \
+        in caplog.text
+    assert "publish ships it (eval.gates.inconclusive: publish)" in caplog.text

@@ -27,7 +27,8 @@ def test_pass_and_fail_per_direction():
     assert acc.recovery == pytest.approx(0.69 / 0.70)
     assert (ppl.verdict, ppl.direction) == ("fail", "lower")
     assert ppl.recovery == pytest.approx(15.30 / 23.47)
-    assert ppl.reason == "recovery 0.6519 < 0.95"
+    assert ppl.reason == "increase +53.4% > +5.3%"  # no per-document results: the point decides
+    assert (ppl.form, ppl.method, ppl.n) == ("max_increase", "point estimate (no per-document results)", 0)
     assert report.verdict == "fail"
     assert report.failed == (ppl,)
 
@@ -120,8 +121,8 @@ def test_json_round_trip_and_markdown():
     assert data["rows"][0]["recovery"] == "inf"
     assert GateReport.from_dict(data) == report
     md = report.to_markdown()
-    assert "| mmlu/acc,none | higher | 0 | 0.2 | ∞ | 0.950 | PASS |" in md
+    assert "| mmlu/acc,none | higher | 0 | 0.2 | ∞ | >= 0.95 | 0 | PASS |" in md
     assert (
-        "| forge_prose/word_perplexity,none | lower | 15.3 | 23.47 | 0.6519 | 0.950 | FAIL | recovery 0.6519 < 0.95 |"
+        "| forge_prose/word_perplexity,none | lower | 15.3 | 23.47 | +53.4% | <= +5.3% | 0 | FAIL | increase +53.4% > +5.3% |"
         in md
     )

@@ -67,7 +67,7 @@ class Chain:
     out: Path
 
 
-def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59) -> Chain:
+def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59, interval=None, inconclusive: str = "refuse") -> Chain:
     """Every upstream output publish reads, each with the manifest its stage writes."""
     model_dir = tmp_path / "recipes" / MODEL
     if not model_dir.exists():
@@ -111,7 +111,9 @@ def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59) -> Chain:
 
     evaluation = data / "eval" / recipe.id
     evaluation.mkdir(parents=True)
-    report = evaluate_gates({METRIC: 0.6}, {METRIC: quantized_score}, {METRIC: "higher"}, GatePolicy(0.95))
+    report = evaluate_gates({METRIC: 0.6}, {METRIC: quantized_score}, {METRIC: "higher"},
+                            GatePolicy(0.95, inconclusive=inconclusive),
+                            intervals={METRIC: interval} if interval is not None else None)
     (evaluation / "gate_report.json").write_text(report.to_json() + "\n")
     write_json(evaluation / "metrics.json", {"metrics": {METRIC: quantized_score}})
     write_manifest(evaluation, build_manifest(
@@ -196,6 +198,18 @@ def test_failed_gate_is_recorded_not_published(tmp_path, capsys):
     assert cli.main([*args, "--strict"]) == 1
     assert len(Registry(str(chain.registry)).refusals()) == 1  # the same refusal is recorded once
     assert receipt_file(chain)["published"] is False
+
+
+def test_inconclusive_gate_publishes_only_where_the_recipe_says_so(tmp_path):
+    from pipeline.gate_stats import Interval
+
+    straddles = Interval(0.96, 0.93, 0.99, 1397)
+    refused = publish(fabricate_chain(tmp_path / "a", quantized_score=0.576, interval=straddles))
+    assert not refused.published
+    assert refused.reason == (f"accuracy gate inconclusive: {METRIC} recovery 0.9600 [0.9300, 0.9900] "
+                              "interval straddles 0.95")
+    ships = publish(fabricate_chain(tmp_path / "b", quantized_score=0.576, interval=straddles, inconclusive="publish"))
+    assert ships.published and ships.version == "v1.0.0"
 
 
 def _edit_recipe(chain: Chain, edit) -> None:

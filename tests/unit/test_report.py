@@ -76,20 +76,20 @@ def test_report_files_and_numbers(entries, tmp_path):
     md = files.markdown.read_text()
     assert md.count("## smollm2-135m") == 1 and md.count("## tiny") == 1
     header = (
-        "| recipe | GPU | TP | gate | recovery forge_mc/acc,none | recovery forge_prose/word_perplexity,none | "
+        "| recipe | GPU | TP | gate | recovery forge_mc/acc,none [95% CI] | recovery forge_prose/word_perplexity,none [95% CI] | "
         "weights GiB | KV capacity (tokens) | decode tok/s (max batch) | J/token | $/Mtok |"
     )
     assert header in md
     assert "| bf16 | h200 | 1 | not gated | — | — | 0.25 | 1,234,567 | 21,000 (predicted) | 0.0123 | 0.456 |" in md
-    fp8 = f"| fp8 | h200 | 1 | PASS | {0.7417 / 0.7483:.4f} | {133.31 / 136.2:.4f} | 0.13 | 1,234,567 | 35,500 (measured) |"
+    fp8 = f"| fp8 | h200 | 1 | PASS | {0.7417 / 0.7483:.4f} | {136.2 / 133.31 - 1:+.1%} | 0.13 | 1,234,567 | 35,500 (measured) |"
     assert fp8 in md
-    nvfp4 = f"| nvfp4 | b200 | 1 | FAIL | {0.60 / 0.7483:.4f} ✗ | {133.31 / 204.5:.4f} ✗ | 0.08 |"
+    nvfp4 = f"| nvfp4 | b200 | 1 | FAIL | {0.60 / 0.7483:.4f} ✗ | {204.5 / 133.31 - 1:+.1%} ✗ | 0.08 |"
     assert nvfp4 in md
     # failing targets get their gate table with reasons
     assert "### nvfp4@b200x1: accuracy gate failed" in md
     assert f"recovery {0.60 / 0.7483:.4f} < 0.95" in md
     # a quantized perplexity of 0 gives an infinite recovery: shown as ∞, not a crash
-    assert "| fp8 | h100 | 1 | PASS | 1.0023 | ∞ |" in md
+    assert "| fp8 | h100 | 1 | PASS | 1.0023 | -100.0% |" in md
     assert "![recovery for smollm2-135m](figures/recovery_smollm2-135m.png)" in md
     assert "![decode tok/s per target](figures/throughput.png)" in md
     assert "## Missing results" not in md

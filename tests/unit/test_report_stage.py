@@ -95,14 +95,14 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
     fp8_plan = plan_target(load_recipe(Path("recipes/smollm2-135m-instruct/fp8.yaml")), "h200", catalog)
     mx_plan = plan_target(load_recipe(Path("recipes/smollm2-135m-instruct/mxfp4.yaml")), "b200", catalog)
     predicted = fp8_plan.throughput["predicted_output_tok_s"]  # the throughput model's run (pipeline/perfmodel.py)
-    fp8_row = (f"| fp8 | h200 | 1 | PASS (simulated-cpu) | {0.7417 / 0.7483:.4f} | {133.31 / 136.2:.4f} | "
+    fp8_row = (f"| fp8 | h200 | 1 | PASS (simulated-cpu) | {0.7417 / 0.7483:.4f} | {136.2 / 133.31 - 1:+.1%} | "
                f"{fp8_plan.weights_bytes / 2**30:.2f} | {fp8_plan.kv_capacity_tokens:,} | "
                f"{predicted:,.0f} (predicted) | {700 / predicted:.4g} (tdp) | "
                f"{3.5 / (predicted * 3600) * 1e6:.4g} |")
     assert fp8_row in md
     # mxfp4 (the recipe's format is w4a8_mxfp4_fp8): no throughput output, so the build's prediction
     # is shown, labelled as such
-    assert (f"| mxfp4 (w4a8_mxfp4_fp8) | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {133.31 / 480.0:.4f} ✗ | "
+    assert (f"| mxfp4 (w4a8_mxfp4_fp8) | b200 | 1 | FAIL (simulated-cpu) | {0.40 / 0.7483:.4f} ✗ | {480.0 / 133.31 - 1:+.1%} ✗ | "
             f"{mx_plan.weights_bytes / 2**30:.2f} | {mx_plan.kv_capacity_tokens:,} | "
             f"{mx_plan.throughput['predicted_output_tok_s']:,.0f} (predicted) |") in md
     assert "| fp8 | h200 | 15.300 | 15.630 | +2.2% |" in md
@@ -190,10 +190,10 @@ def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_pat
     report_stage.main(_plan(tmp_path), metrics_dir, tmp_path / "reports")
     table = (tmp_path / "reports" / "readme_results.md").read_text()
     lines = table.splitlines()
-    assert lines[0] == ("| model | recipe -> GPU | held-out ppl (calibrate) | forge_mc acc recovery | "
-                        "forge_prose word_perplexity recovery | gate (>= 0.95) | published |")
+    assert lines[0] == ("| model | recipe -> GPU | held-out ppl (calibrate) | forge_mc acc recovery [95% CI] | "
+                        "forge_prose word_perplexity increase [95% CI] | gate (<= +5.3%, >= 0.95) | published |")
     assert lines[2] == (f"| smollm2-135m-instruct | fp8 -> H200 | 15.30 -> 15.63 (+2.2%) | {0.7417 / 0.7483:.4f} | "
-                        f"{133.31 / 136.2:.4f} | pass | v1.0.0 |")
+                        f"{136.2 / 133.31 - 1:+.1%} | pass | v1.0.0 |")
     assert lines[3].endswith("| fail | refused |")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{BEGIN}\n| old | table |\n{END}\n\nafter\n")
