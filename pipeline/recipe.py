@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import RecipeError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, QUANTIZED_FORMATS, canonical_kv_dtype
@@ -203,21 +203,31 @@ class QuantSection(Closed):
                 raise ValueError('override patterns are non-empty module-name patterns, e.g. "*layers.0.*" or "*down_proj"')
         return value
 
-    @model_validator(mode="after")
-    def _algorithm_fits_format(self) -> QuantSection:
-        if self.algorithm is not None:
-            problem = algorithm_problem(self.algorithm, self.format)
+    # Field validators (not a model validator) so the error names quant.algorithm / quant.auto;
+    # `format` is declared first, so it is in info.data when it was valid.
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_fits_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        fmt = info.data.get("format")
+        if value is not None and fmt is not None:
+            problem = algorithm_problem(value, fmt)
             if problem:
-                raise ValueError(f"algorithm: {problem[0]} Fix: {problem[1]}")
-        if self.auto is not None:
-            if self.format not in self.auto.formats:
-                raise ValueError(f"auto.formats {self.auto.formats} must include quant.format {self.format!r} "
-                                 "(the format the recipe is named for)")
-            bits = sorted(FORMATS[f].bits_per_weight for f in self.auto.formats)
-            if not bits[0] <= self.auto.effective_bits <= bits[-1]:
-                raise ValueError(f"auto.effective_bits {self.auto.effective_bits:g} is outside what "
-                                 f"{', '.join(self.auto.formats)} can reach ({bits[0]:g}-{bits[-1]:g} bits per weight)")
-        return self
+                raise ValueError(f"{problem[0].rstrip('.')}; {problem[1].rstrip('.')}")
+        return value
+
+    @field_validator("auto")
+    @classmethod
+    def _auto_fits_format(cls, value: AutoQuantSection | None, info: ValidationInfo) -> AutoQuantSection | None:
+        fmt = info.data.get("format")
+        if value is None or fmt is None:
+            return value
+        if fmt not in value.formats:
+            raise ValueError(f"formats {value.formats} must include quant.format {fmt!r} (the format the recipe is named for)")
+        bits = sorted(FORMATS[f].bits_per_weight for f in value.formats)
+        if not bits[0] <= value.effective_bits <= bits[-1]:
+            raise ValueError(f"effective_bits {value.effective_bits:g} is outside what {', '.join(value.formats)} "
+                             f"can reach ({bits[0]:g}-{bits[-1]:g} bits per weight, pipeline/formats.py)")
+        return value
 
 
 class CalibrationNode(Closed):
