@@ -229,6 +229,7 @@ def search_auto(model: nn.Module, quant: Any, batches: Sequence[Mapping[str, tor
 # lm_head weights when embeddings are tied (`tie_word_embeddings`, _load_weights_impl in
 # tensorrt_llm/_torch/models/modeling_utils.py); disabling it also takes it out of ModelOpt's cost.
 _ALWAYS_BF16 = ("*lm_head*",)
+_PER_TENSOR_SCALE_BITS = 64  # weight_scale(_2) + input_scale, FP32 each (export_check.EXPORT_RULES)
 
 
 def modelopt_target_bits(model: nn.Module, target: float, disabled: Sequence[str]) -> float:
@@ -239,10 +240,12 @@ def modelopt_target_bits(model: nn.Module, target: float, disabled: Sequence[str
     its Linear weights; model_quant.py / _auto_quantize_cost.py, 0.47); forge's denominator is the
     decoder Linears only. Same per-format bits on both sides (NVFP4 4.5, FP8 8: ModelOpt prints
     "effective-bits: 4.5"), so the translation is exact:
-    (target * searched + 16 * disabled) / (searched + disabled)."""
+    (target' * searched + 16 * disabled) / (searched + disabled), where target' leaves room for the
+    two FP32 per-tensor scalars each quantized Linear also stores (64 bits; bits.py counts them,
+    ModelOpt's cost does not), so the exported checkpoint stays within `target`."""
     import fnmatch
 
-    searched = fixed = 0
+    searched = fixed = linears = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             n = module.weight.numel()
@@ -250,9 +253,11 @@ def modelopt_target_bits(model: nn.Module, target: float, disabled: Sequence[str
                 fixed += n
             else:
                 searched += n
+                linears += 1
     if searched == 0:
         raise RecipeError("quant.auto", "no Linear layer is left to search.", "narrow quant.exclude.")
-    return (target * searched + 16.0 * fixed) / (searched + fixed)
+    room = target - _PER_TENSOR_SCALE_BITS * linears / searched
+    return (room * searched + 16.0 * fixed) / (searched + fixed)
 
 
 def search_disabled(exclude: Sequence[str]) -> list[str]:
