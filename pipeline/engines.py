@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.formats import FORMATS, ComputeCapability
+from pipeline.formats import FORMATS, MIXED_PRECISION_QUANT_ALGO, ComputeCapability
 from pipeline.quant.export_check import (
     EXPORT_RULES,
     FUSED_SHARD_GROUPS,
@@ -35,6 +35,7 @@ from pipeline.quant.export_check import (
 )
 
 CC = ComputeCapability
+MIXED = "mixed"  # FormatContract.format of a MIXED_PRECISION row: per-layer formats, no single registry row
 
 # What an engine does when the shards of a fused group (FUSED_SHARD_GROUPS) carry different scales.
 RESCALES = "rescaled"  # re-quantizes to the group max at load (loads, with a double rounding)
@@ -112,6 +113,17 @@ ENGINES: dict[str, Engine] = {
                                note="weight_scale must be U8 (E8M0); activations quantized to FP8 "
                                     "per tensor at run time (checkpoint input_scale not read)",
                                source=f"{_TRT_LINEAR} W4A8MXFP4FP8LinearMethod"),
+                # One QuantConfig per entry of `quantized_layers`, each `QuantAlgo(layer quant_algo)`
+                # with its group_size; kv_cache_quant_algo stays global
+                # (ModelConfig._build_modelopt_quant_config, tensorrt_llm/_torch/model_config.py). A
+                # fused q/k/v or gate/up Linear takes the config of its q_proj / gate_proj entry
+                # (DecoderModelForCausalLM.__post_init__, tensorrt_llm/_torch/models/modeling_utils.py),
+                # so every shard must be in that format. Each layer is then checked against its own
+                # format's row here (capability, tensors, fused scales).
+                FormatContract(MIXED, MIXED_PRECISION_QUANT_ALGO, CC(8, 9), ASSERTS, required_keys=("quantized_layers",),
+                               note="per-layer formats from quantized_layers",
+                               source="tensorrt_llm/_torch/model_config.py _build_modelopt_quant_config; "
+                                      "tensorrt_llm/_torch/models/modeling_utils.py DecoderModelForCausalLM.__post_init__"),
             ),
             serve="trtllm-serve {dir} --backend pytorch --extra_llm_api_options {dir}/llm_api_options.yaml",
             source="NVIDIA/TensorRT-LLM " + _TRT_LINEAR + ", tensorrt_llm/quantization/mode.py",
@@ -229,6 +241,8 @@ def check_checkpoint(ckpt: Path, engine: Engine, device: str, cc: ComputeCapabil
         return refuse(f"quant_algo {algo!r} is not accepted (accepts {', '.join(engine.accepted()) or 'none'})")
     if contract.min_cc is not None and cc < contract.min_cc:
         return refuse(f"{contract.quant_algo or 'bf16'} needs compute capability >= {contract.min_cc}, {device} is {cc}")
+    if contract.format == MIXED and (need := mixed_min_cc(engine, quant)) is not None and cc < need:
+        return refuse(f"a layer format in quantized_layers needs compute capability >= {need}, {device} is {cc}")
     missing = [k for k in contract.required_keys if quant.get(k) is None]
     if missing:
         return refuse(f"{engine.config_source} quantization config lacks {', '.join(missing)}")
@@ -299,6 +313,8 @@ def _tensor_problem(ckpt: Path, engine: Engine, contract: FormatContract, quant:
         tensors, _ = _read_headers(ckpt)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a refusal with its reason
         return f"cannot read the safetensors headers ({exc})"
+    if contract.format == MIXED:
+        return _mixed_problem(ckpt, engine, quant, tensors)
     rule = EXPORT_RULES[contract.format]
     patterns = [str(p) for p in quant.get("exclude") or []]
     weights = {n[: -len(".weight")]: i for n, i in tensors.items() if n.endswith(".weight") and len(i.shape) == 2}
@@ -320,6 +336,46 @@ def _tensor_problem(ckpt: Path, engine: Engine, contract: FormatContract, quant:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         return "; ".join(problems[:3]) + more
     return None
+
+
+def _mixed_problem(ckpt: Path, engine: Engine, quant: dict[str, Any], tensors: dict[str, TensorInfo]) -> str | None:
+    """A MIXED_PRECISION checkpoint: every layer's quant_algo is one the engine runs, its tensors
+    follow that format, fused groups have one format and (where the engine asserts) equal scales."""
+    from pipeline.quant.export_check import mixed_layer_rules, split_fused_groups
+
+    problems: list[str] = []
+    layers = mixed_layer_rules(quant, problems)
+    weights = {n[: -len(".weight")]: i for n, i in tensors.items() if n.endswith(".weight") and len(i.shape) == 2}
+    by_format: dict[str, set[str]] = {}
+    for module, info in sorted(weights.items()):
+        fmt = layers.get(module)
+        if fmt is None:
+            if info.dtype not in ("BF16", "F16", "F32"):
+                problems.append(f"{module} is {info.dtype} but absent from quantized_layers (loaded unquantized)")
+            continue
+        layer_contract = engine.contract(FORMATS[fmt].quant_algo)
+        if layer_contract is None or layer_contract.format == MIXED:
+            problems.append(f"{module}: per-layer quant_algo {FORMATS[fmt].quant_algo} is not one {engine.name} runs")
+            continue
+        by_format.setdefault(fmt, set()).add(module)
+        problems.extend(check_linear(module, info, tensors, EXPORT_RULES[fmt]))
+    problems.extend(split_fused_groups(layers))
+    for fmt, modules in by_format.items():
+        if engine.contract(FORMATS[fmt].quant_algo).fused == ASSERTS:
+            problems.extend(_unequal_shards(ckpt, modules, tensors, EXPORT_RULES[fmt].fused_equal))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        return "; ".join(problems[:3]) + more
+    return None
+
+
+def mixed_min_cc(engine: Engine, quant: dict[str, Any]) -> ComputeCapability | None:
+    """The highest minimum compute capability over a MIXED_PRECISION config's layer formats."""
+    from pipeline.quant.export_check import mixed_layer_rules
+
+    ccs = [c.min_cc for fmt in set(mixed_layer_rules(quant, []).values())
+           if (c := engine.contract(FORMATS[fmt].quant_algo)) is not None and c.min_cc is not None]
+    return max(ccs, key=lambda c: (c.major, c.minor)) if ccs else None
 
 
 def _unequal_shards(ckpt: Path, modules: set[str], tensors: dict[str, TensorInfo], suffixes: tuple[str, ...]) -> list[str]:

@@ -179,3 +179,25 @@ def get_kv_dtype(name: str) -> KvCacheDtype:
 # runs the GEMM on the next wider one. Every Format.compute_dtype is one of these.
 COMPUTE_DTYPES: tuple[str, ...] = ("fp4", "fp8", "bf16")
 assert {f.compute_dtype for f in FORMATS.values()} <= set(COMPUTE_DTYPES)
+
+# quant_algo ModelOpt writes when a checkpoint holds more than one weight format, with a per-layer
+# `quantized_layers` map ({module: {"quant_algo": "NVFP4", "group_size": 16} | {"quant_algo": "FP8"}});
+# layers absent from it are unquantized (process_layer_quant_config, modelopt/torch/export/
+# quant_utils.py, 0.47). TensorRT-LLM reads it as QuantAlgo.MIXED_PRECISION
+# (ModelConfig._build_modelopt_quant_config, tensorrt_llm/_torch/model_config.py).
+MIXED_PRECISION_QUANT_ALGO = "MIXED_PRECISION"
+
+# quant_algo ModelOpt writes for an AWQ-calibrated format whose input smoothing scale it could not
+# fold into a preceding layer (o_proj, down_proj keep `pre_quant_scale`): "nvfp4_awq" ->
+# "NVFP4_AWQ" (quant_utils.py process_layer_quant_config, 0.47; seen on a tiny Llama). Not a
+# member of TensorRT-LLM's QuantAlgo (tensorrt_llm/quantization/mode.py).
+AWQ_QUANT_ALGOS: dict[str, str] = {"nvfp4": "NVFP4_AWQ"}
+
+
+def format_of_quant_algo(quant_algo: str) -> str | None:
+    """The registry format whose tensors a (per-layer) quant_algo describes; None if unknown."""
+    algo = str(quant_algo).upper()
+    for f in FORMATS.values():
+        if f.quant_algo is not None and f.quant_algo.upper() == algo:
+            return f.name
+    return next((f for f, a in AWQ_QUANT_ALGOS.items() if a == algo), None)

@@ -31,6 +31,7 @@ KPIS: dict[str, tuple[Kpi, ...]] = {
         Kpi("perplexity_change_pct", "perplexity_delta_pct", "held-out perplexity, quantized vs BF16, %"),
         Kpi("checkpoint_bytes", "checkpoint_bytes", "bytes of the exported checkpoint"),
         Kpi("calibrate_s", "calibrate_seconds", "seconds of ModelOpt calibration"),
+        Kpi("effective_bits", "effective_bits", "bits per decoder Linear weight, scales counted (pipeline/quant/bits.py)"),
     ),
     "evaluate": (
         Kpi("gate_pass", "gate_passed", "1 when every accuracy gate passed, 0 when publish refuses it"),

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.artifacts import NAME_PATTERN, NAME_RULE
 from pipeline.engines import TENSORRT_LLM_VERSION
 from pipeline.errors import RecipeError
-from pipeline.formats import KV_CACHE_DTYPES, QUANTIZED_FORMATS, canonical_kv_dtype
+from pipeline.formats import FORMATS, KV_CACHE_DTYPES, QUANTIZED_FORMATS, canonical_kv_dtype
+from pipeline.quant.algorithms import algorithm_problem
 from pipeline.yamlio import load_model_file
 
 RECIPES_DIR = Path("recipes")
@@ -143,6 +144,32 @@ class ModelRecipe(Closed):
 # ---------------------------------------------------------------------------- <variant>.yaml
 
 
+OverrideFormatName = Literal[(*QUANTIZED_FORMATS, "bf16")]  # type: ignore[valid-type]
+
+
+class AutoQuantSection(Closed):
+    """ModelOpt `mtq.auto_quantize`: per-layer format search under an effective-bits budget
+    (modelopt/torch/quantization/model_quant.py, 0.47). Fused q/k/v and gate/up groups get one
+    format (AutoQuantizeSearcher.quant_grouping_rules, algorithms.py)."""
+
+    effective_bits: float = Field(gt=0, le=16, description="ModelOpt's weight-cost target: mean bits per quantizable Linear weight")
+    formats: list[FormatName] = Field(min_length=2, description="candidate formats, e.g. [nvfp4, fp8]; BF16 is always a candidate")
+    method: Literal["gradient", "kl_div"] = Field("gradient", description="ModelOpt's sensitivity score")
+    score_batches: int = Field(8, ge=1, le=4096, description="calibration batches used to score sensitivity (num_score_steps)")
+
+    @field_validator("effective_bits", mode="before")
+    @classmethod
+    def _bits_number(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("formats")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"auto.formats lists a format twice: {value}")
+        return value
+
+
 class QuantSection(Closed):
     format: FormatName = Field(description="weight/activation format (pipeline/formats.py)")
     kv_cache_dtype: KvCacheDtypeName = Field(
@@ -153,10 +180,55 @@ class QuantSection(Closed):
         description="module name patterns left unquantized, in addition to ModelOpt's defaults (lm_head, routers)",
     )
 
+    algorithm: str | None = Field(
+        None, description="calibration algorithm, a ModelOpt method (pipeline/quant/algorithms.py); "
+                          "default: the format preset's own (max; none for MX formats)")
+    overrides: dict[str, OverrideFormatName] = Field(
+        default_factory=dict,
+        description="module name pattern -> format for those Linears, or bf16 to keep them unquantized; "
+                    "later entries win; a fused q/k/v or gate/up group must get one format",
+    )
+    auto: AutoQuantSection | None = Field(
+        None, description="mixed precision by ModelOpt auto_quantize under an effective-bits target")
+
     @field_validator("kv_cache_dtype", mode="before")
     @classmethod
     def _kv_alias(cls, value: Any) -> Any:  # bf16/fp16 name the unquantized cache (pipeline/formats.py)
         return canonical_kv_dtype(value) if isinstance(value, str) else value
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern in value:
+            if not pattern.strip():
+                raise ValueError('override patterns are non-empty module-name patterns, e.g. "*layers.0.*" or "*down_proj"')
+        return value
+
+    # Field validators (not a model validator) so the error names quant.algorithm / quant.auto;
+    # `format` is declared first, so it is in info.data when it was valid.
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_fits_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        fmt = info.data.get("format")
+        if value is not None and fmt is not None:
+            problem = algorithm_problem(value, fmt)
+            if problem:
+                raise ValueError(f"{problem[0].rstrip('.')}; {problem[1].rstrip('.')}")
+        return value
+
+    @field_validator("auto")
+    @classmethod
+    def _auto_fits_format(cls, value: AutoQuantSection | None, info: ValidationInfo) -> AutoQuantSection | None:
+        fmt = info.data.get("format")
+        if value is None or fmt is None:
+            return value
+        if fmt not in value.formats:
+            raise ValueError(f"formats {value.formats} must include quant.format {fmt!r} (the format the recipe is named for)")
+        bits = sorted(FORMATS[f].bits_per_weight for f in value.formats)
+        if not bits[0] <= value.effective_bits <= bits[-1]:
+            raise ValueError(f"effective_bits {value.effective_bits:g} is outside what {', '.join(value.formats)} "
+                             f"can reach ({bits[0]:g}-{bits[-1]:g} bits per weight, pipeline/formats.py)")
+        return value
 
 
 class CalibrationNode(Closed):

@@ -14,6 +14,8 @@ tests/unit/test_export_check.py on a tiny Llama, CPU):
          quant_algo "W4A8_MXFP4_FP8", group_size 32.
 - fused shards (q/k/v, gate/up of one block): equal fp8 weight_scale and input_scale, equal
   nvfp4 weight_scale_2 and input_scale (values read from the scalar tensors only).
+- MIXED_PRECISION (pipeline/formats.py): each layer in `quantized_layers` follows the rule of its
+  own quant_algo; a layer absent from it is unquantized; a fused group has one format.
 - KV cache (fp8 or nvfp4): `k_scale` on k_proj and `v_scale` on v_proj, F32 scalars, one pair
   per decoder layer; `kv_cache_quant_algo` "FP8" / "NVFP4".
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CalibrationError
+from pipeline.formats import MIXED_PRECISION_QUANT_ALGO
 
 # How many offending tensors an error spells out before summarising the rest.
 _MAX_PROBLEMS_IN_ERROR = 10
@@ -200,25 +203,34 @@ def verify_unified_export(
 
     tensors, files = _read_headers(export_dir)
     exclude = [str(p) for p in quant.get("exclude_modules") or []]
-    rule = format_tensor_rules
+    layer_rules = mixed_layer_rules(quant, problems) if str(algo).upper() == MIXED_PRECISION_QUANT_ALGO else None
     quantized = excluded = 0
     q_bytes = 0
-    quantized_modules: set[str] = set()
+    quantized_modules: dict[str, set[str]] = {}  # rule key -> modules
     for name, info in sorted(tensors.items()):
         if not name.endswith(".weight") or len(info.shape) != 2:
             continue
         module = name[: -len(".weight")]
-        if _is_excluded(module, exclude):
+        if layer_rules is not None:
+            key = layer_rules.get(module)  # a layer absent from quantized_layers is unquantized
+        else:
+            key = None if _is_excluded(module, exclude) else ""
+        if key is None:
             excluded += 1
             if info.dtype not in _UNQUANTIZED_DTYPES:
                 problems.append(f"{name} is {info.dtype} but its module is excluded (expected BF16)")
             continue
+        rule = EXPORT_RULES[key] if key else format_tensor_rules
         quantized += 1
-        quantized_modules.add(module)
+        quantized_modules.setdefault(key, set()).add(module)
         q_bytes += info.nbytes
         problems.extend(check_linear(module, info, tensors, rule))
 
-    problems.extend(_check_fused_scales(export_dir, quantized_modules, tensors, rule.fused_equal))
+    for key, modules in quantized_modules.items():
+        rule = EXPORT_RULES[key] if key else format_tensor_rules
+        problems.extend(_check_fused_scales(export_dir, modules, tensors, rule.fused_equal))
+    if layer_rules is not None:
+        problems.extend(split_fused_groups(layer_rules))
 
     kv_rule = kv_tensor_rules
     if kv_rule is None and expected_kv_algo is not None:
@@ -263,6 +275,41 @@ def verify_unified_export(
         other_tensor_bytes=total_tensor_bytes - q_bytes,
         files=files,
     )
+
+
+def mixed_layer_rules(quant: dict[str, Any], problems: list[str]) -> dict[str, str]:
+    """Module -> registry format for a MIXED_PRECISION config's `quantized_layers` (appends problems)."""
+    from pipeline.formats import format_of_quant_algo
+
+    layers = quant.get("quantized_layers")
+    if not isinstance(layers, dict) or not layers:
+        problems.append(f"quant_algo {MIXED_PRECISION_QUANT_ALGO} without a quantized_layers map")
+        return {}
+    out = {}
+    for module, entry in layers.items():
+        algo = entry.get("quant_algo") if isinstance(entry, dict) else None
+        fmt = format_of_quant_algo(algo) if algo else None
+        if fmt is None or fmt not in EXPORT_RULES:
+            problems.append(f"quantized_layers[{module!r}] has quant_algo {algo!r}, not a format forge knows")
+            continue
+        block = EXPORT_RULES[fmt].block_size
+        if block is not None and entry.get("group_size") != block:
+            problems.append(f"quantized_layers[{module!r}] group_size is {entry.get('group_size')!r}, expected {block}")
+        out[module] = fmt
+    return out
+
+
+def split_fused_groups(layer_formats: dict[str, str | None]) -> list[str]:
+    """Fused groups (FUSED_SHARD_GROUPS) whose shards have different formats (None: unquantized)."""
+    out = []
+    parents = sorted({m.rsplit(".", 1)[0] for m in layer_formats if "." in m})
+    for parent in parents:
+        for names in FUSED_SHARD_GROUPS:
+            found = {n: layer_formats.get(f"{parent}.{n}") for n in names}
+            if len(set(found.values())) > 1:
+                shown = ", ".join(f"{n} {f or 'bf16'}" for n, f in found.items())
+                out.append(f"{parent}: fused shards in different formats ({shown})")
+    return out
 
 
 def check_linear(module: str, weight: TensorInfo, tensors: dict[str, TensorInfo], rule: ExportRule) -> list[str]:

@@ -56,13 +56,19 @@ _STATE_FILE_VERSION = 1
 # --------------------------------------------------------------------------------------------
 
 
-def build_quant_config(modelopt_preset: str, kv_cache: str, exclude: list[str]) -> dict[str, Any]:
+def build_quant_config(modelopt_preset: str, kv_cache: str, exclude: list[str],
+                       extra_entries: list[dict[str, Any]] | None = None,
+                       algorithm: Any = "preset") -> dict[str, Any]:
     """Return a fresh ModelOpt quant config: the named preset + exclusions + KV-cache choice.
 
     `modelopt_preset` names a config in `modelopt.torch.quantization` (e.g. "FP8_DEFAULT_CFG");
     `kv_cache` is a name from the format registry's KV_CACHE_DTYPES ("auto" keeps the KV cache
     in the model dtype); `exclude` holds fnmatch patterns over module names ("*lm_head*",
     "*layers.0.*", "model.layers.3.mlp.down_proj") whose quantizers stay disabled.
+
+    `extra_entries` (per-layer overrides, pipeline/quant/mixed.py) go after the exclusions, so
+    they win over them, and before the KV entries. `algorithm` replaces the preset's calibration
+    algorithm (a ModelOpt method name or dict; pipeline/quant/algorithms.py); "preset" keeps it.
 
     The shared preset is never mutated: ModelOpt's presets are module-level dicts that every
     caller in the process sees.
@@ -98,7 +104,9 @@ def build_quant_config(modelopt_preset: str, kv_cache: str, exclude: list[str]) 
     config = copy.deepcopy(getattr(mtq, modelopt_preset))
     # 0.47 presets hold an ordered list; entries apply in order and later ones win
     # (docstring of modelopt.torch.quantization.conversion.set_quantizer_by_cfg).
-    config["quant_cfg"] = list(config.get("quant_cfg") or []) + _exclude_entries(exclude)
+    config["quant_cfg"] = list(config.get("quant_cfg") or []) + _exclude_entries(exclude) + list(extra_entries or [])
+    if algorithm != "preset":
+        config["algorithm"] = copy.deepcopy(algorithm)
 
     kv_preset = KV_CACHE_DTYPES[kv_cache].modelopt_config
     if kv_preset is not None:
@@ -181,11 +189,15 @@ def calibrate(
     batches: Iterable[Mapping[str, torch.Tensor]],
     progress: bool,
     input_device: str | torch.device | None = None,
+    before_calibration: Any = None,
 ) -> CalibrationResult:
     """Insert ModelOpt quantizers into `model` (in place) and calibrate them on `batches`.
 
     Then unifies the scales of Linears that read one input (`unify_fused_shard_scales`), so
     the calibrated model is the one engines run after fusing q/k/v and gate/up.
+
+    `before_calibration(model)`: called once the quantizers exist, before any forward pass (the
+    calibrate stage checks there that no fused group is split across formats).
 
     `input_device`: where batches go; for a model dispatched over several devices, the device its
     first module executes on (pipeline.modeling.input_device). Default: the first parameter's.
@@ -194,17 +206,16 @@ def calibrate(
     each batch (`input_ids`, `attention_mask`) is moved there. Raises CalibrationError when a
     quantizer that needs a static range did not get one (see `check_calibrated`).
 
-    FP4 formats need no CPU help here. ModelOpt's max calibration turns fake quantization off
-    while it collects statistics (`enable_stats_collection` in
-    modelopt/torch/quantization/model_calib.py, 0.47), so the CUDA-only FP4 kernels never run
-    during calibration; NVFP4 only records per-tensor amax values (its per-16 scales are
-    computed at export/run time) and MXFP4_DEFAULT_CFG has `algorithm: None`, so ModelOpt does
-    not even call the forward loop. Only a forward pass *after* calibration (evaluation) hits
-    "amax must be a CUDA tensor" on CPU; wrap that in
-    `pipeline.quant.simulate.reference_fp4_simulation(model)`.
+    FP4 on CPU: max calibration alone needs no help (ModelOpt turns fake quantization off while
+    it collects statistics, `enable_stats_collection` in modelopt/torch/quantization/model_calib.py,
+    0.47), but AWQ, MSE and GPTQ fake-quantize while they search, which ModelOpt's FP4 code does
+    only on CUDA, so calibration runs inside `reference_fp4_simulation(during_calibration=True)`
+    (a no-op on CUDA). A forward pass *after* calibration (evaluation) needs the same wrapper.
     """
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
+
+    from pipeline.quant.simulate import reference_fp4_simulation
 
     device = torch.device(input_device) if input_device is not None else _model_device(model)
     # Materialised because ModelOpt may call the loop more than once (e.g. AWQ-style
@@ -229,8 +240,17 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    config = dict(quant_config)
     with _stdout_to_debug_log("modelopt: "):
-        mtq.quantize(model, dict(quant_config), forward_loop)
+        # Two steps instead of one mtq.quantize(config, forward_loop), which is the same pair
+        # (model_quant.py: apply the quantize mode, then `calibrate(model, config["algorithm"])`):
+        # algorithms that search (AWQ, MSE, GPTQ) run fake-quant forwards, which for FP4 on CPU
+        # must go through forge's reference, and the quantizers exist only after the first step.
+        mtq.quantize(model, {**config, "algorithm": None}, None)
+        if before_calibration is not None:
+            before_calibration(model)
+        with reference_fp4_simulation(model, during_calibration=True):
+            mtq.calibrate(model, config.get("algorithm"), forward_loop)
     fused_groups = unify_fused_shard_scales(model)
     seconds = time.perf_counter() - start
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -564,7 +584,16 @@ def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
 
     quantizer_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, TensorQuantizer))
     for name, module in model.named_modules():
-        if isinstance(module, TensorQuantizer) or f"{name}.".startswith(quantizer_prefixes):
+        if isinstance(module, TensorQuantizer):
+            # AWQ's per-channel input smoothing scale multiplies the activations in the export's
+            # dummy forward (requantize_resmooth_fused_llm_layers, unified_export_hf.py); an fp32
+            # scale on a BF16 model makes that forward fail ("expected m1 and m2 to have the same
+            # dtype", seen on CPU). On a BF16 GPU calibration ModelOpt creates it in BF16.
+            scale = module._buffers.get("_pre_quant_scale")
+            if scale is not None and scale.is_floating_point() and scale.dtype != dtype:
+                module._buffers["_pre_quant_scale"] = scale.to(dtype)
+            continue
+        if f"{name}.".startswith(quantizer_prefixes):
             continue
         for _pname, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:

@@ -115,8 +115,13 @@ def _model_on_cuda(model: torch.nn.Module) -> bool:
     return any(t.is_cuda for t in tensors)
 
 
-def _make_backend(names: dict[int, str], semantics: Semantics) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """The entrypoint ModelOpt calls instead of its CUDA fake quant, for every routed quantizer."""
+def _make_backend(names: dict[int, str], semantics: Semantics,
+                  amax_from_input: bool = False) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The entrypoint ModelOpt calls instead of its CUDA fake quant, for every routed quantizer.
+
+    `amax_from_input` (calibration algorithms only): a quantizer without a calibrated amax uses
+    ModelOpt's own fallback, `TensorQuantizer._get_amax(inputs)` (the tensor's max, computed per
+    call; tensor_quantizer.py, 0.47), as AWQ's and auto_quantize's searches expect."""
     # "fake_quant" reproduces ModelOpt's GPU kernels (ties to even; tiny NVFP4 block scales as the
     # Triton kernel); "export" reproduces the checkpoint export (NVFP4 scale floor 2**-9; MXFP4
     # ties toward zero). See pipeline/quant/reference.py for the sources.
@@ -128,6 +133,8 @@ def _make_backend(names: dict[int, str], semantics: Semantics) -> Callable[[torc
         block_size = quantizer.block_sizes[-1]
         if kind == "nvfp4":
             amax = quantizer.amax
+            if amax is None and amax_from_input:
+                amax = quantizer._get_amax(inputs)
             if amax is None:
                 raise CalibrationError(
                     _WHERE,
@@ -152,7 +159,7 @@ def _make_backend(names: dict[int, str], semantics: Semantics) -> Callable[[torc
     return backend
 
 
-def _collect(model: torch.nn.Module) -> tuple[list[_Fp4Quantizer], int, list[str]]:
+def _collect(model: torch.nn.Module, need_amax: bool = True) -> tuple[list[_Fp4Quantizer], int, list[str]]:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     routed: list[_Fp4Quantizer] = []
@@ -174,7 +181,7 @@ def _collect(model: torch.nn.Module) -> tuple[list[_Fp4Quantizer], int, list[str
             problems.append(f"{name}: unsupported {reason}")
         elif module.backend is not None:
             problems.append(f"{name}: already uses custom quant backend {module.backend!r}")
-        elif kind == "nvfp4" and not _usable_amax(module):
+        elif kind == "nvfp4" and need_amax and not _usable_amax(module):
             problems.append(f"{name}: NVFP4 needs a calibrated positive amax, has {module.amax}")
         else:
             routed.append(_Fp4Quantizer(name, module, kind))
@@ -183,7 +190,7 @@ def _collect(model: torch.nn.Module) -> tuple[list[_Fp4Quantizer], int, list[str
 
 @contextmanager
 def reference_fp4_simulation(
-    model: torch.nn.Module, *, semantics: Semantics = "fake_quant"
+    model: torch.nn.Module, *, semantics: Semantics = "fake_quant", during_calibration: bool = False
 ) -> Iterator[SimulationReport]:
     """Make forward passes of a ModelOpt NVFP4/MXFP4-quantized CPU model use the reference.
 
@@ -196,6 +203,10 @@ def reference_fp4_simulation(
     Yields a SimulationReport. Raises CalibrationError, listing every offending quantizer, when an
     enabled NVFP4 quantizer has no usable calibrated amax or an enabled FP4 quantizer has a layout
     the reference does not implement.
+
+    `during_calibration=True` wraps `mtq.calibrate` itself, for algorithms that run fake-quant
+    forwards while they search (AWQ, MSE, GPTQ; pipeline/quant/algorithms.py): quantizers need no
+    amax yet, and one without takes ModelOpt's per-call fallback (see `_make_backend`).
     """
     if semantics not in ("fake_quant", "export"):
         raise ValueError(f"semantics must be 'fake_quant' or 'export', got {semantics!r}")
@@ -210,7 +221,7 @@ def reference_fp4_simulation(
         unregister_quant_backend,
     )
 
-    routed, others, problems = _collect(model)
+    routed, others, problems = _collect(model, need_amax=not during_calibration)
     if problems:
         raise CalibrationError(
             _WHERE,
@@ -235,7 +246,7 @@ def reference_fp4_simulation(
 
     backend_name = f"forge-reference-fp4-{uuid.uuid4().hex}"
     names = {id(q.module): q.name for q in routed}
-    register_quant_backend(backend_name, _make_backend(names, semantics))
+    register_quant_backend(backend_name, _make_backend(names, semantics, amax_from_input=during_calibration))
     previous = [(q.module, q.module.backend) for q in routed]
     logger.info(
         "%s (nvfp4=%d, mxfp4=%d, %d disabled, %d non-FP4 left to ModelOpt, semantics=%s)",
@@ -254,6 +265,29 @@ def reference_fp4_simulation(
         for module, backend in previous:
             module.backend = backend
         unregister_quant_backend(backend_name)
+
+
+@contextmanager
+def fp4_reference_backend(on_cuda: bool, semantics: Semantics = "fake_quant") -> Iterator[str | None]:
+    """A registered quant backend running the reference, for quantizers that do not exist yet.
+
+    ModelOpt's `auto_quantize` builds each candidate format's quantizers itself, so they cannot be
+    routed by walking the model; a quant config entry's `backend` field (QuantizerAttributeConfig,
+    0.47) names this one instead. Yields None on CUDA, where ModelOpt's kernels run."""
+    if on_cuda:
+        yield None
+        return
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        register_quant_backend,
+        unregister_quant_backend,
+    )
+
+    name = f"forge-reference-fp4-search-{uuid.uuid4().hex}"
+    register_quant_backend(name, _make_backend({}, semantics, amax_from_input=True))
+    try:
+        yield name
+    finally:
+        unregister_quant_backend(name)
 
 
 # ---------------------------------------------------------------------------- engine KV-cache numerics

@@ -194,12 +194,15 @@ def read_upstream(quantized_dir: Path, recipe: Recipe) -> Upstream:
         quantization = json.loads(quant_config_path.read_text()).get("quantization") or {}
     except json.JSONDecodeError as exc:
         raise StageInputError(str(quant_config_path), f"not valid JSON ({exc}).", "re-run the calibrate stage.") from None
+    from pipeline.quant.algorithms import allowed_quant_algos
+
     algo = str(quantization.get("quant_algo"))
     fmt = FORMATS[recipe.spec.quant.format]
-    if algo.lower() != str(fmt.quant_algo).lower():
+    allowed = allowed_quant_algos(recipe.spec.quant)
+    if algo.lower() not in {str(a).lower() for a in allowed}:
         raise StageInputError(
             str(quant_config_path),
-            f"quant_algo is {algo!r}, but {recipe.path} asks for {fmt.name} (quant_algo {fmt.quant_algo!r}).",
+            f"quant_algo is {algo!r}, but {recipe.path} asks for {fmt.name} (quant_algo {' or '.join(map(repr, allowed))}).",
             f"pass the calibrate output of this recipe (data/quantized/{recipe.id}), or re-run its calibrate stage.",
         )
     kv_algo = quantization.get("kv_cache_quant_algo")

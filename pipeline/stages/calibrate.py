@@ -88,8 +88,13 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
 
 def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: Timer, out_dir: Path,
                           metrics_path: Path, planned: dict | None) -> int:
+    import torch
+
     from pipeline.modeling import perplexity
+    from pipeline.quant import mixed
     from pipeline.quant import modelopt_glue as glue
+    from pipeline.quant.algorithms import allowed_quant_algos
+    from pipeline.quant.bits import checkpoint_bits
     from pipeline.quant.simulate import reference_fp4_simulation
 
     rows = recipe.spec.calibration.num_samples
@@ -104,14 +109,20 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
 
         quant = recipe.spec.quant
         fmt, kv = FORMATS[quant.format], KV_CACHE_DTYPES[quant.kv_cache_dtype]
-        config = glue.build_quant_config(fmt.modelopt_config, quant.kv_cache_dtype, list(quant.exclude))
         batch = recipe.spec.calibration.batch_size
         batches = [{"input_ids": calibration_ids[i:i + batch], "attention_mask": tensors.attention_mask[i:i + batch]}
                    for i in range(0, rows, batch)]
+        auto = None
+        if quant.auto is not None:
+            progress.phase("auto_quantize search", unit="forward passes")
+            with timer("auto_quantize"):
+                auto = mixed.search_auto(loaded.model, quant, batches, torch.device(loaded.device))
+        config = mixed.quant_config_for(quant, auto.entries if auto else None)
         progress.phase("calibration", total=len(batches), unit="batches")
         with timer("calibrate"):
             result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
-                                    input_device=loaded.device)
+                                    input_device=loaded.device, before_calibration=mixed.check_fused_groups)
+        layer_formats = mixed.layer_formats(loaded.model)
         progress.phase("quantized perplexity", total=int(heldout_ids.shape[0]), unit="rows")
         with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
             quantized_ppl = perplexity(loaded.model, heldout_ids, batch_size=1)
@@ -123,7 +134,8 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
             with timer("export"):
                 glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
             loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
-            export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name)
+            export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name, allowed_quant_algos(quant))
+            bits = checkpoint_bits(tmp / CHECKPOINT_DIR, fmt.name)
             (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
             results = {
                 "perplexity_baseline": baseline_ppl,
@@ -136,6 +148,11 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                 "peak_rss_bytes": peak_rss_bytes(),
                 "peak_cuda_bytes": result.peak_cuda_bytes,
                 "checkpoint_bytes": export["total_bytes"],
+                # pipeline/quant/bits.py: decoder Linears, scales counted; and over the whole checkpoint.
+                "effective_bits": bits.effective_bits,
+                "whole_checkpoint_bits": bits.whole_checkpoint_bits,
+                # calibration plus, with quant.auto, ModelOpt's search (the price of the recipe).
+                "quantize_seconds": timer.seconds["calibrate"] + timer.seconds.get("auto_quantize", 0.0),
                 # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
                 # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
                 "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
@@ -145,6 +162,9 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                 "format": fmt.name, "kv_cache_dtype": kv.name, "quant_algo": fmt.quant_algo,
                 "kv_cache_quant_algo": kv.kv_cache_quant_algo, "modelopt_config": fmt.modelopt_config,
                 "exclude": list(quant.exclude), "device": loaded.device, "dtype": loaded.dtype,
+                "algorithm": quant.algorithm, "overrides": dict(quant.overrides),
+                "auto": auto.to_dict() if auto else None, "layer_formats": mixed.format_counts(layer_formats),
+                "bits": bits.to_dict(),
                 "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
                 "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
                 "export": export,
@@ -170,11 +190,18 @@ def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict
     return {"model": model.input_entry(), "calibration": calibration.input_entry()}
 
 
-def verify_export(checkpoint_dir: Path, format_name: str, kv_name: str) -> dict:
-    from pipeline.quant.export_check import EXPORT_RULES, KV_EXPORT_RULES, verify_unified_export
+def verify_export(checkpoint_dir: Path, format_name: str, kv_name: str, allowed_algos: list[str] | None = None) -> dict:
+    """Check the export against the recipe: its quant_algo is one the recipe may produce
+    (`allowed_quant_algos`: the format's, its AWQ spelling, or MIXED_PRECISION), and its tensors
+    follow that algo's rules."""
+    from pipeline.quant.export_check import EXPORT_RULES, KV_EXPORT_RULES, _read_quant_config, verify_unified_export
 
     fmt, kv = FORMATS[format_name], KV_CACHE_DTYPES[kv_name]
-    report = verify_unified_export(checkpoint_dir, fmt.quant_algo, kv.kv_cache_quant_algo, EXPORT_RULES[format_name],
+    expected = fmt.quant_algo
+    if allowed_algos:
+        written = str(_read_quant_config(checkpoint_dir).get("quant_algo"))
+        expected = next((a for a in allowed_algos if a.upper() == written.upper()), fmt.quant_algo)
+    report = verify_unified_export(checkpoint_dir, expected, kv.kv_cache_quant_algo, EXPORT_RULES[format_name],
                                    KV_EXPORT_RULES.get(kv_name))
     return report.to_dict()
 

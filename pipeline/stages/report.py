@@ -62,6 +62,10 @@ def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge com
     targets = read_plan_targets(Path(plan_path))
     collected = collect(targets, Path(data_dir))
     sections = [gpu_comparison_section(Path(gpu_compare_dir), Path(out_dir))] if gpu_compare_dir else []
+    from pipeline.frontier import report_section  # effective bits vs recovery of every variant tried
+
+    if (frontier := report_section(targets, Path(data_dir), Path(out_dir))) is not None:
+        sections.append(frontier)
     files = write_report(collected.entries, Path(out_dir), title, collected.missing, sections)
     for line in collected.missing:
         log.warning("report: %s", line)

@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.engines import ENGINES, check_checkpoint, compatibility_table, engines_loading_format, require_loadable
+from pipeline.engines import (
+    ENGINES,
+    MIXED,
+    check_checkpoint,
+    compatibility_table,
+    engines_loading_format,
+    require_loadable,
+)
 from pipeline.errors import RecipeError, RegistryError
 from pipeline.formats import FORMATS, ComputeCapability
 
@@ -86,7 +93,7 @@ def test_engine_table_cites_a_source_for_every_engine_and_formats_are_registry_n
     for engine in ENGINES.values():
         assert engine.source and engine.version
         for c in engine.formats:
-            assert c.format in FORMATS, (engine.name, c.format)
+            assert c.format in FORMATS or c.format == MIXED, (engine.name, c.format)
             if c.format != "bf16":
                 assert c.source, (engine.name, c.format)
 
@@ -110,7 +117,7 @@ def test_bf16_checkpoint_loads_without_quantization_flags(tmp_path):
 
 
 @pytest.mark.parametrize(("engine", "fmt", "algo", "expected"), [
-    ("tensorrt-llm", "mxfp4", None, "quant_algo 'mxfp4' is not accepted (accepts FP8, NVFP4, W4A8_MXFP4_FP8)"),
+    ("tensorrt-llm", "mxfp4", None, "quant_algo 'mxfp4' is not accepted (accepts FP8, NVFP4, W4A8_MXFP4_FP8, MIXED_PRECISION)"),
     ("vllm", "w4a8_mxfp4_fp8", None, "quant_algo 'W4A8_MXFP4_FP8' is not accepted (accepts FP8, NVFP4)"),
     ("vllm-cpu", "mxfp4", None, "quant_algo 'mxfp4' is not accepted (accepts FP8)"),
     # SGLang compares as written; vLLM upper-cases (so the same checkpoint loads there).

@@ -64,7 +64,7 @@ CASES = {
     "unknown key": (
         "fp8", lambda d: d["quant"].update(formt="fp8"),
         "fp8.yaml: quant.formt: unknown key 'formt'. Fix: remove it or correct the spelling; "
-        "allowed keys here: format, kv_cache_dtype, exclude.",
+        "allowed keys here: format, kv_cache_dtype, exclude, algorithm, overrides, auto.",
     ),
     "wrong type": (
         "fp8", lambda d: d["calibration"].update(num_samples="many"),
@@ -307,7 +307,7 @@ def test_validate_reports_every_problem_of_every_file(tmp_path, capsys):
     lines = captured.err.splitlines()
     assert lines[0] == "error: 4 problems:"
     assert lines[1].endswith("fp8.yaml: quant.formt: unknown key 'formt'. Fix: remove it or correct the spelling; "
-                             "allowed keys here: format, kv_cache_dtype, exclude.")
+                             "allowed keys here: format, kv_cache_dtype, exclude, algorithm, overrides, auto.")
     assert "fp8.yaml: calibration.num_samples: Input should be a valid integer, got the YAML boolean true." in lines[2]
     rest = "\n".join(lines[3:5])  # targets in file order (safe_dump sorts b200 first)
     assert "nvfp4.yaml: targets.h200: nvfp4 needs compute capability >= 10.0, h200 is 9.0." in rest

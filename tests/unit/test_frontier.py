@@ -1,0 +1,33 @@
+"""The effective-bits / recovery frontier: Pareto set, cheapest passing variant, table and plot."""
+
+from __future__ import annotations
+
+from pipeline.frontier import MetricResult, Variant, cheapest_passing, markdown, pareto, plot, variant_from_outputs
+
+
+def _v(name, bits, acc, passed, ppl=1.0):
+    return Variant(name, "nvfp4", bits, None, 10.0, 5.0, {"acc": MetricResult(acc), "ppl": MetricResult(ppl)}, passed)
+
+
+def test_pareto_and_cheapest_passing():
+    a, b, c, d = _v("a", 4.5, 0.90, False), _v("b", 5.0, 0.96, True), _v("c", 5.5, 0.95, True), _v("d", 8.0, 0.99, True)
+    assert [v.name for v in pareto([a, b, c, d])] == ["a", "b", "d"]  # c: more bits, lower worst recovery than b
+    assert cheapest_passing([a, b, c, d]).name == "b"
+    assert cheapest_passing([a, b, c, d], max_bits=4.9) is None
+    text = markdown([a, b, c, d], ["acc", "ppl"], 0.95, 5.0, "figures/f.png")
+    assert "**b** (5.000 bits)" in text and "| a * |" in text and "| c |" in text
+
+
+def test_intervals_flow_from_gate_rows(tmp_path):
+    row = {"metric": "acc", "recovery": 0.97, "recovery_lower": 0.94, "recovery_upper": 0.99}
+    m = MetricResult.from_gate_row(row)
+    assert (m.point, m.lower, m.upper) == (0.97, 0.94, 0.99) and m.cell() == "0.9700 [0.940, 0.990]"
+    assert MetricResult.from_gate_row({"recovery": "inf"}).point is None
+    details = {"results": {"effective_bits": 5.01, "whole_checkpoint_bits": 7.1, "quantize_seconds": 80.0,
+                           "perplexity_delta_pct": 12.0},
+               "algorithm": None, "auto": {"target_bits": 5.0}, "overrides": {}, "layer_formats": {"fp8": 3, "nvfp4": 200}}
+    v = variant_from_outputs("nvfp4-auto-5", "nvfp4", details, {"verdict": "fail", "rows": [row]}, None)
+    assert v.passed is False and v.note == "max, auto 5 bits, fp8 3 / nvfp4 200" and v.metrics["acc"].lower == 0.94
+    assert variant_from_outputs("x", "fp8", {"results": {}}, None, None) is None
+    path = plot([v, _v("b", 4.5, 0.9, False)], ["acc", "ppl"], 0.95, tmp_path / "f.png")
+    assert path.stat().st_size > 1000
