@@ -18,7 +18,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.handoff import CalibrateDetails
 
 
 @dataclass(frozen=True)
@@ -147,26 +150,27 @@ def plot(variants: Sequence[Variant], metric_names: Sequence[str], threshold: fl
     return path
 
 
-def variant_from_outputs(name: str, format_name: str, calibrate_details: Mapping[str, Any],
+def variant_from_outputs(name: str, format_name: str, calibrate_details: CalibrateDetails,
                          gate: Mapping[str, Any] | None, published: str | None) -> Variant | None:
-    """A Variant from the calibrate manifest's `details` and the evaluate gate report (dicts)."""
-    results = calibrate_details.get("results") or {}
-    bits = results.get("effective_bits")
-    if bits is None:
+    """A Variant from the calibrate stage's typed handoff (pipeline/handoff.py) and the evaluate
+    gate report."""
+    results = calibrate_details.results
+    if results is None or results.effective_bits is None:
         return None  # calibrated before effective bits were recorded
     rows = (gate or {}).get("rows") or []
-    auto, overrides, algorithm = calibrate_details.get("auto"), calibrate_details.get("overrides"), calibrate_details.get("algorithm")
+    auto, overrides, algorithm = calibrate_details.auto, calibrate_details.overrides, calibrate_details.algorithm
     note = ", ".join(filter(None, [
         f"algorithm {algorithm}" if algorithm else "max",
         f"auto {auto['target_bits']:g} bits" if auto else None,
         f"{len(overrides)} override(s)" if overrides else None,
-        " / ".join(f"{k} {n}" for k, n in (calibrate_details.get("layer_formats") or {}).items()) or None,
+        " / ".join(f"{k} {n}" for k, n in (calibrate_details.layer_formats or {}).items()) or None,
     ]))
+    seconds = results.quantize_seconds if results.quantize_seconds is not None else results.calibrate_seconds
     return Variant(
-        name=name, format=format_name, effective_bits=float(bits),
-        whole_checkpoint_bits=_num(results.get("whole_checkpoint_bits")),
-        quantize_seconds=_num(results.get("quantize_seconds", results.get("calibrate_seconds"))),
-        perplexity_delta_pct=_num(results.get("perplexity_delta_pct")),
+        name=name, format=format_name, effective_bits=float(results.effective_bits),
+        whole_checkpoint_bits=_num(results.whole_checkpoint_bits),
+        quantize_seconds=_num(seconds),
+        perplexity_delta_pct=_num(results.perplexity_delta_pct),
         metrics={r["metric"]: MetricResult.from_gate_row(r) for r in rows},
         passed=None if gate is None else gate.get("verdict") == "pass",
         published=published, note=note)
@@ -192,7 +196,8 @@ def report_section(targets: Sequence[Any], data_dir: Path, out_dir: Path) -> str
     `targets`: the report stage's PlannedTarget list (recipe_id, recipe_path, model, key). Reads each
     recipe's calibrate manifest, its gate report and, where published, the receipt's version."""
     from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
-    from pipeline.manifest import MANIFEST_NAME, read_manifest
+    from pipeline.handoff import open_upstream
+    from pipeline.manifest import MANIFEST_NAME
     from pipeline.recipe import load_recipe
     from pipeline.stages.report import read_json
 
@@ -202,7 +207,7 @@ def report_section(targets: Sequence[Any], data_dir: Path, out_dir: Path) -> str
         cal_dir, eval_dir = data_dir / "quantized" / t.recipe_id, data_dir / "eval" / t.recipe_id
         if not (cal_dir / MANIFEST_NAME).is_file():
             continue
-        details = read_manifest(cal_dir, "calibrate")["details"]
+        details = open_upstream(cal_dir, "calibrate", verify=False).details
         gate = read_json(eval_dir / GATE_REPORT_FILE) if (eval_dir / MANIFEST_NAME).is_file() else None
         receipt = read_json(data_dir / "published" / t.key / RECEIPT_FILE)
         recipe = load_recipe(t.recipe_path)

@@ -109,6 +109,10 @@ class CalibrateResults(Closed):
     peak_rss_bytes: int | None = None
     peak_cuda_bytes: int | None = None
     checkpoint_bytes: int | None = None
+    # pipeline/quant/bits.py: bits per decoder-Linear weight (scales counted), and over the checkpoint.
+    effective_bits: Number | None = None
+    whole_checkpoint_bits: Number | None = None
+    quantize_seconds: Number | None = None
     path: str | None = None
 
 
@@ -120,6 +124,12 @@ class CalibrateDetails(Closed):
     kv_cache_quant_algo: str | None = None
     modelopt_config: str | None = None
     exclude: list[str] | None = None
+    # quant.algorithm / quant.overrides / quant.auto as run (pipeline/quant/algorithms.py, mixed.py).
+    algorithm: str | None = None
+    overrides: dict[str, str] | None = None
+    auto: dict[str, Any] | None = None
+    layer_formats: dict[str, int] | None = None
+    bits: dict[str, Any] | None = None
     device: str | None = None
     dtype: str | None = None
     calibration_batches: int | None = None

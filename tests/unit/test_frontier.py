@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.handoff import CalibrateDetails
 from pipeline.frontier import MetricResult, Variant, cheapest_passing, markdown, pareto, plot, variant_from_outputs
 
 
@@ -23,11 +24,12 @@ def test_intervals_flow_from_gate_rows(tmp_path):
     m = MetricResult.from_gate_row(row)
     assert (m.point, m.lower, m.upper) == (0.97, 0.94, 0.99) and m.cell() == "0.9700 [0.940, 0.990]"
     assert MetricResult.from_gate_row({"recovery": "inf"}).point is None
-    details = {"results": {"effective_bits": 5.01, "whole_checkpoint_bits": 7.1, "quantize_seconds": 80.0,
-                           "perplexity_delta_pct": 12.0},
-               "algorithm": None, "auto": {"target_bits": 5.0}, "overrides": {}, "layer_formats": {"fp8": 3, "nvfp4": 200}}
+    details = CalibrateDetails.model_validate(
+        {"results": {"perplexity_baseline": 60.0, "perplexity_quantized": 67.2, "effective_bits": 5.01,
+                     "whole_checkpoint_bits": 7.1, "quantize_seconds": 80.0, "perplexity_delta_pct": 12.0},
+         "algorithm": None, "auto": {"target_bits": 5.0}, "overrides": {}, "layer_formats": {"fp8": 3, "nvfp4": 200}})
     v = variant_from_outputs("nvfp4-auto-5", "nvfp4", details, {"verdict": "fail", "rows": [row]}, None)
     assert v.passed is False and v.note == "max, auto 5 bits, fp8 3 / nvfp4 200" and v.metrics["acc"].lower == 0.94
-    assert variant_from_outputs("x", "fp8", {"results": {}}, None, None) is None
+    assert variant_from_outputs("x", "fp8", CalibrateDetails(), None, None) is None
     path = plot([v, _v("b", 4.5, 0.9, False)], ["acc", "ppl"], 0.95, tmp_path / "f.png")
     assert path.stat().st_size > 1000
