@@ -172,7 +172,8 @@ def _collect(root: Path, ref, name: str, locks, blobs, echo) -> Outcome:
         if not isinstance(cause, StageFailed):
             raise
         echo(f"failed  {name}: {cause.step}\n{_indent(cause.tail)}")
-        last = cause.tail.splitlines()[-1] if cause.tail else ""
+        lines = cause.tail.splitlines()
+        last = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "")
         return Outcome(name, "failed", reason=f"{cause.step}: {last}")
     except ray.exceptions.RayError as exc:  # retries exhausted, node lost, cancelled
         reason = str(exc).strip().splitlines()[0]

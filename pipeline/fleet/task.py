@@ -93,7 +93,7 @@ def run_stage(spec: TaskSpec, node: str) -> TaskResult:
         dvc(clone, spec.stage, "push", "--run-cache", "-r", REMOTE_NAME, spec.stage)
         entry = read_lock(clone / "dvc.lock").get(spec.stage)
         if entry is None:
-            raise StageFailed(spec.stage, "dvc repro", "left no dvc.lock entry for the stage")
+            raise StageFailed(spec.stage, "dvc repro", tail(log) + "\n(left no dvc.lock entry for the stage)")
         push_uncached(clone, entry, spec.uncached_outs)
         return TaskResult(stage=spec.stage, node=node, started=started, seconds=time.time() - started,
                           cached=RUN_CACHE_HIT in log, lock_entry=entry, uncached=pack(clone, spec.uncached_outs),

@@ -114,7 +114,7 @@ def cluster():
     # routable IP (ray/_private/services.py `resolve_ip_for_localhost`), where nothing listens.
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"gpu-h200": 1},
                                                       "node_ip_address": LOOPBACK})
-    c.add_node(num_cpus=1, resources={"gpu-b200": 1}, node_ip_address=LOOPBACK)
+    c.b200_node_id = c.add_node(num_cpus=1, resources={"gpu-b200": 1}, node_ip_address=LOOPBACK).node_id
     c.wait_for_nodes()
     yield c
     if ray.is_initialized():

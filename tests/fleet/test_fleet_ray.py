@@ -18,6 +18,12 @@ def lock_outs(root) -> dict[str, dict[str, str]]:
     return {name: {o["path"]: o["md5"] for o in entry["outs"]} for name, entry in stages.items()}
 
 
+def rows(out: str) -> dict[str, tuple[str, str]]:
+    """The closing summary: stage -> (status, the rest of its line)."""
+    summary = out[out.index("fleet: "):].splitlines()[1:]
+    return {line.split()[0]: (line.split()[1], " ".join(line.split()[2:])) for line in summary}
+
+
 def fleet(root, cluster, remote, *extra, monkeypatch, capsys):
     monkeypatch.chdir(root)
     code = main(["fleet", "run", "--address", cluster.address, "--remote", str(remote), *extra])
@@ -81,12 +87,13 @@ def test_deterministic_failure_stops_only_downstream(tmp_path, cluster, monkeypa
     root = make_project(tmp_path / "repo", tmp_path / "marker", fail_on="square")
     code, out = fleet(root, cluster, tmp_path / "remote", "--no-pull", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1
-    summary = out[out.index("fleet: "):]
+    summary = rows(out)
+    assert "deterministic failure in square" in out  # the stage's own words, in the failure block
     for stage in ("square@1", "square@2", "square@3"):
-        assert f"{stage}" in summary and "deterministic failure in square" in out
-    assert "survivor" in summary and " ran " in summary.split("survivor")[1].splitlines()[0]
-    assert "skipped       upstream square@" in summary.split("total")[1].splitlines()[0]
-    assert "skipped       upstream total" in summary.split("report")[1].splitlines()[0]
+        assert summary[stage][0] == "failed" and f"failed to reproduce '{stage}'" in summary[stage][1]
+    assert summary["seed"][0] == "ran" and summary["survivor"][0] == "ran"  # not downstream: unaffected
+    assert summary["total"] == ("skipped", "upstream square@1 failed")
+    assert summary["report"] == ("skipped", "upstream total skipped")
     assert out.count("start   square@1") == 1  # an application error is not retried
 
 
@@ -98,11 +105,13 @@ def test_gpu_kind_resources_place_and_unschedulable_is_bounded(tmp_path, cluster
                       monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1
     assert time.monotonic() - started < 120
-    b200_node = [n for n in __import__("ray").nodes() if "gpu-b200" in n["Resources"]][0]["NodeID"][:8]
+    b200_node = cluster.b200_node_id[:8]
     for i in (1, 2, 3):
         line = next(line for line in out.splitlines() if line.startswith(f"end     square@{i}"))
         assert b200_node in line, out
     assert "unschedulable survivor: no node offers CPU 1, gpu-b300 1" in out
     assert "the cluster's GPU kinds: gpu-b200, gpu-h200" in out
-    summary = out[out.index("fleet: "):]
-    assert "skipped       upstream survivor unschedulable" in summary.split("total")[1].splitlines()[0]
+    summary = rows(out)
+    assert summary["survivor"][0] == "unschedulable"
+    assert summary["total"] == ("skipped", "upstream survivor unschedulable")
+    assert summary["seed"][0] == "ran"
