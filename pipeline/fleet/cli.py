@@ -65,9 +65,9 @@ def cmd_fleet_run(args: argparse.Namespace) -> int:
     from pipeline.fleet.task import REMOTE_NAME
 
     root = Path.cwd()
-    commit = clean_head(root)
     stages = expand(root, args.targets)
     resources = resources_for(root, stages, args.catalog, args.resources)
+    commit = clean_head(root)
     fleet = driver.FleetRun(root=root, stages=stages, resources=resources, repo=args.repo or str(root), commit=commit,
                             remote=remote_url(args.remote), link_dirs=driver_dirs(stages), env_links=tuple(args.link), max_retries=args.max_retries,
                             node_wait_s=args.node_wait, workdir=args.workdir)
