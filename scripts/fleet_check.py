@@ -7,7 +7,10 @@ the same outputs as the plain `dvc repro` that just ran here.
 3. `dvc status` in the clone reports nothing changed; a second `forge fleet run` there is fully cached.
 Wall times of both runs are printed for the closing note.
 
-Usage: .venv/bin/python scripts/fleet_check.py    Exit code 0 when everything holds, 1 otherwise.
+Usage: .venv/bin/python scripts/fleet_check.py [--cold-reference]
+  --cold-reference: first run a plain `dvc repro` in another fresh clone (its own cache, timed) and
+  compare against that instead of this checkout's dvc.lock (for measuring outside CI).
+Exit code 0 when everything holds, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -39,11 +42,35 @@ def fleet(clone: Path, address: str, remote: Path) -> tuple[int, str, float]:
     return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
 
+def fresh_clone(dest: Path, commit: str) -> Path:
+    subprocess.run(["git", "clone", "-q", "--shared", str(ROOT), str(dest)], check=True)
+    subprocess.run(["git", "-C", str(dest), "checkout", "-q", "--detach", commit], check=True)
+    (dest / ".venv-serve").symlink_to(ROOT / ".venv-serve")  # make serve-env's venv, as make repro uses it
+    return dest
+
+
+def plain_repro(tmp: Path, commit: str) -> Path:
+    clone = fresh_clone(tmp / "plain", commit)
+    started = time.monotonic()
+    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=clone, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    print(f"fleet-check: plain dvc repro (fresh clone, cold cache) exited {done.returncode} in "
+          f"{time.monotonic() - started:.0f} s")
+    if done.returncode:
+        print(done.stdout[-3000:], done.stderr[-3000:])
+    return clone / "dvc.lock"
+
+
 def main() -> int:
     from ray.cluster_utils import Cluster
 
-    reference = digests(ROOT / "dvc.lock")
+    if not (ROOT / ".venv-serve" / ".serve-installed").exists():
+        print(f"fleet-check: {ROOT / '.venv-serve'} is missing; run `make serve-env` first (make repro used it).")
+        return 1
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    holder = tempfile.TemporaryDirectory(prefix="forge-fleet-ref-")
+    reference_lock = plain_repro(Path(holder.name), commit) if "--cold-reference" in sys.argv else ROOT / "dvc.lock"
+    reference = digests(reference_lock)
     os.environ["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "true"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK})
     cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
@@ -51,10 +78,7 @@ def main() -> int:
     failures = []
     try:
         with tempfile.TemporaryDirectory(prefix="forge-fleet-check-") as tmp:
-            clone = Path(tmp) / "clone"
-            subprocess.run(["git", "clone", "-q", "--shared", str(ROOT), str(clone)], check=True)
-            subprocess.run(["git", "-C", str(clone), "checkout", "-q", "--detach", commit], check=True)
-            (clone / ".venv-serve").symlink_to(ROOT / ".venv-serve")
+            clone = fresh_clone(Path(tmp) / "clone", commit)
             code, out, first_s = fleet(clone, cluster.address, Path(tmp) / "remote")
             print(out)
             if code:
@@ -73,6 +97,7 @@ def main() -> int:
             print(f"fleet-check: first run {first_s:.0f} s, rerun {second_s:.0f} s, {len(reference)} stages compared")
     finally:
         cluster.shutdown()
+        holder.cleanup()
     for failure in failures:
         print(f"FAIL {failure}")
     print("fleet-check: ok" if not failures else f"fleet-check: {len(failures)} failure(s)")

@@ -67,6 +67,9 @@ def cmd_fleet_run(args: argparse.Namespace) -> int:
     root = Path.cwd()
     stages = expand(root, args.targets)
     resources = resources_for(root, stages, args.catalog, args.resources)
+    for path in args.link:
+        if not (root / path).exists():
+            raise ForgeError("--link", f"{root / path} does not exist.", "build it first (make serve-env) or drop --link.")
     commit = clean_head(root)
     fleet = driver.FleetRun(root=root, stages=stages, resources=resources, repo=args.repo or str(root), commit=commit,
                             remote=remote_url(args.remote), link_dirs=driver_dirs(stages), env_links=tuple(args.link), max_retries=args.max_retries,

@@ -82,8 +82,10 @@ def run_stage(spec: TaskSpec, node: str) -> TaskResult:
     clone = Path(tempfile.mkdtemp(prefix="forge-fleet-", dir=spec.workdir))
     try:
         checkout(spec, clone)
-        for path in spec.link_dirs + spec.env_links:
-            link_to_driver(clone, Path(spec.driver_root), path)
+        for path in spec.link_dirs:
+            link_to_driver(clone, Path(spec.driver_root), path, create=True)
+        for path in spec.env_links:
+            link_to_driver(clone, Path(spec.driver_root), path, create=False)
         write_locks(clone / "dvc.lock", spec.upstream_locks, drop=spec.stage)
         if spec.upstream_locks:
             dvc(clone, spec.stage, "pull", "-r", REMOTE_NAME, *sorted(spec.upstream_locks))
@@ -123,9 +125,12 @@ def checkout(spec: TaskSpec, clone: Path) -> None:
     dvc(clone, spec.stage, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, spec.remote)
 
 
-def link_to_driver(clone: Path, driver_root: Path, path: str) -> None:
+def link_to_driver(clone: Path, driver_root: Path, path: str, create: bool) -> None:
     target = (driver_root / path).resolve()
-    target.mkdir(parents=True, exist_ok=True)
+    if create:
+        target.mkdir(parents=True, exist_ok=True)
+    elif not target.exists():
+        raise StageFailed(str(clone), f"--link {path}", f"{driver_root / path} does not exist on this worker's machine")
     link = clone / path
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
