@@ -78,6 +78,7 @@ class StageFailed(Exception):
 
 
 def run_stage(spec: TaskSpec, node: str) -> TaskResult:
+    default_sigchld()
     started = time.time()
     clone = Path(tempfile.mkdtemp(prefix="forge-fleet-", dir=spec.workdir))
     try:
@@ -115,6 +116,17 @@ def push_uncached(clone: Path, entry: dict[str, Any], paths: tuple[str, ...]) ->
             failed = repo.cloud.push(objs, remote=REMOTE_NAME).failed
         if failed:
             raise StageFailed(entry.get("cmd", "?"), "push of cache: false outputs", f"{len(failed)} object(s) failed")
+
+
+def default_sigchld() -> None:
+    """Exit codes need SIGCHLD at its default. With the raylet subreaper on, Ray's core worker sets
+    it to SIG_IGN (ray src/ray/core_worker/core_worker.cc, PR #42992). Children are then reaped by
+    the kernel, waitpid fails with ECHILD, and Python's subprocess reports exit code 0, so a failed
+    stage would look like a success. Children inherit the disposition, so DVC itself is affected too."""
+    import signal
+
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # Ray runs a task on the worker's main thread
 
 
 def checkout(spec: TaskSpec, clone: Path) -> None:

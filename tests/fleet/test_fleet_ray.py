@@ -91,6 +91,9 @@ def test_deterministic_failure_stops_only_downstream(tmp_path, cluster, monkeypa
     assert "deterministic failure in square" in out  # the stage's own words, in the failure block
     for stage in ("square@1", "square@2", "square@3"):
         assert summary[stage][0] == "failed" and f"failed to reproduce '{stage}'" in summary[stage][1]
+        # the command's own exit code reached DVC (SIGCHLD at its default in the worker)
+        assert summary[stage][1].endswith(f"failed to run: python gen.py square {stage[-1]}, exited with 1"), summary
+
     assert summary["seed"][0] == "ran" and summary["survivor"][0] == "ran"  # not downstream: unaffected
     assert summary["total"] == ("skipped", "upstream square@1 failed")
     assert summary["report"] == ("skipped", "upstream total skipped")
