@@ -125,8 +125,8 @@ def default_sigchld() -> None:
     stage would look like a success. Children inherit the disposition, so DVC itself is affected too."""
     import signal
 
-    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # Ray runs a task on the worker's main thread
+    # Unconditionally: Ray sets it from C++ after Python started, so signal.getsignal() still says SIG_DFL.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # Ray runs a task on the worker's main thread
 
 
 def checkout(spec: TaskSpec, clone: Path) -> None:
