@@ -10,9 +10,10 @@ the same outputs as the plain `dvc repro` that just ran here.
 3. `dvc status` in the clone reports nothing changed; a second `forge fleet run` there is fully cached.
 Wall times of both runs are printed for the closing note.
 
-Usage: .venv/bin/python scripts/fleet_check.py [--cold-reference]
+Usage: .venv/bin/python scripts/fleet_check.py [--cold-reference] [--targets PATTERN]
   --cold-reference: first run a plain `dvc repro` in another fresh clone (its own cache, timed) and
   compare against that instead of this checkout's dvc.lock (for measuring outside CI).
+  --targets PATTERN: only those stages and what they need (`dvc repro --glob`, `forge fleet run --targets`).
 Exit code 0 when everything holds, 1 otherwise.
 """
 
@@ -62,10 +63,10 @@ def compare(reference_root: Path, clone: Path, stages: dict[str, dict[str, str]]
     return failures
 
 
-def fleet(clone: Path, address: str, remote: Path) -> tuple[int, str, float]:
+def fleet(clone: Path, address: str, remote: Path, targets: list[str]) -> tuple[int, str, float]:
     started = time.monotonic()
     done = subprocess.run([str(BIN / "forge"), "fleet", "run", "--address", address, "--remote", str(remote),
-                           "--link", ".venv-serve"], cwd=clone, capture_output=True, text=True,
+                           "--link", ".venv-serve", *[a for t in targets for a in ("--targets", t)]], cwd=clone, capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
@@ -77,10 +78,10 @@ def fresh_clone(dest: Path, commit: str) -> Path:
     return dest
 
 
-def plain_repro(tmp: Path, commit: str) -> Path:
+def plain_repro(tmp: Path, commit: str, targets: list[str]) -> Path:
     clone = fresh_clone(tmp / "plain", commit)
     started = time.monotonic()
-    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=clone, capture_output=True, text=True,
+    done = subprocess.run([str(BIN / "dvc"), "repro", *(["--glob", *targets] if targets else [])], cwd=clone, capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     print(f"fleet-check: plain dvc repro (fresh clone, cold cache) exited {done.returncode} in "
           f"{time.monotonic() - started:.0f} s")
@@ -96,9 +97,14 @@ def main() -> int:
         print(f"fleet-check: {ROOT / '.venv-serve'} is missing; run `make serve-env` first (make repro used it).")
         return 1
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    targets = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--targets"]
     holder = tempfile.TemporaryDirectory(prefix="forge-fleet-ref-")
-    reference_lock = plain_repro(Path(holder.name), commit) if "--cold-reference" in sys.argv else ROOT / "dvc.lock"
-    reference = digests(reference_lock)
+    cold = "--cold-reference" in sys.argv
+    reference_lock = plain_repro(Path(holder.name), commit, targets) if cold else ROOT / "dvc.lock"
+    from pipeline.fleet.dag import expand
+
+    wanted = {s.name for s in expand(ROOT, targets or None)}
+    reference = {name: outs for name, outs in digests(reference_lock).items() if name in wanted}
     reference_root = reference_lock.parent
     os.environ["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "true"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK})
@@ -108,7 +114,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="forge-fleet-check-") as tmp:
             clone = fresh_clone(Path(tmp) / "clone", commit)
-            code, out, first_s = fleet(clone, cluster.address, Path(tmp) / "remote")
+            code, out, first_s = fleet(clone, cluster.address, Path(tmp) / "remote", targets)
             print(out)
             if code:
                 failures.append(f"forge fleet run exited {code}")
@@ -120,7 +126,7 @@ def main() -> int:
             status = subprocess.run([str(BIN / "dvc"), "status"], cwd=clone, capture_output=True, text=True).stdout
             if "up to date" not in status:
                 failures.append(f"dvc status in the fleet clone: {status.strip()[:400]}")
-            code, out, second_s = fleet(clone, cluster.address, Path(tmp) / "remote")
+            code, out, second_s = fleet(clone, cluster.address, Path(tmp) / "remote", targets)
             print(out)
             if code or " 0 ran," not in out:
                 failures.append("the second fleet run was not fully cached")
