@@ -26,7 +26,9 @@ def rows(out: str) -> dict[str, tuple[str, str]]:
 
 def fleet(root, cluster, remote, *extra, monkeypatch, capsys):
     monkeypatch.chdir(root)
-    code = main(["fleet", "run", "--address", cluster.address, "--remote", str(remote), *extra])
+    work = root.parent / "clones"  # a killed worker leaves its clone behind: keep it in tmp_path
+    work.mkdir(exist_ok=True)
+    code = main(["fleet", "run", "--address", cluster.address, "--remote", str(remote), "--workdir", str(work), *extra])
     return code, capsys.readouterr().out
 
 
