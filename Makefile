@@ -9,14 +9,14 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup serve-env repro test plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check
+.PHONY: setup serve-env repro test plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check fleet-check
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(if $(TORCH_SPEC),$(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true)
-	$(PIP) install -e ".[pipeline,dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -e ".[pipeline,dev,fleet]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)") 2>&1 | grep -v "is ignored: it is neither" || true
 	$(VENV)/bin/python -c "import torch, modelopt, lm_eval, dvc, pipeline" 
 	touch $(STAMP)
 
@@ -73,6 +73,11 @@ oci-registry:
 # After `make repro`: push what the pipeline published to a loopback OCI registry, pull it back with forge and curl.
 oci-roundtrip: setup oci-registry
 	$(VENV)/bin/python scripts/oci_roundtrip.py
+# After `make repro`: the same plan on a two-node local Ray cluster (fresh clone, local DVC remote);
+# output digests must equal the dvc.lock `make repro` wrote (scripts/fleet_check.py).
+fleet-check: setup serve-env
+	$(VENV)/bin/python scripts/fleet_check.py
+
 # The wheels scripts/gpu_check.sh installs on the GPU machine (.whl/, cp312 manylinux x86_64).
 gpu-wheels: setup
 	PYTHON=$(VENV)/bin/python scripts/fetch_gpu_wheels.sh

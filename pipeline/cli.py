@@ -421,6 +421,10 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
 
     register_new(sub)
 
+    from pipeline.fleet.cli import register as register_fleet
+
+    register_fleet(sub)
+
     for register in (stage_verbs or {}).values():
         register(sub)
     _accept_global_flags_after_the_verb(sub)
