@@ -102,7 +102,11 @@ class Engine:
 # with the same static input_scale (QuantFP8.forward_native, layers/quantization/input_quant_fp8.py:
 # x / scale, clamp to +-448, cast to E4M3 rounding to nearest), so the published bundle is served
 # unchanged, through vLLM's own unfused path. The adapter machinery adds no numerics without an adapter.
-VLLM_CPU_FP8_FLAGS = ("--enable-lora",)
+# --lora-target-modules down_proj wraps only the layers that need it (LoRAConfig.target_modules,
+# suffix match, lora/model_manager.py _match_target_modules): with every module wrapped (the default),
+# the LoRA logits processor failed here on the first batch of several prompts (measured: HTTP 500,
+# EngineCore died, under lm-eval's concurrent prompt-logprob requests), where one request worked.
+VLLM_CPU_FP8_FLAGS = ("--enable-lora", "--lora-target-modules", "down_proj")
 
 _TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
 _VLLM_MODELOPT = "vllm/model_executor/layers/quantization/modelopt.py"

