@@ -103,9 +103,12 @@ class Engine:
 # x / scale, clamp to +-448, cast to E4M3 rounding to nearest), so the published bundle is served
 # unchanged, through vLLM's own unfused path. The adapter machinery adds no numerics without an adapter.
 # --lora-target-modules down_proj wraps only the layers that need it (LoRAConfig.target_modules,
-# suffix match, lora/model_manager.py _match_target_modules): with every module wrapped (the default),
-# the LoRA logits processor failed here on the first batch of several prompts (measured: HTTP 500,
-# EngineCore died, under lm-eval's concurrent prompt-logprob requests), where one request worked.
+# suffix match, lora/model_manager.py _match_target_modules). With every module wrapped (the default)
+# lm_head's LogitsProcessorWithLoRA runs even without an adapter (PunicaWrapperCPU.add_lora_logits has
+# no no_lora check) and bgmv_shrink's einsum("bi, boi -> bo") pairs one LoRA index per sequence with one
+# logits row per prompt token (lora/ops/torch_ops/lora_ops.py): one request broadcasts, several
+# prompt-logprob requests in one batch do not. Measured: a single echo+logprobs request served, lm-eval's
+# concurrent requests got HTTP 500 with the EngineCore dead.
 VLLM_CPU_FP8_FLAGS = ("--enable-lora", "--lora-target-modules", "down_proj")
 
 _TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
