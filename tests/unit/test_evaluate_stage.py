@@ -184,6 +184,11 @@ def test_unpublishable_gate_with_strict_writes_everything_and_exits_1(world, tmp
     manifest = read_manifest(out, "evaluate")
     assert set(manifest["inputs"]) == {"model", "calibrate", "baseline"}
     assert manifest["details"]["simulation"]["routed"] == {"nvfp4": 0, "mxfp4": 0}  # FP8: ModelOpt's own CPU code
+    # The FP8 KV cache computes what the target's engine computes (the contracts: TensorRT-LLM on H200,
+    # k/v scales ignored), and the metrics say whose numerics they are.
+    kv = manifest["details"]["simulation"]["kv_cache"]
+    assert (kv["numerics"], kv["scale"], kv["rounding"]) == ("trtllm", "one", "nearest") and kv["routed"] > 0
+    assert kv["numerics_of"] == {"numerics": "trtllm", "engine": "tensorrt-llm", "engine_version": "1.2.1", "gpu": "h200"}
     said = "FAILED" if expected == "fail" else "INCONCLUSIVE"
     assert f"accuracy gate {said} on forge_prose/byte_perplexity,none" in caplog.text
     assert "eval.strict: exit code 1" in caplog.text

