@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 model=smollm2-135m-instruct
-for variant in nvfp4 nvfp4-fp8-edges nvfp4-auto-5 nvfp4-mse nvfp4-auto-6; do
+for variant in nvfp4 nvfp4-auto-5 nvfp4-auto-6; do
   start=$(date +%s)
   dvc repro "publish@${model}-${variant}-b200"
   echo "${variant}: $(( $(date +%s) - start )) s (calibrate + evaluate + build + serve-eval + publish)"
