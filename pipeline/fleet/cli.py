@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ForgeError
+from pipeline.fleet.task import default_sigchld
 from pipeline.gpus import DEFAULT_CATALOG
 
 INSTALL_HINT = "pip install 'forge-quant[fleet]'  (Ray; in this checkout: .venv/bin/python -m pip install -e '.[fleet]')"
@@ -75,11 +76,15 @@ def cmd_fleet_run(args: argparse.Namespace) -> int:
                             remote=remote_url(args.remote), link_dirs=driver_dirs(stages), env_links=tuple(args.link), max_retries=args.max_retries,
                             node_wait_s=args.node_wait, workdir=args.workdir)
     ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+    # The driver is a Ray core worker too: with the raylet subreaper on it ignores SIGCHLD, and the
+    # `dvc pull` below (and anything the calling process runs later) would read every exit code as 0.
+    default_sigchld()
     started = time.monotonic()
     try:
         outcomes = driver.run(fleet, echo=lambda line: print(line, flush=True))
     finally:
         ray.shutdown()
+        default_sigchld()
     if not args.no_pull:
         done = [o.stage for o in outcomes if o.status in ("ran", "cached")]
         if done:

@@ -90,13 +90,14 @@ def run(fleet: FleetRun, echo: Callable[[str], None] = print) -> list[Outcome]:
         for stage in fleet.stages:
             if stage.name in outcomes or stage.name in pending.values():
                 continue
-            blocked = [u for u in stage.upstream if u in by_name and outcomes.get(u, Outcome(u, "")).status
-                       not in ("", "ran", "cached")]
+            # Decided once every upstream has ended, so the summary names the same first blocker
+            # whatever order the upstream stages finished in.
+            if any(u in by_name and u not in outcomes for u in stage.upstream):
+                continue
+            blocked = sorted(u for u in stage.upstream if u in by_name and outcomes[u].status not in ("ran", "cached"))
             if blocked:
                 outcomes[stage.name] = Outcome(stage.name, "skipped", reason=f"upstream {blocked[0]} "
                                                f"{outcomes[blocked[0]].status}")
-                continue
-            if any(u in by_name and u not in outcomes for u in stage.upstream):
                 continue
             if stage.name in fleet.link_dirs and any(pending[r] in fleet.link_dirs for r in pending):
                 continue  # stages writing into the driver's directories run one at a time

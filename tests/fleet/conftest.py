@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.fleet.task import default_sigchld
+
 ray = pytest.importorskip("ray", reason="the fleet extra is not installed: pip install -e '.[fleet]'")
 
 LOOPBACK = "127.0.0.2"
@@ -109,6 +111,7 @@ def cluster():
 
     # Ray kills a dead worker's grandchildren (the stage's shell and command) only with this on
     # (docs.ray.io, "Lifetimes of a User-Spawn Process"); the raylets inherit it from here.
+    before = os.environ.get("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper")
     os.environ["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "true"
     # Loopback, but 127.0.0.2: ray.init rewrites "127.0.0.1"/"localhost" addresses to the host's
     # routable IP (ray/_private/services.py `resolve_ip_for_localhost`), where nothing listens.
@@ -120,3 +123,9 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     c.shutdown()
+    # Later tests in this pytest process run subprocesses whose exit codes they check.
+    default_sigchld()
+    if before is None:
+        os.environ.pop("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", None)
+    else:
+        os.environ["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = before

@@ -109,7 +109,8 @@ def test_gpu_kind_resources_place_and_unschedulable_is_bounded(tmp_path, cluster
                       "--resources", 'square@*={"gpu-b200": 1}', "--resources", 'survivor={"gpu-b300": 1}',
                       monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1
-    assert time.monotonic() - started < 120
+    # Bounded, not hung: a few seconds of --node-wait plus the schedulable stages (minutes on a loaded 2-core box).
+    assert time.monotonic() - started < 300
     b200_node = cluster.b200_node_id[:8]
     for i in (1, 2, 3):
         line = next(line for line in out.splitlines() if line.startswith(f"end     square@{i}"))
