@@ -228,3 +228,18 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
     # without an FP8 KV cache the serving engine's simulation is the evaluate stage's
     plain = served.model_copy(update={"served": served.served.model_copy(update={"simulated_as_served": None})})
     assert "| 0.72 | 0.72 | 0.67 | 0.990 / 0.986 / 0.918 ✗ |" in _served_table([plain])
+
+
+@pytest.mark.parametrize("verdict, gates_on_served", [("pass", True), ("fail", True), ("inconclusive", False)])
+def test_an_inconclusive_served_subset_defers_to_the_powered_simulation(tmp_path, verdict, gates_on_served):
+    from pipeline.serving.gate_source import GateSource
+    from pipeline.stages.publish import powered_gate_source
+
+    served, simulated = tmp_path / "served", tmp_path / "sim"
+    served.mkdir()
+    write_json(served / "gate_report.json", {"verdict": verdict, "rows": []})
+    source = powered_gate_source(GateSource(served, True, "served: vllm 0.32.0 on cpu: X"), simulated)
+    assert source.served is gates_on_served
+    assert source.evaluation_dir == (served if gates_on_served else simulated)
+    if not gates_on_served:
+        assert source.scored_by == "simulated on the full suite; served: vllm 0.32.0 on cpu: X was inconclusive on its subset"
