@@ -86,7 +86,8 @@ def markdown(variants: Sequence[Variant], metric_names: Sequence[str], threshold
     best = cheapest_passing(variants, bits_goal)
     lines = ["## Effective bits vs recovery (frontier)", ""]
     if best is not None:
-        lines.append(f"Cheapest variant that passes its gates at <= {bits_goal:g} effective bits: **{best.name}** "
+        goal = f" at <= {bits_goal:g} effective bits" if bits_goal else ""
+        lines.append(f"Cheapest variant that passes its gates{goal}: **{best.name}** "
                      f"({best.effective_bits:.3f} bits).")
     else:
         goal = f" at <= {bits_goal:g} effective bits" if bits_goal else ""

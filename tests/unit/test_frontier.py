@@ -33,3 +33,8 @@ def test_intervals_flow_from_gate_rows(tmp_path):
     assert variant_from_outputs("x", "fp8", CalibrateDetails(), None, None) is None
     path = plot([v, _v("b", 4.5, 0.9, False)], ["acc", "ppl"], 0.95, tmp_path / "f.png")
     assert path.stat().st_size > 1000
+
+
+def test_markdown_without_a_bits_goal_names_the_cheapest_passing_variant():
+    a, b = _v("a", 8.0, 0.99, True), _v("b", 4.5, 0.9, False)
+    assert "Cheapest variant that passes its gates: **a** (8.000 bits)." in markdown([a, b], ["acc"], 0.95, None, None)
