@@ -435,7 +435,12 @@ def _served_table(targets: Sequence[TargetEntry]) -> str:
             sim = simulated.get(row.metric)
             as_served = (sv.simulated_as_served or {}).get(row.metric) if sv.simulated_as_served else (
                 sim.quantized if sim else None)
-            as_served_recovery = _recovery(sim.baseline, as_served, sim.direction) if sim and as_served else None
+            # The as-served simulation scores the served subset (dvc.yaml serve-eval --limit), so it is
+            # compared with the baseline on that subset (the served BF16 baseline, the gate row's), not
+            # with the full-suite baseline of the target simulation.
+            subset_baseline = row.baseline if sv.simulated_as_served else (sim.baseline if sim else None)
+            as_served_recovery = (_recovery(subset_baseline, as_served, sim.direction)
+                                  if sim and as_served and subset_baseline else None)
             lines.append(
                 f"| {t.target} | {engine} | {sv.device or '-'} | {_opt(sv.start_seconds, '.0f')} | "
                 f"{_opt(sv.decode_tok_s, '.1f')} | {row.metric} | {_opt(sim.quantized if sim else None, '.4g')} | "
