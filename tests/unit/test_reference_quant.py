@@ -13,6 +13,7 @@ from pipeline.quant.reference import (
     dequantize_mxfp4_export,
     dequantize_nvfp4_export,
     e2m1_codes,
+    e2m1_values,
     mxfp4_quantize_dequantize,
     mxfp4_scale_exponents,
     nvfp4_block_scales,
@@ -321,3 +322,34 @@ def test_matches_modelopt_export_quantizers(dtype):
     scale = torch.ldexp(torch.ones(64, 8), mxfp4_scale_exponents(w)).repeat_interleave(32, dim=-1)
     ratio = (w.float() / scale)[differs].abs()
     assert torch.isin(ratio, t([0.75, 1.75, 3.5])).all()
+
+
+def _float32_neighbours(value: float, count: int) -> torch.Tensor:
+    """`count` consecutive float32 values on each side of `value`, and `value` itself."""
+    centre = t([value])
+    below, above, out = centre.clone(), centre.clone(), [centre]
+    for _ in range(count):
+        below = torch.nextafter(below, t([-1e30]))
+        above = torch.nextafter(above, t([1e30]))
+        out += [below, above]
+    return torch.cat(out)
+
+
+def test_fast_ties_even_rounding_equals_the_midpoint_count_bit_for_bit():
+    # round_to_e2m1(x, "even") takes an arithmetic shortcut (_round_to_e2m1_even); the midpoint
+    # count (e2m1_codes -> e2m1_values) is the definition it must reproduce, sign of zero included.
+    edges = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 2.0**-126, 0.0)
+    near = torch.cat([_float32_neighbours(v, 300) for v in edges])
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.cat([
+        near, -near,
+        torch.randn(200_000, generator=generator) * 4,
+        torch.rand(200_000, generator=generator) * 7,
+        torch.randn(10_000, generator=generator) * 1e-39,  # float32 subnormals
+        t([float("inf"), -float("inf"), 6.5, -7.0, 1e30, -1e30, -0.0]),
+    ])
+    definition = e2m1_values(e2m1_codes(samples, "even"))
+    fast = round_to_e2m1(samples, "even")
+    assert torch.equal(fast.view(torch.int32), definition.view(torch.int32))
+    nan = round_to_e2m1(t([float("nan"), -float("nan")]), "even")
+    assert torch.isnan(nan).all()

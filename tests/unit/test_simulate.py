@@ -280,3 +280,31 @@ def test_backend_is_unregistered_even_when_the_body_raises(nvfp4_model):
     assert names[0].startswith("forge-reference-fp4-")
     assert not is_registered_quant_backend(names[0])
     assert all(q.backend is None for q in nvfp4_model.modules() if isinstance(q, TensorQuantizer))
+
+
+def test_reused_quantizations_change_nothing_and_follow_in_place_writes(tiny_llama, tokens, monkeypatch):
+    # The simulation hands back an earlier output for an unchanged weight and for the input that
+    # q/k/v share (simulate._Reuse). Logits must equal those of quantizing every call afresh, and
+    # a weight written in place (its version counter moves) must be quantized again.
+    model, _ = quantize(tiny_llama, mtq.NVFP4_DEFAULT_CFG, tokens)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+
+    def logits_before_and_after_halving():
+        with torch.no_grad(), reference_fp4_simulation(model):
+            first, second = model(tokens).logits, model(tokens).logits
+            weight.mul_(0.5)
+            halved = model(tokens).logits
+            weight.mul_(2.0)
+        return first, second, halved
+
+    first, second, halved = logits_before_and_after_halving()
+
+    class QuantizeEveryCall(simulate._Reuse):
+        def __call__(self, inputs, quantizer, quantize):
+            return quantize(inputs, quantizer)
+
+    monkeypatch.setattr(simulate, "_Reuse", QuantizeEveryCall)
+    expected, _, expected_halved = logits_before_and_after_halving()
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert torch.equal(halved, expected_halved)
+    assert not torch.equal(halved, expected)
