@@ -98,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser, spec: type) -> None:
         meta, kind = f.metadata, _kind(hints[f.name])
         target = parser
         if meta.get("group"):
-            target = groups.setdefault(meta["group"], parser.add_mutually_exclusive_group())
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
         options: dict[str, Any] = {"help": meta.get("help")}
         for key in ("choices", "metavar", "nargs"):
             if meta.get(key) is not None:
