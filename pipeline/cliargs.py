@@ -161,7 +161,7 @@ def runner(spec: type, main: Callable[..., Any]) -> Callable[[argparse.Namespace
         values = from_namespace(spec, namespace)
         return _exit_code(main(**{f.name: getattr(values, f.name) for f in dataclasses.fields(spec)}))
 
-    return run
+    return _marked(run, spec, main)
 
 
 def run_with(spec: type, command: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:
@@ -169,6 +169,12 @@ def run_with(spec: type, command: Callable[[Any], Any]) -> Callable[[argparse.Na
     def run(namespace: argparse.Namespace) -> int:
         return _exit_code(command(from_namespace(spec, namespace)))
 
+    return _marked(run, spec, command)
+
+
+def _marked(run: Callable[[argparse.Namespace], int], spec: type, target: Callable[..., Any]):
+    """What the `func` was built from: `spec` (its arguments) and `__wrapped__` (what it calls)."""
+    run.spec, run.__wrapped__ = spec, target  # type: ignore[attr-defined]
     return run
 
 

@@ -45,7 +45,6 @@ from pipeline.manifest import (
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.registries import open_registry
 from pipeline.registry import (
-    PASSING_VERDICT,
     PublishResult,
     validate_name,
 )
