@@ -12,10 +12,12 @@ import logging
 import sys
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.cliargs import add_arguments, arg, included, run_with
 from pipeline.errors import ForgeError, RecipeError
 from pipeline.formats import FORMATS, KV_CACHE_ALIASES, KV_CACHE_DTYPES, KV_CACHE_NAMES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
@@ -77,11 +79,11 @@ def configure_logging(verbose: bool) -> None:
 # ---------------------------------------------------------------------------- validate / show / plan
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: ValidateArgs) -> int:
     from pipeline.errors import raise_all
     from pipeline.recipe import RECIPES_DIR, walk_recipes
 
-    catalog = load_catalog(args.catalog)
+    catalog = load_catalog(args.common.catalog)
     paths = [Path(p) for p in args.paths] or [RECIPES_DIR]
     expanded: list[Path] = []
     for path in paths:
@@ -100,7 +102,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         summary = ", ".join(f"{gpu} tp{p.inputs['tp']} batch<={p.max_batch_at_seq_len}" for gpu, p in plans.items())
         print(f"ok  {path}  ({summary})")
-    print(f"{len(expanded) - len(problems)} of {len(expanded)} recipe(s) valid; GPU catalog {args.catalog} has {len(catalog)} GPUs.")
+    print(f"{len(expanded) - len(problems)} of {len(expanded)} recipe(s) valid; GPU catalog {args.common.catalog} has {len(catalog)} GPUs.")
     raise_all(problems)
     return 0
 
@@ -112,14 +114,14 @@ def validate_one(path: Path, catalog):
     return validate_recipe(load_recipe(path), catalog)
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def cmd_show(args: ShowArgs) -> int:
     import yaml
 
     from pipeline.recipe import load_recipe
     from pipeline.validate import validate_recipe
 
     recipe = load_recipe(Path(args.recipe))
-    validate_recipe(recipe, load_catalog(args.catalog))
+    validate_recipe(recipe, load_catalog(args.common.catalog))
     resolved = recipe.resolved()
     print(json.dumps(resolved, indent=2) if args.json else yaml.safe_dump(resolved, sort_keys=False), end="")
     return 0
@@ -131,7 +133,7 @@ WHAT_IF_FLAGS = {"gpu": "--gpu", "format": "--format", "tp": "--tp", "kv_dtype":
                  "concurrency": "--concurrency", "price": "--price"}
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def cmd_plan(args: PlanArgs) -> int:
     from pipeline.errors import raise_all
     from pipeline.planview import plan_json, render_plan_table
 
@@ -177,7 +179,7 @@ def _plan_one(request, catalog):
     return PlannedTarget(request.title, plan, request.what_ifs, request.defaults, alternatives, calibration), problem
 
 
-def _given(args: argparse.Namespace) -> dict[str, Any]:
+def _given(args: PlanArgs) -> dict[str, Any]:
     return {name: getattr(args, name) for name in WHAT_IF_FLAGS if getattr(args, name) is not None}
 
 
@@ -200,7 +202,7 @@ def _serving(base, given: dict[str, Any]):
     return shape
 
 
-def _recipe_requests(args: argparse.Namespace):
+def _recipe_requests(args: PlanArgs):
     """Each target of the recipe, or, with flags, what-ifs on top of it: `--gpu` picks (or adds)
     one target, the other flags replace that target's settings. Nothing given is dropped."""
     import dataclasses
@@ -255,7 +257,7 @@ def _defaulted(recipe, gpu: str) -> dict[str, Any]:
     return out
 
 
-def _adhoc_request(args: argparse.Namespace):
+def _adhoc_request(args: PlanArgs):
     from pipeline.formats import canonical_kv_dtype
     from pipeline.planview import PlanRequest
     from pipeline.recipe import TARGET_DEFAULTS
@@ -296,10 +298,10 @@ def _adhoc_request(args: argparse.Namespace):
     return PlanRequest("ad-hoc", spec, defaults=defaults, calibration=calibration)
 
 
-def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
+def _write_dvc_plan(args: PlanArgs, catalog) -> int:
     from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_artifacts
 
-    plan = build_plan(catalog, include_all=args.all, models_wanted=args.model)
+    plan = build_plan(catalog, include_all=args.all, models_wanted=list(args.model) if args.model else None)
     wanted = {PLAN_FILE: render_plan(plan), DVC_FILE: with_artifacts(DVC_FILE.read_text(), plan)}
     if args.check:
         stale = [str(path) for path, text in wanted.items() if not path.exists() or path.read_text() != text]
@@ -316,7 +318,7 @@ def _write_dvc_plan(args: argparse.Namespace, catalog) -> int:
     return 0
 
 
-def cmd_formats(args: argparse.Namespace) -> int:
+def cmd_formats(args: CatalogArgs) -> int:
     """The format registry, KV-cache dtypes and GPU catalog, printed from their one source."""
     from rich.table import Table
 
@@ -351,8 +353,59 @@ def cmd_formats(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
+@dataclass(frozen=True)
+class CatalogArgs:
+    """The catalog option the recipe verbs share."""
+
+    catalog: Path = arg(DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateArgs:
+    paths: tuple[str, ...] = arg((), positional="paths", nargs="*",
+                                 help="recipe files or directories (default: all under recipes/)")
+    common: CatalogArgs = included(CatalogArgs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShowArgs:
+    recipe: str = arg(positional="recipe")
+    json: bool = arg(False)
+    common: CatalogArgs = included(CatalogArgs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanArgs:
+    """`forge plan`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    recipe: str | None = arg(positional="recipe", nargs="?", help="a recipe file (plan each of its targets)")
+    model_config: str | None = arg(metavar="CONFIG_JSON", help="HF config.json for an ad-hoc plan (with --format and --gpu)")
+    format: str | None = arg(choices=tuple(FORMATS), help="weight format (pipeline/formats.py)")
+    gpu: str | None = arg(metavar="GPU", help="GPU key from the catalog (forge formats lists them)")
+    tp: int | None = arg(choices=(1, 2, 4, 8), help=f"tensor-parallel GPUs (default {TARGET_DEFAULTS.tp})")
+    kv_dtype: str | None = arg(choices=tuple(KV_CACHE_NAMES),
+                               help="KV-cache dtype; bf16/fp16 name the unquantized cache (= auto) "
+                                    f"(default {TARGET_DEFAULTS.kv_cache_dtype})")
+    input_len: int | None = arg(metavar="N", help=f"max input tokens per request (default {TARGET_DEFAULTS.max_input_len})")
+    output_len: int | None = arg(metavar="N", help=f"max output tokens per request (default {TARGET_DEFAULTS.max_output_len})")
+    seq_len: int | None = arg(metavar="N", help="max sequence length the KV pool must hold per request (default input + output)")
+    concurrency: int | None = arg(metavar="N", help="target concurrent sequences (default: as many as fit)")
+    price: float | None = arg(metavar="USD", help="USD per GPU-hour, for $/Mtok (default: not reported)")
+    calibration_gpus: int = arg(8, metavar="N", help="ad-hoc: GPUs (of --gpu) in the calibration node (default %(default)s)")
+    calibration_batch: int = arg(1, metavar="N", help="ad-hoc: calibration batch size (default %(default)s)")
+    calibration_seq_len: int = arg(512, metavar="N",
+                                   help="ad-hoc: calibration sample length (default %(default)s, as ModelOpt's hf_ptq.py)")
+    cpu_offload_gb: float = arg(0, metavar="GB", help="ad-hoc: host RAM calibration may offload layers to (default %(default)s)")
+    json: bool = arg(False, help="machine-readable output")
+    dvc: bool = arg(False, help="write plan.yaml and dvc.yaml's artifacts (the list dvc.yaml iterates over)")
+    all: bool = arg(False, help="with --dvc: include models that need a GPU node / the Hub")
+    model: tuple[str, ...] | None = arg(metavar="NAME", help="with --dvc: only this model (repeatable)")
+    check: bool = arg(False, help="with --dvc: fail if plan.yaml is stale")
+    common: CatalogArgs = included(CatalogArgs)
+
+    @property
+    def catalog(self) -> Path:
+        return self.common.catalog
 
 
 def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], None]] | None = None) -> argparse.ArgumentParser:
@@ -367,19 +420,16 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
 
     p = sub.add_parser("validate", help="check recipes (schema, GPUs, format x compute capability, fit)",
                        epilog="example: forge validate recipes/llama-3-3-70b-instruct")
-    p.add_argument("paths", nargs="*", help="recipe files or directories (default: all under recipes/)")
-    _add_common(p)
-    p.set_defaults(func=cmd_validate)
+    add_arguments(p, ValidateArgs)
+    p.set_defaults(func=run_with(ValidateArgs, cmd_validate))
 
     p = sub.add_parser("formats", help="print the format registry, KV-cache dtypes and GPU catalog")
-    _add_common(p)
-    p.set_defaults(func=cmd_formats)
+    add_arguments(p, CatalogArgs)
+    p.set_defaults(func=run_with(CatalogArgs, cmd_formats))
 
     p = sub.add_parser("show", help="print a resolved recipe", epilog="example: forge show recipes/smollm2-135m-instruct/fp8.yaml")
-    p.add_argument("recipe")
-    p.add_argument("--json", action="store_true")
-    _add_common(p)
-    p.set_defaults(func=cmd_show)
+    add_arguments(p, ShowArgs)
+    p.set_defaults(func=run_with(ShowArgs, cmd_show))
 
     p = sub.add_parser(
         "plan", help="memory plan and predicted roofline (or --dvc: regenerate plan.yaml)",
@@ -390,32 +440,8 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
             "fit prints what would and exits 2. Defaults (recipes and ad-hoc alike): "
             f"{TARGET_DEFAULTS.describe()}.", 100),
         epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", help="a recipe file (plan each of its targets)")
-    p.add_argument("--model-config", metavar="CONFIG_JSON", help="HF config.json for an ad-hoc plan (with --format and --gpu)")
-    p.add_argument("--format", choices=list(FORMATS), help="weight format (pipeline/formats.py)")
-    p.add_argument("--gpu", metavar="GPU", help="GPU key from the catalog (forge formats lists them)")
-    p.add_argument("--tp", type=int, choices=[1, 2, 4, 8], help=f"tensor-parallel GPUs (default {TARGET_DEFAULTS.tp})")
-    p.add_argument("--kv-dtype", choices=list(KV_CACHE_NAMES),
-                   help=f"KV-cache dtype; bf16/fp16 name the unquantized cache (= auto) (default {TARGET_DEFAULTS.kv_cache_dtype})")
-    p.add_argument("--input-len", type=int, metavar="N", help=f"max input tokens per request (default {TARGET_DEFAULTS.max_input_len})")
-    p.add_argument("--output-len", type=int, metavar="N", help=f"max output tokens per request (default {TARGET_DEFAULTS.max_output_len})")
-    p.add_argument("--seq-len", type=int, metavar="N", help="max sequence length the KV pool must hold per request (default input + output)")
-    p.add_argument("--concurrency", type=int, metavar="N", help="target concurrent sequences (default: as many as fit)")
-    p.add_argument("--price", type=float, metavar="USD", help="USD per GPU-hour, for $/Mtok (default: not reported)")
-    p.add_argument("--calibration-gpus", type=int, default=8, metavar="N",
-                   help="ad-hoc: GPUs (of --gpu) in the calibration node (default %(default)s)")
-    p.add_argument("--calibration-batch", type=int, default=1, metavar="N", help="ad-hoc: calibration batch size (default %(default)s)")
-    p.add_argument("--calibration-seq-len", type=int, default=512, metavar="N",
-                   help="ad-hoc: calibration sample length (default %(default)s, as ModelOpt's hf_ptq.py)")
-    p.add_argument("--cpu-offload-gb", type=float, default=0, metavar="GB",
-                   help="ad-hoc: host RAM calibration may offload layers to (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--dvc", action="store_true", help="write plan.yaml and dvc.yaml's artifacts (the list dvc.yaml iterates over)")
-    p.add_argument("--all", action="store_true", help="with --dvc: include models that need a GPU node / the Hub")
-    p.add_argument("--model", action="append", metavar="NAME", help="with --dvc: only this model (repeatable)")
-    p.add_argument("--check", action="store_true", help="with --dvc: fail if plan.yaml is stale")
-    _add_common(p)
-    p.set_defaults(func=cmd_plan)
+    add_arguments(p, PlanArgs)
+    p.set_defaults(func=run_with(PlanArgs, cmd_plan))
 
     from pipeline.newmodel import register as register_new
 

@@ -12,11 +12,13 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.cliargs import add_arguments, arg, run_with
 from pipeline.errors import RecipeError
 from pipeline.formats import FORMATS
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
@@ -122,11 +124,11 @@ def new_model(repo_id: str, revision: str, config_path: Path, gpus: list[str], c
     return dest
 
 
-def cmd_new(args: argparse.Namespace) -> int:
+def cmd_new(args: NewArgs) -> int:
     from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_artifacts
 
     catalog = load_catalog(args.catalog)
-    dest = new_model(args.repo_id, args.revision, Path(args.config), args.gpu or [], catalog,
+    dest = new_model(args.repo_id, args.revision, Path(args.config), list(args.gpu or ()), catalog,
                      name=args.name, trust_remote_code=args.trust_remote_code)
     for path in sorted(dest.iterdir()):
         print(f"wrote {path}")
@@ -139,14 +141,21 @@ def cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewArgs:
+    """`forge new`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    repo_id: str = arg(positional="repo_id", help="Hugging Face repo id, org/name")
+    revision: str = arg(required=True, help="the 40-hex commit to pin (branches drift and are refused)")
+    config: Path = arg(required=True, metavar="CONFIG_JSON", help="the repo's config.json at that revision")
+    gpu: tuple[str, ...] | None = arg(metavar="GPU", help="a target GPU from the catalog (repeatable)")
+    name: str | None = arg(help="directory name under recipes/ (default: from the repo id)")
+    trust_remote_code: bool = arg(False, help="the model needs its own Python code (auto_map)")
+    catalog: Path = arg(DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("new", help="add a Hugging Face model: model.yaml, config.json and a recipe per format",
                        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("repo_id", help="Hugging Face repo id, org/name")
-    p.add_argument("--revision", required=True, help="the 40-hex commit to pin (branches drift and are refused)")
-    p.add_argument("--config", required=True, metavar="CONFIG_JSON", help="the repo's config.json at that revision")
-    p.add_argument("--gpu", action="append", metavar="GPU", help="a target GPU from the catalog (repeatable)")
-    p.add_argument("--name", help="directory name under recipes/ (default: from the repo id)")
-    p.add_argument("--trust-remote-code", action="store_true", help="the model needs its own Python code (auto_map)")
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
-    p.set_defaults(func=cmd_new)
+    add_arguments(p, NewArgs)
+    p.set_defaults(func=run_with(NewArgs, cmd_new))

@@ -6,8 +6,10 @@ import argparse
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cliargs import add_arguments, arg, run_with
 from pipeline.errors import ForgeError
 from pipeline.fleet.task import default_sigchld
 from pipeline.gpus import DEFAULT_CATALOG
@@ -24,30 +26,38 @@ the outputs here, so `dvc status` afterwards reports everything up to date.
 """
 
 
+@dataclass(frozen=True, kw_only=True)
+class FleetRunArgs:
+    """`forge fleet run`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    address: str | None = arg(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    targets: tuple[str, ...] | None = arg(
+        metavar="PATTERN",
+        help="stage name or fnmatch pattern (repeatable); their upstream stages run too (default: all)")
+    remote: str = arg(required=True, help="DVC remote URL every worker reaches (s3://..., a shared directory)")
+    repo: str | None = arg(help="git URL or path workers clone (default: this repository's directory, "
+                                "which only workers on this machine or a shared filesystem can reach)")
+    resources: tuple[str, ...] = arg((), metavar="PATTERN=JSON",
+                                     help='override the Ray resources of matching stages, e.g. \'build@*={"gpu-h200": 1}\'')
+    link: tuple[str, ...] = arg((), metavar="PATH",
+                                help="an untracked path of this checkout every clone links to, e.g. .venv-serve (the "
+                                     "vLLM serving venv); only for workers that share this filesystem")
+    max_retries: int = arg(3, help="retries of a task whose worker died (default: 3)")
+    node_wait: float = arg(0.0, metavar="SECONDS",
+                           help="how long to wait for a node that offers a missing GPU kind (autoscaling; default: 0)")
+    workdir: str | None = arg(help="where workers put their clones (default: the system temp dir)")
+    no_pull: bool = arg(False, help="leave the outputs on the remote (dvc.lock still written)")
+    catalog: Path = arg(DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fleet", help="run the pipeline's stages as Ray tasks on a cluster (extra: [fleet])",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = p.add_subparsers(dest="fleet_verb", metavar="VERB")
     r = verbs.add_parser("run", help="expand plan.yaml + dvc.yaml and run every stage on Ray", epilog=EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
-    r.add_argument("--targets", action="append", metavar="PATTERN",
-                   help="stage name or fnmatch pattern (repeatable); their upstream stages run too (default: all)")
-    r.add_argument("--remote", required=True, help="DVC remote URL every worker reaches (s3://..., a shared directory)")
-    r.add_argument("--repo", help="git URL or path workers clone (default: this repository's directory, "
-                                  "which only workers on this machine or a shared filesystem can reach)")
-    r.add_argument("--resources", action="append", default=[], metavar='PATTERN=JSON',
-                   help='override the Ray resources of matching stages, e.g. \'build@*={"gpu-h200": 1}\'')
-    r.add_argument("--link", action="append", default=[], metavar="PATH",
-                   help="an untracked path of this checkout every clone links to, e.g. .venv-serve (the vLLM "
-                        "serving venv); only for workers that share this filesystem")
-    r.add_argument("--max-retries", type=int, default=3, help="retries of a task whose worker died (default: 3)")
-    r.add_argument("--node-wait", type=float, default=0.0, metavar="SECONDS",
-                   help="how long to wait for a node that offers a missing GPU kind (autoscaling; default: 0)")
-    r.add_argument("--workdir", help="where workers put their clones (default: the system temp dir)")
-    r.add_argument("--no-pull", action="store_true", help="leave the outputs on the remote (dvc.lock still written)")
-    r.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
-    r.set_defaults(func=cmd_fleet_run)
+    add_arguments(r, FleetRunArgs)
+    r.set_defaults(func=run_with(FleetRunArgs, cmd_fleet_run))
     p.set_defaults(func=lambda args: need_ray() and p.print_help())
 
 
@@ -59,15 +69,15 @@ def need_ray():
     return ray
 
 
-def cmd_fleet_run(args: argparse.Namespace) -> int:
+def cmd_fleet_run(args: FleetRunArgs) -> int:
     ray = need_ray()
     from pipeline.fleet import driver
     from pipeline.fleet.dag import expand
     from pipeline.fleet.task import REMOTE_NAME
 
     root = Path.cwd()
-    stages = expand(root, args.targets)
-    resources = resources_for(root, stages, args.catalog, args.resources)
+    stages = expand(root, list(args.targets) if args.targets else None)
+    resources = resources_for(root, stages, args.catalog, list(args.resources))
     for path in args.link:
         if not (root / path).exists():
             raise ForgeError("--link", f"{root / path} does not exist.", "build it first (make serve-env) or drop --link.")

@@ -22,10 +22,12 @@ import logging
 import resource
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.heartbeat import Progress, heartbeat
@@ -44,25 +46,27 @@ log = logging.getLogger(__name__)
 
 
 
+@dataclass(frozen=True, kw_only=True)
+class CalibrateArgs:
+    """`forge calibrate`'s arguments, declared once (pipeline/cliargs.py); each field is a parameter of main."""
+
+    recipe_path: Path = arg(positional="recipe")
+    model_dir: Path = arg(required=True, flag="model", help="download stage output")
+    calibration_dir: Path = arg(required=True, flag="calibration", help="calibration-set stage output")
+    out_dir: Path = arg(required=True, flag="out")
+    metrics_path: Path = arg(required=True, flag="metrics")
+    catalog_path: Path = arg(DEFAULT_CATALOG, flag="catalog")
+    cpu_memory_budget: int | None = arg(
+        metavar="BYTES", help="CPU only: dispatch the model within this much RAM, offloading the rest to disk")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="quantize with ModelOpt, export the unified checkpoint, verify it",
                        epilog="example: forge calibrate recipes/smollm2-135m-instruct/fp8.yaml "
                               "--model data/models/smollm2-135m-instruct --calibration data/calibration/smollm2-135m-instruct-fp8 "
                               "--out data/quantized/smollm2-135m-instruct-fp8 --metrics metrics/calibrate/smollm2-135m-instruct-fp8.json")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("--model", type=Path, required=True, help="download stage output")
-    p.add_argument("--calibration", type=Path, required=True, help="calibration-set stage output")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--metrics", type=Path, required=True)
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
-    p.add_argument("--cpu-memory-budget", type=int, default=None, metavar="BYTES",
-                   help="CPU only: dispatch the model within this much RAM, offloading the rest to disk")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(args.recipe, args.model, args.calibration, args.out, args.metrics, args.catalog,
-                args.cpu_memory_budget)
+    add_arguments(p, CalibrateArgs)
+    p.set_defaults(func=runner(CalibrateArgs, main))
 
 
 def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Path, metrics_path: Path,

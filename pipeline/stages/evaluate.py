@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cliargs import add_arguments, arg, included, run_with
 from pipeline.errors import RecipeError, StageInputError
 from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
 from pipeline.gate_stats import CONFIDENCE, METHOD, RESAMPLES, SEED
@@ -54,6 +55,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.recipe import MODEL_FILE, Model, Recipe, load_model, load_recipe
+from pipeline.serving.server import DEFAULT_SERVE_PYTHON, READY_TIMEOUT_S
 from pipeline.validate import validate_recipe
 
 log = logging.getLogger(__name__)
@@ -88,69 +90,87 @@ EVALUATE_EXAMPLE = """examples:
 # ---------------------------------------------------------------------------- CLI
 
 
+@dataclass(frozen=True)
+class ServeArgs:
+    """How baseline `--serve` and evaluate `--bundle` start the engine (both verbs include these)."""
+
+    serve_python: Path = arg(DEFAULT_SERVE_PYTHON,
+                             help="the serving venv's python, with vLLM (default: %(default)s, from `make serve-env`)")
+    ready_timeout: float = arg(READY_TIMEOUT_S, help="seconds to wait for the engine to answer (default: %(default)s)")
+
+
+@dataclass(frozen=True)
+class SuiteArgs:
+    """Where the eval suites are and how much of them to run (both verbs include these)."""
+
+    eval_dir: Path = arg(EVAL_DIR, help="holds suites/ and tasks/ (default: %(default)s)")
+    limit: int | None = arg(help="at most N documents per task (smoke runs); baseline and evaluate must agree")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineArgs:
+    """`forge baseline`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    model_yaml: Path = arg(positional="model_yaml", help="recipes/<model>/model.yaml")
+    model: Path = arg(required=True, help="download stage output")
+    out: Path = arg(required=True)
+    serve: bool = arg(False, help="serve the model with the engine that runs it here (vLLM CPU, trtllm-serve) "
+                                  "and score through it")
+    engine: ServeArgs = included(ServeArgs)
+    suite: SuiteArgs = included(SuiteArgs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateArgs:
+    """`forge evaluate`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    recipe: Path = arg(positional="recipe")
+    model: Path = arg(required=True, help="download stage output (the base weights)")
+    quantized: Path = arg(required=True, help="calibrate stage output")
+    baseline: Path = arg(required=True, help="baseline stage output")
+    out: Path = arg(required=True)
+    metrics: Path = arg(required=True, help="flat JSON metrics for `dvc metrics show`")
+    serve_url: str | None = arg(help="score a running OpenAI-compatible server (vLLM, trtllm-serve) instead of "
+                                     "the fake-quant model")
+    served_model_name: str = arg(CHECKPOINT_DIR, help="model name the server answers to (default: %(default)s, as "
+                                                      "the bundle's SERVE.md serves it)")
+    bundle: Path | None = arg(help="build stage output: serve it with the engine that runs it here and score "
+                                   "through it (records 'not served here: <reason>' where none can)")
+    served_device: str | None = arg(help="with --serve-url: the device the server runs on, for the metrics")
+    kv_numerics: str = arg(DEFAULT_KV_NUMERICS, choices=KV_NUMERICS_CHOICES,
+                           help="simulated path: whose FP8 KV-cache numerics to compute (default: %(default)s, the "
+                                "engine that serves the target GPU per pipeline/engines.py; "
+                                "pipeline/quant/simulate.py engine_kv_numerics)")
+    catalog: Path = arg(DEFAULT_CATALOG)
+    engine: ServeArgs = included(ServeArgs)
+    suite: SuiteArgs = included(SuiteArgs)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("baseline", help="lm-eval the unquantized model on its model.yaml's eval suite",
                        epilog=BASELINE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_yaml", type=Path, help="recipes/<model>/model.yaml")
-    p.add_argument("--model", type=Path, required=True, help="download stage output")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--serve", action="store_true",
-                   help="serve the model with the engine that runs it here (vLLM CPU, trtllm-serve) and score through it")
-    _add_serve_options(p)
-    _add_eval_options(p)
-    p.set_defaults(func=run_baseline)
+    add_arguments(p, BaselineArgs)
+    p.set_defaults(func=run_with(BaselineArgs, run_baseline))
 
     p = sub.add_parser("evaluate", help="lm-eval a quantized model and gate it against the baseline",
                        epilog=EVALUATE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", type=Path)
-    p.add_argument("--model", type=Path, required=True, help="download stage output (the base weights)")
-    p.add_argument("--quantized", type=Path, required=True, help="calibrate stage output")
-    p.add_argument("--baseline", type=Path, required=True, help="baseline stage output")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--metrics", type=Path, required=True, help="flat JSON metrics for `dvc metrics show`")
-    p.add_argument("--serve-url", help="score a running OpenAI-compatible server (vLLM, trtllm-serve) instead of the fake-quant model")
-    p.add_argument("--served-model-name", default=CHECKPOINT_DIR,
-                   help="model name the server answers to (default: %(default)s, as the bundle's SERVE.md serves it)")
-    p.add_argument("--bundle", type=Path,
-                   help="build stage output: serve it with the engine that runs it here and score through it "
-                        "(records 'not served here: <reason>' where none can)")
-    p.add_argument("--served-device", help="with --serve-url: the device the server runs on, for the metrics")
-    p.add_argument("--kv-numerics", choices=KV_NUMERICS_CHOICES, default=DEFAULT_KV_NUMERICS,
-                   help="simulated path: whose FP8 KV-cache numerics to compute (default: %(default)s, the engine "
-                        "that serves the target GPU per pipeline/engines.py; pipeline/quant/simulate.py engine_kv_numerics)")
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
-    _add_serve_options(p)
-    _add_eval_options(p)
-    p.set_defaults(func=run_evaluate)
+    add_arguments(p, EvaluateArgs)
+    p.set_defaults(func=run_with(EvaluateArgs, run_evaluate))
 
 
-def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    from pipeline.serving.server import DEFAULT_SERVE_PYTHON, READY_TIMEOUT_S
-
-    p.add_argument("--serve-python", type=Path, default=DEFAULT_SERVE_PYTHON,
-                   help="the serving venv's python, with vLLM (default: %(default)s, from `make serve-env`)")
-    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
-                   help="seconds to wait for the engine to answer (default: %(default)s)")
+def run_baseline(args: BaselineArgs) -> int:
+    serving = ServeOptions(args.engine.serve_python, args.engine.ready_timeout) if args.serve else None
+    return baseline_main(args.model_yaml, args.model, args.out, args.suite.eval_dir, args.suite.limit, serving)
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-dir", type=Path, default=EVAL_DIR, help="holds suites/ and tasks/ (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="at most N documents per task (smoke runs); baseline and evaluate must agree")
-
-
-def run_baseline(args: argparse.Namespace) -> int:
-    serving = ServeOptions(args.serve_python, args.ready_timeout) if args.serve else None
-    return baseline_main(args.model_yaml, args.model, args.out, args.eval_dir, args.limit, serving)
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: EvaluateArgs) -> int:
     if args.bundle and args.serve_url:
         raise RecipeError("forge evaluate", "give --bundle (forge serves it) or --serve-url (already served), not both.",
                           "drop one.")
-    serving = ServeOptions(args.serve_python, args.ready_timeout, args.bundle, args.served_device)
+    serving = ServeOptions(args.engine.serve_python, args.engine.ready_timeout, args.bundle, args.served_device)
     return evaluate_main(args.recipe, args.model, args.quantized, args.baseline, args.out, args.metrics,
-                         args.serve_url, args.served_model_name, args.catalog, args.eval_dir, args.limit, serving,
-                         args.kv_numerics)
+                         args.serve_url, args.served_model_name, args.catalog, args.suite.eval_dir, args.suite.limit,
+                         serving, args.kv_numerics)
 
 
 # ---------------------------------------------------------------------------- the stages

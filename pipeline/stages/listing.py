@@ -8,15 +8,16 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
+from pipeline.cliargs import add_arguments, arg, included, run_with
 from pipeline.errors import RecipeError
 from pipeline.gpu_detect import LocalGpu
 from pipeline.gpus import load_catalog
 from pipeline.registries import open_registry
 from pipeline.registry import ArtifactSummary
 from pipeline.selection import ProfileRow, profile_rows
-from pipeline.stages.publish import _add_registry_options, registry_url
+from pipeline.stages.publish import RegistryArgs
 from pipeline.stages.pull import resolve_gpu
 
 log = logging.getLogger(__name__)
@@ -28,21 +29,28 @@ LIST_EXAMPLE = """examples:
 """
 
 
+@dataclass(frozen=True, kw_only=True)
+class ListArgs:
+    """`forge list`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    gpu: str | None = arg(help="a GPU catalog key: show each artifact's compatibility with it, and which "
+                               "one `forge pull MODEL --gpu` would take")
+    count: int | None = arg(help="GPUs of that kind available (default 1)")
+    json: bool = arg(False, help="machine-readable output")
+    where: RegistryArgs = included(RegistryArgs)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="artifacts in the registry: versions, stages, format, GPU, key metrics",
                        epilog=LIST_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", help="a GPU catalog key: show each artifact's compatibility with it, and which "
-                                 "one `forge pull MODEL --gpu` would take")
-    p.add_argument("--count", type=int, help="GPUs of that kind available (default 1)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_registry_options(p)
-    p.set_defaults(func=run_list)
+    add_arguments(p, ListArgs)
+    p.set_defaults(func=run_with(ListArgs, run_list))
 
 
-def run_list(args: argparse.Namespace) -> int:
-    url = registry_url(args)
+def run_list(args: ListArgs) -> int:
+    url = args.where.url
     if args.gpu is not None:
-        catalog = load_catalog(args.catalog)
+        catalog = load_catalog(args.where.catalog)
         if args.gpu not in catalog:
             raise RecipeError("--gpu", f"unknown GPU {args.gpu!r}.",
                               f"use one of {', '.join(catalog)} (pipeline/data/gpus.yaml).")

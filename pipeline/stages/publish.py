@@ -24,6 +24,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.cliargs import add_arguments, arg, included, run_with
 from pipeline.engines import require_loadable
 from pipeline.errors import RegistryError, StageInputError
 from pipeline.formats import FORMATS
@@ -44,7 +45,6 @@ from pipeline.manifest import (
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.registries import open_registry
 from pipeline.registry import (
-    PASSING_VERDICT,
     PublishResult,
     validate_name,
 )
@@ -70,37 +70,46 @@ PUBLISH_EXAMPLE = """example:
 # ---------------------------------------------------------------------------- CLI
 
 
+@dataclass(frozen=True)
+class RegistryArgs:
+    """The registry options publish, pull and list share, declared once (pipeline/cliargs.py)."""
+
+    registry: str | None = arg(help=f"directory, fsspec URL, oci://HOST/NAMESPACE, plain+DIR or http(s):// "
+                                    f"(default: ${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY})")
+    catalog: Path = arg(DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
+
+    @property
+    def url(self) -> str:
+        return self.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishArgs:
+    """`forge publish`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    recipe: Path = arg(positional="recipe", help="recipes/<model>/<variant>.yaml")
+    gpu: str = arg(required=True, help="the recipe target (GPU catalog key) the bundle was built for")
+    bundle: Path = arg(required=True, help="the build stage's output directory")
+    evaluation: Path = arg(required=True, help="the evaluate stage's output directory")
+    served_evaluation: Path | None = arg(
+        help="the serve-eval stage's output: gate on it where the bundle was served (else on --evaluation)")
+    out: Path = arg(required=True, help="where the receipt goes (replaced atomically)")
+    stage: str | None = arg(help="stage label to assign, e.g. prod (default: the recipe's publish.stage)")
+    tag: bool = arg(False, help="also create GTO git tags name@vX.Y.Z / name#stage#N here")
+    strict: bool = arg(False, help="exit 1 when the accuracy gate failed (default: 0)")
+    where: RegistryArgs = included(RegistryArgs)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish a gated bundle whose lineage checks out to the artifact registry",
                        epilog=PUBLISH_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", type=Path, help="recipes/<model>/<variant>.yaml")
-    p.add_argument("--gpu", required=True, help="the recipe target (GPU catalog key) the bundle was built for")
-    p.add_argument("--bundle", required=True, type=Path, help="the build stage's output directory")
-    p.add_argument("--evaluation", required=True, type=Path, help="the evaluate stage's output directory")
-    p.add_argument("--served-evaluation", type=Path,
-                   help="the serve-eval stage's output: gate on it where the bundle was served (else on --evaluation)")
-    p.add_argument("--out", required=True, type=Path, help="where the receipt goes (replaced atomically)")
-    p.add_argument("--stage", help="stage label to assign, e.g. prod (default: the recipe's publish.stage)")
-    p.add_argument("--tag", action="store_true", help="also create GTO git tags name@vX.Y.Z / name#stage#N here")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the accuracy gate failed (default: 0)")
-    _add_registry_options(p)
-    p.set_defaults(func=run_publish)
+    add_arguments(p, PublishArgs)
+    p.set_defaults(func=run_with(PublishArgs, run_publish))
 
 
-
-def _add_registry_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", help=f"directory, fsspec URL, oci://HOST/NAMESPACE, plain+DIR or http(s):// "
-                                      f"(default: ${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY})")
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
-
-
-def registry_url(args: argparse.Namespace) -> str:
-    return args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
-
-
-def run_publish(args: argparse.Namespace) -> int:
-    receipt = main(args.recipe, args.gpu, args.bundle, args.evaluation, registry_url(args), args.out,
-                   stage=args.stage, tag=args.tag, repo_dir=Path.cwd(), catalog_path=args.catalog,
+def run_publish(args: PublishArgs) -> int:
+    receipt = main(args.recipe, args.gpu, args.bundle, args.evaluation, args.where.url, args.out,
+                   stage=args.stage, tag=args.tag, repo_dir=Path.cwd(), catalog_path=args.where.catalog,
                    served_evaluation_dir=args.served_evaluation)
     return 1 if args.strict and receipt.gate_failed else 0
 

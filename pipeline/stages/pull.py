@@ -11,8 +11,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cliargs import add_arguments, arg, included, run_with
 from pipeline.errors import RegistryError
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import GpuSpec, load_catalog
@@ -23,7 +25,7 @@ from pipeline.registry import (
     validate_name,
 )
 from pipeline.selection import profile_rows
-from pipeline.stages.publish import _add_registry_options, _installed, registry_url
+from pipeline.stages.publish import RegistryArgs, _installed
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +42,34 @@ layout); http(s):// (a plain layout served over HTTP, read only).
 """
 
 
+@dataclass(frozen=True, kw_only=True)
+class PullArgs:
+    """`forge pull`'s arguments, declared once (pipeline/cliargs.py)."""
+
+    target: str = arg(positional="target",
+                      help="an artifact name, or with --gpu a model name to choose an artifact for")
+    dest: Path = arg(required=True, help="a new (or empty) directory")
+    version: str | None = arg(group="which", help="vX.Y.Z (default: the newest)")
+    stage: str | None = arg(group="which", help="the version a stage label points at, e.g. prod")
+    gpu: str | None = arg(help="'auto' (NVML) or a GPU catalog key: the GPU the artifact will run on. "
+                               "Default: the local GPU when NVML finds one, else no compute-capability check")
+    count: int | None = arg(help="GPUs of that kind available (default: as detected, or 1)")
+    force: bool = arg(False, help="pull despite a compute capability or runtime mismatch")
+    where: RegistryArgs = included(RegistryArgs)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pull", help="download and verify an artifact (by name, or the best one for a GPU)",
                        epilog=PULL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="an artifact name, or with --gpu a model name to choose an artifact for")
-    p.add_argument("--dest", required=True, type=Path, help="a new (or empty) directory")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--version", help="vX.Y.Z (default: the newest)")
-    which.add_argument("--stage", help="the version a stage label points at, e.g. prod")
-    p.add_argument("--gpu", help="'auto' (NVML) or a GPU catalog key: the GPU the artifact will run on. "
-                                 "Default: the local GPU when NVML finds one, else no compute-capability check")
-    p.add_argument("--count", type=int, help="GPUs of that kind available (default: as detected, or 1)")
-    p.add_argument("--force", action="store_true", help="pull despite a compute capability or runtime mismatch")
-    _add_registry_options(p)
-    p.set_defaults(func=run_pull)
+    add_arguments(p, PullArgs)
+    p.set_defaults(func=run_with(PullArgs, run_pull))
 
 
-
-def run_pull(args: argparse.Namespace) -> int:
+def run_pull(args: PullArgs) -> int:
     validate_name(args.target, kind="artifact or model name")  # before anything else looks at it
-    catalog = load_catalog(args.catalog)
+    catalog = load_catalog(args.where.catalog)
     local_gpu = resolve_gpu(args.gpu, catalog, args.count)
-    result = pull_main(args.target, args.dest, registry_url(args), local_gpu, local_runtime_versions(),
+    result = pull_main(args.target, args.dest, args.where.url, local_gpu, local_runtime_versions(),
                        version=args.version, stage=args.stage, select=args.gpu is not None, force=args.force,
                        progress=sys.stderr.isatty())
     print(f"pulled {result.name} {result.version} into {result.dest}: {result.files} files, "

@@ -298,7 +298,8 @@ def test_cli_verbs_are_registered(world, tmp_path, no_model_work, capsys):
     assert code == 2
     assert "no baseline evaluation here" in capsys.readouterr().err
     args = cli.build_parser(cli.stage_verbs()).parse_args(["baseline", "m.yaml", "--model", "d", "--out", "o", "--limit", "3"])
-    assert (args.func, args.model_yaml, args.limit, args.eval_dir) == (evaluate.run_baseline, Path("m.yaml"), 3, Path("eval"))
+    assert (args.func.__wrapped__, args.func.spec) == (evaluate.run_baseline, evaluate.BaselineArgs)
+    assert (args.model_yaml, args.limit, args.eval_dir) == (Path("m.yaml"), 3, Path("eval"))
 
 
 def test_exit_code_of_each_verdict(caplog):
