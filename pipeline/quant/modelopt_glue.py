@@ -452,10 +452,16 @@ def save_quant_state(model: nn.Module, path: Path | str) -> QuantStateFile:
         "quantizer_state_dict": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in quantizer_states.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialized in memory: torch.save names the zip archive's root folder after the file it writes
+    # (torch/serialization.py, `_open_zipfile_writer_file`), so saving to the random temporary name
+    # made every run's bytes differ (the fleet check's quant_state.pt mismatch). A buffer's archive
+    # root is always "archive"; the bytes then depend on the payload only.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as out:
+            out.write(buffer.getbuffer())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -173,6 +173,10 @@ def test_state_roundtrip_is_exact_and_needs_the_buffers(batches, tmp_path):
     assert saved.size_bytes < 200_000  # compact: no weights
     assert saved.quantizers_with_buffers == 2 * LINEARS_PER_LAYER * LAYERS + 2 * LAYERS
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["quant_state.pt"]
+    # The same state gives the same bytes wherever it is written (the atomic write's temporary name
+    # once leaked into the zip archive and made each run's file differ).
+    again = save_quant_state(model, tmp_path / "elsewhere" / "quant_state.pt")
+    assert again.path.read_bytes() == saved.path.read_bytes()
 
     restored = restore_quant_state(tiny_llama(), saved.path)
     assert torch.equal(_logits(restored, batches[0]), expected)
