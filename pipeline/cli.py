@@ -109,19 +109,19 @@ def cmd_validate(args: ValidateArgs) -> int:
 
 def validate_one(path: Path, catalog):
     from pipeline.recipe import load_recipe
-    from pipeline.validate import validate_recipe
+    from pipeline.validate import Definitions, validate_recipe
 
-    return validate_recipe(load_recipe(path), catalog)
+    return validate_recipe(load_recipe(path), catalog, Definitions.of_checkout(Path(".")))
 
 
 def cmd_show(args: ShowArgs) -> int:
     import yaml
 
     from pipeline.recipe import load_recipe
-    from pipeline.validate import validate_recipe
+    from pipeline.validate import Definitions, validate_recipe
 
     recipe = load_recipe(Path(args.recipe))
-    validate_recipe(recipe, load_catalog(args.common.catalog))
+    validate_recipe(recipe, load_catalog(args.common.catalog), Definitions.of_checkout(Path(".")))
     resolved = recipe.resolved()
     print(json.dumps(resolved, indent=2) if args.json else yaml.safe_dump(resolved, sort_keys=False), end="")
     return 0
@@ -211,7 +211,7 @@ def _recipe_requests(args: PlanArgs):
     from pipeline.placement import plan_recipe_calibration
     from pipeline.planview import PlanRequest
     from pipeline.recipe import load_recipe
-    from pipeline.validate import target_spec, validate_recipe
+    from pipeline.validate import Definitions, target_spec, validate_recipe
 
     recipe = load_recipe(Path(args.recipe))
     given = _given(args)
@@ -220,7 +220,7 @@ def _recipe_requests(args: PlanArgs):
         return plan_recipe_calibration(recipe, catalog).to_json()
 
     if not given:
-        validate_recipe(recipe, load_catalog(args.catalog))
+        validate_recipe(recipe, load_catalog(args.catalog), Definitions.of_checkout(Path(".")))
         return [PlanRequest(recipe.artifact_name(gpu), target_spec(recipe, gpu), defaults=_defaulted(recipe, gpu),
                             calibration=calibration)
                 for gpu in recipe.spec.targets]

@@ -88,7 +88,7 @@ def new_model(repo_id: str, revision: str, config_path: Path, gpus: list[str], c
               root: Path = RECIPES_DIR, name: str | None = None, trust_remote_code: bool = False) -> Path:
     """Validate, then write recipes/<name>/ atomically. Returns the directory."""
     from pipeline.recipe import load_recipe
-    from pipeline.validate import validate_recipe
+    from pipeline.validate import Definitions, validate_recipe
     from pipeline.yamlio import read_json
 
     if not re.match(r"^[\w.-]+/[\w.-]+$", repo_id):
@@ -117,7 +117,7 @@ def new_model(repo_id: str, revision: str, config_path: Path, gpus: list[str], c
             (model_dir / file_name).write_text(text)
         for file_name in files:
             if file_name.endswith(".yaml") and file_name != "model.yaml":
-                validate_recipe(load_recipe(model_dir / file_name), catalog)
+                validate_recipe(load_recipe(model_dir / file_name), catalog, Definitions.of_checkout(Path(root).parent))
         model_dir.rename(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.gpus import GpuSpec
 from pipeline.recipe import RECIPES_DIR, discover_recipes, load_recipe
-from pipeline.validate import validate_recipe
+from pipeline.validate import Definitions, validate_recipe
 
 PLAN_FILE = Path("plan.yaml")
 DVC_FILE = Path("dvc.yaml")
@@ -43,7 +43,7 @@ def build_plan(catalog: dict[str, GpuSpec], include_all: bool = False, root: Pat
         recipe = load_recipe(path)
         if not (include_all or recipe.model.spec.default_pipeline):
             continue
-        validate_recipe(recipe, catalog)
+        validate_recipe(recipe, catalog, Definitions.of_checkout(Path(root).parent))
         models[recipe.model.name] = {"model_yaml": str(recipe.model.directory / "model.yaml")}
         recipes[recipe.id] = {"recipe": str(path), "model": recipe.model.name}
         for gpu in recipe.spec.targets:

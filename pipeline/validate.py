@@ -25,8 +25,21 @@ from pipeline.sizing import (
 )
 from pipeline.yamlio import excerpt
 
-CALIBRATION_DIR = Path("calibration")
-EVAL_SUITES_DIR = Path("eval/suites")
+
+@dataclass(frozen=True)
+class Definitions:
+    """Where the calibration sets and eval suites that recipes name are defined. A stage passes the
+    directories it reads, the same ones dvc.yaml lists as its deps (evaluate: its --eval-dir's
+    suites); None leaves that name unchecked by a stage that never reads it (calibrate reads the
+    calibration-set stage's output, not the definitions). Nothing here reads the working directory."""
+
+    calibration_dir: Path | None = None
+    suites_dir: Path | None = None
+
+    @classmethod
+    def of_checkout(cls, root: Path) -> Definitions:
+        """The checkout's own: what `forge validate`, `forge plan` and `forge new` check against."""
+        return cls(root / "calibration", root / "eval" / "suites")
 
 
 def serving_shape(target: Target) -> ServingShape:
@@ -214,10 +227,10 @@ def check_named_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]
     return check_target(recipe, gpu_key, catalog)
 
 
-def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Path(".")) -> dict[str, Plan]:
+def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], definitions: Definitions) -> dict[str, Plan]:
     """Every check for one recipe; returns the plan of each target. Raises all problems found."""
     problems: list[ForgeError] = []
-    problems += _names_problems(recipe, root)
+    problems += _names_problems(recipe, definitions)
     problems += _calibration_length_problems(recipe)
     plans: dict[str, Plan] = {}
     for gpu_key in recipe.spec.targets:
@@ -237,33 +250,46 @@ def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], root: Path = Pa
     return plans
 
 
-def _names_problems(recipe: Recipe, root: Path) -> list[ForgeError]:
+def _names_problems(recipe: Recipe, definitions: Definitions) -> list[ForgeError]:
     """The calibration set and eval suites a recipe names exist; gate overrides name suite metrics."""
     problems: list[ForgeError] = []
-    calib = root / CALIBRATION_DIR / f"{recipe.spec.calibration.set}.yaml"
-    if not calib.is_file():
-        known = sorted(p.stem for p in (root / CALIBRATION_DIR).glob("*.yaml"))
-        problems.append(RecipeError(
-            f"{recipe.path}: calibration.set",
-            f"unknown calibration set '{recipe.spec.calibration.set}'.",
-            f"use one of {', '.join(known)} or add {calib}.",
-        ))
+    if definitions.calibration_dir is not None:
+        problems += _calibration_set_problems(recipe, definitions.calibration_dir)
+    if definitions.suites_dir is not None:
+        problems += _suite_problems(recipe, definitions.suites_dir)
+    return problems
+
+
+def _calibration_set_problems(recipe: Recipe, calibration_dir: Path) -> list[ForgeError]:
+    calib = calibration_dir / f"{recipe.spec.calibration.set}.yaml"
+    if calib.is_file():
+        return []
+    known = sorted(p.stem for p in calibration_dir.glob("*.yaml"))
+    return [RecipeError(
+        f"{recipe.path}: calibration.set",
+        f"unknown calibration set '{recipe.spec.calibration.set}'.",
+        f"use one of {', '.join(known)} or add {calib}.",
+    )]
+
+
+def _suite_problems(recipe: Recipe, suites_dir: Path) -> list[ForgeError]:
+    problems: list[ForgeError] = []
     from pipeline.evaluation import load_suite
 
     for where, name in (
         (f"{recipe.path}: eval.suite", recipe.spec.eval.suite),
         (f"{recipe.model.directory / 'model.yaml'}: eval.suite", recipe.model.spec.eval.suite),
     ):
-        if not (root / EVAL_SUITES_DIR / f"{name}.yaml").is_file():
-            known = sorted(p.stem for p in (root / EVAL_SUITES_DIR).glob("*.yaml"))
+        if not (suites_dir / f"{name}.yaml").is_file():
+            known = sorted(p.stem for p in (suites_dir).glob("*.yaml"))
             problems.append(RecipeError(where, f"unknown eval suite '{name}'.", f"use one of {', '.join(known)}."))
             continue
         try:
-            load_suite(name, root / EVAL_SUITES_DIR)
+            load_suite(name, suites_dir)
         except ForgeError as exc:
             problems.append(exc)
-    if (root / EVAL_SUITES_DIR / f"{recipe.spec.eval.suite}.yaml").is_file():
-        suite = load_suite(recipe.spec.eval.suite, root / EVAL_SUITES_DIR)
+    if (suites_dir / f"{recipe.spec.eval.suite}.yaml").is_file():
+        suite = load_suite(recipe.spec.eval.suite, suites_dir)
         unknown = sorted(set(recipe.spec.eval.gates.overrides) - set(suite.directions()))
         if unknown:
             problems.append(RecipeError(

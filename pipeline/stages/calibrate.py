@@ -40,7 +40,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.validate import validate_recipe
+from pipeline.validate import Definitions, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
 
     recipe = load_recipe(recipe_path)
     catalog = load_catalog(catalog_path)
-    validate_recipe(recipe, catalog)
+    validate_recipe(recipe, catalog, Definitions())  # its calibration set arrives as the calibration-set stage's output
     inputs = check_inputs(recipe, Path(model_dir), Path(calibration_dir))
     timer = Timer()
     # Disk-offloaded weights (CPU dispatch only) live here until the stage ends.

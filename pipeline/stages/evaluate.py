@@ -56,7 +56,7 @@ from pipeline.manifest import (
 )
 from pipeline.recipe import MODEL_FILE, Model, Recipe, load_model, load_recipe
 from pipeline.serving.server import DEFAULT_SERVE_PYTHON, READY_TIMEOUT_S
-from pipeline.validate import validate_recipe
+from pipeline.validate import Definitions, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def evaluate_main(recipe_path: Path, model_dir: Path, quantized_dir: Path, basel
                   serving: ServeOptions | None = None, kv_numerics: str = DEFAULT_KV_NUMERICS) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
-    validate_recipe(recipe, catalog)
+    validate_recipe(recipe, catalog, Definitions(suites_dir=Path(eval_dir) / "suites"))
     kv_choice = resolve_kv_numerics(recipe, catalog, kv_numerics)
     suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit)
     policy = gate_policy(recipe)

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.cliargs import add_arguments, arg, runner
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import RECIPES_DIR, discover_recipes, load_recipe
-from pipeline.validate import validate_recipe
+from pipeline.validate import Definitions, validate_recipe
 
 log = logging.getLogger(__name__)
 JSON_FILE, MARKDOWN_FILE, FIGURES_DIR = "gpu_compare.json", "gpu_compare.md", "figures"
@@ -61,7 +61,7 @@ def real_model_recipes(recipes_dir: Path, catalog) -> list:
     recipes = [load_recipe(path) for path in discover_recipes(recipes_dir)]
     real = [r for r in recipes if not r.model.spec.default_pipeline]
     for recipe in real:
-        validate_recipe(recipe, catalog)
+        validate_recipe(recipe, catalog, Definitions())
     return real
 
 

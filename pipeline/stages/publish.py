@@ -50,7 +50,7 @@ from pipeline.registry import (
 )
 from pipeline.serving.gate_source import choose_gate_source
 from pipeline.sizing import KV_BLOCK_TOKENS
-from pipeline.validate import check_named_target, validate_recipe
+from pipeline.validate import Definitions, check_named_target, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     timer = Timer()
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
-    validate_recipe(recipe, catalog)
+    validate_recipe(recipe, catalog, Definitions())
     check_named_target(recipe, gpu, catalog)
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):

@@ -42,7 +42,7 @@ from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sizing import Ceilings, Plan
 from pipeline.trtllm import served_model_id
-from pipeline.validate import check_named_target, plan_target, validate_recipe
+from pipeline.validate import Definitions, check_named_target, plan_target, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
          out_dir: Path | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
-    validate_recipe(recipe, catalog)
+    validate_recipe(recipe, catalog, Definitions())
     check_named_target(recipe, gpu, catalog)
     pricing = price_per_gpu_hour(recipe, gpu, price)
     ceilings = ceilings_for(recipe, gpu, catalog[gpu], Path(measured_dir))

@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.gpus import load_catalog
 from pipeline.newmodel import format_for, model_name
 from pipeline.recipe import load_recipe
-from pipeline.validate import validate_recipe
+from pipeline.validate import Definitions, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 REVISION = "0e9e39f249a16976918f6564b8830bc894c89659"
@@ -51,7 +51,7 @@ def test_new_writes_a_model_and_a_recipe_per_format(repo, capsys):
     assert set(fp8.spec.targets) == {"h200", "h100"} and set(nvfp4.spec.targets) == {"b200"}
     catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
     for recipe in (fp8, nvfp4):
-        assert all(p.fits for p in validate_recipe(recipe, catalog).values())
+        assert all(p.fits for p in validate_recipe(recipe, catalog, Definitions.of_checkout(repo)).values())
     assert "regenerated plan.yaml" in out and "forge plan --dvc --all --model llama-test" in out
     assert main(["plan", "--dvc", "--check"]) == 0  # the plan was regenerated, so it is fresh
     assert not list((repo / "recipes").glob(".llama-test.new-*"))

@@ -16,7 +16,8 @@ from pipeline.cli import main
 from pipeline.formats import FORMATS
 from pipeline.gpus import load_catalog
 from pipeline.recipe import discover_recipes, load_recipe
-from pipeline.validate import validate_recipe
+from pipeline.errors import ForgeError
+from pipeline.validate import Definitions, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = discover_recipes(ROOT / "recipes")
@@ -38,7 +39,7 @@ def test_recipes_are_shipped_for_every_model_and_format():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path.relative_to(ROOT))
-    plans = validate_recipe(recipe, load_catalog())
+    plans = validate_recipe(recipe, load_catalog(), Definitions.of_checkout(ROOT))
     assert plans and all(p.fits for p in plans.values())
     if recipe.model.spec.source.kind == "hf":
         assert len(recipe.model.spec.source.revision) == 40  # pinned commit
@@ -341,3 +342,15 @@ def test_symlinked_recipe_from_outside_is_refused(tmp_path, capsys):
     code, err = _run(capsys, "validate", str(model_dir / "linked.yaml"))
     assert code == 2
     assert f"linked.yaml: a symlink to {outside}, outside {model_dir}. Fix: copy the file into {model_dir}" in err
+
+
+def test_validation_reads_the_definitions_it_is_given_not_the_working_directory(tmp_path, monkeypatch):
+    recipe = load_recipe(ROOT / "recipes/smollm2-135m-instruct/fp8.yaml")
+    monkeypatch.chdir(tmp_path)  # no calibration/ or eval/ here
+    assert validate_recipe(recipe, load_catalog(), Definitions.of_checkout(ROOT))
+    assert validate_recipe(recipe, load_catalog(), Definitions())  # a stage that reads neither
+    (tmp_path / "suites").mkdir()
+    with pytest.raises(ForgeError) as err:
+        validate_recipe(recipe, load_catalog(), Definitions(calibration_dir=tmp_path, suites_dir=tmp_path / "suites"))
+    assert "calibration.set: unknown calibration set 'generated-en'" in str(err.value)
+    assert "eval.suite: unknown eval suite 'smoke'" in str(err.value)
