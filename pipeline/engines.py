@@ -74,6 +74,13 @@ class Engine:
     # and convert with __nv_cvt_float_to_fp8(..., __NV_SATFINITE, __NV_E4M3)
     # (vllm csrc/cache_kernels.cu reshape_and_cache_flash -> fp8::scaled_convert, csrc/quantization/fp8/nvidia/quant_utils.cuh).
     kv_numerics: str = "modelopt"
+    # forge's KV-cache dtype (pipeline/formats.py KV_CACHE_DTYPES) -> the engine's --kv-cache-dtype
+    # value; a dtype it lacks has no verified spelling. Empty for TensorRT-LLM, which takes the KV
+    # dtype in llm_api_options.yaml (kv_cache_config.dtype, written by build).
+    kv_cache_dtypes: tuple[tuple[str, str], ...] = ()
+
+    def kv_cache_dtype_flag(self, kv_cache_dtype: str) -> str | None:
+        return dict(self.kv_cache_dtypes).get(kv_cache_dtype)
 
     def contract(self, quant_algo: str | None) -> FormatContract | None:
         if quant_algo is None:
@@ -118,6 +125,9 @@ VLLM_CPU_FP8_FLAGS = ("--enable-lora", "--lora-target-modules", "down_proj")
 _TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
 _VLLM_MODELOPT = "vllm/model_executor/layers/quantization/modelopt.py"
 _SGL_MODELOPT = "python/sglang/srt/layers/quantization/modelopt_quant.py"
+# --kv-cache-dtype choices (vllm/config/cache.py CacheDType); "fp8" is E4M3 there. vLLM's NVFP4 KV
+# cache is not one forge has verified.
+_VLLM_KV_CACHE_DTYPES = (("auto", "auto"), ("fp8", "fp8"))
 
 ENGINES: dict[str, Engine] = {
     e.name: e
@@ -185,11 +195,13 @@ ENGINES: dict[str, Engine] = {
             ),
             serve="vllm serve {dir}",
             source="vllm-project/vllm " + _VLLM_MODELOPT,
+            kv_cache_dtypes=_VLLM_KV_CACHE_DTYPES,
         ),
         Engine(
             name="vllm-cpu", version="0.32.0", device="cpu",
             config_source="config.json", upper_cases_algo=True, exclude_match="vllm",
             kv={"FP8": "used (k_proj.k_scale -> attn.k_scale); stored in E4M3 by truncation toward zero"},
+            kv_cache_dtypes=_VLLM_KV_CACHE_DTYPES,
             formats=(
                 FormatContract("bf16", "", None, PER_SHARD, flags=("--dtype", "bfloat16")),
                 # KFp8StaticTensor.process re-quantizes only when shard scales differ, through
@@ -224,6 +236,8 @@ ENGINES: dict[str, Engine] = {
             # `modelopt` block is sent to the FP8 config unless --quantization modelopt_fp4 (sglang #14285).
             config_source="config.json", upper_cases_algo=False, exclude_match="sglang",
             kv={"FP8": "used"},
+            # --kv-cache-dtype choices (python/sglang/srt/server_args.py): FP8 is spelled fp8_e4m3.
+            kv_cache_dtypes=(("auto", "auto"), ("fp8", "fp8_e4m3")),
             formats=(
                 FormatContract("bf16", "", CC(8, 0), PER_SHARD),
                 FormatContract("fp8", "FP8", CC(8, 9), RESCALES, flags=("--quantization", "modelopt_fp8"),
@@ -356,9 +370,8 @@ def require_loadable(table: list[dict[str, Any]], where: str) -> None:
 
 
 def _kv_flags(engine: Engine) -> tuple[str, ...]:
-    # TensorRT-LLM takes the KV dtype in llm_api_options.yaml (kv_cache_config.dtype), written by build.
-    return {"vllm": ("--kv-cache-dtype", "fp8"), "vllm-cpu": ("--kv-cache-dtype", "fp8"),
-            "sglang": ("--kv-cache-dtype", "fp8_e4m3")}.get(engine.name, ())
+    spelled = engine.kv_cache_dtype_flag("fp8")
+    return ("--kv-cache-dtype", spelled) if spelled else ()
 
 
 def _quant_config(ckpt: Path, source: str) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.engines import TENSORRT_LLM_VERSION
+from pipeline.engines import ENGINES, TENSORRT_LLM_VERSION
 from pipeline.errors import ForgeError
 from pipeline.formats import ComputeCapability
 from pipeline.recipe import Target
@@ -169,11 +169,6 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
 # ---------------------------------------------------------------------------- commands
 
 
-# vLLM / SGLang spell the KV dtype differently; None = no equivalent forge has verified.
-VLLM_KV_DTYPE = {"auto": "auto", "fp8": "fp8", "nvfp4": None}
-SGLANG_KV_DTYPE = {"auto": "auto", "fp8": "fp8_e4m3", "nvfp4": None}
-
-
 @dataclass(frozen=True)
 class ServeCommands:
     """argv lists, run from the bundle directory (paths are relative so the bundle can move)."""
@@ -252,8 +247,9 @@ def serve_commands(
               "--context-length", str(options["max_seq_len"]),
               "--max-running-requests", str(options["max_batch_size"]),
               "--chunked-prefill-size", str(options["max_num_tokens"]), "--mem-fraction-static", str(fraction)]
-    for argv, table, engine_name in ((vllm, VLLM_KV_DTYPE, "vLLM"), (sglang, SGLANG_KV_DTYPE, "SGLang")):
-        spelled = table[kv_dtype]
+    # vLLM / SGLang spell the KV dtype differently (each engine's contract, pipeline/engines.py).
+    for argv, engine, engine_name in ((vllm, ENGINES["vllm"], "vLLM"), (sglang, ENGINES["sglang"], "SGLang")):
+        spelled = engine.kv_cache_dtype_flag(kv_dtype)
         if spelled is None:
             notes.append(f"{engine_name}: no verified spelling for a {kv_dtype} KV cache; it runs with its default.")
         else:

@@ -39,8 +39,6 @@ VLLM_CPU_REFUSALS = {
     "mxfp4": "vLLM's ModelOpt loader refuses ModelOpt 0.47's dense weight-only mxfp4 (it accepts FP8, "
              "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, MIXED_PRECISION)",
 }
-# KV-cache dtypes of forge (pipeline/formats.py KV_CACHE_DTYPES) as vLLM's --kv-cache-dtype spells them.
-VLLM_KV_CACHE_DTYPE = {"auto": "auto", "fp8": "fp8"}
 
 
 @dataclass(frozen=True)
@@ -74,13 +72,14 @@ def choose_engine(format_name: str | None, kv_cache_dtype: str, target_cc: Compu
     contract = vllm_cpu_contract(format_name)
     if contract is None:
         return EngineChoice(None, f"{trt_reason}; {VLLM_CPU_REFUSALS.get(str(format_name), f'vLLM CPU does not run {format_name}')}")
-    if kv_cache_dtype not in VLLM_KV_CACHE_DTYPE:
+    engine = ENGINES[VLLM_CPU]
+    kv_flag = engine.kv_cache_dtype_flag(kv_cache_dtype)
+    if kv_flag is None:
         return EngineChoice(None, f"{trt_reason}; vLLM has no {kv_cache_dtype} KV cache")
     if not vllm_available:
         return EngineChoice(None, f"{trt_reason}; the serving venv with vLLM is not installed (make serve-env)")
-    engine = ENGINES[VLLM_CPU]
     return EngineChoice(VLLM, f"{trt_reason}; vLLM's CPU build runs {format_name or 'bf16'}",
-                        VLLM_KV_CACHE_DTYPE[kv_cache_dtype], contract.flags, engine.version, engine.kv_numerics)
+                        kv_flag, contract.flags, engine.version, engine.kv_numerics)
 
 
 def vllm_cpu_contract(format_name: str | None) -> FormatContract | None:
