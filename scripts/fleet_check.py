@@ -5,7 +5,8 @@ the same outputs as the plain `dvc repro` that just ran here.
    (one CPU each, on loopback); `forge fleet run` there.
 2. Every file of every stage output in the clone is byte-identical (sha256) to this checkout's (from
    `make repro`), apart from each stage's manifest.json, whose wall-clock fields (created_at,
-   timings: pipeline/manifest.py) differ between any two runs. The dvc.lock digests of directory
+   timings: pipeline/manifest.py) differ between any two runs, and the `*_s` timings in the metrics
+   files (every other metric value must match). The dvc.lock digests of directory
    outputs hash the manifest too, so they are reported but not required to match.
 3. `dvc status` in the clone reports nothing changed; a second `forge fleet run` there is fully cached.
 Wall times of both runs are printed for the closing note.
@@ -38,11 +39,24 @@ def digests(lock: Path) -> dict[str, dict[str, str]]:
     return {name: {o["path"]: o.get("md5", "") for o in entry.get("outs", [])} for name, entry in stages.items()}
 
 
+def metrics_without_timings(path: Path) -> str:
+    """A DVC metrics file (metrics/<stage>/<key>.json) minus its wall-clock entries (`*_s`, e.g.
+    calibrate_s): those differ between any two runs; every other value must match."""
+    import hashlib
+    import json
+
+    values = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("_s")}
+    return "metrics-sans-timings:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
 def out_files(root: Path, out: str) -> dict[str, str]:
-    """{relpath: sha256} of one DVC output, the stage manifest left out (see the module docstring)."""
+    """{relpath: sha256} of one DVC output, the stage manifest and metrics timings left out (see the
+    module docstring)."""
     from pipeline.manifest import MANIFEST_NAME, file_digests, sha256_file
 
     path = root / out
+    if path.is_file() and out.startswith("metrics/") and path.suffix == ".json":
+        return {out: metrics_without_timings(path)}
     if path.is_file():
         return {out: sha256_file(path)}
     if not path.is_dir():
@@ -123,7 +137,10 @@ def main() -> int:
             print(f"fleet-check: dvc.lock output digests equal for {same_lock} of {len(reference)} stages "
                   "(directory digests include the manifest's timestamps)")
             failures += compare(reference_root, clone, reference)
-            status = subprocess.run([str(BIN / "dvc"), "status"], cwd=clone, capture_output=True, text=True).stdout
+            # Only what the fleet ran: the targets and their upstream stages (`dvc status` on its own
+            # checks the whole pipeline, and stages outside --targets never ran in this clone).
+            status = subprocess.run([str(BIN / "dvc"), "status", "--with-deps", *sorted(wanted)], cwd=clone,
+                                    capture_output=True, text=True).stdout
             if "up to date" not in status:
                 failures.append(f"dvc status in the fleet clone: {status.strip()[:400]}")
             code, out, second_s = fleet(clone, cluster.address, Path(tmp) / "remote", targets)
