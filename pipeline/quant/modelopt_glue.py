@@ -430,6 +430,21 @@ class QuantStateFile:
     quantizers_with_buffers: int
 
 
+def canonical_order(value: Any) -> Any:
+    """`value` with every string-keyed dict's keys sorted, recursively. ModelOpt builds each
+    quantizer's saved attributes by iterating a set, whose order follows the interpreter's string
+    hash seed, so two processes pickled the same state in different orders (the fleet check's
+    quant_state.pt mismatch; torch's serialization_id hashes the pickle, so it differed too).
+    Restoring reads the dicts by key, so the order carries no meaning."""
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: canonical_order(value[k]) for k in sorted(value)}
+    if isinstance(value, dict):
+        return {k: canonical_order(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(canonical_order(v) for v in value)
+    return value
+
+
 def save_quant_state(model: nn.Module, path: Path | str) -> QuantStateFile:
     """Write the ModelOpt state plus every quantizer's buffers (amax, ...) to one file.
 
@@ -446,11 +461,11 @@ def save_quant_state(model: nn.Module, path: Path | str) -> QuantStateFile:
     quantizer_states = get_quantizer_state_dict(model)
     if not quantizer_states:
         raise CalibrationError("save_quant_state", "the model has no ModelOpt quantizers.", "calibrate it first.")
-    payload = {
+    payload = canonical_order({
         "forge_quant_state_version": _STATE_FILE_VERSION,
         "modelopt_state": mto.modelopt_state(model),
         "quantizer_state_dict": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in quantizer_states.items()},
-    }
+    })
     path.parent.mkdir(parents=True, exist_ok=True)
     # Serialized in memory: torch.save names the zip archive's root folder after the file it writes
     # (torch/serialization.py, `_open_zipfile_writer_file`), so saving to the random temporary name

@@ -257,3 +257,37 @@ def test_nvfp4_state_roundtrip_is_exact_under_cpu_simulation(batches, tmp_path):
     with reference_fp4_simulation(restored) as report:
         assert report.nvfp4_routed - report.disabled_routed == 2 * LINEARS_PER_LAYER * LAYERS
         assert torch.equal(_logits(restored, batches[0]), expected)
+
+
+_SAVE_IN_A_FRESH_INTERPRETER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from tiny_models import random_tiny_llama
+from pipeline.quant.modelopt_glue import build_quant_config, calibrate, save_quant_state
+g = torch.Generator().manual_seed(1)
+batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=g),
+            "attention_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(2)]
+model = random_tiny_llama()
+calibrate(model, build_quant_config("FP8_DEFAULT_CFG", "fp8", []), batches, False)
+save_quant_state(model, sys.argv[1])
+"""
+
+
+def test_state_file_bytes_do_not_depend_on_the_interpreters_hash_seed(tmp_path):
+    # ModelOpt gathers each quantizer's saved attributes from a set, so their order follows
+    # PYTHONHASHSEED; two processes (a fleet worker and a plain `dvc repro`) must still write the
+    # same bytes for the same calibration.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parents[1]
+    written = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed / "quant_state.pt"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(tests_dir.parent)}
+        subprocess.run([sys.executable, "-c", _SAVE_IN_A_FRESH_INTERPRETER, str(out), str(tests_dir)],
+                       env=env, check=True, capture_output=True, timeout=300)
+        written.append(out.read_bytes())
+    assert written[0] == written[1]
