@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CalibrationError, RecipeError, StageInputError
+from pipeline.quant.simulate import FORGE_BACKEND_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,20 @@ def canonical_order(value: Any) -> Any:
     return value
 
 
+def without_forge_backends(value: Any) -> Any:
+    """`value` with every quantizer `backend` that names one of forge's own quant backends (the
+    FP4 reference simulation's, registered per process under a fresh uuid: pipeline/quant/simulate.py)
+    set back to None. ModelOpt snapshots quantizer attributes into its mode metadata when calibration
+    ends, which for FP4 runs inside the simulation, so the saved state named a backend that exists
+    only in the process that wrote it (and made each run's bytes differ)."""
+    if isinstance(value, dict):
+        return {k: (None if k == "backend" and isinstance(v, str) and v.startswith(FORGE_BACKEND_PREFIX)
+                    else without_forge_backends(v)) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(without_forge_backends(v) for v in value)
+    return value
+
+
 def save_quant_state(model: nn.Module, path: Path | str) -> QuantStateFile:
     """Write the ModelOpt state plus every quantizer's buffers (amax, ...) to one file.
 
@@ -463,7 +478,7 @@ def save_quant_state(model: nn.Module, path: Path | str) -> QuantStateFile:
         raise CalibrationError("save_quant_state", "the model has no ModelOpt quantizers.", "calibrate it first.")
     payload = canonical_order({
         "forge_quant_state_version": _STATE_FILE_VERSION,
-        "modelopt_state": mto.modelopt_state(model),
+        "modelopt_state": without_forge_backends(mto.modelopt_state(model)),
         "quantizer_state_dict": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in quantizer_states.items()},
     })
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,9 @@ from pipeline.quant.reference import mxfp4_quantize_dequantize, nvfp4_quantize_d
 logger = logging.getLogger(__name__)
 
 Semantics = Literal["fake_quant", "export"]
+# Every quant backend forge registers is named with this prefix and a fresh uuid (one per process
+# and context); modelopt_glue.save_quant_state drops such names from what it saves.
+FORGE_BACKEND_PREFIX = "forge-"
 _WHERE = "FP4 reference simulation"
 # block_sizes keys the reference understands; anything else (e.g. "four_over_six") changes the
 # numerics in ways the reference does not implement.
@@ -300,7 +303,7 @@ def reference_fp4_simulation(
         yield report
         return
 
-    backend_name = f"forge-reference-fp4-{uuid.uuid4().hex}"
+    backend_name = f"{FORGE_BACKEND_PREFIX}reference-fp4-{uuid.uuid4().hex}"
     names = {id(q.module): q.name for q in routed}
     register_quant_backend(backend_name, _make_backend(names, semantics, amax_from_input=during_calibration))
     previous = [(q.module, q.module.backend) for q in routed]
@@ -338,7 +341,7 @@ def fp4_reference_backend(on_cuda: bool, semantics: Semantics = "fake_quant") ->
         unregister_quant_backend,
     )
 
-    name = f"forge-reference-fp4-search-{uuid.uuid4().hex}"
+    name = f"{FORGE_BACKEND_PREFIX}reference-fp4-search-{uuid.uuid4().hex}"
     register_quant_backend(name, _make_backend({}, semantics, amax_from_input=True))
     try:
         yield name
@@ -457,7 +460,7 @@ def engine_kv_numerics(model: torch.nn.Module, numerics: str) -> Iterator[KvNume
         outputs = fp8_kv_quantize_dequantize(inputs, by_quantizer[id(quantizer)], rounding)
         return inputs + (outputs - inputs).detach() if _builds_graph(inputs) else outputs
 
-    backend_name = f"forge-kv-{numerics}-{uuid.uuid4().hex}"
+    backend_name = f"{FORGE_BACKEND_PREFIX}kv-{numerics}-{uuid.uuid4().hex}"
     register_quant_backend(backend_name, backend)
     quantizers = [q for _, a in attentions for q in (a.k_bmm_quantizer, a.v_bmm_quantizer)]
     previous = [(q, q.backend) for q in quantizers]

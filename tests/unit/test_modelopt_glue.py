@@ -267,16 +267,18 @@ from pipeline.quant.modelopt_glue import build_quant_config, calibrate, save_qua
 g = torch.Generator().manual_seed(1)
 batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=g),
             "attention_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(2)]
-model = random_tiny_llama()
-calibrate(model, build_quant_config("FP8_DEFAULT_CFG", "fp8", []), batches, False)
-save_quant_state(model, sys.argv[1])
+for preset, fmt, name in (("FP8_DEFAULT_CFG", "fp8", "fp8.pt"), ("NVFP4_DEFAULT_CFG", "nvfp4", "nvfp4.pt")):
+    model = random_tiny_llama()
+    calibrate(model, build_quant_config(preset, fmt, []), batches, False)
+    save_quant_state(model, sys.argv[1] + "/" + name)
 """
 
 
 def test_state_file_bytes_do_not_depend_on_the_interpreters_hash_seed(tmp_path):
     # ModelOpt gathers each quantizer's saved attributes from a set, so their order follows
-    # PYTHONHASHSEED; two processes (a fleet worker and a plain `dvc repro`) must still write the
-    # same bytes for the same calibration.
+    # PYTHONHASHSEED, and its metadata snapshot of an FP4 calibration names forge's per-process
+    # reference backend; two processes (a fleet worker and a plain `dvc repro`) must still write the
+    # same bytes for the same calibration, FP8 and NVFP4 alike.
     import os
     import subprocess
     import sys
@@ -285,9 +287,11 @@ def test_state_file_bytes_do_not_depend_on_the_interpreters_hash_seed(tmp_path):
     tests_dir = Path(__file__).resolve().parents[1]
     written = []
     for seed in ("1", "2"):
-        out = tmp_path / seed / "quant_state.pt"
+        out = tmp_path / seed
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(tests_dir.parent)}
         subprocess.run([sys.executable, "-c", _SAVE_IN_A_FRESH_INTERPRETER, str(out), str(tests_dir)],
                        env=env, check=True, capture_output=True, timeout=300)
-        written.append(out.read_bytes())
-    assert written[0] == written[1]
+        written.append({name: (out / name).read_bytes() for name in ("fp8.pt", "nvfp4.pt")})
+    assert written[0]["fp8.pt"] == written[1]["fp8.pt"]
+    assert written[0]["nvfp4.pt"] == written[1]["nvfp4.pt"]
+    assert b"forge-" not in written[0]["nvfp4.pt"]  # no per-process backend name is saved
