@@ -24,13 +24,14 @@ class Kpi:
     name: str  # the key in the metrics file, as `dvc metrics show` prints it
     source: str  # the key in the stage's results
     unit: str  # what the number means, for the docs and the report
+    wall_clock: bool = False  # a duration of this run: differs between any two runs of the same inputs
 
 
 KPIS: dict[str, tuple[Kpi, ...]] = {
     "calibrate": (
         Kpi("perplexity_change_pct", "perplexity_delta_pct", "held-out perplexity, quantized vs BF16, %"),
         Kpi("checkpoint_bytes", "checkpoint_bytes", "bytes of the exported checkpoint"),
-        Kpi("calibrate_s", "calibrate_seconds", "seconds of ModelOpt calibration"),
+        Kpi("calibrate_s", "calibrate_seconds", "seconds of ModelOpt calibration", wall_clock=True),
         Kpi("effective_bits", "effective_bits", "bits per decoder Linear weight, scales counted (pipeline/quant/bits.py)"),
     ),
     "evaluate": (
@@ -51,6 +52,10 @@ KPIS: dict[str, tuple[Kpi, ...]] = {
         Kpi("measured_tok_s", "measured_output_tok_s", "trtllm-bench output tok/s (on the target GPU only)"),
     ),
 }
+
+
+# Metric names that measure this run's duration, not its result (scripts/fleet_check.py leaves them out).
+WALL_CLOCK_KPIS = frozenset(k.name for kpis in KPIS.values() for k in kpis if k.wall_clock)
 
 
 def select(stage: str, results: Mapping[str, Any]) -> dict[str, float | int]:

@@ -5,8 +5,8 @@ the same outputs as the plain `dvc repro` that just ran here.
    (one CPU each, on loopback); `forge fleet run` there.
 2. Every file of every stage output in the clone is byte-identical (sha256) to this checkout's (from
    `make repro`), apart from each stage's manifest.json, whose wall-clock fields (created_at,
-   timings: pipeline/manifest.py) differ between any two runs, and the `*_s` timings in the metrics
-   files (every other metric value must match). The dvc.lock digests of directory
+   timings: pipeline/manifest.py) differ between any two runs, and the wall-clock KPIs in the metrics
+   files (pipeline/kpis.py; every other metric value must match). The dvc.lock digests of directory
    outputs hash the manifest too, so they are reported but not required to match.
 3. `dvc status` in the clone reports nothing changed; a second `forge fleet run` there is fully cached.
 Wall times of both runs are printed for the closing note.
@@ -40,12 +40,14 @@ def digests(lock: Path) -> dict[str, dict[str, str]]:
 
 
 def metrics_without_timings(path: Path) -> str:
-    """A DVC metrics file (metrics/<stage>/<key>.json) minus its wall-clock entries (`*_s`, e.g.
-    calibrate_s): those differ between any two runs; every other value must match."""
+    """A DVC metrics file (metrics/<stage>/<key>.json) minus its wall-clock KPIs (pipeline/kpis.py
+    `wall_clock`, e.g. calibrate_s): those differ between any two runs; every other value must match."""
     import hashlib
     import json
 
-    values = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("_s")}
+    from pipeline.kpis import WALL_CLOCK_KPIS
+
+    values = {k: v for k, v in json.loads(path.read_text()).items() if k not in WALL_CLOCK_KPIS}
     return "metrics-sans-timings:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
