@@ -299,16 +299,16 @@ def _adhoc_request(args: PlanArgs):
 
 
 def _write_dvc_plan(args: PlanArgs, catalog) -> int:
-    from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_artifacts
+    from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_generated
 
     plan = build_plan(catalog, include_all=args.all, models_wanted=list(args.model) if args.model else None)
-    wanted = {PLAN_FILE: render_plan(plan), DVC_FILE: with_artifacts(DVC_FILE.read_text(), plan)}
+    wanted = {PLAN_FILE: render_plan(plan), DVC_FILE: with_generated(DVC_FILE.read_text(), plan)}
     if args.check:
         stale = [str(path) for path, text in wanted.items() if not path.exists() or path.read_text() != text]
         if stale:
             raise RecipeError(", ".join(stale), "stale: recipes/ changed since it was generated.",
                               "run `make plan` and commit plan.yaml and dvc.yaml.")
-        print(f"{PLAN_FILE} and the artifacts of {DVC_FILE} are fresh.")
+        print(f"{PLAN_FILE} and the generated tail of {DVC_FILE} (report stages, artifacts) are fresh.")
         return 0
     for path, text in wanted.items():
         path.write_text(text)

@@ -125,7 +125,7 @@ def new_model(repo_id: str, revision: str, config_path: Path, gpus: list[str], c
 
 
 def cmd_new(args: NewArgs) -> int:
-    from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_artifacts
+    from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_generated
 
     catalog = load_catalog(args.catalog)
     dest = new_model(args.repo_id, args.revision, Path(args.config), list(args.gpu or ()), catalog,
@@ -134,7 +134,7 @@ def cmd_new(args: NewArgs) -> int:
         print(f"wrote {path}")
     plan = build_plan(catalog)
     PLAN_FILE.write_text(render_plan(plan))
-    DVC_FILE.write_text(with_artifacts(DVC_FILE.read_text(), plan))
+    DVC_FILE.write_text(with_generated(DVC_FILE.read_text(), plan))
     print(f"regenerated {PLAN_FILE} and {DVC_FILE}'s artifacts (Hub models join the plan with "
           f"`forge plan --dvc --all --model {dest.name}` on a GPU node).")
     print(f"next: forge plan {dest}/<format>.yaml; edit calibration and eval to taste; forge validate {dest}")

@@ -398,6 +398,11 @@ class VariantRecipe(Closed):
     eval: EvalSection
     build: BuildSection = BuildSection()
     publish: PublishSection = PublishSection()
+    frontier: bool = Field(
+        False,
+        description="one of the variants `make frontier` compares beside the embedded default (effective "
+                    "bits, KV precision, mixed precision); `make repro` and CI leave it out (README \"Frontier\")",
+    )
 
     @field_validator("targets")
     @classmethod

@@ -1,14 +1,18 @@
 """CI check run after `make repro` (.ci/run): the promises of the main job hold.
 
+`make repro` runs the embedded default (`dvc repro report`: plan.yaml's targets whose recipes are not
+`frontier: true`, pipeline/planfile.py); every check below is about those.
+
 1. Every planned target (plan.yaml `targets`) has a publish receipt in data/published/<target>/.
 2. Each published artifact pulls into a fresh directory with `forge pull` (which verifies every
    file's sha256 against the registry manifest), and the pulled files are byte-for-byte the bundle's.
 3. Each refused one was refused for a failed accuracy gate, and at least one artifact was published.
-4. A second `dvc repro` publishes nothing new (the registry's versions and stage labels are unchanged)
-   and leaves `dvc status` with no changed stage.
+4. A second `dvc repro report` publishes nothing new (the registry's versions and stage labels are
+   unchanged) and leaves `dvc status --with-deps report` with no changed stage.
 5. Editing only one target's serving shape in a recipe changes only that target's stages (`dvc status`
    names build@<target> and throughput@<target>, nothing upstream); the recipe is restored afterwards.
-6. README.md's results block is the table this run generated (reports/readme_results.md).
+6. README.md's results block is the table this run generated (reports/readme_results.md), and its
+   frontier block the frontier report's, where `make frontier` ran here.
 
 Usage (from anywhere): .venv/bin/python scripts/check_repro.py [--skip-repro]
 Exit code 0 when everything holds, 1 otherwise; a summary line per check either way.
@@ -30,9 +34,9 @@ import yaml
 from pipeline.layout import RECEIPT_FILE
 from pipeline.handoff import open_upstream
 from pipeline.manifest import file_digests
-from pipeline.readme_results import drift
+from pipeline.planfile import REPORT_STAGE, in_report
+from pipeline.readme_results import BLOCKS, RESULTS, drift
 from pipeline.registry import PULL_WRITES
-from pipeline.report import README_RESULTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = ROOT / "plan.yaml"
@@ -58,7 +62,7 @@ def main(skip_repro: bool = False) -> int:
                    for key, receipt in found.items() if receipt["published"]]
     checks += [check_refusal(key, receipt) for key, receipt in found.items() if not receipt["published"]]
     checks.append(check_something_published(found))
-    checks.append(check_readme_results())
+    checks += check_readme_results()
     checks += check_served(targets)
     if not skip_repro:
         registries = sorted({receipt["registry"] for receipt in found.values() if receipt["published"]})
@@ -75,7 +79,9 @@ def main(skip_repro: bool = False) -> int:
 
 
 def planned_targets(plan_file: Path) -> dict[str, dict]:
-    return yaml.safe_load(plan_file.read_text())["targets"]
+    """The targets `make repro` builds (the frontier recipes are `make frontier`'s)."""
+    targets = yaml.safe_load(plan_file.read_text())["targets"]
+    return {key: t for key, t in targets.items() if in_report(t, frontier=False)}
 
 
 def read_receipt(out_dir: Path) -> dict | None:
@@ -150,11 +156,17 @@ def check_served(targets: dict[str, dict]) -> list[Check]:
     return checks
 
 
-def check_readme_results() -> Check:
-    problem = drift(ROOT / "README.md", ROOT / "reports" / README_RESULTS_FILE)
-    if problem:
-        return Check(False, problem)
-    return Check(True, f"README.md results block matches reports/{README_RESULTS_FILE} from this run")
+def check_readme_results() -> list[Check]:
+    """The results block always; the frontier block where this checkout ran `make frontier`."""
+    checks = []
+    for spec in BLOCKS:
+        generated = ROOT / spec.generated
+        if spec is not RESULTS and not generated.is_file():
+            continue
+        problem = drift(ROOT / "README.md", generated, spec)
+        checks.append(Check(False, problem) if problem else
+                      Check(True, f"README.md {spec.name} block matches {spec.generated} from this run"))
+    return checks
 
 
 def registry_snapshot(url: str) -> dict[str, dict]:
@@ -166,10 +178,10 @@ def registry_snapshot(url: str) -> dict[str, dict]:
 
 
 def check_second_repro() -> Check:
-    done = run([str(DVC), "repro"])
+    done = run([str(DVC), "repro", REPORT_STAGE])
     if done.returncode != 0:
-        return Check(False, f"second dvc repro failed: {tail(done)}")
-    return Check(True, "second dvc repro finished")
+        return Check(False, f"second dvc repro {REPORT_STAGE} failed: {tail(done)}")
+    return Check(True, f"second dvc repro {REPORT_STAGE} finished")
 
 
 def check_unchanged(url: str, before: dict, after: dict) -> Check:
@@ -181,13 +193,13 @@ def check_unchanged(url: str, before: dict, after: dict) -> Check:
 
 
 def check_dvc_status() -> Check:
-    done = run([str(DVC), "status", "--json"])
+    done = run([str(DVC), "status", "--with-deps", REPORT_STAGE, "--json"])
     if done.returncode != 0:
         return Check(False, f"dvc status failed: {tail(done)}")
     changed = json.loads(done.stdout or "{}")
     if changed:
         return Check(False, f"dvc status reports changed stages: {', '.join(sorted(changed))}")
-    return Check(True, "dvc status: every stage up to date")
+    return Check(True, f"dvc status --with-deps {REPORT_STAGE}: every stage up to date")
 
 
 def check_serving_shape_edit(targets: dict[str, dict]) -> Check:
@@ -198,7 +210,7 @@ def check_serving_shape_edit(targets: dict[str, dict]) -> Check:
     data["targets"][target["gpu"]]["max_output_len"] += 1
     try:
         recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-        done = run([str(DVC), "status", "--json"])
+        done = run([str(DVC), "status", "--with-deps", REPORT_STAGE, "--json"])
     finally:
         recipe.write_text(original)
     if done.returncode != 0:

@@ -1,5 +1,7 @@
-"""Copy the results table of the last `dvc repro` (reports/readme_results.md) into README.md's
-results block (--write), or fail when they differ (--check, as scripts/check_repro.py does).
+"""Copy the tables of the last report stages (reports/readme_results.md, and after `make frontier`
+reports/frontier/readme_results.md) into README.md's generated blocks (--write), or fail when one
+differs (--check, as scripts/check_repro.py does). A block whose report was never generated here is
+left as it is (--write) and not compared (--check), except the results block, which must exist.
 
 Usage: .venv/bin/python scripts/readme_results.py --write | --check
 """
@@ -10,25 +12,30 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.readme_results import drift, with_block
+from pipeline.readme_results import BLOCKS, RESULTS, drift, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-GENERATED = ROOT / "reports" / "readme_results.md"
 
 
 def main(write: bool) -> int:
-    problem = drift(README, GENERATED)
-    if problem is None:
-        print(f"{README.name}: results block matches {GENERATED.relative_to(ROOT)}")
-        return 0
-    if not write or not GENERATED.is_file():
-        print(problem, file=sys.stderr)
-        return 1
-    README.write_text(with_block(README.read_text(encoding="utf-8"), GENERATED.read_text(encoding="utf-8")),
-                      encoding="utf-8")
-    print(f"wrote the results block of {README.name} from {GENERATED.relative_to(ROOT)}")
-    return 0
+    failed = 0
+    for spec in BLOCKS:
+        generated = ROOT / spec.generated
+        if spec is not RESULTS and not generated.is_file():
+            print(f"{README.name}: {spec.name} block left as it is ({spec.generated} not generated here)")
+            continue
+        problem = drift(README, generated, spec)
+        if problem is None:
+            print(f"{README.name}: {spec.name} block matches {spec.generated}")
+        elif write and generated.is_file():
+            README.write_text(with_block(README.read_text(encoding="utf-8"), generated.read_text(encoding="utf-8"),
+                                         spec=spec), encoding="utf-8")
+            print(f"wrote the {spec.name} block of {README.name} from {spec.generated}")
+        else:
+            print(problem, file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

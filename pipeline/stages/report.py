@@ -1,6 +1,7 @@
 """Stage `report`: one comparison across every planned target, from the stages' outputs.
 
-In: plan.yaml (the targets `dvc repro` built) and the data directory the stages write, read
+In: plan.yaml (the targets `dvc repro` built: the embedded default's, or with --frontier every
+variant's, recipes with `frontier: true` too; pipeline/planfile.py) and the data directory the stages write, read
 through their manifests: quantized/<recipe> (held-out perplexity, manifest `details.results`),
 eval/<recipe> (gate_report.json), bundles/<target> (the memory plan), throughput/<target>
 (throughput.json), published/<target> (receipt.json). DVC metrics files are never read back
@@ -46,6 +47,8 @@ class ReportArgs:
     title: str = arg("forge comparison report")
     gpu_compare_dir: Path | None = arg(flag="gpu-compare",
                                        help="the gpu-compare stage's output directory, to include as a section")
+    frontier: bool = arg(False, help="every planned target, the `frontier: true` recipes too (make frontier); "
+                                     "without it the embedded default's (make repro)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,10 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge comparison report",
-         gpu_compare_dir: Path | None = None) -> int:
+         gpu_compare_dir: Path | None = None, frontier: bool = False) -> int:
     from pipeline.report import gpu_comparison_section, summary_lines, write_report
 
-    targets = read_plan_targets(Path(plan_path))
+    targets = read_plan_targets(Path(plan_path), frontier)
     collected = collect(targets, Path(data_dir))
     sections = [gpu_comparison_section(Path(gpu_compare_dir), Path(out_dir))] if gpu_compare_dir else []
     from pipeline.frontier import report_section  # effective bits vs recovery of every variant tried
@@ -88,7 +91,10 @@ class PlannedTarget:
     gpu: str
 
 
-def read_plan_targets(plan_path: Path) -> list[PlannedTarget]:
+def read_plan_targets(plan_path: Path, frontier: bool = True) -> list[PlannedTarget]:
+    """The plan's targets; without `frontier`, only the embedded default's (pipeline/planfile.py in_report)."""
+    from pipeline.planfile import in_report
+
     try:
         plan = yaml.safe_load(plan_path.read_text())
     except OSError as exc:
@@ -97,7 +103,8 @@ def read_plan_targets(plan_path: Path) -> list[PlannedTarget]:
     if not isinstance(targets, dict):
         raise StageInputError(str(plan_path), "has no `targets` mapping.", "regenerate it: forge plan --dvc.")
     try:
-        return [PlannedTarget(key, Path(t["recipe"]), t["recipe_id"], t["model"], t["gpu"]) for key, t in targets.items()]
+        return [PlannedTarget(key, Path(t["recipe"]), t["recipe_id"], t["model"], t["gpu"])
+                for key, t in targets.items() if in_report(t, frontier)]
     except (KeyError, TypeError) as exc:
         raise StageInputError(f"{plan_path}: targets", f"an entry lacks {exc}.", "regenerate it: forge plan --dvc.") from None
 

@@ -50,7 +50,7 @@ def test_every_stage_lists_its_own_code(stages):
            "evaluate": "pipeline/stages/evaluate.py", "build": "pipeline/stages/build.py",
            "serve-baseline": "pipeline/stages/evaluate.py", "serve-eval": "pipeline/stages/evaluate.py",
            "throughput": "pipeline/stages/throughput.py", "publish": "pipeline/stages/publish.py",
-           "report": "pipeline/stages/report.py", "gpu-compare": "pipeline/gpucompare.py"}
+           "report": "pipeline/stages/report.py", "report-frontier": "pipeline/stages/report.py", "gpu-compare": "pipeline/gpucompare.py"}
     for name, (deps, _) in stages.items():
         assert own[name.split("@")[0]] in deps, f"{name} does not list its code {own[name.split('@')[0]]}"
 
@@ -62,3 +62,34 @@ def test_inputs_read_from_the_tree_are_deps(stages):
         family = name.split("@")[0]
         if family in needs:
             assert needs[family] in deps, f"{name} reads {needs[family]} but does not depend on it"
+
+
+def upstream_of(stages, name: str) -> set[str]:
+    """The stages `dvc repro <name>` runs: `name` and, transitively, the stages whose outputs it reads."""
+    wanted, todo = {name}, [name]
+    while todo:
+        deps = stages[todo.pop()][0]
+        for other, (_, outs) in stages.items():
+            if other not in wanted and any(_reads(deps, o) or _reads([o], d) for o in outs for d in deps):
+                wanted.add(other)
+                todo.append(other)
+    return wanted
+
+
+def test_make_repro_runs_the_embedded_default_and_make_frontier_every_variant(stages):
+    import yaml
+
+    from pipeline.planfile import FRONTIER_REPORT_STAGE, REPORT_STAGE
+
+    plan = yaml.safe_load((ROOT / "plan.yaml").read_text())
+    frontier = {k for k, r in plan["recipes"].items() if r["frontier"]} | {
+        k for k, t in plan["targets"].items() if t["frontier"]}
+    assert frontier, "the embedded default has frontier variants (recipes with `frontier: true`)"
+    default = upstream_of(stages, REPORT_STAGE)
+    assert {n.split("@")[1] for n in default if "@" in n} & frontier == set()
+    for key, target in plan["targets"].items():
+        if not target["frontier"]:
+            assert {f"publish@{key}", f"serve-eval@{key}", f"throughput@{key}",
+                    f"evaluate@{target['recipe_id']}"} <= default
+    assert {n for n in stages if n.startswith(("serve-baseline@", "baseline@"))} <= default
+    assert upstream_of(stages, FRONTIER_REPORT_STAGE) == set(stages) - {REPORT_STAGE}

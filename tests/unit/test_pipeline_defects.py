@@ -56,9 +56,10 @@ def test_adding_a_kpi_is_one_line_in_one_table(monkeypatch, tmp_path):
 def test_nothing_reads_a_metrics_file_back():
     """DVC metrics are a one-way view: the report stage reads stage outputs, not metrics/."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    report = stages["report"]
-    assert "metrics" not in report["deps"] and "--metrics" not in report["cmd"]
-    assert {"data/quantized", "data/eval", "data/bundles", "data/throughput", "data/published"} <= set(report["deps"])
+    for report in (stages["report"], stages["report-frontier"]):
+        assert not any(d.startswith("metrics") for d in report["deps"]) and "--metrics" not in report["cmd"]
+        assert {d.split("/")[1] for d in report["deps"] if d.startswith("data/")} == {
+            "quantized", "eval", "bundles", "throughput", "published"}
     readers = [p for p in (ROOT / "pipeline").rglob("*.py")
                if re.search(r"""read_text\(\).*metrics/|["']metrics["']\s*/""", p.read_text())]
     assert readers == []
@@ -70,7 +71,7 @@ def test_nothing_reads_a_metrics_file_back():
 def test_dvc_plots_are_images_so_the_page_needs_no_cdn():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     plots = [next(iter(p)) if isinstance(p, dict) else p for s in stages.values() for p in s.get("plots", [])]
-    assert plots == ["reports/figures"]  # PNGs: dvc_render's ImageRenderer adds no <script> (vega's loads a CDN)
+    assert plots == ["reports/figures", "reports/frontier/figures"]  # PNGs: dvc_render's ImageRenderer adds no <script> (vega's loads a CDN)
     assert "template" not in (ROOT / "dvc.yaml").read_text()
     assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().splitlines()
 
@@ -106,7 +107,9 @@ def test_recovery_plot_has_short_labels_and_a_threshold_rule(monkeypatch, tmp_pa
 def test_make_repro_checks_the_plan_before_dvc_repro():
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nrepro: setup serve-env\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert [line.strip() for line in recipe] == ["forge plan --dvc --check", "dvc repro"]
+    assert [line.strip() for line in recipe] == ["forge plan --dvc --check", "dvc repro report"]
+    frontier = makefile.split("\nfrontier: setup serve-env\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert [line.strip() for line in frontier] == ["forge plan --dvc --check", "dvc repro report-frontier"]
 
 
 def test_a_new_recipe_file_makes_the_plan_stale(tmp_path, monkeypatch, capsys):

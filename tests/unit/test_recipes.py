@@ -110,7 +110,7 @@ CASES = {
     "top-level typo": (
         "fp8", lambda d: d.update(calibraton=d.pop("calibration")),
         "fp8.yaml: calibraton: unknown key 'calibraton'. Fix: did you mean 'calibration'? "
-        "(that required field is missing) Allowed keys here: quant, calibration, targets, eval, build, publish.",
+        "(that required field is missing) Allowed keys here: quant, calibration, targets, eval, build, publish, frontier.",
     ),
     # items 8 and 28: recovery is a ratio in (0, 1]
     "recovery above 1": (

@@ -219,3 +219,14 @@ def test_the_readme_has_one_results_block():
 
     table = block((ROOT / "README.md").read_text()).splitlines()
     assert len(table) >= 3 and all(line.startswith("|") and line.endswith("|") for line in table)
+
+
+def test_default_report_leaves_out_frontier_targets_and_the_frontier_report_has_all(tmp_path):
+    plan = json.loads(json.dumps(PLAN))
+    frontier_key = sorted(plan["targets"])[-1]
+    plan["targets"][frontier_key]["frontier"] = True
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps(plan))
+    default = {t.key for t in report_stage.read_plan_targets(path, frontier=False)}
+    assert default == set(plan["targets"]) - {frontier_key}
+    assert {t.key for t in report_stage.read_plan_targets(path, frontier=True)} == set(plan["targets"])
