@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.cliargs import add_arguments, arg, included, run_with
+from pipeline.cliargs import add_verb, arg, included, run_with
 from pipeline.errors import ForgeError, RecipeError
 from pipeline.formats import FORMATS, KV_CACHE_ALIASES, KV_CACHE_DTYPES, KV_CACHE_NAMES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
@@ -299,7 +299,15 @@ def _adhoc_request(args: PlanArgs):
 
 
 def _write_dvc_plan(args: PlanArgs, catalog) -> int:
-    from pipeline.planfile import DVC_FILE, PLAN_FILE, build_plan, render_plan, with_generated
+    from pipeline.planfile import (
+        DVC_FILE,
+        FRONTIER_REPORT_STAGE,
+        PLAN_FILE,
+        REPORT_STAGE,
+        build_plan,
+        render_plan,
+        with_generated,
+    )
 
     plan = build_plan(catalog, include_all=args.all, models_wanted=list(args.model) if args.model else None)
     wanted = {PLAN_FILE: render_plan(plan), DVC_FILE: with_generated(DVC_FILE.read_text(), plan)}
@@ -313,8 +321,9 @@ def _write_dvc_plan(args: PlanArgs, catalog) -> int:
     for path, text in wanted.items():
         path.write_text(text)
         print(f"wrote {path}")
-    print("run everything: dvc repro; one target (and what it needs): " + (
-        "; ".join(f"dvc repro publish@{t}" for t in sorted(plan["targets"])) or "none planned"))
+    print(f"the embedded default: dvc repro {REPORT_STAGE} (make repro); every variant: dvc repro "
+          f"{FRONTIER_REPORT_STAGE} (make frontier); one target (and what it needs): " + (
+              "; ".join(f"dvc repro publish@{t}" for t in sorted(plan["targets"])) or "none planned"))
     return 0
 
 
@@ -418,30 +427,26 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("validate", help="check recipes (schema, GPUs, format x compute capability, fit)",
-                       epilog="example: forge validate recipes/llama-3-3-70b-instruct")
-    add_arguments(p, ValidateArgs)
-    p.set_defaults(func=run_with(ValidateArgs, cmd_validate))
+    add_verb(sub, "validate", run_with(ValidateArgs, cmd_validate),
+             help="check recipes (schema, GPUs, format x compute capability, fit)",
+             epilog="example: forge validate recipes/llama-3-3-70b-instruct")
 
-    p = sub.add_parser("formats", help="print the format registry, KV-cache dtypes and GPU catalog")
-    add_arguments(p, CatalogArgs)
-    p.set_defaults(func=run_with(CatalogArgs, cmd_formats))
+    add_verb(sub, "formats", run_with(CatalogArgs, cmd_formats),
+             help="print the format registry, KV-cache dtypes and GPU catalog")
 
-    p = sub.add_parser("show", help="print a resolved recipe", epilog="example: forge show recipes/smollm2-135m-instruct/fp8.yaml")
-    add_arguments(p, ShowArgs)
-    p.set_defaults(func=run_with(ShowArgs, cmd_show))
+    add_verb(sub, "show", run_with(ShowArgs, cmd_show),
+             help="print a resolved recipe",
+             epilog="example: forge show recipes/smollm2-135m-instruct/fp8.yaml")
 
-    p = sub.add_parser(
-        "plan", help="memory plan and predicted roofline (or --dvc: regenerate plan.yaml)",
-        description=textwrap.fill(
-            "Plan a recipe's targets, what-ifs on top of a recipe (any of --gpu/--format/--tp/"
-            "--kv-dtype/--input-len/--output-len/--seq-len/--concurrency/--price), or an ad-hoc "
-            "model config. Every form runs the checks `forge validate` runs; a plan that does not "
-            "fit prints what would and exits 2. Defaults (recipes and ad-hoc alike): "
-            f"{TARGET_DEFAULTS.describe()}.", 100),
-        epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, PlanArgs)
-    p.set_defaults(func=run_with(PlanArgs, cmd_plan))
+    add_verb(sub, "plan", run_with(PlanArgs, cmd_plan),
+             help="memory plan and predicted roofline (or --dvc: regenerate plan.yaml)",
+             description=textwrap.fill(
+                 "Plan a recipe's targets, what-ifs on top of a recipe (any of --gpu/--format/--tp/"
+                 "--kv-dtype/--input-len/--output-len/--seq-len/--concurrency/--price), or an ad-hoc "
+                 "model config. Every form runs the checks `forge validate` runs; a plan that does not "
+                 "fit prints what would and exits 2. Defaults (recipes and ad-hoc alike): "
+                 f"{TARGET_DEFAULTS.describe()}.", 100),
+             epilog=PLAN_EXAMPLES)
 
     from pipeline.newmodel import register as register_new
 

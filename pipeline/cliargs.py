@@ -7,9 +7,7 @@
         load_test: str = arg("auto", choices=LOAD_TEST_MODES, help="...")
 
     def register(sub):
-        p = sub.add_parser("build", ...)
-        add_arguments(p, BuildArgs)
-        p.set_defaults(func=runner(BuildArgs, main))
+        add_verb(sub, "build", runner(BuildArgs, main), ...)
 
 A field is `--<name with dashes>` unless `positional=` names it; its type is the field's annotation:
 Path, str, int, float; bool -> store_true; `X | None` -> optional X; `tuple[X, ...]` -> a repeatable
@@ -170,6 +168,17 @@ def run_with(spec: type, command: Callable[[Any], Any]) -> Callable[[argparse.Na
         return _exit_code(command(from_namespace(spec, namespace)))
 
     return _marked(run, spec, command)
+
+
+def add_verb(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int], *,
+             help: str, epilog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """One verb: its parser, with the arguments of the spec `func` was built from (runner / run_with),
+    run by `func`. Epilogs are examples and descriptions are pre-wrapped, so both print as written."""
+    parser = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, func.spec)  # type: ignore[attr-defined]
+    parser.set_defaults(func=func)
+    return parser
 
 
 def _marked(run: Callable[[argparse.Namespace], int], spec: type, target: Callable[..., Any]):

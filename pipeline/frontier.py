@@ -196,8 +196,8 @@ def report_section(targets: Sequence[Any], data_dir: Path, out_dir: Path) -> str
 
     `targets`: the report stage's PlannedTarget list (recipe_id, recipe_path, model, key). Reads each
     recipe's calibrate manifest, its gate report and, where published, the receipt's version."""
-    from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
     from pipeline.handoff import open_upstream
+    from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
     from pipeline.manifest import MANIFEST_NAME
     from pipeline.recipe import load_recipe
     from pipeline.stages.report import read_json

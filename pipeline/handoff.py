@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import StageInputError
 from pipeline.manifest import MANIFEST_NAME, SCHEMA, manifest_digest, verify_files
 
-
 # Numbers keep the type they were written with (a smart union: 9216 stays 9216, not 9216.0), so a
 # value copied from a handoff into published metadata serialises to the same bytes as before.
 Number = int | float

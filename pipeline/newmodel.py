@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cliargs import add_arguments, arg, run_with
+from pipeline.cliargs import add_verb, arg, run_with
 from pipeline.errors import RecipeError
 from pipeline.formats import FORMATS
 from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
@@ -155,7 +155,7 @@ class NewArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("new", help="add a Hugging Face model: model.yaml, config.json and a recipe per format",
-                       description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, NewArgs)
-    p.set_defaults(func=run_with(NewArgs, cmd_new))
+    add_verb(sub, "new", run_with(NewArgs, cmd_new),
+             help="add a Hugging Face model: model.yaml, config.json and a recipe per format",
+             description=__doc__,
+             epilog=EXAMPLE)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.layout import RECEIPT_FILE
 from pipeline.handoff import open_upstream
+from pipeline.layout import RECEIPT_FILE
 from pipeline.manifest import file_digests
 from pipeline.planfile import REPORT_STAGE, in_report
 from pipeline.readme_results import BLOCKS, RESULTS, drift

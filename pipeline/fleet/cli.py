@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cliargs import add_arguments, arg, run_with
+from pipeline.cliargs import add_verb, arg, run_with
 from pipeline.errors import ForgeError
 from pipeline.fleet.task import default_sigchld
 from pipeline.gpus import DEFAULT_CATALOG
@@ -54,10 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fleet", help="run the pipeline's stages as Ray tasks on a cluster (extra: [fleet])",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = p.add_subparsers(dest="fleet_verb", metavar="VERB")
-    r = verbs.add_parser("run", help="expand plan.yaml + dvc.yaml and run every stage on Ray", epilog=EXAMPLES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(r, FleetRunArgs)
-    r.set_defaults(func=run_with(FleetRunArgs, cmd_fleet_run))
+    add_verb(verbs, "run", run_with(FleetRunArgs, cmd_fleet_run),
+             help="expand plan.yaml + dvc.yaml and run every stage on Ray", epilog=EXAMPLES)
     p.set_defaults(func=lambda args: need_ray() and p.print_help())
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.engines import compatibility_table
 from pipeline.errors import ForgeError, StageInputError
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
@@ -87,14 +87,9 @@ class BuildArgs:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "build",
-        help="TensorRT-LLM bundle for one GPU: checkpoint + planner-sized runtime options + commands",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p, BuildArgs)
-    p.set_defaults(func=runner(BuildArgs, main))
+    add_verb(subparsers, "build", runner(BuildArgs, main),
+             help="TensorRT-LLM bundle for one GPU: checkpoint + planner-sized runtime options + commands",
+             epilog=EXAMPLE)
 
 
 # ---------------------------------------------------------------------------- the stage

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.heartbeat import Progress, heartbeat
@@ -61,12 +61,11 @@ class CalibrateArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="quantize with ModelOpt, export the unified checkpoint, verify it",
-                       epilog="example: forge calibrate recipes/smollm2-135m-instruct/fp8.yaml "
-                              "--model data/models/smollm2-135m-instruct --calibration data/calibration/smollm2-135m-instruct-fp8 "
-                              "--out data/quantized/smollm2-135m-instruct-fp8 --metrics metrics/calibrate/smollm2-135m-instruct-fp8.json")
-    add_arguments(p, CalibrateArgs)
-    p.set_defaults(func=runner(CalibrateArgs, main))
+    add_verb(sub, "calibrate", runner(CalibrateArgs, main),
+             help="quantize with ModelOpt, export the unified checkpoint, verify it",
+             epilog="example: forge calibrate recipes/smollm2-135m-instruct/fp8.yaml "
+                    "--model data/models/smollm2-135m-instruct --calibration data/calibration/smollm2-135m-instruct-fp8 "
+                    "--out data/quantized/smollm2-135m-instruct-fp8 --metrics metrics/calibrate/smollm2-135m-instruct-fp8.json")
 
 
 def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Path, metrics_path: Path,

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.handoff import open_upstream
 from pipeline.layout import CALIBRATION_TENSORS_FILE
 from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
@@ -34,11 +34,10 @@ class CalibrationSetArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibration-set", help="tokenize a recipe's calibration set into fixed tensors",
-                       epilog="example: forge calibration-set recipes/smollm2-135m-instruct/fp8.yaml "
-                              "--model data/models/smollm2-135m-instruct --out data/calibration/smollm2-135m-instruct-fp8")
-    add_arguments(p, CalibrationSetArgs)
-    p.set_defaults(func=runner(CalibrationSetArgs, main))
+    add_verb(sub, "calibration-set", runner(CalibrationSetArgs, main),
+             help="tokenize a recipe's calibration set into fixed tensors",
+             epilog="example: forge calibration-set recipes/smollm2-135m-instruct/fp8.yaml "
+                    "--model data/models/smollm2-135m-instruct --out data/calibration/smollm2-135m-instruct-fp8")
 
 
 def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Path = CALIBRATION_DIR) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.errors import SourceError
 from pipeline.heartbeat import Progress, heartbeat
 from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
@@ -36,11 +36,10 @@ class DownloadArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download", help="fetch a model into a BF16 HF checkpoint (the only stage that downloads)",
-                       epilog="example: forge download recipes/smollm2-135m-instruct/model.yaml "
-                              "--out data/models/smollm2-135m-instruct")
-    add_arguments(p, DownloadArgs)
-    p.set_defaults(func=runner(DownloadArgs, main))
+    add_verb(sub, "download", runner(DownloadArgs, main),
+             help="fetch a model into a BF16 HF checkpoint (the only stage that downloads)",
+             epilog="example: forge download recipes/smollm2-135m-instruct/model.yaml "
+                    "--out data/models/smollm2-135m-instruct")
 
 
 def main(model_yaml: Path, out_dir: Path) -> int:

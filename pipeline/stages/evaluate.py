@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_arguments, arg, included, run_with
+from pipeline.cliargs import add_verb, arg, included, run_with
 from pipeline.errors import RecipeError, StageInputError
 from pipeline.evaluation import EvalSuite, SuiteResult, load_suite
 from pipeline.gate_stats import CONFIDENCE, METHOD, RESAMPLES, SEED
@@ -147,15 +147,13 @@ class EvaluateArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("baseline", help="lm-eval the unquantized model on its model.yaml's eval suite",
-                       epilog=BASELINE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, BaselineArgs)
-    p.set_defaults(func=run_with(BaselineArgs, run_baseline))
+    add_verb(sub, "baseline", run_with(BaselineArgs, run_baseline),
+             help="lm-eval the unquantized model on its model.yaml's eval suite",
+             epilog=BASELINE_EXAMPLE)
 
-    p = sub.add_parser("evaluate", help="lm-eval a quantized model and gate it against the baseline",
-                       epilog=EVALUATE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, EvaluateArgs)
-    p.set_defaults(func=run_with(EvaluateArgs, run_evaluate))
+    add_verb(sub, "evaluate", run_with(EvaluateArgs, run_evaluate),
+             help="lm-eval a quantized model and gate it against the baseline",
+             epilog=EVALUATE_EXAMPLE)
 
 
 def run_baseline(args: BaselineArgs) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.recipe import RECIPES_DIR, discover_recipes, load_recipe
 from pipeline.validate import Definitions, validate_recipe
@@ -35,10 +35,9 @@ class GpuCompareArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("gpu-compare", help="predicted tok/s, $/Mtok, J/token of the real-model recipes on H100/H200/B200",
-                       epilog="example: forge gpu-compare --out reports/gpu-compare")
-    add_arguments(p, GpuCompareArgs)
-    p.set_defaults(func=runner(GpuCompareArgs, main))
+    add_verb(sub, "gpu-compare", runner(GpuCompareArgs, main),
+             help="predicted tok/s, $/Mtok, J/token of the real-model recipes on H100/H200/B200",
+             epilog="example: forge gpu-compare --out reports/gpu-compare")
 
 
 def main(out_dir: Path, recipes_dir: Path = RECIPES_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:

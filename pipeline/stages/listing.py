@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-from pipeline.cliargs import add_arguments, arg, included, run_with
+from pipeline.cliargs import add_verb, arg, included, run_with
 from pipeline.errors import RecipeError
 from pipeline.gpu_detect import LocalGpu
 from pipeline.gpus import load_catalog
@@ -41,10 +41,9 @@ class ListArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="artifacts in the registry: versions, stages, format, GPU, key metrics",
-                       epilog=LIST_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, ListArgs)
-    p.set_defaults(func=run_with(ListArgs, run_list))
+    add_verb(sub, "list", run_with(ListArgs, run_list),
+             help="artifacts in the registry: versions, stages, format, GPU, key metrics",
+             epilog=LIST_EXAMPLE)
 
 
 def run_list(args: ListArgs) -> int:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.perf import DEFAULT_MEASURED_DIR, cuda_device_name, gpu_key_for, probe_gpu, save_probe
 
@@ -33,14 +33,9 @@ class ProbeArgs:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "probe",
-        help="measure HBM copy bandwidth and BF16/FP8 GEMM rates on a CUDA GPU (for measured ceilings)",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p, ProbeArgs)
-    p.set_defaults(func=runner(ProbeArgs, main))
+    add_verb(subparsers, "probe", runner(ProbeArgs, main),
+             help="measure HBM copy bandwidth and BF16/FP8 GEMM rates on a CUDA GPU (for measured ceilings)",
+             epilog=EXAMPLES)
 
 
 def main(device: int, out_dir: Path, catalog_path: Path, as_json: bool = False) -> int:

@@ -24,7 +24,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_arguments, arg, included, run_with
+from pipeline.cliargs import add_verb, arg, included, run_with
 from pipeline.engines import require_loadable
 from pipeline.errors import RegistryError, StageInputError
 from pipeline.formats import FORMATS
@@ -101,10 +101,9 @@ class PublishArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("publish", help="publish a gated bundle whose lineage checks out to the artifact registry",
-                       epilog=PUBLISH_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, PublishArgs)
-    p.set_defaults(func=run_with(PublishArgs, run_publish))
+    add_verb(sub, "publish", run_with(PublishArgs, run_publish),
+             help="publish a gated bundle whose lineage checks out to the artifact registry",
+             epilog=PUBLISH_EXAMPLE)
 
 
 def run_publish(args: PublishArgs) -> int:

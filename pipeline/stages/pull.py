@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cliargs import add_arguments, arg, included, run_with
+from pipeline.cliargs import add_verb, arg, included, run_with
 from pipeline.errors import RegistryError
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
 from pipeline.gpus import GpuSpec, load_catalog
@@ -59,10 +59,9 @@ class PullArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pull", help="download and verify an artifact (by name, or the best one for a GPU)",
-                       epilog=PULL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, PullArgs)
-    p.set_defaults(func=run_with(PullArgs, run_pull))
+    add_verb(sub, "pull", run_with(PullArgs, run_pull),
+             help="download and verify an artifact (by name, or the best one for a GPU)",
+             epilog=PULL_EXAMPLE)
 
 
 def run_pull(args: PullArgs) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.errors import StageInputError
 from pipeline.handoff import NotServedDetails, Opened, open_upstream
 from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE, THROUGHPUT_FILE
@@ -52,10 +52,9 @@ class ReportArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="comparison report across recipes and GPUs (Markdown + PNG + tables + summary)",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, ReportArgs)
-    p.set_defaults(func=runner(ReportArgs, main))
+    add_verb(sub, "report", runner(ReportArgs, main),
+             help="comparison report across recipes and GPUs (Markdown + PNG + tables + summary)",
+             epilog=EXAMPLE)
 
 
 def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge comparison report",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_arguments, arg, runner
+from pipeline.cliargs import add_verb, arg, runner
 from pipeline.errors import ForgeError, RecipeError, StageInputError
 from pipeline.formats import FORMATS
 from pipeline.gpu_detect import LocalGpu, detect_local_gpu
@@ -87,10 +87,9 @@ class ThroughputArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("throughput", help="predicted (always) and measured (on the target GPU) tok/s, J/token, $/Mtok",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, ThroughputArgs)
-    p.set_defaults(func=runner(ThroughputArgs, main))
+    add_verb(sub, "throughput", runner(ThroughputArgs, main),
+             help="predicted (always) and measured (on the target GPU) tok/s, J/token, $/Mtok",
+             epilog=EXAMPLE)
 
 
 # ---------------------------------------------------------------------------- the stage

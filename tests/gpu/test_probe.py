@@ -7,8 +7,6 @@ to a slow path), not a slow card: FACTS.md has H100 at ~0.9 of datasheet bandwid
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")

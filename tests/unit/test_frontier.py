@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.handoff import CalibrateDetails
 from pipeline.frontier import MetricResult, Variant, cheapest_passing, markdown, pareto, plot, variant_from_outputs
+from pipeline.handoff import CalibrateDetails
 
 
 def _v(name, bits, acc, passed, ppl=1.0):

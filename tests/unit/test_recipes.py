@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.errors import ForgeError
 from pipeline.formats import FORMATS
 from pipeline.gpus import load_catalog
 from pipeline.recipe import discover_recipes, load_recipe
-from pipeline.errors import ForgeError
 from pipeline.validate import Definitions, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -234,8 +234,7 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
 
 @pytest.mark.parametrize("verdict, gates_on_served", [("pass", True), ("fail", True), ("inconclusive", False)])
 def test_an_inconclusive_served_subset_defers_to_the_powered_simulation(tmp_path, verdict, gates_on_served):
-    from pipeline.serving.gate_source import GateSource
-    from pipeline.serving.gate_source import powered_gate_source
+    from pipeline.serving.gate_source import GateSource, powered_gate_source
 
     served, simulated = tmp_path / "served", tmp_path / "sim"
     served.mkdir()
