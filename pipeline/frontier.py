@@ -54,9 +54,13 @@ class Variant:
     quantize_seconds: float | None  # calibration (+ auto_quantize search)
     perplexity_delta_pct: float | None
     metrics: dict[str, MetricResult] = field(default_factory=dict)
-    passed: bool | None = None   # the gate's verdict; None when not evaluated
+    verdict: str | None = None   # the gate's verdict: pass, fail or inconclusive; None when not evaluated
     published: str | None = None  # version, or None
     note: str = ""               # algorithm / overrides / auto, for the table
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
 
     @property
     def worst_recovery(self) -> float | None:
@@ -106,7 +110,7 @@ def markdown(variants: Sequence[Variant], metric_names: Sequence[str], threshold
                  _fmt(v.whole_checkpoint_bits, ".3f"), _fmt(v.quantize_seconds, ".1f"),
                  _fmt(v.perplexity_delta_pct, "+.1f", "%"),
                  *[(v.metrics.get(m) or MetricResult(None)).cell() for m in metric_names],
-                 {True: "pass", False: "fail", None: "-"}[v.passed], v.published or "-"]
+                 v.verdict or "-", v.published or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     if plot:
         lines += ["", f"![effective bits vs recovery]({plot})"]
@@ -173,7 +177,7 @@ def variant_from_outputs(name: str, format_name: str, calibrate_details: Calibra
         quantize_seconds=_num(seconds),
         perplexity_delta_pct=_num(results.perplexity_delta_pct),
         metrics={r["metric"]: MetricResult.from_gate_row(r) for r in rows},
-        passed=None if gate is None else gate.get("verdict") == "pass",
+        verdict=None if gate is None else gate.get("verdict"),
         published=published, note=note)
 
 

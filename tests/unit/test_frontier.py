@@ -7,7 +7,8 @@ from pipeline.handoff import CalibrateDetails
 
 
 def _v(name, bits, acc, passed, ppl=1.0):
-    return Variant(name, "nvfp4", bits, None, 10.0, 5.0, {"acc": MetricResult(acc), "ppl": MetricResult(ppl)}, passed)
+    verdict = {True: "pass", False: "fail"}.get(passed, passed)  # or a verdict string: "inconclusive"
+    return Variant(name, "nvfp4", bits, None, 10.0, 5.0, {"acc": MetricResult(acc), "ppl": MetricResult(ppl)}, verdict)
 
 
 def test_pareto_and_cheapest_passing():
@@ -38,3 +39,11 @@ def test_intervals_flow_from_gate_rows(tmp_path):
 def test_markdown_without_a_bits_goal_names_the_cheapest_passing_variant():
     a, b = _v("a", 8.0, 0.99, True), _v("b", 4.5, 0.9, False)
     assert "Cheapest variant that passes its gates: **a** (8.000 bits)." in markdown([a, b], ["acc"], 0.95, None, None)
+
+
+def test_an_inconclusive_verdict_is_shown_as_such_and_is_not_passing():
+    """nvfp4-auto-6's gate said inconclusive; the frontier table had printed it as "fail"."""
+    a, b = _v("a", 6.0, 0.966, "inconclusive"), _v("b", 8.0, 0.99, True)
+    assert not a.passed and cheapest_passing([a, b]).name == "b"
+    text = markdown([a, b], ["acc"], 0.95, None, None)
+    assert "| inconclusive | - |" in text and "| fail |" not in text
