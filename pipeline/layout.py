@@ -8,3 +8,7 @@ OPTIONS_FILE = "llm_api_options.yaml"  # build: TensorRT-LLM LLM-API options
 GATE_REPORT_FILE = "gate_report.json"  # evaluate: GateReport.to_json()
 RECEIPT_FILE = "receipt.json"  # publish: what was published or why not
 THROUGHPUT_FILE = "throughput.json"  # throughput: predicted (and measured) tok/s, J/token, $/Mtok
+REPORT_FILE = "report.md"  # report: the comparison across targets
+README_RESULTS_FILE = "readme_results.md"  # report: the README's generated block (pipeline/readme_results.py)
+FIGURES_DIR = "figures"  # report: PNG plots (`dvc plots show`)
+TABLES_DIR = "plots"  # report: CSV/JSON tables

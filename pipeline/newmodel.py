@@ -135,7 +135,7 @@ def cmd_new(args: NewArgs) -> int:
     plan = build_plan(catalog)
     PLAN_FILE.write_text(render_plan(plan))
     DVC_FILE.write_text(with_generated(DVC_FILE.read_text(), plan))
-    print(f"regenerated {PLAN_FILE} and {DVC_FILE}'s artifacts (Hub models join the plan with "
+    print(f"regenerated {PLAN_FILE} and {DVC_FILE}'s generated tail (Hub models join the plan with "
           f"`forge plan --dvc --all --model {dest.name}` on a GPU node).")
     print(f"next: forge plan {dest}/<format>.yaml; edit calibration and eval to taste; forge validate {dest}")
     return 0

@@ -10,12 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import StageInputError
+from pipeline.layout import README_RESULTS_FILE
+from pipeline.planfile import FRONTIER_REPORTS_DIR, REPORTS_DIR
 
 
 @dataclass(frozen=True)
 class Block:
     name: str  # the marker's word, e.g. "results"
-    generated: str  # the report file it is copied from, relative to the checkout
+    reports_dir: str  # the report stage's output directory, relative to the checkout
+    make_target: str  # what writes it: `make <target>`
+    required: bool  # compared even when absent (a missing report is then a drift)
+
+    @property
+    def generated(self) -> str:
+        return f"{self.reports_dir}/{README_RESULTS_FILE}"
 
     @property
     def begin(self) -> str:
@@ -26,10 +34,15 @@ class Block:
         return f"<!-- /{self.name} -->"
 
 
-RESULTS = Block("results", "reports/readme_results.md")  # the report stage (make repro)
-FRONTIER = Block("frontier", "reports/frontier/readme_results.md")  # the report-frontier stage (make frontier)
+RESULTS = Block("results", REPORTS_DIR, "repro", required=True)
+FRONTIER = Block("frontier", FRONTIER_REPORTS_DIR, "frontier", required=False)
 BLOCKS = (RESULTS, FRONTIER)
 BEGIN, END = RESULTS.begin, RESULTS.end
+
+
+def blocks_to_compare(root: Path) -> list[Block]:
+    """The results block always; the frontier block only where `make frontier` wrote its report."""
+    return [b for b in BLOCKS if b.required or (root / b.generated).is_file()]
 
 
 def _split(text: str, where: str, spec: Block) -> tuple[str, str, str]:
@@ -55,7 +68,7 @@ def with_block(text: str, table: str, where: str = "README.md", spec: Block = RE
 def drift(readme: Path, generated: Path, spec: Block = RESULTS) -> str | None:
     """None when README.md's block equals the generated table; else what differs and the fix."""
     if not generated.is_file():
-        return f"{generated} missing: run `make {'frontier' if spec is FRONTIER else 'repro'}` first"
+        return f"{generated} missing: run `make {spec.make_target}` first"
     want, have = generated.read_text(encoding="utf-8"), block(readme.read_text(encoding="utf-8"), str(readme), spec)
     if want == have:
         return None

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import StageInputError
 from pipeline.gates import GateReport
+from pipeline.layout import FIGURES_DIR, README_RESULTS_FILE, REPORT_FILE, TABLES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,6 @@ class ReportFiles:
     tables: tuple[Path, ...]
 
 
-FIGURES_DIR = "figures"
-TABLES_DIR = "plots"
-README_RESULTS_FILE = "readme_results.md"
 
 
 def load_entries(raw: Sequence[Mapping[str, Any]], where: str = "report input") -> list[TargetEntry]:
@@ -242,7 +240,7 @@ def write_report(
     ]
     plots.append(_plot_throughput(entries, figures / "throughput.png"))
 
-    markdown = out_dir / "report.md"
+    markdown = out_dir / REPORT_FILE
     markdown.write_text(_markdown(title, by_model, [p for p in plots if p is not None], missing, sections),
                         encoding="utf-8")
     (out_dir / README_RESULTS_FILE).write_text(readme_results(entries), encoding="utf-8")

@@ -35,7 +35,7 @@ from pipeline.handoff import open_upstream
 from pipeline.layout import RECEIPT_FILE
 from pipeline.manifest import file_digests
 from pipeline.planfile import REPORT_STAGE, in_report
-from pipeline.readme_results import BLOCKS, RESULTS, drift
+from pipeline.readme_results import blocks_to_compare, drift
 from pipeline.registry import PULL_WRITES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,11 +159,8 @@ def check_served(targets: dict[str, dict]) -> list[Check]:
 def check_readme_results() -> list[Check]:
     """The results block always; the frontier block where this checkout ran `make frontier`."""
     checks = []
-    for spec in BLOCKS:
-        generated = ROOT / spec.generated
-        if spec is not RESULTS and not generated.is_file():
-            continue
-        problem = drift(ROOT / "README.md", generated, spec)
+    for spec in blocks_to_compare(ROOT):
+        problem = drift(ROOT / "README.md", ROOT / spec.generated, spec)
         checks.append(Check(False, problem) if problem else
                       Check(True, f"README.md {spec.name} block matches {spec.generated} from this run"))
     return checks
