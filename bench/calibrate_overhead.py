@@ -2,7 +2,7 @@
 and format? Each variant runs in a fresh process so peak RSS is its own.
 
   bare        mtq.quantize(model, <same config>, forward_loop) + export_hf_checkpoint
-  forge-core  pipeline.quant.modelopt_glue.calibrate + export_unified (what the stage wraps)
+  forge-core  pipeline.quant.modelopt_glue.calibrate + hf_export.export_unified (what the stage wraps)
   forge-stage `forge calibrate` end to end (adds the perplexity check, state save, export verification)
 
 Usage (after `make repro` has produced the model and calibration set):
@@ -29,14 +29,16 @@ from pathlib import Path
 variant, recipe_path, model_dir, calib_dir, out = sys.argv[1:6]
 import torch, modelopt.torch.quantization as mtq
 from modelopt.torch.export import export_hf_checkpoint
-from pipeline.calibdata import load_materialized
-from pipeline.formats import FORMATS
-from pipeline.modeling import load_checkpoint
-from pipeline.quant import modelopt_glue as glue
-from pipeline.recipe import load_recipe
+from pipeline.calibration.tensors import load_materialized
+from pipeline.core.formats import FORMATS
+from pipeline.sources.loading import load_checkpoint
+from pipeline.quant.hf_export import export_unified
+from pipeline.quant.modelopt_glue import calibrate
+from pipeline.quant.quant_config import build_quant_config
+from pipeline.recipe.loading import load_recipe
 recipe = load_recipe(Path(recipe_path))
 q = recipe.spec.quant
-config = glue.build_quant_config(FORMATS[q.format].modelopt_config, q.kv_cache_dtype, list(q.exclude))
+config = build_quant_config(FORMATS[q.format].modelopt_config, q.kv_cache_dtype, list(q.exclude))
 rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 loaded = load_checkpoint(Path(model_dir) / "checkpoint")
 ids = load_materialized(Path(calib_dir) / "calibration.safetensors").input_ids[: recipe.spec.calibration.num_samples]
@@ -51,9 +53,9 @@ if variant == "bare":
     loaded.model.to(torch.bfloat16)
     export_hf_checkpoint(loaded.model, export_dir=out)
 else:
-    glue.calibrate(loaded.model, config, [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in ids.split(1)], progress=False)
+    calibrate(loaded.model, config, [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in ids.split(1)], progress=False)
     calibrated = time.perf_counter()
-    glue.export_unified(loaded.model, Path(out))
+    export_unified(loaded.model, Path(out))
 end = time.perf_counter()
 print(json.dumps({"calibrate_s": calibrated - start, "calibrate_export_s": end - start,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -1,9 +1,9 @@
 """Fit the throughput model's efficiency constants to the published calibration rows ONLY.
 
-    python bench/fit_perfmodel.py            # writes pipeline/perfmodel_constants.json
+    python bench/fit_perfmodel.py            # writes pipeline/sizing/perfmodel_constants.json
 
 Data: bench/data/trtllm_bench_calibration.csv (22 trtllm-bench rows from TensorRT-LLM's
-perf-overview, v1.0; copied from shared/perf/). The held-out rows are never read here.
+perf-overview, v1.0; bench/data/README.md gives the source). The held-out rows are never read here.
 Method: deterministic coordinate descent on log(constant), minimising the sum of squared log
 errors (relative error, symmetric in over- and under-prediction), from a fixed physical start,
 with step halving; no randomness, so the same data gives the same constants.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.gpus import load_catalog
-from pipeline.perfbench import CALIBRATION_ROWS, ROOT, errors, load_rows, summary
-from pipeline.perfmodel import CONSTANTS_FILE, Efficiency
+from pipeline.core.gpus import load_catalog
+from pipeline.sizing.perfmodel import CONSTANTS_FILE, Efficiency
+from pipeline.sizing.published import CALIBRATION_ROWS, ROOT, errors, load_rows, summary
 
 START = Efficiency(gemm=0.6, gemm_fp4=0.6, hbm=0.8, attention=0.4, step_overhead_s=2e-3, seq_overhead_s=2e-6)
 # Physical bounds: shares of a peak stay in (0, 1]; overheads are non-negative times.
@@ -52,13 +52,13 @@ def fit(rows, catalog) -> tuple[Efficiency, float]:
 
 
 def main() -> int:
-    catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
+    catalog = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
     rows = load_rows(CALIBRATION_ROWS)
     eff, value = fit(rows, catalog)
     stats = summary([e for _, _, e in errors(rows, catalog, eff)])
     payload = {
         "about": "Fitted by bench/fit_perfmodel.py to bench/data/trtllm_bench_calibration.csv only; "
-                 "read by pipeline/perfmodel.py. Regenerate, do not edit.",
+                 "read by pipeline/sizing/perfmodel.py. Regenerate, do not edit.",
         "constants": asdict(eff),
         "fit": {"rows": len(rows), "loss_sum_sq_log_error": round(value, 6),
                 **{k: round(v, 4) for k, v in stats.items() if k != "rows"}},

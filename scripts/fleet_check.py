@@ -5,8 +5,8 @@ the same outputs as the plain `dvc repro` that just ran here.
    (one CPU each, on loopback); `forge fleet run` there.
 2. Every file of every stage output in the clone is byte-identical (sha256) to this checkout's (from
    `make repro`), apart from each stage's manifest.json, whose wall-clock fields (created_at,
-   timings: pipeline/manifest.py) differ between any two runs, and the wall-clock KPIs in the metrics
-   files (pipeline/kpis.py; every other metric value must match). The dvc.lock digests of directory
+   timings: pipeline/handoff/manifest.py) differ between any two runs, and the wall-clock KPIs in the metrics
+   files (pipeline/handoff/kpis.py; every other metric value must match). The dvc.lock digests of directory
    outputs hash the manifest too, so they are reported but not required to match.
 3. `dvc status` in the clone reports nothing changed; a second `forge fleet run` there is fully cached.
 Wall times of both runs are printed for the closing note.
@@ -40,12 +40,12 @@ def digests(lock: Path) -> dict[str, dict[str, str]]:
 
 
 def metrics_without_timings(path: Path) -> str:
-    """A DVC metrics file (metrics/<stage>/<key>.json) minus its wall-clock KPIs (pipeline/kpis.py
+    """A DVC metrics file (metrics/<stage>/<key>.json) minus its wall-clock KPIs (pipeline/handoff/kpis.py
     `wall_clock`, e.g. calibrate_s): those differ between any two runs; every other value must match."""
     import hashlib
     import json
 
-    from pipeline.kpis import WALL_CLOCK_KPIS
+    from pipeline.handoff.kpis import WALL_CLOCK_KPIS
 
     values = {k: v for k, v in json.loads(path.read_text()).items() if k not in WALL_CLOCK_KPIS}
     return "metrics-sans-timings:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
@@ -54,7 +54,8 @@ def metrics_without_timings(path: Path) -> str:
 def out_files(root: Path, out: str) -> dict[str, str]:
     """{relpath: sha256} of one DVC output, the stage manifest and metrics timings left out (see the
     module docstring)."""
-    from pipeline.manifest import MANIFEST_NAME, file_digests, sha256_file
+    from pipeline.core.files import file_digests, sha256_file
+    from pipeline.core.layout import MANIFEST_NAME
 
     path = root / out
     if path.is_file() and out.startswith("metrics/") and path.suffix == ".json":

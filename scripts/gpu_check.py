@@ -49,16 +49,17 @@ def token_rows(vocab: int, rows: int, seq: int, seed: int) -> torch.Tensor:
 
 
 def calibrate(model, preset: str, kv: str, calib: torch.Tensor) -> dict:
-    from pipeline.quant import modelopt_glue as glue
+    from pipeline.quant.modelopt_glue import calibrate as modelopt_calibrate
+    from pipeline.quant.quant_config import build_quant_config
 
-    config = glue.build_quant_config(preset, kv, [])
+    config = build_quant_config(preset, kv, [])
     batches = [{"input_ids": calib[i:i + 4], "attention_mask": torch.ones_like(calib[i:i + 4])}
                for i in range(0, calib.shape[0], 4)]
-    return glue.calibrate(model, config, batches, progress=False).to_dict()
+    return modelopt_calibrate(model, config, batches, progress=False).to_dict()
 
 
 def check_calibrate(model_dir, fmt: str, preset: str, calib, heldout) -> dict:
-    from pipeline.modeling import perplexity
+    from pipeline.sources.loading import perplexity
 
     model, name = load_model(model_dir)
     before = perplexity(model, heldout, batch_size=4)
@@ -91,15 +92,15 @@ def check_fp8_scaled_mm(model_dir, calib, heldout, device: str = "cuda") -> dict
     """Fake-quant W8A8 perplexity vs the exported checkpoint's real FP8 GEMMs, same tokens."""
     from safetensors.torch import load_file
 
-    from pipeline.modeling import perplexity
-    from pipeline.quant import modelopt_glue as glue
+    from pipeline.quant.hf_export import export_unified
+    from pipeline.sources.loading import perplexity
 
     model, name = load_model(model_dir, device)
     base = copy.deepcopy(model)
     calibrate(model, "FP8_DEFAULT_CFG", "auto", calib)  # W8A8 only: no KV-cache quantization on either side
     fake = perplexity(model, heldout, batch_size=4)
     with tempfile.TemporaryDirectory() as out:
-        glue.export_unified(model, Path(out) / "ckpt")
+        export_unified(model, Path(out) / "ckpt")
         tensors = {}
         for file in sorted((Path(out) / "ckpt").glob("*.safetensors")):
             tensors.update(load_file(file, device=device))

@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from oci_server import running_registry
 
-from pipeline.registry import Registry
-from pipeline.registry_oci import OCI_MANIFEST, OciRegistry
-
-PULL_WRITES = ("forge-artifact.json", "SHA256SUMS")
+from pipeline.registry.artifacts import PULL_WRITES
+from pipeline.registry.directory import Registry
+from pipeline.registry.oci import OCI_MANIFEST, OciRegistry
 
 
 def digests(root: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.readme_results import BLOCKS, blocks_to_compare, drift, with_block
+from pipeline.reporting.readme_results import BLOCKS, blocks_to_compare, drift, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cliargs import add_verb, arg, run_with
-from pipeline.errors import ForgeError
+from pipeline.core.cliargs import add_verb, arg, run_with
+from pipeline.core.errors import ForgeError
+from pipeline.core.gpus import DEFAULT_CATALOG
 from pipeline.fleet.task import default_sigchld
-from pipeline.gpus import DEFAULT_CATALOG
 
 INSTALL_HINT = "pip install 'forge-quant[fleet]'  (Ray; in this checkout: .venv/bin/python -m pip install -e '.[fleet]')"
 
@@ -28,7 +28,7 @@ the outputs here, so `dvc status` afterwards reports everything up to date.
 
 @dataclass(frozen=True, kw_only=True)
 class FleetRunArgs:
-    """`forge fleet run`'s arguments, declared once (pipeline/cliargs.py)."""
+    """`forge fleet run`'s arguments, declared once (pipeline/core/cliargs.py)."""
 
     address: str | None = arg(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     targets: tuple[str, ...] | None = arg(
@@ -126,8 +126,8 @@ def resources_for(root: Path, stages, catalog_path, overrides: list[str]):
 
     import yaml
 
+    from pipeline.core.gpus import load_catalog
     from pipeline.fleet.resources import Resources, stage_resources
-    from pipeline.gpus import load_catalog
 
     plan_file = root / "plan.yaml"
     plan = yaml.safe_load(plan_file.read_text()) or {} if plan_file.exists() else {}

@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ForgeError
+from pipeline.core.errors import ForgeError
 
 
 @dataclass(frozen=True)

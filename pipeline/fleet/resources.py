@@ -4,9 +4,9 @@ kind as a custom resource, so an H200 target never lands on a B200 node.
 Ray places a task only on a node that offers every resource it requests (Ray docs, "Resources":
 custom resources are matched like CPU/GPU), and KubeRay labels a worker group with custom
 resources through `rayStartParams: resources: '"{\\"gpu-h200\\": 8}"'`. The kind is the GPU
-catalog key (pipeline/data/gpus.yaml), prefixed `gpu-`; the count comes from forge's own plans:
+catalog key (pipeline/core/data/gpus.yaml), prefixed `gpu-`; the count comes from forge's own plans:
 - calibrate, and evaluate/baseline without a served engine, hold the BF16 model on the recipe's
-  calibration node: as many GPUs as pipeline/placement.py's calibration plan uses (`gpus`);
+  calibration node: as many GPUs as pipeline/sizing/placement.py's calibration plan uses (`gpus`);
 - build, throughput and served evaluation run on the target GPU: its kind x the target's TP
   (trtllm-serve / trtllm-bench run there; elsewhere throughput records `measured: null`);
 - download, calibration-set, publish, report and any command that is not a GPU verb: CPU only.
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fleet.dag import StageNode
+from pipeline.recipe.loading import load_recipe
+from pipeline.sizing.placement import plan_recipe_calibration
 
 GPU_RESOURCE_PREFIX = "gpu-"
 # Verbs that run on the target GPU; with --bundle (serve-eval) evaluate joins them.
@@ -59,9 +61,6 @@ def forge_verb(cmd: str) -> tuple[str | None, list[str]]:
 
 def stage_resources(node: StageNode, plan: dict[str, Any], catalog: dict[str, Any], root: Path) -> Resources:
     """The resources `node` needs, from its verb and the plan.yaml entry its foreach key names."""
-    from pipeline.placement import plan_recipe_calibration
-    from pipeline.recipe import load_recipe
-
     verb, args = forge_verb(node.cmd)
     key = node.key
     served = "--bundle" in args or "--serve" in args

@@ -5,7 +5,7 @@ is the `method` literal of one ModelOpt config class in `modelopt/torch/quantiza
 (0.47: MaxCalibConfig "max", MseCalibConfig "mse", AWQLiteCalibConfig "awq_lite",
 AWQClipCalibConfig "awq_clip", AWQFullCalibConfig "awq_full", GPTQCalibConfig "gptq",
 NVFP4ActHeadroomCalibConfig "nvfp4_act_headroom"); tests/unit/test_quant_algorithms.py checks
-every row against the installed ModelOpt. `formats` says which forge formats (pipeline/formats.py)
+every row against the installed ModelOpt. `formats` says which forge formats (pipeline/core/formats.py)
 an algorithm applies to; the evidence is the ModelOpt preset that pairs them (`preset`) or, where
 ModelOpt ships none, what was measured on CPU (noted).
 
@@ -63,8 +63,8 @@ NOT_OFFERED: dict[str, str] = {
     # ModelOpt searched 0 weights (measured).
     "local_hessian": "needs static NVFP4 weight blocks (NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG), which forge's CPU reference does not simulate",
     # Exports quant_algo NVFP4_SVD with a low-rank BF16 branch per Linear (quant_utils.py
-    # process_layer_quant_config); no engine contract in pipeline/engines.py loads it.
-    "svdquant": "exports NVFP4_SVD (an extra low-rank branch per Linear), which no engine contract in pipeline/engines.py loads",
+    # process_layer_quant_config); no engine contract in pipeline/engines/contracts.py loads it.
+    "svdquant": "exports NVFP4_SVD (an extra low-rank branch per Linear), which no engine contract in pipeline/engines/contracts.py loads",
     "lsq": "learns scales by training (LSQConfig), not post-training calibration",
 }
 
@@ -94,7 +94,7 @@ def for_format(format_name: str) -> list[str]:
 
 
 # AWQ's smoothing leaves `pre_quant_scale` on Linears it cannot fold into a preceding layer, and
-# the export then names the format NVFP4_AWQ (pipeline/formats.py AWQ_QUANT_ALGOS); awq_clip only
+# the export then names the format NVFP4_AWQ (pipeline/core/formats.py AWQ_QUANT_ALGOS); awq_clip only
 # clips, so its export keeps the plain name.
 SMOOTHING = frozenset({"awq_lite", "awq_full"})
 
@@ -104,7 +104,7 @@ def allowed_quant_algos(quant: object) -> list[str]:
 
     One format and no per-layer change: the format's own (or its AWQ spelling). Overrides or
     `auto` may also produce MIXED_PRECISION (whether they do depends on what they pick)."""
-    from pipeline.formats import AWQ_QUANT_ALGOS, FORMATS, MIXED_PRECISION_QUANT_ALGO
+    from pipeline.core.formats import AWQ_QUANT_ALGOS, FORMATS, MIXED_PRECISION_QUANT_ALGO
 
     fmt = quant.format  # type: ignore[attr-defined]
     algos = [FORMATS[fmt].quant_algo]

@@ -14,7 +14,7 @@ cost model, which counts lm_head at 16 bits).
 A counted weight's scales: `<module>.weight_scale`, `.weight_scale_2`, `.input_scale`,
 `.pre_quant_scale` (all that ModelOpt writes beside a quantized Linear); KV-cache `k_scale` /
 `v_scale` belong to the attention, not to a weight, and are left out. Values: a packed FP4 weight
-(U8, two E2M1 per byte) holds 2 values per element (export_check.EXPORT_RULES). With those rules
+(U8, two E2M1 per byte) holds 2 values per element (export_rules.EXPORT_RULES). With those rules
 NVFP4 comes out at 4 + 8/16 = 4.5 bits plus 64 bits per tensor (weight_scale_2 + input_scale),
 FP8 at 8 plus 64 bits per tensor, BF16 at 16.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.quant.export_check import EXPORT_RULES, TensorInfo
+from pipeline.engines.export_rules import EXPORT_RULES, TensorInfo
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 _NOT_COUNTED = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
@@ -82,22 +82,22 @@ def effective_bits(tensors: dict[str, TensorInfo], layer_formats: dict[str, str]
 
 def checkpoint_layer_formats(quant: dict[str, Any], tensors: dict[str, TensorInfo], format_name: str) -> dict[str, str]:
     """Module -> format of each quantized Linear, from an export's hf_quant_config `quantization`."""
-    from pipeline.formats import MIXED_PRECISION_QUANT_ALGO
-    from pipeline.quant.export_check import _is_excluded, mixed_layer_rules
+    from pipeline.core.formats import MIXED_PRECISION_QUANT_ALGO
+    from pipeline.engines.export_rules import is_excluded, mixed_layer_rules
 
     if str(quant.get("quant_algo")).upper() == MIXED_PRECISION_QUANT_ALGO:
         return mixed_layer_rules(quant, [])
     exclude = [str(p) for p in quant.get("exclude_modules") or []]
     return {n[: -len(".weight")]: format_name for n, i in tensors.items()
-            if n.endswith(".weight") and len(i.shape) == 2 and not _is_excluded(n[: -len(".weight")], exclude)}
+            if n.endswith(".weight") and len(i.shape) == 2 and not is_excluded(n[: -len(".weight")], exclude)}
 
 
 def checkpoint_bits(export_dir: Path, format_name: str) -> BitsReport:
     """effective_bits of an exported checkpoint directory (headers and JSON only)."""
-    from pipeline.quant.export_check import _read_headers, _read_quant_config
+    from pipeline.engines.export_rules import read_headers, read_quant_config
 
-    tensors, _ = _read_headers(Path(export_dir))
-    quant = _read_quant_config(Path(export_dir))
+    tensors, _ = read_headers(Path(export_dir))
+    quant = read_quant_config(Path(export_dir))
     return effective_bits(tensors, checkpoint_layer_formats(quant, tensors, format_name))
 
 

@@ -3,7 +3,7 @@
 A recipe's `quant` section becomes one ModelOpt config (`quant_config_for`):
 
     preset of quant.format (its algorithm replaced by quant.algorithm)
-    + exclude entries + override entries                     (modelopt_glue.build_quant_config)
+    + exclude entries + override entries                     (quant_config.build_quant_config)
     + KV-cache entries
 
 With `quant.auto`, `search_auto` first runs `mtq.auto_quantize` on a throwaway copy of the model
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import RecipeError
-from pipeline.formats import FORMATS
+from pipeline.core.errors import RecipeError
+from pipeline.core.formats import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def override_entries(overrides: Mapping[str, str]) -> list[dict[str, Any]]:
     ("model.layers.0.mlp.down_proj.weight_quantizer"), so the quantizer name is appended."""
     import modelopt.torch.quantization as mtq
 
-    from pipeline.quant.modelopt_glue import _exclude_entries
+    from pipeline.quant.quant_config import exclude_entries
 
     entries: list[dict[str, Any]] = []
     for pattern, fmt in overrides.items():
         if fmt == BF16:
-            entries.extend(_exclude_entries([pattern]))
+            entries.extend(exclude_entries([pattern]))
             continue
         preset = getattr(mtq, FORMATS[fmt].modelopt_config)
         for quantizer in _QUANTIZERS:
@@ -70,8 +70,8 @@ def algorithm_for(format_name: str, algorithm: str | None) -> Any:
 
 
 def quant_config_for(quant: Any, auto_entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The full ModelOpt config for a recipe's quant section (a pipeline.recipe.QuantSection)."""
-    from pipeline.quant.modelopt_glue import build_quant_config
+    """The full ModelOpt config for a recipe's quant section (a pipeline.recipe.schema.QuantSection)."""
+    from pipeline.quant.quant_config import build_quant_config
 
     config = build_quant_config(FORMATS[quant.format].modelopt_config, quant.kv_cache_dtype, list(quant.exclude),
                                 extra_entries=override_entries(quant.overrides),
@@ -117,7 +117,7 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
 
 def check_fused_groups(model: nn.Module) -> None:
     """Refuse a model whose q/k/v or gate/up shards ended up in different formats (see module doc)."""
-    from pipeline.quant.export_check import FUSED_SHARD_GROUPS
+    from pipeline.engines.export_rules import FUSED_SHARD_GROUPS
 
     formats = layer_formats(model)
     split = []
@@ -187,7 +187,7 @@ def search_auto(model: nn.Module, quant: Any, batches: Sequence[Mapping[str, tor
     entries like any recipe, so save/restore, fused-scale unification and export see one path."""
     import modelopt.torch.quantization as mtq
 
-    from pipeline.quant.modelopt_glue import _stdout_to_debug_log
+    from pipeline.quant.modelopt_glue import stdout_to_debug_log
     from pipeline.quant.simulate import fp4_reference_backend
 
     auto = quant.auto
@@ -208,7 +208,7 @@ def search_auto(model: nn.Module, quant: Any, batches: Sequence[Mapping[str, tor
         candidates = [candidate_config(f, quant.algorithm, backend) for f in auto.formats]
         kwargs: dict[str, Any] = ({"loss_func": lambda output, _batch: output.loss} if auto.method == "gradient"
                                   else {"forward_step": lambda m, b: forward_step(m, b).logits})
-        with _stdout_to_debug_log("modelopt auto_quantize: "):
+        with stdout_to_debug_log("modelopt auto_quantize: "):
             _, state = mtq.auto_quantize(
                 search_model, constraints={"effective_bits": modelopt_bits}, quantization_formats=candidates,
                 data_loader=data, forward_step=kwargs.pop("forward_step", forward_step),
@@ -229,7 +229,7 @@ def search_auto(model: nn.Module, quant: Any, batches: Sequence[Mapping[str, tor
 # lm_head weights when embeddings are tied (`tie_word_embeddings`, _load_weights_impl in
 # tensorrt_llm/_torch/models/modeling_utils.py); disabling it also takes it out of ModelOpt's cost.
 _ALWAYS_BF16 = ("*lm_head*",)
-_PER_TENSOR_SCALE_BITS = 64  # weight_scale(_2) + input_scale, FP32 each (export_check.EXPORT_RULES)
+_PER_TENSOR_SCALE_BITS = 64  # weight_scale(_2) + input_scale, FP32 each (export_rules.EXPORT_RULES)
 
 
 def modelopt_target_bits(model: nn.Module, target: float, disabled: Sequence[str]) -> float:

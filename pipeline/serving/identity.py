@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ServeError
-from pipeline.manifest import file_digests
+from pipeline.core.errors import ServeError
+from pipeline.core.files import file_digests
 
 # /v1/models `owned_by` -> engine name forge records.
 OWNERS = {"vllm": "vllm", "tensorrt_llm": "trtllm-serve", "sglang": "sglang"}

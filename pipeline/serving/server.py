@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ServeError
+from pipeline.core.errors import ServeError
 from pipeline.serving.engines_here import TRTLLM_SERVE, VLLM, EngineChoice
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def engine_argv(config: EngineConfig, port: int) -> list[str]:
         # 0.7285 / 133.31. Both within one question of 151, so the faster start wins.
         # `serve` flags: vllm/engine/arg_utils.py (EngineArgs) and vllm/entrypoints/openai/cli_args.py.
         # The format's own flags (--dtype, --quantization, and for FP8 --enable-lora) come from the
-        # vllm-cpu engine contract (pipeline/engines.py), each with its reason there.
+        # vllm-cpu engine contract (pipeline/engines/contracts.py), each with its reason there.
         return [str(config.serve_python), str(LAUNCHER), "--model", checkpoint, "--host", LOOPBACK, "--port", str(port),
                 "--served-model-name", config.served_model_name, *config.choice.flags,
                 "--max-model-len", str(config.max_model_len), "--kv-cache-dtype", config.choice.kv_cache_dtype,

@@ -9,7 +9,7 @@ import importlib
 from collections.abc import Callable
 
 # In pipeline order. A module listed here must exist: there are no placeholder verbs.
-STAGE_MODULES: tuple[str, ...] = ("download", "calibration_set", "calibrate", "build", "evaluate", "throughput", "gpu_compare", "report", "publish", "pull", "listing", "probe")
+STAGE_MODULES: tuple[str, ...] = ("download", "calibration_set", "calibrate", "build", "baseline", "evaluate", "throughput", "gpu_compare", "report", "publish")
 
 
 def registry_of_verbs() -> dict[str, Callable[[argparse._SubParsersAction], None]]:

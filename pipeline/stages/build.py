@@ -22,37 +22,31 @@ from typing import Any
 
 import yaml
 
-from pipeline.cliargs import add_verb, arg, runner
-from pipeline.engines import compatibility_table
-from pipeline.errors import ForgeError, StageInputError
-from pipeline.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.handoff import CalibrateDetails, Opened, open_upstream
-from pipeline.kpis import write_kpis
-from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
-from pipeline.manifest import (
-    Timer,
-    build_manifest,
-    staged_output,
-    write_json,
-    write_manifest,
-)
-from pipeline.recipe import Recipe, load_recipe
-from pipeline.sizing import Plan
-from pipeline.trtllm import (
+from pipeline.core.cliargs import add_verb, arg, runner
+from pipeline.core.errors import ForgeError, StageInputError
+from pipeline.core.files import Timer, staged_output, write_json
+from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.core.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
+from pipeline.engines.checkpoint_check import compatibility_table
+from pipeline.handoff.kpis import write_kpis
+from pipeline.handoff.manifest import build_manifest, write_manifest
+from pipeline.handoff.models import CalibrateDetails
+from pipeline.handoff.reader import Opened, open_upstream
+from pipeline.planning.validate import check_named_target
+from pipeline.recipe.loading import Recipe, load_recipe
+from pipeline.serving.serve_commands import serve_commands, serve_markdown, served_model_id
+from pipeline.serving.trtllm import (
     LoadTestResult,
     LocalRuntime,
     build_legacy_engine,
     check_engine_environment,
     detect_runtime,
-    llm_api_options,
     not_run,
     run_load_test,
-    serve_commands,
-    serve_markdown,
-    served_model_id,
 )
-from pipeline.validate import check_named_target
+from pipeline.serving.trtllm_options import llm_api_options
+from pipeline.sizing.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +67,7 @@ EXAMPLE = """example:
 
 @dataclass(frozen=True)
 class BuildArgs:
-    """`forge build`'s arguments, declared once (pipeline/cliargs.py); each field is a parameter of main."""
+    """`forge build`'s arguments, declared once (pipeline/core/cliargs.py); each field is a parameter of main."""
 
     recipe_path: Path = arg(positional="recipe", help="recipes/<model>/<variant>.yaml")
     gpu: str = arg(required=True, help="a target key of the recipe (a GPU of the catalog)")
@@ -319,7 +313,7 @@ def bundle_details(recipe: Recipe, gpu: str, plan: Plan, options: dict[str, Any]
 
 
 def metrics(plan: Plan, linked: LinkedTree, result: LoadTestResult) -> dict[str, Any]:
-    """The numbers the build KPIs are chosen from (pipeline/kpis.py). `predicted_*` come from the planner's arithmetic and
+    """The numbers the build KPIs are chosen from (pipeline/handoff/kpis.py). `predicted_*` come from the planner's arithmetic and
     roofline; `checkpoint_bytes` is measured on disk; `runtime_*` only exists after a load test."""
     return {
         "predicted_weights_bytes": plan.weights_bytes,

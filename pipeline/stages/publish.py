@@ -1,5 +1,5 @@
 """`forge publish`: ship a gated bundle to the registry (`forge pull` and `forge list`, the way back,
-are pipeline/stages/pull.py and listing.py; they share this module's registry options).
+are pipeline/verbs/pull.py and listing.py; all three take pipeline/registry/args.py's registry options).
 
 publish (one DVC stage per model x format x GPU) refuses unless the bundle and its evaluation are
 intact and chain back, manifest digest by manifest digest, to this recipe's calibrate output, its
@@ -7,7 +7,7 @@ calibration set and the downloaded model. A failed accuracy gate is a recorded r
 the receipt in `--out` says why nothing was published, and the exit code is 0 so `dvc repro`
 finishes (`--strict`: 1). Out (`--out`): `receipt.json` and `manifest.json`.
 
-The registry is any kind pipeline/registries.py opens (directory, OCI, plain layout, HTTP); every kind
+The registry is any kind pipeline/registry/backends.py opens (directory, OCI, plain layout, HTTP); every kind
 offers the same calls, so nothing here branches on it.
 """
 
@@ -17,45 +17,36 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
-from importlib import metadata as importlib_metadata
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_verb, arg, included, run_with
-from pipeline.engines import require_loadable
-from pipeline.errors import RegistryError, StageInputError
-from pipeline.formats import FORMATS
-from pipeline.gates import GateReport
-from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
-from pipeline.gto_tags import has_tag, tag_stage, tag_version
-from pipeline.handoff import BuildDetails, EvaluateDetails, Opened, open_upstream
-from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE
-from pipeline.lineage import RERUN, Link, check_lineage
-from pipeline.manifest import (
-    Timer,
-    build_manifest,
-    sha256_file,
-    staged_output,
-    write_json,
-    write_manifest,
-)
-from pipeline.recipe import Recipe, load_recipe
-from pipeline.registries import open_registry
-from pipeline.registry import (
-    PublishResult,
-    validate_name,
-)
-from pipeline.serving.gate_source import choose_gate_source
-from pipeline.sizing import KV_BLOCK_TOKENS
-from pipeline.validate import Definitions, check_named_target, validate_recipe
+from pipeline.accuracy.gate_source import choose_gate_source
+from pipeline.accuracy.gates import GateReport
+from pipeline.core.cliargs import add_verb, arg, included, run_with
+from pipeline.core.errors import RegistryError, StageInputError
+from pipeline.core.files import Timer, sha256_file, staged_output, write_json
+from pipeline.core.formats import FORMATS
+from pipeline.core.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.core.json_numbers import json_number
+from pipeline.core.layout import GATE_REPORT_FILE, RECEIPT_FILE
+from pipeline.engines.checkpoint_check import require_loadable
+from pipeline.handoff.lineage import RERUN, Link, check_lineage
+from pipeline.handoff.manifest import build_manifest, write_manifest
+from pipeline.handoff.models import BuildDetails, EvaluateDetails, PublishDetails
+from pipeline.handoff.reader import Opened, open_upstream
+from pipeline.planning.validate import Definitions, require_target, validate_recipe
+from pipeline.recipe.loading import Recipe, load_recipe
+from pipeline.registry.args import RegistryArgs
+from pipeline.registry.artifacts import PublishResult, validate_name
+from pipeline.registry.backends import open_registry
+from pipeline.registry.selection import installed_version
+from pipeline.registry.tags import has_tag, tag_stage, tag_version
+from pipeline.sizing.memory import KV_BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REGISTRY = "registry"  # a directory relative to the working directory (the repo root under DVC)
-REGISTRY_ENV = "FORGE_REGISTRY"
 # Recipe sections a published version depends on. `publish` is left out on purpose: relabelling
 # (publish.stage) must not mint a new version of identical files.
 METADATA_SECTIONS = ("model", "quant", "calibration", "eval", "build")
@@ -70,22 +61,9 @@ PUBLISH_EXAMPLE = """example:
 # ---------------------------------------------------------------------------- CLI
 
 
-@dataclass(frozen=True)
-class RegistryArgs:
-    """The registry options publish, pull and list share, declared once (pipeline/cliargs.py)."""
-
-    registry: str | None = arg(help=f"directory, fsspec URL, oci://HOST/NAMESPACE, plain+DIR or http(s):// "
-                                    f"(default: ${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY})")
-    catalog: Path = arg(DEFAULT_CATALOG, help="GPU catalog (default: %(default)s)")
-
-    @property
-    def url(self) -> str:
-        return self.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
-
-
 @dataclass(frozen=True, kw_only=True)
 class PublishArgs:
-    """`forge publish`'s arguments, declared once (pipeline/cliargs.py)."""
+    """`forge publish`'s arguments, declared once (pipeline/core/cliargs.py)."""
 
     recipe: Path = arg(positional="recipe", help="recipes/<model>/<variant>.yaml")
     gpu: str = arg(required=True, help="the recipe target (GPU catalog key) the bundle was built for")
@@ -116,35 +94,14 @@ def run_publish(args: PublishArgs) -> int:
 # ---------------------------------------------------------------------------- publish
 
 
-@dataclass(frozen=True)
-class Receipt:
-    """What `--out` records. `published`: this bundle is in the registry (as `version`);
-    `created`: this run wrote that version (False when an identical one was already there)."""
-
-    published: bool
-    name: str
-    registry: str
-    version: str | None = None
-    created: bool = False
-    manifest_url: str | None = None
-    stage: str | None = None
-    tags: tuple[str, ...] = ()
-    reason: str | None = None
-    gate_failures: tuple[dict[str, Any], ...] = ()
-
-    @property
-    def gate_failed(self) -> bool:
-        return not self.published and bool(self.gate_failures)
-
-
 def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, registry: str, out_dir: Path, *,
          stage: str | None = None, tag: bool = False, repo_dir: Path = Path("."),
-         catalog_path: Path = DEFAULT_CATALOG, served_evaluation_dir: Path | None = None) -> Receipt:
+         catalog_path: Path = DEFAULT_CATALOG, served_evaluation_dir: Path | None = None) -> PublishDetails:
     timer = Timer()
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog, Definitions())
-    check_named_target(recipe, gpu, catalog)
+    require_target(recipe, gpu)
     name = validate_name(recipe.artifact_name(gpu))
     with timer("verify"):
         bundle: Opened[BuildDetails] = open_upstream(Path(bundle_dir), "build")
@@ -161,12 +118,10 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
     receipt = refuse(PublishCandidate(recipe, gpu, bundle, evaluation, gate, meta), name, registry)
     if receipt is not None:
         if served_evaluation_dir is not None:  # the verdict says whether served or simulated scores failed
-            receipt = replace(receipt, reason=f"{receipt.reason} (gated on {source.scored_by})")
+            receipt = receipt.model_copy(update={"reason": f"{receipt.reason} (gated on {source.scored_by})"})
         log.warning("%s: not published: %s", name, receipt.reason)
         target.record_refusal(name, meta, receipt.reason)
     else:
-        meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
-        meta["gate"]["scored_by"] = source.scored_by
         with timer("publish"):
             receipt = publish_verified(target, registry, name, bundle, meta,
                                        stage or recipe.spec.publish.stage, Path(repo_dir) if tag else None)
@@ -186,18 +141,18 @@ class PublishCandidate:
     metadata: dict[str, Any]
 
 
-def accuracy_gate(candidate: PublishCandidate, name: str, registry: str) -> Receipt | None:
+def accuracy_gate(candidate: PublishCandidate, name: str, registry: str) -> PublishDetails | None:
     # pass publishes; inconclusive publishes only where the recipe says so (eval.gates.inconclusive)
     return refusal(name, registry, candidate.gate) if not candidate.gate.publishes else None
 
 
-# The seam for further refusals: each check returns a refusal Receipt (nothing is published, the
+# The seam for further refusals: each check returns a refusal receipt (nothing is published, the
 # registry records why) or None. Add checks here, e.g. "no engine loads this bundle" or "the served
 # result fails the gate"; the first refusal wins.
-PUBLISH_CHECKS: tuple[Callable[[PublishCandidate, str, str], Receipt | None], ...] = (accuracy_gate,)
+PUBLISH_CHECKS: tuple[Callable[[PublishCandidate, str, str], PublishDetails | None], ...] = (accuracy_gate,)
 
 
-def refuse(candidate: PublishCandidate, name: str, registry: str) -> Receipt | None:
+def refuse(candidate: PublishCandidate, name: str, registry: str) -> PublishDetails | None:
     for check in PUBLISH_CHECKS:
         receipt = check(candidate, name, registry)
         if receipt is not None:
@@ -206,14 +161,15 @@ def refuse(candidate: PublishCandidate, name: str, registry: str) -> Receipt | N
 
 
 def publish_verified(registry, url: str, name: str, bundle: Opened, meta: dict[str, Any],
-                     label: str | None, tag_repo: Path | None) -> Receipt:
+                     label: str | None, tag_repo: Path | None) -> PublishDetails:
     """Upload (nothing new when the newest version has this content), label, tag in git if asked."""
     result = registry.publish(bundle.path, name, meta)
     assigned = assign_stage(registry, result, label) if label else False
     tags = create_git_tags(tag_repo, result, label, assigned) if tag_repo is not None else ()
     log.info("%s %s %s (%s)", name, result.version, "published" if result.created else "already published",
              result.manifest_url)
-    return Receipt(True, name, url, result.version, result.created, result.manifest_url, label, tags)
+    return PublishDetails(published=True, name=name, registry=url, version=result.version, created=result.created,
+                          manifest_url=result.manifest_url, stage=label, tags=list(tags))
 
 
 def check_bundle_target(recipe: Recipe, gpu: str, bundle: Opened) -> None:
@@ -237,12 +193,12 @@ def read_gate(evaluation: Opened) -> GateReport:
         raise StageInputError(str(path), f"is not a gate report ({exc!r}).", RERUN) from None
 
 
-def refusal(name: str, registry: str, gate: GateReport) -> Receipt:
+def refusal(name: str, registry: str, gate: GateReport) -> PublishDetails:
     failures = tuple({"metric": r.metric, "baseline": r.baseline, "quantized": r.quantized,
-                      "recovery": _json_number(r.recovery), "threshold": r.threshold, "reason": r.reason}
+                      "recovery": json_number(r.recovery), "threshold": r.threshold, "reason": r.reason}
                      for r in gate.blocking)
     reason = f"accuracy gate {'failed' if gate.verdict == 'fail' else gate.verdict}: " + "; ".join(f"{f['metric']} {f['reason']}" for f in failures)
-    return Receipt(False, name, registry, reason=reason, gate_failures=failures)
+    return PublishDetails(published=False, name=name, registry=registry, reason=reason, gate_failures=list(failures))
 
 
 def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Opened, evaluation: Opened,
@@ -251,7 +207,7 @@ def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Opened, e
     details = bundle.details
     plan = details.plan.model_dump(exclude_none=True)
     fmt = FORMATS[recipe.spec.quant.format]
-    modelopt = details.made_for.nvidia_modelopt or _installed("nvidia-modelopt")
+    modelopt = details.made_for.nvidia_modelopt or installed_version("nvidia-modelopt")
     runtime = {"tensorrt_llm": recipe.spec.build.tensorrt_llm_version, **({"modelopt": modelopt} if modelopt else {})}
     return {
         "model": recipe.model.name,
@@ -268,7 +224,7 @@ def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Opened, e
         "min_gpu_memory_bytes": min_gpu_memory_bytes(plan),
         "load_tested": details.load_tested,
         "accuracy": {r.metric: {"baseline": r.baseline, "quantized": r.quantized,
-                                "recovery": _json_number(r.recovery), "threshold": r.threshold}
+                                "recovery": json_number(r.recovery), "threshold": r.threshold}
                      for r in gate.rows},
         "throughput": predicted_throughput(plan),
         "gate": {"verdict": gate.verdict, "metrics": len(gate.rows),
@@ -328,9 +284,9 @@ def create_git_tags(repo_dir: Path, result: PublishResult, label: str | None, as
     return tuple(created)
 
 
-def write_receipt(out_dir: Path, receipt: Receipt, recipe: Recipe, bundle: Opened, evaluation: Opened,
+def write_receipt(out_dir: Path, receipt: PublishDetails, recipe: Recipe, bundle: Opened, evaluation: Opened,
                   timer: Timer) -> None:
-    body = asdict(receipt)
+    body = receipt.model_dump()
     with staged_output(out_dir) as tmp:
         write_json(tmp / RECEIPT_FILE, body)
         write_manifest(tmp, build_manifest(
@@ -338,20 +294,3 @@ def write_receipt(out_dir: Path, receipt: Receipt, recipe: Recipe, bundle: Opene
             inputs={"bundle": bundle.input_entry(), "evaluation": evaluation.input_entry()},
             timings=timer.seconds, details=body, recipe=recipe.provenance("publish"),
         ))
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def _installed(distribution: str) -> str | None:
-    try:
-        return importlib_metadata.version(distribution)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-
-
-def _json_number(value: float | None) -> float | str | None:
-    # Strict JSON has no infinity; the gate report spells it "inf" (pipeline/gates.py).
-    if value is not None and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value

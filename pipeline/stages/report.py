@@ -1,34 +1,35 @@
 """Stage `report`: one comparison across every planned target, from the stages' outputs.
 
 In: plan.yaml (the targets `dvc repro` built: the embedded default's, or with --frontier every
-variant's, recipes with `frontier: true` too; pipeline/planfile.py) and the data directory the stages write, read
+variant's, recipes with `frontier: true` too; pipeline/planning/dvc_plan.py) and the data directory the stages write, read
 through their manifests: quantized/<recipe> (held-out perplexity, manifest `details.results`),
 eval/<recipe> (gate_report.json), bundles/<target> (the memory plan), throughput/<target>
 (throughput.json), published/<target> (receipt.json). DVC metrics files are never read back
-(pipeline/kpis.py). Out (`--out`): report.md, figures/*.png, plots/*.csv|json and
-readme_results.md (pipeline/report.py); on stderr, a one-screen summary of what was published
+(pipeline/handoff/kpis.py). Out (`--out`): report.md, figures/*.png, plots/*.csv|json and
+readme_results.md (pipeline/reporting/report.py); on stderr, a one-screen summary of what was published
 and what was refused and why: `dvc repro` runs this stage last, so its log ends with it.
 A planned target whose outputs are absent is listed under "Missing results" with the path that
-is missing, never dropped silently.
+is missing, never dropped silently. A model with two or more calibrated recipes gets its effective
+bits vs recovery section (`frontier_section`; the Pareto math is pipeline/reporting/frontier.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.cliargs import add_verb, arg, runner
-from pipeline.errors import StageInputError
-from pipeline.handoff import NotServedDetails, Opened, open_upstream
-from pipeline.layout import GATE_REPORT_FILE, RECEIPT_FILE, THROUGHPUT_FILE
-from pipeline.manifest import MANIFEST_NAME
-from pipeline.recipe import load_recipe
+from pipeline.core.cliargs import add_verb, arg, runner
+from pipeline.core.errors import StageInputError
+from pipeline.core.layout import GATE_REPORT_FILE, MANIFEST_NAME, RECEIPT_FILE, THROUGHPUT_FILE
+from pipeline.core.yamlio import load_yaml_file, read_output_json
+from pipeline.handoff.models import NotServedDetails
+from pipeline.handoff.reader import Opened, open_upstream
+from pipeline.planning.dvc_plan import PlannedTarget, in_report
+from pipeline.recipe.loading import load_recipe
+from pipeline.reporting.frontier import Variant, markdown, plot, variant_from_outputs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ EXAMPLE = """example:
 
 @dataclass(frozen=True)
 class ReportArgs:
-    """`forge report`'s arguments, declared once (pipeline/cliargs.py)."""
+    """`forge report`'s arguments, declared once (pipeline/core/cliargs.py)."""
 
     plan_path: Path = arg(required=True, flag="plan", help="plan.yaml (forge plan --dvc)")
     data_dir: Path = arg(required=True, flag="data", help="the directory the stages write their outputs into")
@@ -59,14 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge comparison report",
          gpu_compare_dir: Path | None = None, frontier: bool = False) -> int:
-    from pipeline.report import gpu_comparison_section, summary_lines, write_report
+    from pipeline.reporting.markdown import gpu_comparison_section
+    from pipeline.reporting.report import summary_lines, write_report
 
     targets = read_plan_targets(Path(plan_path), frontier)
     collected = collect(targets, Path(data_dir))
     sections = [gpu_comparison_section(Path(gpu_compare_dir), Path(out_dir))] if gpu_compare_dir else []
-    from pipeline.frontier import report_section  # effective bits vs recovery of every variant tried
-
-    if (frontier := report_section(targets, Path(data_dir), Path(out_dir))) is not None:
+    if (frontier := frontier_section(targets, Path(data_dir), Path(out_dir))) is not None:
         sections.append(frontier)
     files = write_report(collected.entries, Path(out_dir), title, collected.missing, sections)
     for line in collected.missing:
@@ -81,21 +81,10 @@ def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge com
 # ---------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class PlannedTarget:
-    key: str  # artifact name, e.g. smollm2-135m-instruct-fp8-h200
-    recipe_path: Path
-    recipe_id: str
-    model: str
-    gpu: str
-
-
 def read_plan_targets(plan_path: Path, frontier: bool = True) -> list[PlannedTarget]:
-    """The plan's targets; without `frontier`, only the embedded default's (pipeline/planfile.py in_report)."""
-    from pipeline.planfile import in_report
-
+    """The plan's targets; without `frontier`, only the embedded default's (pipeline/planning/dvc_plan.py in_report)."""
     try:
-        plan = yaml.safe_load(plan_path.read_text())
+        plan = load_yaml_file(plan_path)
     except OSError as exc:
         raise StageInputError(str(plan_path), f"cannot read the plan ({exc.strerror}).", "run `make plan` (forge plan --dvc).") from None
     targets = (plan or {}).get("targets") if isinstance(plan, dict) else None
@@ -108,21 +97,9 @@ def read_plan_targets(plan_path: Path, frontier: bool = True) -> list[PlannedTar
         raise StageInputError(f"{plan_path}: targets", f"an entry lacks {exc}.", "regenerate it: forge plan --dvc.") from None
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StageInputError(str(path), f"not valid JSON ({exc.msg}).", "re-run the stage that writes it.") from None
-    if not isinstance(data, dict):
-        raise StageInputError(str(path), "is not a JSON object.", "re-run the stage that writes it.")
-    return data
-
-
 @dataclass(frozen=True)
 class Collected:
-    entries: list[dict[str, Any]]  # pipeline.report TargetEntry mappings
+    entries: list[dict[str, Any]]  # pipeline.reporting.report TargetEntry mappings
     missing: list[str]  # "<target>: <what is missing and what it means>"
 
 
@@ -176,19 +153,19 @@ def read_outputs(dirs: dict[str, Path]) -> StageOutputs:
         return open_upstream(dirs[stage], stage, verify=False) if (dirs[stage] / MANIFEST_NAME).is_file() else None
 
     calibrate, evaluate, build = opened("calibrate"), opened("evaluate"), opened("build")
-    gate = read_json(dirs["evaluate"] / GATE_REPORT_FILE) if evaluate else None
+    gate = read_output_json(dirs["evaluate"] / GATE_REPORT_FILE) if evaluate else None
     results = calibrate.details.results if calibrate else None
     return StageOutputs(
         calibrate=results.model_dump() if results else None,
         evaluate={"gate": gate, "path": getattr(evaluate.details, "path", None)} if evaluate and gate else None,
         build=build.details.plan.model_dump() if build else None,
-        throughput=read_json(dirs["throughput"] / THROUGHPUT_FILE) if opened("throughput") else None,
-        publish=read_json(dirs["publish"] / RECEIPT_FILE) if opened("publish") else None,
+        throughput=read_output_json(dirs["throughput"] / THROUGHPUT_FILE) if opened("throughput") else None,
+        publish=read_output_json(dirs["publish"] / RECEIPT_FILE) if opened("publish") else None,
     )
 
 
 def target_entry(target: PlannedTarget, found: StageOutputs) -> dict[str, Any] | None:
-    """One pipeline.report entry, or None when there is no memory plan to show."""
+    """One pipeline.reporting.report entry, or None when there is no memory plan to show."""
     build, tput, ev, cal, receipt = found.build, found.throughput, found.evaluate, found.calibrate, found.publish
     if tput is not None:
         memory = {"weights_bytes": tput["predicted_weights_bytes"], "kv_capacity_tokens": tput["predicted_kv_capacity_tokens"]}
@@ -230,12 +207,12 @@ def read_served(served_dir: Path) -> dict[str, Any] | None:
     served = None if isinstance(details, NotServedDetails) else details.served
     if not served:
         return {"served": False, "reason": getattr(details, "reason", None)}
-    metrics = read_json(served_dir / "metrics.json") or {}
+    metrics = read_output_json(served_dir / "metrics.json") or {}
     as_served = metrics.get("simulated_as_served") or {}
     return {"served": True, "engine": served["engine"], "engine_version": served.get("engine_version"),
             "device": served.get("device"), "start_seconds": served.get("start_seconds"),
             "decode_tok_s": (served.get("decode") or {}).get("tok_s"),
-            "gate": read_json(served_dir / GATE_REPORT_FILE),
+            "gate": read_output_json(served_dir / GATE_REPORT_FILE),
             "simulated_as_served": as_served.get("metrics"),
             "simulated_as_served_kv": _kv_label(as_served.get("kv_cache")) if as_served else None,
             "simulated_kv": _kv_label(simulated_kv_cache(served_dir))}
@@ -248,7 +225,7 @@ def simulated_kv_cache(served_dir: Path) -> dict[str, Any] | None:
     evaluate_metrics = served_dir.parent / str(recipe_id) / "metrics.json"
     if not recipe_id or not evaluate_metrics.is_file():
         return None
-    return ((read_json(evaluate_metrics).get("simulation") or {}).get("kv_cache"))
+    return ((read_output_json(evaluate_metrics).get("simulation") or {}).get("kv_cache"))
 
 
 def _kv_label(kv_cache: dict[str, Any] | None) -> str | None:
@@ -272,3 +249,34 @@ def throughput_entry(tput: dict[str, Any] | None, plan: dict[str, Any] | None) -
         if value is not None and source:
             return {"decode_tok_s_max_batch": value, "source": "predicted"}
     return None
+
+
+def frontier_section(targets: list[PlannedTarget], data_dir: Path, out_dir: Path) -> str | None:
+    """Effective bits vs recovery of every variant tried (pipeline/reporting/frontier.py), one section
+    per model with two or more calibrated recipes. Reads each recipe's calibrate manifest, its gate
+    report and, where published, the receipt's version."""
+    by_model: dict[str, dict[str, Variant]] = {}
+    thresholds: dict[str, float] = {}
+    for t in targets:
+        cal_dir, eval_dir = data_dir / "quantized" / t.recipe_id, data_dir / "eval" / t.recipe_id
+        if not (cal_dir / MANIFEST_NAME).is_file():
+            continue
+        details = open_upstream(cal_dir, "calibrate", verify=False).details
+        gate = read_output_json(eval_dir / GATE_REPORT_FILE) if (eval_dir / MANIFEST_NAME).is_file() else None
+        receipt = read_output_json(data_dir / "published" / t.key / RECEIPT_FILE)
+        recipe = load_recipe(t.recipe_path)
+        variant = variant_from_outputs(recipe.variant, recipe.spec.quant.format, details, gate,
+                                       receipt.get("version") if receipt and receipt.get("published") else None)
+        if variant is not None:
+            by_model.setdefault(t.model, {})[variant.name] = variant
+            if recipe.spec.quant.format == "nvfp4" and recipe.variant == "nvfp4":
+                thresholds[t.model] = recipe.spec.eval.gates.default_min_recovery
+    sections = []
+    for model, variants in by_model.items():
+        if len(variants) < 2:
+            continue
+        names = list(dict.fromkeys(m for v in variants.values() for m in v.metrics))
+        png = plot(list(variants.values()), names, thresholds.get(model), out_dir / "figures" / f"frontier_{model}.png")
+        body = markdown(list(variants.values()), names, thresholds.get(model), None, f"figures/{png.name}")
+        sections.append(body.replace("## Effective bits vs recovery (frontier)", f"## {model}: effective bits vs recovery", 1))
+    return "\n".join(sections) if sections else None

@@ -1,7 +1,7 @@
 """Stage `throughput`: how fast one bundle serves on its target GPU, and what a token costs.
 
 Always: the throughput model's prediction of trtllm-bench's offline run for the target
-(`predicted_output_tok_s`, per GPU, per user, TTFT, TPOT, the limits and bounds; pipeline/perfmodel.py),
+(`predicted_output_tok_s`, per GPU, per user, TTFT, TPOT, the limits and bounds; pipeline/sizing/perfmodel.py),
 J/token and $/Mtok at TDP from it, and the roofline's decode/prefill ceilings beside it (keys
 `predicted_decode_*`, upper bounds), with the rates and serving shape they came from.
 Only on the target GPU with TensorRT-LLM's `trtllm-bench` on PATH: a throughput run (streamed, for
@@ -10,7 +10,7 @@ lengths, NVML power sampled while they run, and measured / predicted. Elsewhere 
 and `measured_reason` says why; nothing is estimated in its place.
 
 Out (`--out`): `throughput.json` (every number above, read by the report stage) and `manifest.json`;
-the throughput KPIs of pipeline/kpis.py at `--metrics` for `dvc metrics show`. The bench dataset
+the throughput KPIs of pipeline/handoff/kpis.py at `--metrics` for `dvc metrics show`. The bench dataset
 and trtllm-bench reports go to `--workdir` (default: a temporary directory, removed afterwards).
 """
 
@@ -24,25 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cliargs import add_verb, arg, runner
-from pipeline.errors import ForgeError, RecipeError, StageInputError
-from pipeline.formats import FORMATS
-from pipeline.gpu_detect import LocalGpu, detect_local_gpu
-from pipeline.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
-from pipeline.handoff import BuildDetails, Opened, open_upstream
-from pipeline.kpis import write_kpis
-from pipeline.layout import CHECKPOINT_DIR, OPTIONS_FILE, THROUGHPUT_FILE
-from pipeline.manifest import (
-    build_manifest,
-    staged_output,
-    write_json,
-    write_manifest,
-)
-from pipeline.perf import DEFAULT_MEASURED_DIR, energy_and_cost, load_ceilings
-from pipeline.recipe import Recipe, load_recipe
-from pipeline.sizing import Ceilings, Plan
-from pipeline.trtllm import served_model_id
-from pipeline.validate import Definitions, check_named_target, plan_target, validate_recipe
+from pipeline.core.cliargs import add_verb, arg, runner
+from pipeline.core.errors import ForgeError, RecipeError, StageInputError
+from pipeline.core.files import staged_output, write_json
+from pipeline.core.formats import FORMATS
+from pipeline.core.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.core.layout import CHECKPOINT_DIR, OPTIONS_FILE, THROUGHPUT_FILE
+from pipeline.core.local_gpu import LocalGpu, detect_local_gpu
+from pipeline.handoff.kpis import write_kpis
+from pipeline.handoff.manifest import build_manifest, write_manifest
+from pipeline.handoff.models import BuildDetails
+from pipeline.handoff.reader import Opened, open_upstream
+from pipeline.measure.power import energy_and_cost
+from pipeline.measure.probe import DEFAULT_MEASURED_DIR, load_ceilings
+from pipeline.planning.targets import plan_target
+from pipeline.planning.validate import Definitions, require_target, validate_recipe
+from pipeline.recipe.loading import Recipe, load_recipe
+from pipeline.serving.serve_commands import served_model_id
+from pipeline.sizing.plan import Plan
+from pipeline.sizing.roofline import Ceilings
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ EXAMPLE = """examples:
 
 @dataclass(frozen=True)
 class ThroughputArgs:
-    """`forge throughput`'s arguments, declared once (pipeline/cliargs.py); each field is a parameter of main."""
+    """`forge throughput`'s arguments, declared once (pipeline/core/cliargs.py); each field is a parameter of main."""
 
     recipe_path: Path = arg(positional="recipe", help="recipes/<model>/<variant>.yaml")
     gpu: str = arg(required=True, help="a target key of the recipe")
@@ -101,11 +101,11 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, metrics_path: Path, pric
          out_dir: Path | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
-    validate_recipe(recipe, catalog, Definitions())
-    check_named_target(recipe, gpu, catalog)
+    plans = validate_recipe(recipe, catalog, Definitions())
+    require_target(recipe, gpu)
     pricing = price_per_gpu_hour(recipe, gpu, price)
     ceilings = ceilings_for(recipe, gpu, catalog[gpu], Path(measured_dir))
-    plan = plan_target(recipe, gpu, catalog, ceilings)
+    plan = plan_at(ceilings, plans[gpu], recipe, gpu, catalog)
     bundle = check_bundle(Path(bundle_dir), recipe, gpu, plan)
     decision = decide_measurement(run_mode, detect_local_gpu({k: s.nvml_names for k, s in catalog.items()}),
                                   gpu, catalog[gpu], recipe.spec.targets[gpu].tp, shutil.which("trtllm-bench"))
@@ -155,10 +155,17 @@ def price_per_gpu_hour(recipe: Recipe, gpu: str, override: float | None) -> Pric
 
 def ceilings_for(recipe: Recipe, gpu: str, spec: GpuSpec, measured_dir: Path) -> Ceilings:
     """A `forge probe` of this GPU when one exists for the format's GEMM dtype, else the datasheet
-    (the same default pipeline.sizing.plan uses, spelled out so the metrics can show it)."""
+    (the same default pipeline.sizing.plan.plan uses, spelled out so the metrics can show it)."""
     compute_dtype = FORMATS[recipe.spec.quant.format].compute_dtype
     measured = load_ceilings(gpu, compute_dtype, measured_dir)
     return measured or Ceilings(spec.memory_bandwidth_bytes_per_s, spec.peak_flops(compute_dtype), "datasheet")
+
+
+def plan_at(ceilings: Ceilings, validated: Plan, recipe: Recipe, gpu: str, catalog: dict[str, GpuSpec]) -> Plan:
+    """The target's plan at these ceilings: the one validation made (datasheet rates), or, where
+    `forge probe` measured this GPU, re-planned at the measured rates (only the roofline and the
+    predicted run move; the runtime limits and memory come from datasheet rates either way)."""
+    return validated if ceilings.source == "datasheet" else plan_target(recipe, gpu, catalog, ceilings)
 
 
 def check_bundle(bundle_dir: Path, recipe: Recipe, gpu: str, plan: Plan) -> Opened[BuildDetails]:
@@ -275,7 +282,8 @@ def _measure_in(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: Gp
                 num_requests: int, work: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from pipeline.perf import NotRun, bench_commands, make_bench_dataset, measured_summary, run_bench
+    from pipeline.measure.bench import NotRun, measured_summary, run_bench
+    from pipeline.measure.bench_io import bench_commands, make_bench_dataset
 
     target = recipe.spec.targets[gpu]
     tokenizer = AutoTokenizer.from_pretrained(bundle_dir / CHECKPOINT_DIR)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_registry import H200, NAME, make_bundle, metadata, tree
 
 from pipeline import cli
-from pipeline.errors import RegistryError, VerificationError
-from pipeline.registries import open_registry
+from pipeline.core.errors import RegistryError, VerificationError
+from pipeline.registry.backends import open_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def test_layout_is_plain_files_with_sha256sums_and_forge_json(served):
     root, _, bundle = served
     version_dir = root / NAME / "v1.0.0"
     assert tree(version_dir).keys() == {*tree(bundle), "SHA256SUMS", "forge.json"}
-    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=version_dir).returncode == 0
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], check=False, cwd=version_dir).returncode == 0
     forge = json.loads((version_dir / "forge.json").read_text())
     assert (forge["name"], forge["version"], forge["metadata"]["gpu"]) == (NAME, "v1.0.0", "h200")
     assert json.loads((root / NAME / "index.json").read_text()) == {"stages": {"prod": "v1.0.0"},
@@ -98,7 +98,7 @@ def test_curl_fetches_a_version_directory_as_is(served, tmp_path):
         path = line.split("  ", 1)[1]
         subprocess.run(["curl", "-fsS", "--max-time", "30", "--create-dirs", "-o", path, f"{base}/{path}"], cwd=out,
                        check=True)
-    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out).returncode == 0
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], check=False, cwd=out).returncode == 0
     assert {k: v for k, v in tree(out).items() if k != "SHA256SUMS"} == tree(bundle)
 
 
@@ -110,7 +110,7 @@ def test_kubernetes_init_container_command_runs_as_written(served, tmp_path):
     dest = tmp_path / "models"
     dest.mkdir()
     env.update(ARTIFACT_URL=f"{url}/{NAME}/v1.0.0", DEST=str(dest), PATH="/usr/bin:/bin")
-    done = subprocess.run(init["command"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(init["command"], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "checkpoint/model.safetensors: OK" in done.stdout
     assert {k: v for k, v in tree(dest).items() if k != "SHA256SUMS"} == tree(bundle)
@@ -156,7 +156,7 @@ def test_racing_plain_publishers_get_distinct_versions(tmp_path):
     registry = open_registry(url)
     assert {registry.get_manifest(NAME, v)["metadata"]["gate"]["n"] for v in versions} == {0, 1, 2, 3}
     for v in versions:
-        assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=tmp_path / "plain" / NAME / v).returncode == 0
+        assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], check=False, cwd=tmp_path / "plain" / NAME / v).returncode == 0
 
 
 @pytest.mark.parametrize("url, extra", [("s3://bucket/forge", "s3"), ("gs://bucket/forge", "gcs")])

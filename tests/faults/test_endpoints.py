@@ -20,8 +20,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.errors import SourceError
-from pipeline.sources import fetch_pypi_wheel_member, snapshot_hf
+from pipeline.core.errors import SourceError
+from pipeline.sources.models import snapshot_hf
+from pipeline.sources.pypi import fetch_pypi_wheel_member
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 DEADLINE_S = 1.5
@@ -138,7 +139,8 @@ def test_hub_file_download_that_drips_fails_within_the_size_based_deadline(tmp_p
 
 
 def test_calibration_set_hub_probe_fails_within_its_deadline(tmp_path):
-    from pipeline.calibdata import HFCalibrationSet, materialize
+    from pipeline.calibration.sets import HFCalibrationSet
+    from pipeline.calibration.tensors import materialize
 
     spec = HFCalibrationSet(kind="hf", name="remote", source_file=tmp_path / "remote.yaml", description="test",
                             dataset="org/data", revision=COMMIT, split="train", text_field="text")
@@ -191,7 +193,7 @@ def test_servers_bind_loopback_only():
 
 
 def test_deadline_helpers_name_the_endpoint():
-    from pipeline.deadline import DeadlineExceeded, call_within, transfer_deadline
+    from pipeline.core.deadline import DeadlineExceeded, call_within, transfer_deadline
 
     assert transfer_deadline(1_000_000, 10) == 20.0 and transfer_deadline(None, 10) == 1800.0
     with within(1.5), pytest.raises(DeadlineExceeded, match=r"^https://hub.example did not complete within the 0.2 s deadline$"):

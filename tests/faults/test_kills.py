@@ -1,7 +1,7 @@
 """Fault injection: kill -9 in the middle of a stage (issue 12, items 32 and the kill cases).
 
 A stage writes into `.<out>.tmp-*` beside its output and renames it at the end, holding an flock
-on it meanwhile (pipeline/manifest.py staged_output). Killed with SIGKILL, it leaves no output,
+on it meanwhile (pipeline/core/files.py staged_output). Killed with SIGKILL, it leaves no output,
 only that directory; the next writer into the same parent removes it, and never touches the
 directory of a writer that is still alive. The kills here are real: a `forge` subprocess on a
 tiny Llama, paused at a known point (after ModelOpt's export; after the bundle's checkpoint is
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main as forge
-from pipeline.manifest import collect_leftovers, staged_output
+from pipeline.core.files import collect_leftovers, staged_output
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 240.0  # importing torch + ModelOpt in a subprocess on a loaded 2-core machine
@@ -108,7 +108,7 @@ def leftovers(parent: Path, name: str) -> list[Path]:
 def test_kill_9_in_calibrate_leaves_no_output_and_the_next_run_cleans_up(workspace, tmp_path):
     out = workspace / "data/quantized/tiny-llama-fp8"
     # Paused after ModelOpt wrote the whole checkpoint into the temporary directory: the worst moment.
-    process = run_paused(workspace, CALIBRATE, "pipeline.quant.modelopt_glue", "export_unified", tmp_path / "flag")
+    process = run_paused(workspace, CALIBRATE, "pipeline.quant.hf_export", "export_unified", tmp_path / "flag")
     kill_when_paused(process, tmp_path / "flag")
     assert not out.exists(), "a killed calibrate must leave no output"
     assert not (workspace / "metrics/calibrate/tiny-llama-fp8.json").exists()
@@ -158,7 +158,7 @@ def test_a_live_writers_directory_is_never_collected(tmp_path):
     flag = tmp_path / "flag"
     code = textwrap.dedent(f"""
         import pathlib, time
-        from pipeline.manifest import staged_output
+        from pipeline.core.files import staged_output
         with staged_output(pathlib.Path({str(tmp_path / 'out')!r})) as tmp:
             (tmp / "part.bin").write_bytes(b"x" * 1000)
             pathlib.Path({str(flag)!r}).write_text(str(tmp))

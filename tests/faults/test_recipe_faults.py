@@ -200,8 +200,8 @@ def test_architecture_must_be_beside_model_yaml(model_dir, capsys):
 
 def test_tokenizer_auto_map_is_refused_like_config_auto_map(tmp_path):
     """No code runs either way; the refusal replaces a transformers traceback deep in loading."""
-    from pipeline.errors import SourceError
-    from pipeline.sources import copy_local
+    from pipeline.core.errors import SourceError
+    from pipeline.sources.models import copy_local
 
     model = tmp_path / "model"
     model.mkdir()

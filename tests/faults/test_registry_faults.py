@@ -17,11 +17,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_registry import H200, NAME, make_bundle, metadata
 
-from pipeline import cli, registry_plain
-from pipeline.errors import RegistryError, VerificationError
-from pipeline.pulling import collect_partials
-from pipeline.registries import open_registry
-from pipeline.registry import Registry
+from pipeline import cli
+from pipeline.core.errors import RegistryError, VerificationError
+from pipeline.registry import plain as registry_plain
+from pipeline.registry.backends import open_registry
+from pipeline.registry.directory import Registry
+from pipeline.registry.transfer import collect_partials
 
 
 def published(tmp_path: Path, name: str = NAME, seed: str = "a") -> tuple[Registry, Path]:
@@ -86,8 +87,8 @@ def test_sha256_that_is_a_path_is_refused_before_any_file_is_read(tmp_path, monk
     evil = "../../../../../../etc/hostname"
     edit_manifest(root, lambda m: m["files"][0].update(sha256=evil))
     opened = []
-    real_open = registry.fs.open
-    monkeypatch.setattr(registry.fs, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    real_open = registry.storage.fs.open
+    monkeypatch.setattr(registry.storage.fs, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
     with pytest.raises(VerificationError) as err:
         registry.pull(NAME, tmp_path / "d")
     assert f"file checkpoint/config.json: sha256 '{evil}' is not 64 hex digits." in str(err.value)
@@ -121,7 +122,7 @@ def test_read_only_registry_is_one_line(tmp_path, monkeypatch):
     if os.geteuid() == 0:  # root ignores permission bits: refuse at the system call, as EACCES would
         def denied(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(root / "blobs"))
-        monkeypatch.setattr("pipeline.registry.Registry._open_tmp", denied)
+        monkeypatch.setattr("pipeline.registry.blobs.BlobStore.open_tmp", denied)
     else:
         for path in [root, *root.rglob("*")]:
             path.chmod(0o555 if path.is_dir() else 0o444)
@@ -173,7 +174,7 @@ def test_killed_publish_tmp_blobs_collected_live_ones_kept(tmp_path):
     os.utime(live, (old, old))
     with open(live, "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a writer that is still running holds its lock
-        removed = registry.collect_garbage()
+        removed = registry.blobs.collect_garbage()
     assert removed == [str(dead)] and not dead.exists() and live.exists()
     registry.publish(make_bundle(tmp_path / "next", "next"), NAME, metadata())  # publish collects too
     assert not live.exists()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.formats import FORMATS, ComputeCapability
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.manifest import build_manifest, read_manifest, write_manifest
+from pipeline.core.formats import FORMATS, ComputeCapability
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.handoff.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.stages import build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +46,14 @@ def gpu_key() -> str:
         pytest.skip("needs tensorrt_llm (NGC container nvcr.io/nvidia/tensorrt-llm/release)")
     key = _catalog_gpu_for(cc)
     if key is None:
-        pytest.skip(f"no GPU of compute capability {cc} in pipeline/data/gpus.yaml")
+        pytest.skip(f"no GPU of compute capability {cc} in pipeline/core/data/gpus.yaml")
     return key
 
 
 def _quantized_dir(tiny_llama, directory: Path, recipe_id: str) -> Path:
-    from pipeline.quant.modelopt_glue import build_quant_config, calibrate, export_unified
+    from pipeline.quant.hf_export import export_unified
+    from pipeline.quant.modelopt_glue import calibrate
+    from pipeline.quant.quant_config import build_quant_config
 
     model = copy.deepcopy(tiny_llama.model).cuda()
     ids = tiny_llama.tokenizer(["The river runs by the old mill."] * 4, return_tensors="pt", padding=True)

@@ -16,17 +16,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def run(checkpoint, placement, out):
     from safetensors import safe_open
 
-    from pipeline.modeling import load_checkpoint
-    from pipeline.quant import modelopt_glue as glue
+    from pipeline.quant.hf_export import export_unified
+    from pipeline.quant.modelopt_glue import calibrate
+    from pipeline.quant.quant_config import build_quant_config
+    from pipeline.sources.loading import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, placement)
     assert loaded.device == "cuda:0" and loaded.dtype == "bfloat16"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.model.config.vocab_size, (8, 64), generator=g)
     batches = [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones_like(ids[i:i + 2])} for i in range(0, 8, 2)]
-    result = glue.calibrate(loaded.model, glue.build_quant_config("FP8_DEFAULT_CFG", "fp8", []), batches,
-                            progress=False, input_device=loaded.device)
-    glue.export_unified(loaded.model, out)
+    result = calibrate(loaded.model, build_quant_config("FP8_DEFAULT_CFG", "fp8", []), batches,
+                       progress=False, input_device=loaded.device)
+    export_unified(loaded.model, out)
     digests = {}
     for file in sorted(out.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
@@ -37,7 +39,7 @@ def run(checkpoint, placement, out):
 
 
 def test_cpu_offloaded_calibration_matches_whole(tiny_llama, tmp_path):
-    from pipeline.modeling import Placement
+    from pipeline.sources.loading import Placement
 
     whole_result, whole = run(tiny_llama.model_dir, Placement({"": 0}, {0: 1 << 30}), tmp_path / "whole")
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",

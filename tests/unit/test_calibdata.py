@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.calibdata import (
+from pipeline.calibration.documents import preview_documents
+from pipeline.calibration.english import _article, _Verb, generate_document
+from pipeline.calibration.sets import (
     GeneratedCalibrationSet,
     HFCalibrationSet,
     list_calibration_sets,
     load_calibration_set,
-    load_materialized,
-    materialize,
-    preview_documents,
 )
-from pipeline.calibgen import _article, _Verb, generate_document
-from pipeline.errors import CalibrationError, RecipeError, SourceError, StageInputError
+from pipeline.calibration.tensors import load_materialized, materialize
+from pipeline.core.errors import CalibrationError, RecipeError, SourceError, StageInputError
 
 REPO_CALIB = Path(__file__).resolve().parents[2] / "calibration"
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.gpus import load_catalog
-from pipeline.newmodel import format_for, model_name
-from pipeline.recipe import load_recipe
-from pipeline.validate import Definitions, validate_recipe
+from pipeline.core.gpus import load_catalog
+from pipeline.planning.validate import Definitions, validate_recipe
+from pipeline.recipe.loading import load_recipe
+from pipeline.verbs.newmodel import format_for, model_name
 
 ROOT = Path(__file__).resolve().parents[2]
 REVISION = "0e9e39f249a16976918f6564b8830bc894c89659"
@@ -49,7 +49,7 @@ def test_new_writes_a_model_and_a_recipe_per_format(repo, capsys):
     assert model["source"] == {"kind": "hf", "repo_id": "meta-llama/Llama-3.1-8B-Instruct", "revision": REVISION}
     fp8, nvfp4 = (load_recipe(model_dir / f"{v}.yaml") for v in ("fp8", "nvfp4"))
     assert set(fp8.spec.targets) == {"h200", "h100"} and set(nvfp4.spec.targets) == {"b200"}
-    catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
+    catalog = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
     for recipe in (fp8, nvfp4):
         assert all(p.fits for p in validate_recipe(recipe, catalog, Definitions.of_checkout(repo)).values())
     assert "regenerated plan.yaml" in out and "forge plan --dvc --all --model llama-test" in out
@@ -68,14 +68,14 @@ def test_new_picks_the_smallest_tp_that_fits(repo, capsys):
 
 
 def test_format_for_each_gpu_derives_from_the_registry():
-    catalog = load_catalog(ROOT / "pipeline/data/gpus.yaml")
+    catalog = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
     assert format_for(catalog["h200"]) == "fp8" and format_for(catalog["b200"]) == "nvfp4"
     assert model_name("meta-llama/Llama-3.1-8B-Instruct") == "llama-3-1-8b-instruct"
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--revision", "main"], "error: --revision: 'main' is not a 40-hex commit (branch names drift). "
-                             "Fix: copy the commit from https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/commits/main."),
+    (["--revision", "main"], ("error: --revision: 'main' is not a 40-hex commit (branch names drift). "
+                              "Fix: copy the commit from https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/commits/main.")),
     (["--revision", REVISION, "--gpu", "a100"], "error: --gpu: unknown GPU a100. Fix: pass --gpu one or more of h100"),
     (["--revision", REVISION], "error: --gpu: no target GPU given."),
 ])

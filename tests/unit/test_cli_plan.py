@@ -9,20 +9,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
 from pipeline.cli import build_parser, main
-from pipeline.formats import FORMATS, KV_CACHE_ALIASES, KV_CACHE_DTYPES, KV_CACHE_NAMES
-from pipeline.gpus import load_catalog
-from pipeline.planview import significant
-from pipeline.recipe import TARGET_DEFAULTS, load_recipe
-from pipeline.sizing import ServingShape, plan
+from pipeline.core.formats import FORMATS, KV_CACHE_ALIASES, KV_CACHE_DTYPES, KV_CACHE_NAMES
+from pipeline.core.gpus import load_catalog
+from pipeline.recipe.loading import load_recipe
+from pipeline.recipe.schema import TARGET_DEFAULTS
+from pipeline.sizing.memory import ServingShape
+from pipeline.sizing.plan import plan
+from pipeline.verbs.plan import significant
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_70B = "recipes/llama-3-3-70b-instruct/config.json"
-CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
+CATALOG = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +95,7 @@ def test_plan_that_does_not_fit_exits_2_without_throughput_and_says_what_fits(tm
     config.write_text(json.dumps(LLAMA_405B))
     code, out, err = _run(capsys, *_adhoc("--format", "bf16", "--gpu", "h100", config=str(config)))
     assert code == 2
-    # 86 GB: the H100's 81,559 MiB as nvidia-smi reports it (pipeline/data/gpus.yaml).
+    # 86 GB: the H100's 81,559 MiB as nvidia-smi reports it (pipeline/core/data/gpus.yaml).
     assert "NO: weights 811.7 GB/GPU + reserve 3.4 GB exceed 86 GB at TP 1" in out
     assert "tok/s" not in out and "J/token" not in out and "bound by" not in out
     assert "what would fit (same model and serving shape): " in out
@@ -116,7 +119,7 @@ def test_what_would_fit_is_computed_by_the_planner(tmp_path, capsys):
         kv = KV_CACHE_DTYPES[TARGET_DEFAULTS.kv_cache_dtype]
         fitted = plan(LLAMA_405B, FORMATS[alt["format"]], kv, CATALOG[alt["gpu"]], alt["gpu"], serving, tp=alt["tp"])
         # The alternative's max batch is at the default max_num_tokens; the full plan sizes the runtime
-        # to the workload (pipeline/perfmodel.py), which moves the activation reserve a little.
+        # to the workload (pipeline/sizing/perfmodel.py), which moves the activation reserve a little.
         assert fitted.fits and abs(fitted.max_batch_at_seq_len - alt["max_batch"]) <= 0.02 * alt["max_batch"]
         if alt["tp"] > 1:
             smaller = plan(LLAMA_405B, FORMATS[alt["format"]], kv, CATALOG[alt["gpu"]], alt["gpu"], serving,
@@ -215,7 +218,7 @@ def test_bf16_and_fp16_name_the_unquantized_kv_cache(capsys):
     assert set(KV_CACHE_ALIASES) == {"bf16", "fp16"} and all(v in KV_CACHE_DTYPES for v in KV_CACHE_ALIASES.values())
     kv_flag = next(a for a in build_parser()._subparsers._group_actions[0].choices["plan"]._actions
                    if a.dest == "kv_dtype")
-    assert list(kv_flag.choices) == list(KV_CACHE_NAMES)  # derived from pipeline/formats.py
+    assert list(kv_flag.choices) == list(KV_CACHE_NAMES)  # derived from pipeline/core/formats.py
     answers = {}
     for name in ("auto", "bf16", "fp16"):
         code, out, _ = _run(capsys, *_adhoc("--format", "fp8", "--gpu", "h200", "--kv-dtype", name, "--json"))
@@ -271,13 +274,13 @@ def test_names_are_never_truncated_off_a_terminal(capsys, monkeypatch):
 
 
 def test_list_title_does_not_say_registry_twice(capsys, monkeypatch):
-    from pipeline.stages.listing import render_list
+    from pipeline.verbs.listing import render_list
 
     class Summary:  # the fields render_list reads
         name = "smollm2-135m-instruct-fp8-rtx-pro-6000-with-a-long-suffix"
         latest, versions, stages = "v1.0.0", ("v1.0.0",), {"staging": "v1.0.0"}
         format, bits_per_weight, gpu, compute_capability, gate_verdict = "fp8", 8.0, "rtx-pro-6000", "12.0", "pass"
-        metrics = {"accuracy.x.recovery": 0.98}
+        metrics: ClassVar[dict[str, float]] = {"accuracy.x.recovery": 0.98}
 
     monkeypatch.delenv("COLUMNS", raising=False)
     render_list("registry", [Summary()])

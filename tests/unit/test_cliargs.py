@@ -1,4 +1,4 @@
-"""pipeline/cliargs.py: a stage's arguments declared once, as a dataclass the parser is built from."""
+"""pipeline/core/cliargs.py: a stage's arguments declared once, as a dataclass the parser is built from."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cliargs import add_arguments, arg, from_namespace, included, run_with, runner
-from pipeline.stages import build, calibrate, calibration_set, download, gpu_compare, probe, report, throughput
+from pipeline.core.cliargs import add_arguments, arg, from_namespace, included, run_with, runner
+from pipeline.stages import build, calibrate, calibration_set, download, gpu_compare, report, throughput
+from pipeline.verbs import probe
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,11 @@ def test_an_unsupported_annotation_is_refused_when_the_parser_is_built():
 
 
 def test_pull_list_and_publish_share_one_declaration_of_the_registry_options():
-    from pipeline.stages import listing, publish, pull
+    from pipeline.registry.args import RegistryArgs
+    from pipeline.stages import publish
+    from pipeline.verbs import listing, pull
 
     for spec in (pull.PullArgs, listing.ListArgs, publish.PublishArgs):
         hints = typing.get_type_hints(spec)
-        assert [f.name for f in dataclasses.fields(spec) if hints[f.name] is publish.RegistryArgs] == ["where"]
+        assert [f.name for f in dataclasses.fields(spec) if hints[f.name] is RegistryArgs] == ["where"]
         assert not {"registry", "catalog"} & {f.name for f in dataclasses.fields(spec)}

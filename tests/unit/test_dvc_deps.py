@@ -35,8 +35,10 @@ def rerun_by(stages, path: str) -> set[str]:
         changed |= more
 
 
-def test_editing_sizing_reruns_build_and_throughput_and_nothing_upstream(stages):
-    affected = rerun_by(stages, "pipeline/sizing.py")
+@pytest.mark.parametrize("module", ["shapes.py", "memory.py", "roofline.py", "perfmodel.py",
+                                    "perfmodel_constants.json", "plan.py"])
+def test_editing_sizing_reruns_build_and_throughput_and_nothing_upstream(stages, module):
+    affected = rerun_by(stages, f"pipeline/sizing/{module}")
     families = {name.split("@")[0] for name in affected}
     assert {"build", "throughput"} <= families
     assert not families & set(UPSTREAM_OF_BUILD), sorted(families)
@@ -46,11 +48,11 @@ def test_editing_sizing_reruns_build_and_throughput_and_nothing_upstream(stages)
 
 def test_every_stage_lists_its_own_code(stages):
     own = {"download": "pipeline/stages/download.py", "calibration-set": "pipeline/stages/calibration_set.py",
-           "calibrate": "pipeline/stages/calibrate.py", "baseline": "pipeline/stages/evaluate.py",
+           "calibrate": "pipeline/stages/calibrate.py", "baseline": "pipeline/stages/baseline.py",
            "evaluate": "pipeline/stages/evaluate.py", "build": "pipeline/stages/build.py",
-           "serve-baseline": "pipeline/stages/evaluate.py", "serve-eval": "pipeline/stages/evaluate.py",
+           "serve-baseline": "pipeline/stages/baseline.py", "serve-eval": "pipeline/stages/evaluate.py",
            "throughput": "pipeline/stages/throughput.py", "publish": "pipeline/stages/publish.py",
-           "report": "pipeline/stages/report.py", "report-frontier": "pipeline/stages/report.py", "gpu-compare": "pipeline/gpucompare.py"}
+           "report": "pipeline/stages/report.py", "report-frontier": "pipeline/stages/report.py", "gpu-compare": "pipeline/reporting/gpu_comparison.py"}
     for name, (deps, _) in stages.items():
         assert own[name.split("@")[0]] in deps, f"{name} does not list its code {own[name.split('@')[0]]}"
 
@@ -79,7 +81,7 @@ def upstream_of(stages, name: str) -> set[str]:
 def test_make_repro_runs_the_embedded_default_and_make_frontier_every_variant(stages):
     import yaml
 
-    from pipeline.planfile import FRONTIER_REPORT_STAGE, REPORT_STAGE
+    from pipeline.planning.dvc_plan import FRONTIER_REPORT_STAGE, REPORT_STAGE
 
     plan = yaml.safe_load((ROOT / "plan.yaml").read_text())
     frontier = {k for k, r in plan["recipes"].items() if r["frontier"]} | {

@@ -1,4 +1,4 @@
-"""Engine contracts (pipeline/engines.py): one refusal per engine x reason on small synthetic
+"""Engine contracts (pipeline/engines/contracts.py): one refusal per engine x reason on small synthetic
 checkpoints written here, the loads that must still load, real ModelOpt exports of a tiny Llama
 checked against the contracts, and `forge validate`'s refusal of a format no engine loads."""
 
@@ -11,16 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.engines import (
-    ENGINES,
-    MIXED,
-    check_checkpoint,
-    compatibility_table,
-    engines_loading_format,
-    require_loadable,
-)
-from pipeline.errors import RecipeError, RegistryError
-from pipeline.formats import FORMATS, ComputeCapability
+from pipeline.core.errors import RecipeError, RegistryError
+from pipeline.core.formats import FORMATS, ComputeCapability
+from pipeline.engines.checkpoint_check import check_checkpoint, compatibility_table, require_loadable
+from pipeline.engines.contracts import ENGINES, MIXED, engines_loading_format
 
 H200, B200 = ComputeCapability(9, 0), ComputeCapability(10, 0)
 HIDDEN = 64
@@ -30,7 +24,7 @@ ALGO = {"fp8": "FP8", "nvfp4": "NVFP4", "mxfp4": "mxfp4", "w4a8_mxfp4_fp8": "W4A
 
 
 def _linear(fmt: str, rows: int, cols: int, scale: float) -> dict[str, torch.Tensor]:
-    """One quantized Linear in the layout ModelOpt 0.47 writes (pipeline/quant/export_check.py)."""
+    """One quantized Linear in the layout ModelOpt 0.47 writes (pipeline/engines/export_rules.py)."""
     if fmt == "fp8":
         return {"weight": torch.ones(rows, cols).to(torch.float8_e4m3fn), "weight_scale": torch.tensor(scale),
                 "input_scale": torch.tensor(0.02)}
@@ -264,9 +258,9 @@ def test_formats_loadable_per_gpu():
 
 
 def test_validate_refuses_plain_mxfp4(tmp_path):
-    from pipeline.gpus import load_catalog
-    from pipeline.recipe import load_recipe
-    from pipeline.validate import check_target
+    from pipeline.core.gpus import load_catalog
+    from pipeline.planning.validate import check_target
+    from pipeline.recipe.loading import load_recipe
 
     root = Path(__file__).resolve().parents[2]
     model_dir = tmp_path / "recipes" / "smollm2-135m-instruct"
@@ -278,10 +272,10 @@ def test_validate_refuses_plain_mxfp4(tmp_path):
     (model_dir / "mx.yaml").write_text(text)
     recipe = load_recipe(model_dir / "mx.yaml")
     with pytest.raises(RecipeError) as err:
-        check_target(recipe, "b200", load_catalog(root / "pipeline/data/gpus.yaml"))
+        check_target(recipe, "b200", load_catalog(root / "pipeline/core/data/gpus.yaml"))
     assert str(err.value) == (
         f"{recipe.path}: quant.format: no serving engine loads mxfp4 (quant_algo 'mxfp4', as ModelOpt writes it) "
-        "on b200 (TensorRT-LLM, vLLM and SGLang contracts, pipeline/engines.py). "
+        "on b200 (TensorRT-LLM, vLLM and SGLang contracts, pipeline/engines/contracts.py). "
         "Fix: use fp8 or nvfp4 or w4a8_mxfp4_fp8 for b200.")
 
 
@@ -293,7 +287,9 @@ def real_exports(tmp_path_factory):
     pytest.importorskip("modelopt.torch.export")
     from tiny_models import random_tiny_llama
 
-    from pipeline.quant.modelopt_glue import build_quant_config, calibrate, export_unified
+    from pipeline.quant.hf_export import export_unified
+    from pipeline.quant.modelopt_glue import calibrate
+    from pipeline.quant.quant_config import build_quant_config
 
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=g),
@@ -308,7 +304,7 @@ def real_exports(tmp_path_factory):
 
 
 def test_real_w4a8_mxfp4_fp8_export_loads_in_trtllm_on_b200_only(real_exports):
-    from pipeline.quant.export_check import EXPORT_RULES, verify_unified_export
+    from pipeline.engines.export_rules import EXPORT_RULES, verify_unified_export
 
     ckpt = real_exports["w4a8_mxfp4_fp8"]
     report = verify_unified_export(ckpt, "W4A8_MXFP4_FP8", "FP8", EXPORT_RULES["w4a8_mxfp4_fp8"])

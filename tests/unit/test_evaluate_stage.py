@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.errors import RecipeError, StageInputError
-from pipeline.manifest import build_manifest, input_entry, read_manifest, write_manifest
-from pipeline.recipe import load_recipe
+from pipeline.core.errors import RecipeError, StageInputError
+from pipeline.handoff.manifest import build_manifest, input_entry, read_manifest, write_manifest
+from pipeline.recipe.loading import load_recipe
+from pipeline.stages import baseline as baseline_stage
 from pipeline.stages import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,17 +47,19 @@ def write_recipe(models: Path, variant: str, fmt: str = "fp8", gpu: str = "h200"
 
 def calibrate_into(directory: Path, recipe_path: Path, model_dir: Path) -> Path:
     """What the calibrate stage leaves, from a real ModelOpt calibration of the tiny model."""
-    from pipeline.formats import FORMATS
-    from pipeline.modeling import load_checkpoint
-    from pipeline.quant import modelopt_glue as glue
+    from pipeline.core.formats import FORMATS
+    from pipeline.quant.modelopt_glue import calibrate
+    from pipeline.quant.quant_config import build_quant_config
+    from pipeline.quant.quant_state import save_quant_state
+    from pipeline.sources.loading import load_checkpoint
 
     recipe = load_recipe(recipe_path)
     loaded = load_checkpoint(model_dir / "checkpoint")
-    config = glue.build_quant_config(FORMATS[recipe.spec.quant.format].modelopt_config, recipe.spec.quant.kv_cache_dtype, [])
+    config = build_quant_config(FORMATS[recipe.spec.quant.format].modelopt_config, recipe.spec.quant.kv_cache_dtype, [])
     torch.manual_seed(0)
     ids = torch.randint(3, loaded.model.config.vocab_size, (4, 32))
-    glue.calibrate(loaded.model, config, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], progress=False)
-    glue.save_quant_state(loaded.model, directory / "quant_state.pt")
+    calibrate(loaded.model, config, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], progress=False)
+    save_quant_state(loaded.model, directory / "quant_state.pt")
     loaded.tokenizer.save_pretrained(directory / "checkpoint")
     shutil.copy(model_dir / "checkpoint" / "config.json", directory / "checkpoint" / "config.json")
     write_manifest(directory, build_manifest("calibrate", recipe.id, directory, {"model": input_entry(model_dir, "download")},
@@ -88,7 +91,7 @@ def world(tiny_llama, tmp_path_factory):
                                                                     "metrics": smoke["metrics"][:1]}))
 
     baseline = root / "eval-out" / "tiny-llama-baseline"
-    assert evaluate.baseline_main(models / "tiny-llama" / "model.yaml", model_dir, baseline, eval_dir) == 0
+    assert baseline_stage.main(models / "tiny-llama" / "model.yaml", model_dir, baseline, eval_dir) == 0
     # FP8 asked to lose nothing at all on one metric (the strictest threshold a recovery ratio in
     # (0, 1] allows): FP8 noise on this seeded tiny model does lose a little, so the gate fails and
     # strict makes it exit 1.
@@ -104,20 +107,20 @@ def run_evaluate(world, variant: str, tmp_path: Path, **kwargs):
             "quantized_dir": world["quantized"][variant], "baseline_dir": world["baseline"], "out_dir": tmp_path / "out",
             "metrics_path": tmp_path / "metrics" / f"{variant}.json", "eval_dir": world["eval_dir"]}
     args.update(kwargs)
-    return evaluate.evaluate_main(**args)
+    return evaluate.main(**args)
 
 
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Refusals must come before any model is loaded or scored."""
-    import pipeline.evaluation
-    import pipeline.modeling
+    import pipeline.accuracy.lm_eval_runner
+    import pipeline.sources.loading
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model work started before the inputs were checked")
 
-    monkeypatch.setattr(pipeline.modeling, "load_checkpoint", forbidden)
-    monkeypatch.setattr(pipeline.evaluation, "run_suite", forbidden)
+    monkeypatch.setattr(pipeline.sources.loading, "load_checkpoint", forbidden)
+    monkeypatch.setattr(pipeline.accuracy.lm_eval_runner, "run_suite", forbidden)
 
 
 def rewrite(directory: Path, stage: str, change) -> None:
@@ -168,7 +171,7 @@ def test_unpublishable_gate_with_strict_writes_everything_and_exits_1(world, tmp
     quantized = json.loads((out / "metrics.json").read_text())["metrics"]
     assert row["recovery"] == pytest.approx(baseline[row["metric"]] / quantized[row["metric"]])
 
-    # The DVC metrics file: the evaluate KPIs only (pipeline/kpis.py); the rows are in gate_report.json.
+    # The DVC metrics file: the evaluate KPIs only (pipeline/handoff/kpis.py); the rows are in gate_report.json.
     kpis = json.loads((tmp_path / "metrics" / "fp8.json").read_text())
     finite = [r["recovery"] for r in gate["rows"] if isinstance(r["recovery"], float)]
     failed = [r for r in gate["rows"] if r["verdict"] == "fail"]
@@ -298,15 +301,15 @@ def test_cli_verbs_are_registered(world, tmp_path, no_model_work, capsys):
     assert code == 2
     assert "no baseline evaluation here" in capsys.readouterr().err
     args = cli.build_parser(cli.stage_verbs()).parse_args(["baseline", "m.yaml", "--model", "d", "--out", "o", "--limit", "3"])
-    assert (args.func.__wrapped__, args.func.spec) == (evaluate.run_baseline, evaluate.BaselineArgs)
+    assert (args.func.__wrapped__, args.func.spec) == (baseline_stage.run_baseline, baseline_stage.BaselineArgs)
     assert (args.model_yaml, args.limit, args.eval_dir) == (Path("m.yaml"), 3, Path("eval"))
 
 
 def test_exit_code_of_each_verdict(caplog):
     import logging as _logging
 
-    from pipeline.gate_stats import Interval
-    from pipeline.gates import GatePolicy, evaluate_gates
+    from pipeline.accuracy.gates import GatePolicy, evaluate_gates
+    from pipeline.accuracy.stats import Interval
     from pipeline.stages.evaluate import verdict_exit_code
 
     class _Recipe:  # what verdict_exit_code reads

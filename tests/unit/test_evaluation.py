@@ -5,17 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import RecipeError, StageInputError
-from pipeline.evaluation import (
-    EvalSuite,
-    list_suites,
-    load_suite,
-    local_task_config,
-    local_task_files,
-    remote_model_args,
-    run_suite,
-    task_specs,
-)
+from pipeline.accuracy.lm_eval_runner import remote_model_args, run_suite
+from pipeline.accuracy.lm_eval_tasks import local_task_config, local_task_files, task_specs
+from pipeline.accuracy.suites import EvalSuite, list_suites, load_suite
+from pipeline.core.errors import RecipeError, StageInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = ROOT / "eval" / "suites"

@@ -14,9 +14,11 @@ pytest.importorskip("modelopt.torch.export")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from pipeline.errors import CalibrationError
-from pipeline.quant.export_check import EXPORT_RULES, KV_EXPORT_RULES, verify_unified_export
-from pipeline.quant.modelopt_glue import build_quant_config, calibrate, export_unified
+from pipeline.core.errors import CalibrationError
+from pipeline.engines.export_rules import EXPORT_RULES, KV_EXPORT_RULES, verify_unified_export
+from pipeline.quant.hf_export import export_unified
+from pipeline.quant.modelopt_glue import calibrate
+from pipeline.quant.quant_config import build_quant_config
 
 LAYERS = 2
 LINEARS = 7 * LAYERS
@@ -136,7 +138,7 @@ def test_missing_files_are_reported(exports, tmp_path):
 
 
 def test_rules_cover_the_format_registry():
-    from pipeline.formats import FORMATS, KV_CACHE_DTYPES
+    from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
 
     assert set(EXPORT_RULES) == {n for n, f in FORMATS.items() if f.quantized}
     assert set(KV_EXPORT_RULES) == {n for n, k in KV_CACHE_DTYPES.items() if k.modelopt_config}

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.fleet.cli import driver_dirs
 from pipeline.fleet.dag import StageNode, descendants, expand
 from pipeline.fleet.resources import Resources, stage_resources, unschedulable
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.planfile import build_plan
+from pipeline.planning.dvc_plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_targets_pattern_that_matches_nothing_is_one_clear_error(capsys, monkeyp
 def test_gpu_stages_of_hub_models_ask_for_their_kind_and_count(full_plan, catalog):
     calibrate = node("calibrate@llama-3-3-70b-instruct-fp8",
                      "forge calibrate recipes/llama-3-3-70b-instruct/fp8.yaml --model m --calibration c --out o")
-    # the calibration plan (pipeline/placement.py) puts the 70B BF16 model on 2 of the node's H100s
+    # the calibration plan (pipeline/sizing/placement.py) puts the 70B BF16 model on 2 of the node's H100s
     assert stage_resources(calibrate, full_plan, catalog, ROOT).ray_options() == {
         "num_cpus": 1, "num_gpus": 2, "resources": {"gpu-h100": 2}}
     build = node("build@llama-3-3-70b-instruct-fp8-h100", "forge build r --gpu h100 --quantized q --out o")

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from pipeline.frontier import MetricResult, Variant, cheapest_passing, markdown, pareto, plot, variant_from_outputs
-from pipeline.handoff import CalibrateDetails
+from pipeline.handoff.models import CalibrateDetails
+from pipeline.reporting.frontier import (
+    MetricResult,
+    Variant,
+    cheapest_passing,
+    markdown,
+    pareto,
+    plot,
+    variant_from_outputs,
+)
 
 
 def _v(name, bits, acc, passed, ppl=1.0):

@@ -5,16 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.errors import RecipeError, StageInputError
-from pipeline.gate_stats import (
+from pipeline.accuracy.gates import GatePolicy, evaluate_gates
+from pipeline.accuracy.samples import check_agrees, disagreement, document_table, pair, paired_intervals
+from pipeline.accuracy.stats import (
     Interval,
     aggregate,
     disagreement_rate,
     paired_ratio_interval,
     required_documents,
 )
-from pipeline.gates import GatePolicy, evaluate_gates
-from pipeline.samples import check_agrees, disagreement, document_table, pair, paired_intervals
+from pipeline.core.errors import RecipeError, StageInputError
 
 ACC = "forge_mc/acc,none"
 PPL = "forge_prose/word_perplexity,none"
@@ -235,7 +235,7 @@ def _recipe_with_gates(tmp_path, gates: str):
 
 
 def test_gate_section_schema_errors_name_file_field_and_fix(tmp_path):
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.loading import load_recipe
 
     path = _recipe_with_gates(tmp_path, "    inconclusive: maybe\n")
     with pytest.raises(RecipeError) as err:
@@ -253,7 +253,7 @@ def test_gate_section_schema_errors_name_file_field_and_fix(tmp_path):
 def test_shipped_recipes_default_to_refusing_inconclusive_gates():
     from pathlib import Path
 
-    from pipeline.recipe import discover_recipes, load_recipe
+    from pipeline.recipe.loading import discover_recipes, load_recipe
 
     root = Path(__file__).resolve().parents[2] / "recipes"
     for path in discover_recipes(root):

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from pipeline.errors import RecipeError
-from pipeline.gates import GatePolicy, GateReport, evaluate_gates, recovery
+from pipeline.accuracy.gates import GatePolicy, GateReport, evaluate_gates, recovery
+from pipeline.core.errors import RecipeError
 
 ACC = "mmlu/acc,none"
 PPL = "forge_prose/word_perplexity,none"

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.errors import RecipeError
-from pipeline.gpu_detect import LocalGpu, detect_local_gpu, match_sku
-from pipeline.registry import reject_reason, select_for_gpu
+from pipeline.core.errors import RecipeError
+from pipeline.core.local_gpu import LocalGpu, detect_local_gpu, match_sku
+from pipeline.registry.selection import reject_reason, select_for_gpu
 
 CATALOG = {"h100": "H100", "h100-nvl": "H100 NVL", "h200": "H200", "b200": "B200"}
 H200 = LocalGpu(name="NVIDIA H200", compute_capability="9.0", memory_bytes=150_754_820_096, count=1, sku="h200")

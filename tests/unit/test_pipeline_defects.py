@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import kpis
-from pipeline.heartbeat import Progress, heartbeat
-from pipeline.manifest import collect_leftovers, staged_output
-from pipeline.sources import copy_local
+from pipeline.core.files import collect_leftovers, staged_output
+from pipeline.core.heartbeat import Progress, heartbeat
+from pipeline.handoff import kpis
+from pipeline.sources.models import copy_local
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,18 +79,19 @@ def test_dvc_plots_are_images_so_the_page_needs_no_cdn():
 def test_recovery_plot_has_short_labels_and_a_threshold_rule(monkeypatch, tmp_path):
     from matplotlib.figure import Figure
 
-    from pipeline import report
+    from pipeline.reporting.entries import TargetEntry
+    from pipeline.reporting.plots import plot_recovery, plot_throughput
 
     figures = []
     monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: figures.append(self))
     rows = [{"metric": m, "baseline": 0.5, "quantized": 0.49, "direction": "higher", "recovery": 0.98,
              "threshold": 0.95, "verdict": "pass", "reason": "ok"} for m in ("forge_mc/acc,none", "forge_mc/acc_norm,none")]
-    entry = report.TargetEntry.model_validate({
+    entry = TargetEntry.model_validate({
         "model": "smollm2-135m-instruct", "format": "fp8", "gpu": "h200", "tp": 1,
         "gate": {"verdict": "pass", "rows": rows}, "memory": {"weights_bytes": 1, "kv_capacity_tokens": 1},
         "throughput": {"decode_tok_s_max_batch": 10.0, "source": "predicted"}})
-    report._plot_recovery(entry.model, [entry], tmp_path / "r.png")
-    report._plot_throughput([entry], tmp_path / "t.png")
+    plot_recovery(entry.model, [entry], tmp_path / "r.png")
+    plot_throughput([entry], tmp_path / "t.png")
     recovery, throughput = (f.axes[0] for f in figures)
     assert [t.get_text() for t in recovery.get_xticklabels()] == ["forge_mc acc", "forge_mc acc_norm"]
     assert sorted(t.get_text() for t in recovery.get_legend().get_texts()) == ["fp8@h200", "threshold 0.95"]
@@ -145,7 +146,7 @@ def test_heartbeat_line_has_progress_and_eta():
 def test_heartbeat_logs_off_a_terminal_and_stops(caplog):
     import time
 
-    with caplog.at_level(logging.INFO, logger="pipeline.heartbeat"), \
+    with caplog.at_level(logging.INFO, logger="pipeline.core.heartbeat"), \
             heartbeat(Progress("evaluate y"), interval_s=0.05, enabled=True) as progress:
         progress.phase("lm-eval loglikelihood", total=10, unit="forward batches")
         time.sleep(0.3)
@@ -159,7 +160,7 @@ def test_heartbeat_logs_off_a_terminal_and_stops(caplog):
 
 
 def test_lm_eval_progress_bars_are_turned_off_for_the_heartbeat():
-    from pipeline.evaluation import _counted_hflm
+    from pipeline.accuracy.lm_eval_runner import _counted_hflm
 
     calls = []
 
@@ -190,16 +191,16 @@ def test_lm_eval_progress_bars_are_turned_off_for_the_heartbeat():
 
 
 def test_modelopt_prints_go_to_the_debug_log(caplog):
-    from pipeline.quant.modelopt_glue import _stdout_to_debug_log
+    from pipeline.quant.modelopt_glue import stdout_to_debug_log
 
-    with caplog.at_level(logging.DEBUG, logger="pipeline.quant.modelopt_glue"), _stdout_to_debug_log("modelopt: "):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.quant.modelopt_glue"), stdout_to_debug_log("modelopt: "):
         print("{'quant_cfg': " + "x" * 1800 + "}")
     assert [(r.levelno, r.getMessage()[:22]) for r in caplog.records] == [(logging.DEBUG, "modelopt: {'quant_cfg'")]
 
 
 def test_the_merged_quant_config_is_not_printed(capsys, caplog):
     """ModelOpt's update_quant_cfg_with_kv_cache_quant prints ~1,800 characters; forge keeps it at DEBUG."""
-    from pipeline.quant.modelopt_glue import build_quant_config
+    from pipeline.quant.quant_config import build_quant_config
 
     with caplog.at_level(logging.DEBUG, logger="pipeline.quant.modelopt_glue"):
         build_quant_config("FP8_DEFAULT_CFG", "fp8", [])
@@ -229,7 +230,7 @@ def test_a_killed_writers_temp_dir_is_removed_by_the_next_writer(tmp_path, caplo
     old.mkdir()
     keep = tmp_path / ".hidden-config"
     keep.mkdir()
-    with caplog.at_level(logging.WARNING, logger="pipeline.manifest"), staged_output(tmp_path / "out") as tmp:
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.files"), staged_output(tmp_path / "out") as tmp:
         (tmp / "f").write_text("x")
     assert not dead.exists() and not old.exists() and keep.is_dir() and (tmp_path / "out/f").is_file()
     assert f"removed {dead} (2.0 MB) left by an interrupted stage" in caplog.text

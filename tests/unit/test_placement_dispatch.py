@@ -71,7 +71,7 @@ def tensor_digests(checkpoint: Path) -> dict[str, tuple[str, tuple[int, ...], st
     out = {}
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle lists its tensors through keys())
                 t = f.get_tensor(key)
                 raw = t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
                 out[key] = (str(t.dtype), tuple(t.shape), hashlib.sha256(raw).hexdigest())
@@ -108,7 +108,7 @@ def test_dispatched_calibration_is_identical(runs):
     whole, dispatched = amax("whole"), amax("dispatched")
     assert len(whole) == 2 * (7 * 2 + 2)  # input + weight per Linear, K and V per layer
     assert set(whole) == set(dispatched) and all(torch.equal(whole[k], dispatched[k]) for k in whole)
-    # The stage's results live in its manifest (the metrics file holds only KPIs: pipeline/kpis.py).
+    # The stage's results live in its manifest (the metrics file holds only KPIs: pipeline/handoff/kpis.py).
     m_whole = json.loads((runs / "data/quantized/whole/manifest.json").read_text())["details"]["results"]
     m_dispatched = json.loads((runs / "data/quantized/dispatched/manifest.json").read_text())["details"]["results"]
     for key in ("perplexity_baseline", "perplexity_quantized", "calibration_tokens"):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.gpus import load_catalog
-from pipeline.placement import Node, module_list, plan_calibration
+from pipeline.core.gpus import load_catalog
+from pipeline.sizing.placement import Node, module_list, plan_calibration
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOG = load_catalog(ROOT / "pipeline/data/gpus.yaml")
+CATALOG = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
 CASES = [  # config, GPU kind, node size, GPUs the plan must use
     ("recipes/llama-3-1-8b-instruct/config.json", "h200", 8, 1),
     ("recipes/llama-3-3-70b-instruct/config.json", "h200", 8, 1),

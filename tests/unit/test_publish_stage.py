@@ -17,16 +17,21 @@ import yaml
 from safetensors.torch import save_file
 
 from pipeline import cli
-from pipeline.errors import RegistryError, StageInputError
-from pipeline.gates import GatePolicy, evaluate_gates
-from pipeline.gpu_detect import LocalGpu
-from pipeline.manifest import build_manifest, file_digests, input_entry, write_json, write_manifest
-from pipeline.recipe import load_recipe
-from pipeline.registry import MANIFEST_FILENAME, Registry
+from pipeline.accuracy.gates import GatePolicy, evaluate_gates
+from pipeline.core.errors import RegistryError, StageInputError
+from pipeline.core.files import file_digests, write_json
+from pipeline.core.local_gpu import LocalGpu
+from pipeline.handoff.manifest import build_manifest, input_entry, write_manifest
+from pipeline.handoff.models import PublishDetails
+from pipeline.recipe.loading import load_recipe
+from pipeline.registry import selection
+from pipeline.registry.args import REGISTRY_ENV
+from pipeline.registry.artifacts import MANIFEST_FILENAME
+from pipeline.registry.directory import Registry
+from pipeline.serving.trtllm import LocalRuntime
 from pipeline.stages import build
 from pipeline.stages import publish as stage
-from pipeline.stages import pull as pull_stage
-from pipeline.trtllm import LocalRuntime
+from pipeline.verbs import pull as pull_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -49,7 +54,7 @@ def _at_root(monkeypatch):
     # Recipes resolve calibration/ and eval/ against the working directory, as under DVC.
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(build, "detect_runtime", lambda: CPU)
-    monkeypatch.delenv(stage.REGISTRY_ENV, raising=False)
+    monkeypatch.delenv(REGISTRY_ENV, raising=False)
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps tables to the terminal width
     yield
 
@@ -128,7 +133,7 @@ def fabricate_chain(tmp_path: Path, quantized_score: float = 0.59, interval=None
                  tmp_path / "registry", data / "published" / NAME)
 
 
-def publish(chain: Chain, **kwargs) -> stage.Receipt:
+def publish(chain: Chain, **kwargs) -> PublishDetails:
     return stage.main(chain.recipe, "h200", chain.bundle, chain.evaluation, str(chain.registry), chain.out, **kwargs)
 
 
@@ -201,7 +206,7 @@ def test_failed_gate_is_recorded_not_published(tmp_path, capsys):
 
 
 def test_inconclusive_gate_publishes_only_where_the_recipe_says_so(tmp_path):
-    from pipeline.gate_stats import Interval
+    from pipeline.accuracy.stats import Interval
 
     straddles = Interval(0.96, 0.93, 0.99, 1397)
     refused = publish(fabricate_chain(tmp_path / "a", quantized_score=0.576, interval=straddles))
@@ -276,9 +281,9 @@ def test_stage_label_and_gto_tags_are_created_once(tmp_path, monkeypatch):
     chain = fabricate_chain(tmp_path)
 
     receipt = publish(chain, stage="prod", tag=True, repo_dir=repo)
-    assert receipt.tags == (f"{NAME}@v1.0.0", f"{NAME}#prod#1") and receipt.stage == "prod"
+    assert receipt.tags == [f"{NAME}@v1.0.0", f"{NAME}#prod#1"] and receipt.stage == "prod"
     again = publish(chain, stage="prod", tag=True, repo_dir=repo)
-    assert again.tags == () and not again.created
+    assert again.tags == [] and not again.created
     tags = subprocess.run(["git", "-C", str(repo), "tag"], capture_output=True, text=True, check=True).stdout.split()
     assert sorted(tags) == [f"{NAME}#prod#1", f"{NAME}@v1.0.0"]
     registry = Registry(str(chain.registry))
@@ -320,7 +325,7 @@ def pull(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_pull_by_name_version_and_stage(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pull_stage, "detect_local_gpu", lambda known: None)
+    monkeypatch.setattr(selection, "detect_local_gpu", lambda known: None)
     url = str(hand_made_registry(tmp_path))
     for extra, expected in [((), "v1.0.1"), (("--version", "v1.0.0"), "v1.0.0"), (("--stage", "prod"), "v1.0.0")]:
         dest = tmp_path / "out" / "-".join(extra or ("newest",))
@@ -346,7 +351,7 @@ def test_pull_by_name_version_and_stage(tmp_path, capsys, monkeypatch):
 ])
 def test_gpu_auto_picks_sku_then_precision_then_newest(tmp_path, capsys, monkeypatch, detected, expected):
     seen = []
-    monkeypatch.setattr(pull_stage, "detect_local_gpu", lambda known: seen.append(known) or detected)
+    monkeypatch.setattr(selection, "detect_local_gpu", lambda known: seen.append(known) or detected)
     url = str(hand_made_registry(tmp_path))
     code, out, _ = pull(capsys, "m", "--gpu", "auto", "--registry", url, "--dest", str(tmp_path / "d"))
     assert code == 0 and out.startswith(f"pulled {expected} into")
@@ -355,7 +360,7 @@ def test_gpu_auto_picks_sku_then_precision_then_newest(tmp_path, capsys, monkeyp
 
 def test_gpu_auto_without_a_gpu_and_unfit_gpus_are_refused(tmp_path, capsys, monkeypatch):
     url = str(hand_made_registry(tmp_path))
-    monkeypatch.setattr(pull_stage, "detect_local_gpu", lambda known: None)
+    monkeypatch.setattr(selection, "detect_local_gpu", lambda known: None)
     code, _, err = pull(capsys, "m", "--gpu", "auto", "--registry", url, "--dest", str(tmp_path / "d"))
     assert code == 2 and "no NVIDIA GPU detected (NVML found no device). Fix: pass --gpu <key>, one of h100" in err
     code, _, err = pull(capsys, "m", "--gpu", "l40s", "--registry", url, "--dest", str(tmp_path / "d"))
@@ -425,7 +430,7 @@ def test_registry_copied_elsewhere_still_pulls_and_verifies(tmp_path, capsys, mo
     moved = tmp_path / "elsewhere" / "registry-copy"
     shutil.copytree(chain.registry, moved)
     shutil.rmtree(chain.registry)
-    monkeypatch.setenv(stage.REGISTRY_ENV, str(moved))
+    monkeypatch.setenv(REGISTRY_ENV, str(moved))
     dest = tmp_path / "served"
     code, out, _ = pull(capsys, NAME, "--gpu", "h200", "--dest", str(dest))
     assert code == 0 and f"pulled {NAME} v1.0.0 into {dest}" in out

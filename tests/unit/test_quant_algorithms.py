@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.quant.algorithms import ALGORITHMS, NOT_OFFERED, algorithm_problem, allowed_quant_algos
-from pipeline.recipe import QuantSection
+from pipeline.recipe.schema import QuantSection
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOL = ROOT / "recipes/smollm2-135m-instruct"
@@ -88,24 +88,24 @@ def _validate(tmp_path: Path, capsys, edit) -> str:
 SCHEMA_ERRORS = {
     "algorithm for another format": (
         lambda q: q.update(format="fp8", algorithm="awq_lite"),
-        "nvfp4.yaml: quant.algorithm: Value error, 'awq_lite' does not apply to fp8 (it applies to nvfp4); "
-        "use one of max, mse for fp8."),
+        ("nvfp4.yaml: quant.algorithm: Value error, 'awq_lite' does not apply to fp8 (it applies to nvfp4); "
+        "use one of max, mse for fp8.")),
     "unknown algorithm": (
         lambda q: q.update(algorithm="awqlite"),
         "quant.algorithm: Value error, unknown calibration algorithm 'awqlite'; use one of max, mse, awq_lite"),
-    "not offered": (lambda q: q.update(algorithm="svdquant"), "quant.algorithm: Value error, 'svdquant' is a ModelOpt "
-                    "method forge does not offer: exports NVFP4_SVD"),
+    "not offered": (lambda q: q.update(algorithm="svdquant"), ("quant.algorithm: Value error, 'svdquant' is a ModelOpt "
+                    "method forge does not offer: exports NVFP4_SVD")),
     "override format": (lambda q: q.update(overrides={"*down_proj": "int8"}),
-                        "quant.overrides.*down_proj: input should be 'fp8', 'nvfp4', 'mxfp4', 'w4a8_mxfp4_fp8' or 'bf16', "
-                        "got 'int8'. Fix: use one of the listed values."),
+                        ("quant.overrides.*down_proj: input should be 'fp8', 'nvfp4', 'mxfp4', 'w4a8_mxfp4_fp8' or 'bf16', "
+                        "got 'int8'. Fix: use one of the listed values.")),
     "auto bits unreachable": (lambda q: q.update(auto={"effective_bits": 4, "formats": ["nvfp4", "fp8"]}),
                               "quant.auto: Value error, effective_bits 4 is outside what nvfp4, fp8 can reach (4.5-8"),
     "auto without the recipe's format": (lambda q: q.update(auto={"effective_bits": 6, "formats": ["fp8", "w4a8_mxfp4_fp8"]}),
-                                         "quant.auto: Value error, formats ['fp8', 'w4a8_mxfp4_fp8'] must include "
-                                         "quant.format 'nvfp4'"),
+                                         ("quant.auto: Value error, formats ['fp8', 'w4a8_mxfp4_fp8'] must include "
+                                         "quant.format 'nvfp4'")),
     "auto typo": (lambda q: q.update(auto={"effective_bits": 5, "formats": ["nvfp4", "fp8"], "score": 3}),
-                  "quant.auto.score: unknown key 'score'. Fix: remove it or correct the spelling; allowed keys here: "
-                  "effective_bits, formats, method, score_batches."),
+                  ("quant.auto.score: unknown key 'score'. Fix: remove it or correct the spelling; allowed keys here: "
+                  "effective_bits, formats, method, score_batches.")),
 }
 
 

@@ -14,15 +14,17 @@ from tiny_models import random_tiny_llama
 
 pytest.importorskip("modelopt.torch.quantization")
 
-from pipeline.engines import ENGINES, check_checkpoint
-from pipeline.errors import CalibrationError, RecipeError
-from pipeline.formats import ComputeCapability
+from pipeline.core.errors import CalibrationError, RecipeError
+from pipeline.core.formats import ComputeCapability
+from pipeline.engines.checkpoint_check import check_checkpoint
+from pipeline.engines.contracts import ENGINES
+from pipeline.engines.export_rules import TensorInfo
 from pipeline.quant import mixed
-from pipeline.quant import modelopt_glue as glue
 from pipeline.quant.bits import checkpoint_bits, effective_bits
-from pipeline.quant.export_check import TensorInfo
+from pipeline.quant.hf_export import export_unified
+from pipeline.quant.modelopt_glue import calibrate
 from pipeline.quant.simulate import reference_fp4_simulation
-from pipeline.recipe import QuantSection
+from pipeline.recipe.schema import QuantSection
 from pipeline.stages.calibrate import verify_export
 
 B200, H200 = ComputeCapability(10, 0), ComputeCapability(9, 0)
@@ -39,13 +41,13 @@ def _quantize(quant: QuantSection, batches, out: Path | None = None) -> tuple[to
     model = random_tiny_llama()
     auto = mixed.search_auto(model, quant, batches, torch.device("cpu")) if quant.auto else None
     config = mixed.quant_config_for(quant, auto.entries if auto else None)
-    glue.calibrate(model, config, batches, progress=False, before_calibration=mixed.check_fused_groups)
+    calibrate(model, config, batches, progress=False, before_calibration=mixed.check_fused_groups)
     formats = mixed.layer_formats(model)
     with torch.no_grad(), reference_fp4_simulation(model):
         logits = model(**batches[0]).logits
     assert torch.isfinite(logits).all()
     if out is not None:
-        glue.export_unified(model, out)
+        export_unified(model, out)
     return model, {"formats": formats, "auto": auto}
 
 
@@ -64,7 +66,7 @@ def test_an_override_that_splits_a_fused_group_is_refused_before_calibration(bat
     seen = []
     model.register_forward_hook(lambda *_: seen.append(1))
     with pytest.raises(RecipeError) as err:
-        glue.calibrate(model, mixed.quant_config_for(quant), batches, progress=False,
+        calibrate(model, mixed.quant_config_for(quant), batches, progress=False,
                        before_calibration=mixed.check_fused_groups)
     assert "quant.overrides: 1 fused group(s) split across formats: model.layers.0.self_attn (q_proj nvfp4, k_proj fp8, " \
            "v_proj nvfp4)" in str(err.value)
@@ -85,7 +87,7 @@ def test_awq_calibrates_on_cpu_but_its_export_is_refused(batches, tmp_path):
     NVFP4_AWQ with gate/up weight_scale_2 no longer equal after ModelOpt's re-smoothing, which the
     export check refuses (engines would mis-scale a fused gate_up) - pipeline/quant/algorithms.py."""
     quant = QuantSection(format="nvfp4", algorithm="awq_lite", kv_cache_dtype="auto")
-    model, _ = _quantize(quant, batches, tmp_path / "ckpt")
+    _model, _ = _quantize(quant, batches, tmp_path / "ckpt")
     algo = json.loads((tmp_path / "ckpt/hf_quant_config.json").read_text())["quantization"]["quant_algo"]
     assert algo == "NVFP4_AWQ"
     with pytest.raises(CalibrationError, match="fused shards have different weight_scale_2"):

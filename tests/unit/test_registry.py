@@ -14,16 +14,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.errors import RegistryError, VerificationError
-from pipeline.gpu_detect import LocalGpu
-from pipeline.gto_tags import tag_stage, tag_version
-from pipeline.registry import (
-    MANIFEST_FILENAME,
-    Registry,
-    artifact_name,
-    compatibility_problems,
-    validate_name,
-)
+from pipeline.core.errors import RegistryError, VerificationError
+from pipeline.core.local_gpu import LocalGpu
+from pipeline.registry.artifacts import MANIFEST_FILENAME, artifact_name, validate_name
+from pipeline.registry.directory import Registry
+from pipeline.registry.selection import compatibility_problems
+from pipeline.registry.tags import tag_stage, tag_version
 
 NAME = "smollm2-135m-instruct-fp8-h200"
 H200 = LocalGpu(name="NVIDIA H200", compute_capability="9.0", memory_bytes=150_000_000_000, sku="h200")
@@ -124,14 +120,14 @@ def test_lost_race_takes_next_version_and_never_overwrites(tmp_path, monkeypatch
     reg = Registry(tmp_path / "reg")
     first = reg.publish(make_bundle(tmp_path, "a"), NAME, metadata())
     before = Path(first.manifest_url).read_bytes()
-    real = Registry._version_numbers
+    real = Registry.version_numbers
     calls = []
 
     def stale_once(self, name):
         calls.append(name)
         return [] if len(calls) == 1 else real(self, name)  # as if v1.0.0 appeared after we listed
 
-    monkeypatch.setattr(Registry, "_version_numbers", stale_once)
+    monkeypatch.setattr(Registry, "version_numbers", stale_once)
     second = reg.publish(make_bundle(tmp_path, "b"), NAME, metadata())
     assert (second.version, second.created) == ("v1.0.1", True)
     assert Path(first.manifest_url).read_bytes() == before
@@ -255,8 +251,8 @@ def test_fsspec_remote_code_path_round_trip(tmp_path):
     got.pop("SHA256SUMS")
     assert got == tree(bundle)
     with pytest.raises(FileExistsError):
-        reg._create_exclusive(reg._manifest_path(NAME, "v1.0.0"), b"{}")
-    reg.fs.rm(reg.root, recursive=True)
+        reg.storage.create_exclusive(reg.storage.path("artifacts", NAME, "versions", "v1.0.0.json"), b"{}")
+    reg.storage.fs.rm(reg.storage.root, recursive=True)
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -534,7 +530,7 @@ def test_b200_rows_say_the_artifacts_exist_but_were_refused_by_their_gate(tmp_pa
 
 
 def test_progress_counts_every_byte_when_asked_and_draws_nothing_otherwise(tmp_path, monkeypatch):
-    from pipeline import pulling
+    from pipeline.registry import transfer as pulling
 
     reg = Registry(tmp_path / "reg")
     reg.publish(make_bundle(tmp_path), NAME, metadata())

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from pipeline.errors import StageInputError
-from pipeline.gates import GatePolicy, evaluate_gates
-from pipeline.report import load_entries, write_report
+from pipeline.accuracy.gates import GatePolicy, evaluate_gates
+from pipeline.core.errors import StageInputError
+from pipeline.reporting.entries import load_entries
+from pipeline.reporting.report import write_report
 
 DIRS = {"forge_mc/acc,none": "higher", "forge_prose/word_perplexity,none": "lower"}
 BASELINE = {"forge_mc/acc,none": 0.7483, "forge_prose/word_perplexity,none": 133.31}

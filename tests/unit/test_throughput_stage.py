@@ -10,15 +10,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import perf
-from pipeline.errors import ForgeError, StageInputError
-from pipeline.gpu_detect import LocalGpu
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.manifest import build_manifest, read_manifest, write_manifest
-from pipeline.recipe import load_recipe
+from pipeline.core.errors import ForgeError, StageInputError
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.core.local_gpu import LocalGpu
+from pipeline.handoff.manifest import build_manifest, read_manifest, write_manifest
+from pipeline.measure import bench as perf
+from pipeline.measure.bench_io import parse_bench_report
+from pipeline.measure.power import PowerReading
+from pipeline.measure.probe import ProbeResult, load_ceilings, save_probe
+from pipeline.planning.targets import plan_target
+from pipeline.recipe.loading import load_recipe
+from pipeline.serving.trtllm import LocalRuntime
 from pipeline.stages import build, throughput
-from pipeline.trtllm import LocalRuntime
-from pipeline.validate import plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = DEFAULT_CATALOG
@@ -66,7 +69,7 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
     assert throughput.main(FP8, "h200", bundle, metrics_path, measured_dir=tmp_path / "no-probes",
                            out_dir=tmp_path / "out") == 0
     m = json.loads((tmp_path / "out" / "throughput.json").read_text())
-    # The DVC metrics file: the throughput KPIs only (pipeline/kpis.py); measured ones only when measured.
+    # The DVC metrics file: the throughput KPIs only (pipeline/handoff/kpis.py); measured ones only when measured.
     assert json.loads(metrics_path.read_text()) == {"predicted_tok_s": round(m["predicted_output_tok_s"], 6),
                                                     "ceiling_tok_s": round(m["predicted_decode_tok_s_max_batch"], 6)}
     plan = plan_now()
@@ -103,15 +106,15 @@ def test_price_on_the_command_line_wins(bundle, tmp_path):
 
 
 def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
-    probe = perf.ProbeResult(gpu_name="NVIDIA H200", compute_capability="9.0", copy_bandwidth_bytes_per_s=4.3e12,
-                             bf16_tflops=790.0, fp8_tflops=1300.0, method={}, torch_version="2.13.0", cuda_version="13.0",
-                             measured_at="2026-11-01T00:00:00+00:00")
-    perf.save_probe(probe, load_catalog(CATALOG), tmp_path / "measured")
+    probe = ProbeResult(gpu_name="NVIDIA H200", compute_capability="9.0", copy_bandwidth_bytes_per_s=4.3e12,
+                        bf16_tflops=790.0, fp8_tflops=1300.0, method={}, torch_version="2.13.0", cuda_version="13.0",
+                        measured_at="2026-11-01T00:00:00+00:00")
+    save_probe(probe, load_catalog(CATALOG), tmp_path / "measured")
     throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", measured_dir=tmp_path / "measured")
     m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert m["ceilings_source"] == "measured"
     assert (m["predicted_inputs"]["memory_bandwidth_bytes_per_s"], m["predicted_inputs"]["peak_flops"]) == (4.3e12, 1.3e15)
-    measured_plan = plan_now(perf.load_ceilings("h200", "fp8", tmp_path / "measured"))
+    measured_plan = plan_now(load_ceilings("h200", "fp8", tmp_path / "measured"))
     assert m["predicted_decode_tok_s_max_batch"] == pytest.approx(measured_plan.decode_tok_s_max_batch)
     # The probe's rates replace the datasheet's in the predicted run too (at the same runtime limits).
     assert m["predicted_hardware_source"] == "measured"
@@ -143,7 +146,7 @@ def _percentiles(scale: float) -> dict[str, float]:
 
 
 def bench_report(output_tok_s: float) -> dict:
-    """The sections of a trtllm-bench --report_json that pipeline.perf.parse_bench_report reads."""
+    """The sections of a trtllm-bench --report_json that pipeline.measure.bench_io.parse_bench_report reads."""
     return {
         "world_info": {"tp_size": 1, "world_size": 1},
         "request_info": {"num_requests": 3, "avg_num_concurrent_requests": 3.0, "avg_input_length": 2048.0,
@@ -165,8 +168,8 @@ def test_measurement_on_the_target_gpu(monkeypatch, bundle, tmp_path):
     def fake_run_bench(command):
         runs.append(command)
         tok_s = {"throughput": 40_000.0, "latency": 900.0}[command.mode]
-        power = perf.PowerReading(mean_watts=450.0, samples=20, duration_s=2.0, devices=(0,))
-        return perf.BenchRun(command.mode, command.argv, perf.parse_bench_report(bench_report(tok_s)), power, 2.0)
+        power = PowerReading(mean_watts=450.0, samples=20, duration_s=2.0, devices=(0,))
+        return perf.BenchRun(command.mode, command.argv, parse_bench_report(bench_report(tok_s)), power, 2.0)
 
     monkeypatch.setattr(perf, "run_bench", fake_run_bench)
     throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", num_requests=3, workdir=tmp_path / "work")

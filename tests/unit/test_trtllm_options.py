@@ -2,8 +2,8 @@
 option name is one the pinned TensorRT-LLM (1.2.1) accepts.
 
 Accepted names: tensorrt_llm/llmapi/llm_args.py (NVIDIA/TensorRT-LLM, 1.2 line; see the tables
-and their provenance in pipeline/trtllm.py). Expected KV numbers for Llama-3.3-70B are computed by
-hand here, from config.json and FACTS.md, never by calling the planner."""
+and their provenance in pipeline/serving/trtllm_options.py). Expected KV numbers for Llama-3.3-70B are computed by
+hand here, from config.json and TensorRT-LLM's own arithmetic (cited below), never by calling the planner."""
 
 from __future__ import annotations
 
@@ -12,24 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ForgeError
-from pipeline.formats import ComputeCapability
-from pipeline.gpus import DEFAULT_CATALOG, load_catalog
-from pipeline.recipe import discover_recipes, load_recipe
-from pipeline.trtllm import (
+from pipeline.core.errors import ForgeError
+from pipeline.core.formats import ComputeCapability
+from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.planning.targets import plan_target
+from pipeline.planning.validate import check_target
+from pipeline.recipe.loading import discover_recipes, load_recipe
+from pipeline.serving.serve_commands import instance_memory_fraction, serve_commands
+from pipeline.serving.trtllm import LocalRuntime, check_engine_environment
+from pipeline.serving.trtllm_options import (
     CUDA_GRAPH_CONFIG_FIELDS,
     KV_CACHE_CONFIG_FIELDS,
     TORCH_LLM_ARGS_FIELDS,
     TRT_LLM_ARGS_FIELDS,
-    LocalRuntime,
-    check_engine_environment,
     cuda_graph_batch_sizes,
-    instance_memory_fraction,
     llm_api_options,
-    serve_commands,
     unknown_option_names,
 )
-from pipeline.validate import check_target, plan_target
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = load_catalog(DEFAULT_CATALOG)
@@ -80,7 +79,7 @@ def test_shipped_options_hold_the_planners_numbers(rel, gpu):
 
 def test_llama_70b_fp8_h200_kv_budget_by_hand():
     _, _, _, options = _options("llama-3-3-70b-instruct/fp8.yaml", "h200")
-    weights = 72_656_371_712  # FP8 Linear + BF16 embeddings/lm_head/norms (test_sizing.py, FACTS ~72.6 GB)
+    weights = 72_656_371_712  # FP8 Linear + BF16 embeddings/lm_head/norms (test_sizing.py, ~72.6 GB by hand)
     tokens = options["max_num_tokens"]
     assert tokens == 2048  # the throughput model's choice for 1024/1024 on one H200
     # TensorRT-LLM's own arithmetic (tensorrt_llm/_torch/pyexecutor/_util.py, KvCacheCreator._cal_max_memory):
@@ -198,7 +197,7 @@ def test_engine_path_refuses_tensorrt_llm_1_3():
 
 
 def test_build_stage_imports_neither_tensorrt_llm_nor_torch():
-    # tensorrt_llm's import needs the GPU stack (FACTS.md); torch costs seconds on `forge --help`.
+    # tensorrt_llm's import needs the GPU stack (its _common.py loads NVML); torch costs seconds on `forge --help`.
     import subprocess
     import sys
 

@@ -1,0 +1,1 @@
+"""Calibration sets: materializing a named set (HF datasets or the generated English set)."""

@@ -1,0 +1,1 @@
+"""The recipe schema: closed pydantic models, loaded and checked field by field."""

@@ -1,0 +1,116 @@
+"""The README's generated blocks: the report stages write them (reports/readme_results.md for
+`make repro`, reports/frontier/readme_results.md for `make frontier`), `make readme` copies each into
+README.md between its two markers, and scripts/check_repro.py compares the results block after
+`make repro` (the frontier block too where a frontier report exists), so the README shows what a
+fresh run produces and a drift fails CI. The results table itself is `results_table`, from the
+report's entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.errors import StageInputError
+from pipeline.core.layout import README_RESULTS_FILE
+from pipeline.planning.dvc_plan import FRONTIER_REPORTS_DIR, REPORTS_DIR
+from pipeline.reporting.entries import TargetEntry
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str  # the marker's word, e.g. "results"
+    reports_dir: str  # the report stage's output directory, relative to the checkout
+    make_target: str  # what writes it: `make <target>`
+    required: bool  # compared even when absent (a missing report is then a drift)
+
+    @property
+    def generated(self) -> str:
+        return f"{self.reports_dir}/{README_RESULTS_FILE}"
+
+    @property
+    def begin(self) -> str:
+        return f"<!-- {self.name}: generated from the run by `make readme` ({self.generated}); do not edit -->"
+
+    @property
+    def end(self) -> str:
+        return f"<!-- /{self.name} -->"
+
+
+RESULTS = Block("results", REPORTS_DIR, "repro", required=True)
+FRONTIER = Block("frontier", FRONTIER_REPORTS_DIR, "frontier", required=False)
+BLOCKS = (RESULTS, FRONTIER)
+BEGIN, END = RESULTS.begin, RESULTS.end
+
+
+def blocks_to_compare(root: Path) -> list[Block]:
+    """The results block always; the frontier block only where `make frontier` wrote its report."""
+    return [b for b in BLOCKS if b.required or (root / b.generated).is_file()]
+
+
+def _split(text: str, where: str, spec: Block) -> tuple[str, str, str]:
+    begin, end = spec.begin, spec.end
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise StageInputError(where, f"needs exactly one {spec.name} block: a line {begin!r} and, below it, {end!r}.",
+                              f"restore the two marker lines around the {spec.name} table.")
+    head, rest = text.split(begin)
+    body, tail = rest.split(end)
+    return head, body, tail
+
+
+def block(text: str, where: str = "README.md", spec: Block = RESULTS) -> str:
+    """The table between the markers, without the newlines that frame it."""
+    return _split(text, where, spec)[1].strip("\n") + "\n"
+
+
+def with_block(text: str, table: str, where: str = "README.md", spec: Block = RESULTS) -> str:
+    head, _, tail = _split(text, where, spec)
+    return f"{head}{spec.begin}\n{table.strip(chr(10))}\n{spec.end}{tail}"
+
+
+def drift(readme: Path, generated: Path, spec: Block = RESULTS) -> str | None:
+    """None when README.md's block equals the generated table; else what differs and the fix."""
+    if not generated.is_file():
+        return f"{generated} missing: run `make {spec.make_target}` first"
+    want, have = generated.read_text(encoding="utf-8"), block(readme.read_text(encoding="utf-8"), str(readme), spec)
+    if want == have:
+        return None
+    changed = [f"README {old.strip()!r} vs run {new.strip()!r}"
+               for old, new in zip(have.splitlines(), want.splitlines()) if old != new]
+    if len(have.splitlines()) != len(want.splitlines()):
+        changed.append(f"{len(have.splitlines())} lines in README, {len(want.splitlines())} from the run")
+    return (f"{readme} {spec.name} block differs from {generated}: {'; '.join(changed[:3])}. "
+            "Fix: run `make readme` and commit README.md.")
+
+
+def short_metric(key: str) -> str:
+    """"forge_mc/acc,none" -> "forge_mc acc": lm-eval's default filter name says nothing."""
+    task, _, metric = key.partition("/")
+    metric = metric.removesuffix(",none")
+    return f"{task} {metric}" if metric else task
+
+
+def results_table(entries: Sequence[TargetEntry]) -> str:
+    """The README's results table (between its `results` markers), generated from the run."""
+    metrics: dict[str, str] = {}  # metric -> its form's column name
+    thresholds: set[str] = set()
+    for e in entries:
+        report = e.gate
+        for r in report.rows if report else ():
+            thresholds.add(r.threshold_text)
+            metrics.setdefault(r.metric, "increase" if r.form == "max_increase" else "recovery")
+    gate_head = f"gate ({', '.join(sorted(thresholds))})" if thresholds else "gate"
+    head = ["model", "recipe -> GPU", "held-out ppl (calibrate)",
+            *(f"{short_metric(m)} {form} [95% CI]" for m, form in metrics.items()), gate_head, "published"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        report = e.gate
+        by_metric = {r.metric: r for r in report.rows} if report else {}
+        p = e.perplexity
+        ppl = "—" if p is None else f"{p.baseline:.2f} -> {p.quantized:.2f} ({100 * (p.quantized / p.baseline - 1):+.1f}%)"
+        cells = [e.model, f"{e.recipe} -> {e.gpu.upper()}" + (f" x{e.tp}" if e.tp > 1 else ""), ppl]
+        cells += ["—" if m not in by_metric else by_metric[m].interval_text for m in metrics]
+        cells.append(report.verdict if report else "not gated")
+        cells.append("—" if e.publish is None else (e.publish.version or "yes") if e.publish.published else "refused")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

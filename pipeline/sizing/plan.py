@@ -1,0 +1,155 @@
+"""The planner's answer for one target: pure arithmetic from a HF config.json, a format, a KV-cache
+dtype, a GPU and a TP size to a `Plan`: the memory plan (pipeline/sizing/memory.py), the decode/prefill
+roofline ceiling (pipeline/sizing/roofline.py) and the predicted trtllm-bench run
+(pipeline/sizing/perfmodel.py), which also chooses the runtime limits (max_batch_size,
+max_num_tokens) the plan's memory is sized at. Every throughput figure it produces is *predicted*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from pipeline.core.errors import RecipeError
+from pipeline.core.formats import Format, KvCacheDtype
+from pipeline.core.gpus import GpuSpec
+from pipeline.sizing import perfmodel
+from pipeline.sizing.memory import ServingShape, memory_at_tp, smallest_fitting_tp
+from pipeline.sizing.roofline import Ceilings, roofline
+from pipeline.sizing.shapes import TP_CHOICES, ModelShape, count_params, kv_bytes_per_token, tp_is_valid
+
+
+@dataclass(frozen=True)
+class Plan:
+    inputs: dict[str, Any]
+    params: int
+    params_by_component: dict[str, int]
+    weights_bytes: int
+    weights_bytes_per_gpu: int
+    kv_bytes_per_token: float
+    kv_bytes_per_token_per_gpu: float
+    memory_bytes: int
+    reserve_bytes: int
+    memory_left_for_kv_bytes: int
+    kv_pool_bytes: int
+    kv_capacity_tokens: int
+    max_batch_at_seq_len: int
+    fits: bool
+    why_not: str | None
+    min_tp: int | None
+    roofline: dict[str, Any] = field(default_factory=dict)
+    # trtllm-bench's offline scenario at the target's ISL/OSL (pipeline/sizing/perfmodel.py), all predicted;
+    # empty when nothing fits.
+    throughput: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tok_s_batch1(self) -> float | None:
+        return self.roofline.get("decode_tok_s_batch1")
+
+    @property
+    def decode_tok_s_max_batch(self) -> float | None:
+        return self.roofline.get("decode_tok_s_max_batch")
+
+    @property
+    def joules_per_token(self) -> float | None:
+        return self.roofline.get("joules_per_token")
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        roofline = out.pop("roofline")
+        out.update(roofline)  # flat keys for programs: decode_tok_s_batch1, ...
+        out["predicted"] = sorted(roofline)  # which keys are predictions, said once and explicitly
+        out.update(throughput_json(self.throughput))
+        return out
+
+
+def plan(
+    config: dict[str, Any],
+    fmt: Format,
+    kv: KvCacheDtype,
+    gpu: GpuSpec,
+    gpu_key: str,
+    serving: ServingShape,
+    tp: int = 1,
+    ceilings: Ceilings | None = None,
+) -> Plan:
+    shape = ModelShape.from_hf_config(config)
+    counts = count_params(shape)
+    if not tp_is_valid(shape, tp):
+        raise RecipeError(
+            f"tp={tp}",
+            f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {tp} ways.",
+            f"use a TP size in {[t for t in TP_CHOICES if tp_is_valid(shape, t)]}.",
+        )
+    sized = workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings)
+    if sized:  # the runtime limits the throughput model chose for this workload
+        serving = replace(serving, max_num_tokens=sized["max_num_tokens"])
+    ceilings = ceilings or Ceilings(gpu.memory_bandwidth_bytes_per_s, gpu.peak_flops(fmt.compute_dtype), "datasheet")
+    weights, weights_gpu, reserve, left, pool, capacity, max_batch, why = memory_at_tp(
+        shape, counts, fmt, kv, gpu, serving, tp
+    )
+    batch = min(max_batch, serving.concurrency) if serving.concurrency else max_batch
+    if sized and why is None:
+        batch = sized["max_batch_size"]
+    return Plan(
+        inputs={
+            "format": fmt.name,
+            "kv_cache_dtype": kv.name,
+            "gpu": gpu_key,
+            "compute_capability": gpu.compute_capability,
+            "tp": tp,
+            **asdict(serving),
+            "shape": asdict(shape),
+        },
+        params=counts.total,
+        params_by_component={
+            "attention": counts.attention,
+            "mlp": counts.mlp,
+            "router": counts.router,
+            "embeddings": counts.embeddings,
+            "lm_head": counts.lm_head,
+            "norms": counts.norms,
+            "active_per_token": counts.active,
+        },
+        weights_bytes=weights,
+        weights_bytes_per_gpu=weights_gpu,
+        kv_bytes_per_token=kv_bytes_per_token(shape, kv, 1),
+        kv_bytes_per_token_per_gpu=kv_bytes_per_token(shape, kv, tp),
+        memory_bytes=gpu.memory_bytes,
+        reserve_bytes=reserve,
+        memory_left_for_kv_bytes=left,
+        kv_pool_bytes=pool,
+        kv_capacity_tokens=capacity,
+        max_batch_at_seq_len=max_batch,
+        fits=why is None,
+        why_not=why,
+        min_tp=smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving),
+        roofline=roofline(shape, counts, fmt, kv, gpu, serving, tp, batch, ceilings),
+        throughput=sized or {},
+    )
+
+
+def workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings) -> dict[str, Any] | None:
+    """Runtime limits sized to the workload and the predicted trtllm-bench run at them
+    (pipeline/sizing/perfmodel.py). The limits come from datasheet rates, so a bundle's limits do not
+    depend on which machine built it; `forge probe` ceilings, where given, re-predict the run."""
+    sized = perfmodel.size_runtime(config, fmt, kv, gpu, serving, tp)
+    if sized is None or ceilings is None or ceilings.source == "datasheet":
+        return sized.to_json() if sized else None
+    work = perfmodel.Workload.published(serving.max_input_len, serving.max_output_len)
+    return perfmodel.predict(config, fmt, kv, gpu, tp, work, ceilings, serving.kv_cache_free_gpu_memory_fraction,
+                             limits=(sized.max_batch_size, sized.max_num_tokens)).to_json()
+
+
+def throughput_json(throughput: dict[str, Any]) -> dict[str, Any]:
+    """The plan JSON's throughput keys: the prediction flat (`predicted_output_tok_s`, ...), the
+    chosen limits, and a note that the roofline keys are a ceiling, not a prediction of a run."""
+    if not throughput:
+        return {"predicted_output_tok_s": None, "throughput": None}
+    return {"predicted_output_tok_s": throughput["predicted_output_tok_s"],
+            "predicted_output_tok_s_per_gpu": throughput["predicted_output_tok_s_per_gpu"],
+            "throughput": throughput,
+            "roofline_is": "ceiling: decode_tok_s_* and prefill_tok_s bound a run from above; "
+                           "predicted_output_tok_s predicts trtllm-bench's offline run (pipeline/sizing/perfmodel.py)"}
+
+
