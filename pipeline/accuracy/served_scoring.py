@@ -101,7 +101,8 @@ def serve_and_score(choice: Any, served_checkpoint: Path, scored_checkpoint: Pat
                 decode = measure_decode(engine.base_url, CHECKPOINT_DIR)
         engine_log = log_path.read_text(errors="replace")
     result.extra["served"] = {**result.extra["served"], "start_seconds": engine.start_seconds,
-                              "decode": decode.to_dict()}
+                              "decode": decode.to_dict(), "kv_cache_dtype": choice.kv_cache_dtype,
+                              "kv_not_served": choice.kv_not_served}
     return Scored(result, f"served-{choice.engine}", device, "bfloat16", None, engine_log)
 
 

