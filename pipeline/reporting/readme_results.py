@@ -68,6 +68,29 @@ def with_block(text: str, table: str, where: str = "README.md", spec: Block = RE
     return f"{head}{spec.begin}\n{table.strip(chr(10))}\n{spec.end}{tail}"
 
 
+# The block's first line: the CPU kind the figures were computed on (pipeline/core/host.py says why).
+HOST_LINE = "Computed on: "
+
+
+def host_of(table: str) -> str | None:
+    first = table.splitlines()[0] if table.strip() else ""
+    return first.removeprefix(HOST_LINE).strip() if first.startswith(HOST_LINE) else None
+
+
+def other_host(readme: Path, generated: Path, spec: Block = RESULTS) -> str | None:
+    """Why the README's block and this run's cannot be compared: computed on another CPU kind (a
+    README block without a host line never matches one). None when both name the same host."""
+    if not generated.is_file():
+        return None
+    have = block(readme.read_text(encoding="utf-8"), str(readme), spec)
+    want = generated.read_text(encoding="utf-8")
+    if host_of(have) == host_of(want):
+        return None
+    return (f"{readme} {spec.name} block was computed on {host_of(have) or 'an unnamed host'}, this run on "
+            f"{host_of(want)}: CPU kernels differ between them in low-order digits, so the two are not compared "
+            f"(`make readme` here would publish this host's)")
+
+
 def drift(readme: Path, generated: Path, spec: Block = RESULTS) -> str | None:
     """None when README.md's block equals the generated table; else what differs and the fix."""
     if not generated.is_file():
@@ -90,8 +113,9 @@ def short_metric(key: str) -> str:
     return f"{task} {metric}" if metric else task
 
 
-def results_table(entries: Sequence[TargetEntry]) -> str:
-    """The README's results table (between its `results` markers), generated from the run."""
+def results_table(entries: Sequence[TargetEntry], host: str) -> str:
+    """The README's results table (between its `results` markers), generated from the run on `host`
+    (pipeline/core/host.py numerics_host), which its first line names."""
     metrics: dict[str, str] = {}  # metric -> its form's column name
     thresholds: set[str] = set()
     for e in entries:
@@ -102,7 +126,7 @@ def results_table(entries: Sequence[TargetEntry]) -> str:
     gate_head = f"gate ({', '.join(sorted(thresholds))})" if thresholds else "gate"
     head = ["model", "recipe -> GPU", "held-out ppl (calibrate)",
             *(f"{short_metric(m)} {form} [95% CI]" for m, form in metrics.items()), gate_head, "published"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"{HOST_LINE}{host}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         report = e.gate
         by_metric = {r.metric: r for r in report.rows} if report else {}

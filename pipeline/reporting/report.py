@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import StageInputError
+from pipeline.core.host import numerics_host
 from pipeline.core.layout import FIGURES_DIR, README_RESULTS_FILE, REPORT_FILE, TABLES_DIR
 from pipeline.reporting.entries import TargetEntry, load_entries
 from pipeline.reporting.markdown import report_markdown
@@ -72,7 +73,7 @@ def write_report(
     markdown = out_dir / REPORT_FILE
     markdown.write_text(report_markdown(title, by_model, [p for p in plots if p is not None], missing, sections),
                         encoding="utf-8")
-    (out_dir / README_RESULTS_FILE).write_text(results_table(entries), encoding="utf-8")
+    (out_dir / README_RESULTS_FILE).write_text(results_table(entries, numerics_host()), encoding="utf-8")
     log.info("report: %s (%d targets, %d models, %d missing)", markdown, len(entries), len(by_model), len(missing))
     return ReportFiles(markdown=markdown, plots=tuple(p for p in plots if p is not None), tables=tables)
 

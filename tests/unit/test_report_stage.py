@@ -185,18 +185,21 @@ def test_summary_says_what_was_published_and_refused_and_why(metrics_dir, tmp_pa
 
 def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_path):
     """Item 20: the README table comes from the run; check_repro compares it with README.md."""
-    from pipeline.reporting.readme_results import BEGIN, END, block, drift, with_block
+    from pipeline.core.host import numerics_host
+    from pipeline.reporting.readme_results import BEGIN, END, block, drift, other_host, with_block
 
     report_stage.main(_plan(tmp_path), metrics_dir, tmp_path / "reports")
     table = (tmp_path / "reports" / "readme_results.md").read_text()
-    lines = table.splitlines()
+    assert table.splitlines()[:2] == [f"Computed on: {numerics_host()}", ""]
+    lines = table.splitlines()[2:]
     assert lines[0] == ("| model | recipe -> GPU | held-out ppl (calibrate) | forge_mc acc recovery [95% CI] | "
                         "forge_prose word_perplexity increase [95% CI] | gate (<= +5.3%, >= 0.95) | published |")
     assert lines[2] == (f"| smollm2-135m-instruct | fp8 -> H200 | 15.30 -> 15.63 (+2.2%) | {0.7417 / 0.7483:.4f} | "
                         f"{136.2 / 133.31 - 1:+.1%} | pass | v1.0.0 |")
     assert lines[3].endswith("| fail | refused |")
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{BEGIN}\n| old | table |\n{END}\n\nafter\n")
+    readme.write_text(f"# x\n\n{BEGIN}\nComputed on: {numerics_host()}\n\n| old | table |\n{END}\n\nafter\n")
+    assert other_host(readme, tmp_path / "reports" / "readme_results.md") is None  # same host: compared
     problem = drift(readme, tmp_path / "reports" / "readme_results.md")
     assert problem.startswith(f"{readme} results block differs from {tmp_path}/reports/readme_results.md: "
                               "README '| old | table |' vs run '| model |")
@@ -204,6 +207,15 @@ def test_readme_results_block_is_generated_from_the_outputs(metrics_dir, tmp_pat
     readme.write_text(with_block(readme.read_text(), table))
     assert drift(readme, tmp_path / "reports" / "readme_results.md") is None
     assert block(readme.read_text()) == table and readme.read_text().endswith(f"{END}\n\nafter\n")
+    # computed on another CPU kind (or a block that names none): not compared, and said so
+    other = with_block(readme.read_text(), table.replace(numerics_host(), "Intel Xeon, torch CPU capability AVX512"))
+    readme.write_text(other)
+    assert other_host(readme, tmp_path / "reports" / "readme_results.md") == (
+        f"{readme} results block was computed on Intel Xeon, torch CPU capability AVX512, this run on "
+        f"{numerics_host()}: CPU kernels differ between them in low-order digits, so the two are not compared "
+        "(`make readme` here would publish this host's)")
+    readme.write_text(with_block(other, "\n".join(table.splitlines()[2:])))
+    assert "computed on an unnamed host" in other_host(readme, tmp_path / "reports" / "readme_results.md")
 
 
 def test_readme_without_markers_is_named(tmp_path):
