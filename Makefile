@@ -9,7 +9,7 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 STAMP = $(VENV)/.forge-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup serve-env repro frontier test imports plan bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check fleet-check
+.PHONY: setup serve-env hub-mirror repro frontier test imports plan compare bench clean-outputs readme oci-registry oci-roundtrip gpu-wheels gpu-check fleet-check
 
 setup: $(STAMP)
 
@@ -41,6 +41,21 @@ $(SERVE_STAMP):
 	$(SERVE_VENV)/bin/python -c "import vllm, vllm.entrypoints.cli.main; print('vllm', vllm.__version__)"
 	touch $(SERVE_STAMP)
 
+# The in-house Hub mirror the Hub-path test serves on loopback (tests/hub_mirror.py): olah, in its own
+# venv because its dependency fastapi-utils 0.8.0 requires psutil<6, which would downgrade the
+# psutil 7 that .venv's dvc and accelerate use (PyPI metadata of fastapi-utils 0.8.0, olah 0.5.4).
+HUB_VENV ?= .venv-hub
+OLAH_SPEC ?= olah==0.5.4
+HUB_STAMP = $(HUB_VENV)/.hub-installed
+
+hub-mirror: $(HUB_STAMP)
+
+$(HUB_STAMP):
+	$(PYTHON) -m venv $(HUB_VENV)
+	$(HUB_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(OLAH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(HUB_VENV)/bin/olah-cli --help >/dev/null
+	touch $(HUB_STAMP)
+
 # A recipe added or removed since plan.yaml was generated would be silently left out of (or
 # still run by) `dvc repro`: refuse to start with a stale plan (`make plan` regenerates it).
 # `make repro` runs the embedded default (the `report` stage and what it needs: fp8 for H200, served
@@ -61,7 +76,7 @@ frontier: setup serve-env
 readme: setup
 	$(VENV)/bin/python scripts/readme_results.py --write
 
-test: setup oci-registry
+test: setup oci-registry hub-mirror
 	$(VENV)/bin/python -m pytest -q
 
 # The import rule between pipeline's packages (pyproject.toml [tool.importlinter]; ARCHITECTURE.md
@@ -72,17 +87,31 @@ imports: setup
 plan: setup
 	forge plan --dvc
 
+# Two commits side by side on the KPIs that decide (gate verdicts, lowest recoveries, effective bits,
+# predicted tok/s, $/Mtok): `dvc exp show` keeps those columns (pipeline/handoff/kpis.py deciding_columns),
+# about 17 for the embedded default, out of ~300 (one per recipe field, plan.yaml entry and dep).
+# metrics/ is tracked by git, so any two commits that hold a run compare; `dvc metrics diff $(A) $(B)`
+# lists every KPI that changed, `dvc metrics show` this checkout's (timings under metrics/run).
+A ?= HEAD~1
+B ?= HEAD
+compare: setup
+	dvc exp show --rev $(A) --rev $(B) -n 1 --hide-workspace --md --drop '.*' \
+	  --keep "$$($(VENV)/bin/python -c 'from pipeline.handoff.kpis import deciding_columns; print(deciding_columns())')"
+
 bench: setup
 	$(VENV)/bin/python bench/calibrate_overhead.py
 
 # The real OCI registry the deploy tests start on loopback (Debian's docker-registry, the CNCF
-# distribution registry 2.8) and htpasswd for its basic auth. apt retries while another install holds the lock.
+# distribution registry 2.8), htpasswd for its basic auth, and the consumers that check the modelcar image
+# and ModelPack artifact without forge (skopeo copies, umoci unpacks: tests/deploy/test_modelcar.py).
+# apt retries while another install holds the lock.
+OCI_TOOLS = docker-registry htpasswd skopeo umoci
 oci-registry:
-	@command -v docker-registry >/dev/null && command -v htpasswd >/dev/null || { \
+	@(for t in $(OCI_TOOLS); do command -v $$t >/dev/null || exit 1; done) || { \
 	  apt-get update -qq; \
 	  for i in 1 2 3 4 5 6; do DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry apache2-utils \
-	    && break; echo "apt busy, retrying in 10 s"; sleep 10; done; \
-	  command -v docker-registry >/dev/null && command -v htpasswd >/dev/null; }
+	    skopeo umoci && break; echo "apt busy, retrying in 10 s"; sleep 10; done; \
+	  for t in $(OCI_TOOLS); do command -v $$t >/dev/null || { echo "$$t is missing"; exit 1; }; done; }
 
 # After `make repro`: push what the pipeline published to a loopback OCI registry, pull it back with forge and curl.
 oci-roundtrip: setup oci-registry

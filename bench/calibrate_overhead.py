@@ -68,12 +68,13 @@ def run_variant(variant: str, recipe: str, model_dir: str, calib_dir: str) -> di
         if variant == "forge-stage":
             start = time.perf_counter()
             cmd = [sys.executable, "-m", "pipeline.cli", "calibrate", recipe, "--model", model_dir,
-                   "--calibration", calib_dir, "--out", f"{tmp}/out", "--metrics", f"{tmp}/metrics.json"]
+                   "--calibration", calib_dir, "--out", f"{tmp}/out", "--metrics", f"{tmp}/metrics.json",
+                   "--timings", f"{tmp}/timings.json"]
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             subprocess.run(cmd, check=True, capture_output=True)
             wall = time.perf_counter() - start
-            metrics = json.loads(Path(f"{tmp}/metrics.json").read_text())
-            return {"stage_wall_s": wall, "calibrate_s": metrics["calibrate_seconds"], "peak_rss": metrics["peak_rss_bytes"],
+            timings = json.loads(Path(f"{tmp}/timings.json").read_text())  # pipeline/handoff/kpis.py write_timings
+            return {"stage_wall_s": wall, "calibrate_s": timings["calibrate_s"], "peak_rss": timings["peak_cpu_rss_bytes"],
                     "children_maxrss_before": before}
         proc = subprocess.run([sys.executable, "-c", VARIANT_CODE, variant, recipe, model_dir, calib_dir, f"{tmp}/out"],
                               check=True, capture_output=True, text=True)

@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   forge plan --dvc                                 # regenerate plan.yaml (+ dvc.yaml artifacts)
   forge list --gpu h200                            # published artifacts for one GPU
   forge pull smollm2-135m-instruct --gpu auto --dest ./model   # best artifact for this machine's GPU
+  forge promote smollm2-135m-instruct-fp8-h200 --version v1.0.0 --to prod   # a stage label, in the registry
   forge probe                                      # measure this GPU's bandwidth and GEMM rates
   forge new meta-llama/Llama-3.1-8B-Instruct --revision <40-hex commit> --config config.json --gpu h200 --gpu b200
 stage verbs (download, calibration-set, calibrate, baseline, evaluate, build, throughput, report,

@@ -9,9 +9,12 @@
 3. Each refused one was refused for a failed accuracy gate, and at least one artifact was published.
 4. A second `dvc repro report` publishes nothing new (the registry's versions and stage labels are
    unchanged) and leaves `dvc status --with-deps report` with no changed stage.
-5. Editing only one target's serving shape in a recipe changes only that target's stages (`dvc status`
+5. A stage re-run on the same inputs writes the same bytes: `dvc repro --force` of the first target's
+   calibration-set, build, throughput and publish stages leaves dvc.lock unchanged (no wall-clock byte
+   in any output: pipeline/handoff/manifest.py; fleet-check proves download and calibrate the same way).
+6. Editing only one target's serving shape in a recipe changes only that target's stages (`dvc status`
    names build@<target> and throughput@<target>, nothing upstream); the recipe is restored afterwards.
-6. README.md's results block is the table this run generated (reports/readme_results.md), and its
+7. README.md's results block is the table this run generated (reports/readme_results.md), and its
    frontier block the frontier report's, where `make frontier` ran here.
 
 Usage (from anywhere): .venv/bin/python scripts/check_repro.py [--skip-repro]
@@ -21,6 +24,7 @@ Exit code 0 when everything holds, 1 otherwise; a summary line per check either 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import subprocess
@@ -70,6 +74,7 @@ def main(skip_repro: bool = False) -> int:
         checks.append(check_second_repro())
         checks += [check_unchanged(url, before[url], registry_snapshot(url)) for url in registries]
         checks.append(check_dvc_status())
+        checks.append(check_forced_rerun(targets))
         checks.append(check_serving_shape_edit(targets))
     for check in checks:
         print(("ok    " if check.ok else "FAIL  ") + check.line)
@@ -151,8 +156,8 @@ def check_served(targets: dict[str, dict]) -> list[Check]:
             reason = data.get("reason") or f"no served score in {metrics}"
             checks.append(Check(False, f"{name}: not served by a real engine ({reason})"))
         else:
-            checks.append(Check(True, f"{name}: served by {served.get('engine')} {served.get('engine_version')}, "
-                                      f"ready in {served.get('start_seconds')} s"))
+            checks.append(Check(True, f"{name}: served by {served.get('engine')} {served.get('engine_version')} "
+                                      f"on {served.get('device')}"))
     return checks
 
 
@@ -201,6 +206,24 @@ def check_dvc_status() -> Check:
     if changed:
         return Check(False, f"dvc status reports changed stages: {', '.join(sorted(changed))}")
     return Check(True, f"dvc status --with-deps {REPORT_STAGE}: every stage up to date")
+
+
+def check_forced_rerun(targets: dict[str, dict]) -> Check:
+    key, target = min(targets.items())
+    stages = [f"calibration-set@{target['recipe_id']}", f"build@{key}", f"throughput@{key}", f"publish@{key}"]
+    lock = ROOT / "dvc.lock"
+    before = lock.read_text()
+    for stage in stages:
+        done = run([str(DVC), "repro", "--force", "--single-item", stage])
+        if done.returncode != 0:
+            return Check(False, f"dvc repro --force {stage} failed: {tail(done)}")
+    after = lock.read_text()
+    if after != before:
+        changed = [line.strip() for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        return Check(False, f"re-running {', '.join(stages)} on the same inputs rewrote {len(changed)} line(s) of "
+                            f"dvc.lock: {' | '.join(changed[:4])}")
+    return Check(True, f"re-running {', '.join(stages)} on the same inputs left dvc.lock byte-identical")
 
 
 def check_serving_shape_edit(targets: dict[str, dict]) -> Check:

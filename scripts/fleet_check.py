@@ -4,10 +4,9 @@ the same outputs as the plain `dvc repro` that just ran here.
 1. A fresh clone of HEAD in a temp dir, a local DVC remote beside it, a two-node local Ray cluster
    (one CPU each, on loopback); `forge fleet run` there.
 2. Every file of every stage output in the clone is byte-identical (sha256) to this checkout's (from
-   `make repro`), apart from each stage's manifest.json, whose wall-clock fields (created_at,
-   timings: pipeline/handoff/manifest.py) differ between any two runs, and the wall-clock KPIs in the metrics
-   files (pipeline/handoff/kpis.py; every other metric value must match). The dvc.lock digests of directory
-   outputs hash the manifest too, so they are reported but not required to match.
+   `make repro`), manifests and metrics files included (no stage writes a wall-clock byte into its
+   output: pipeline/handoff/manifest.py, kpis.py), and so are the outputs' dvc.lock digests: the run
+   in the clone would leave this checkout's dvc.lock unchanged.
 3. `dvc status` in the clone reports nothing changed; a second `forge fleet run` there is fully cached.
 Wall times of both runs are printed for the closing note.
 
@@ -39,32 +38,16 @@ def digests(lock: Path) -> dict[str, dict[str, str]]:
     return {name: {o["path"]: o.get("md5", "") for o in entry.get("outs", [])} for name, entry in stages.items()}
 
 
-def metrics_without_timings(path: Path) -> str:
-    """A DVC metrics file (metrics/<stage>/<key>.json) minus its wall-clock KPIs (pipeline/handoff/kpis.py
-    `wall_clock`, e.g. calibrate_s): those differ between any two runs; every other value must match."""
-    import hashlib
-    import json
-
-    from pipeline.handoff.kpis import WALL_CLOCK_KPIS
-
-    values = {k: v for k, v in json.loads(path.read_text()).items() if k not in WALL_CLOCK_KPIS}
-    return "metrics-sans-timings:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
-
-
 def out_files(root: Path, out: str) -> dict[str, str]:
-    """{relpath: sha256} of one DVC output, the stage manifest and metrics timings left out (see the
-    module docstring)."""
+    """{relpath: sha256} of every file of one DVC output, its manifest.json included."""
     from pipeline.core.files import file_digests, sha256_file
-    from pipeline.core.layout import MANIFEST_NAME
 
     path = root / out
-    if path.is_file() and out.startswith("metrics/") and path.suffix == ".json":
-        return {out: metrics_without_timings(path)}
     if path.is_file():
         return {out: sha256_file(path)}
     if not path.is_dir():
         return {}
-    return {f"{out}/{rel}": d["sha256"] for rel, d in file_digests(path, exclude=(MANIFEST_NAME,)).items()}
+    return {f"{out}/{rel}": d["sha256"] for rel, d in file_digests(path, exclude=()).items()}
 
 
 def compare(reference_root: Path, clone: Path, stages: dict[str, dict[str, str]]) -> list[str]:
@@ -136,9 +119,10 @@ def main() -> int:
             if code:
                 failures.append(f"forge fleet run exited {code}")
             got = digests(clone / "dvc.lock")
-            same_lock = sum(got.get(name) == outs for name, outs in reference.items())
-            print(f"fleet-check: dvc.lock output digests equal for {same_lock} of {len(reference)} stages "
-                  "(directory digests include the manifest's timestamps)")
+            differ = sorted(name for name, outs in reference.items() if got.get(name) != outs)
+            print(f"fleet-check: dvc.lock output digests equal for {len(reference) - len(differ)} of {len(reference)} stages")
+            failures += [f"{name}: dvc.lock output digests differ: {reference[name]} here, {got.get(name)} in the clone"
+                         for name in differ]
             failures += compare(reference_root, clone, reference)
             # Only what the fleet ran: the targets and their upstream stages (`dvc status` on its own
             # checks the whole pipeline, and stages outside --targets never ran in this clone).

@@ -110,7 +110,6 @@ def served_labels(result: SuiteResult) -> dict[str, Any]:
     served = result.extra.get("served")
     if not served:
         return {}
-    decode = served.get("decode") or {}
     return {"served": 1, "engine": served["engine"], "engine_version": served["engine_version"],
             "device": served["device"], "checkpoint_sha256": served["checkpoint_sha256"],
-            "engine_start_seconds": served.get("start_seconds"), "served_decode_tok_s": decode.get("tok_s")}
+            "weights_checked": int(served.get("weights_checked", True))}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -163,6 +163,20 @@ class GateRow:
             return f"<= {_pct(self.max_increase)}"
         return f">= {self.threshold:g}"
 
+    @property
+    def stated(self) -> str:
+        """On its gate's own terms, e.g. "forge_prose word_perplexity +5.7% [+4.6%, +7.0%] (<= +36.6%)":
+        a perplexity-type metric as an increase against its allowed increase, never as a "recovery"
+        beside another metric's minimum (issue 26: "min recovery 0.946" was shown next to a pass)."""
+        return f"{short_metric(self.metric)} {self.interval_text} ({self.threshold_text})"
+
+    @property
+    def margin(self) -> float | None:
+        """How far the interval's worse end clears the threshold, as a ratio in recovery space (< 1:
+        short of it); the same scale for both forms, so rows of different metrics compare."""
+        worst = self.recovery_lower if self.recovery_lower is not None else self.recovery
+        return None if worst is None or not math.isfinite(worst) else worst / self.threshold
+
 
 @dataclass(frozen=True)
 class GateReport:
@@ -216,6 +230,27 @@ class GateReport:
                 f"{r.interval_text} | {r.threshold_text} | {r.n} | {r.verdict.upper()} | {r.reason} |"
             )
         return "\n".join(lines) + "\n"
+
+
+def short_metric(key: str) -> str:
+    """"forge_mc/acc,none" -> "forge_mc acc": lm-eval's default filter name says nothing."""
+    task, _, metric = key.partition("/")
+    metric = metric.removesuffix(",none")
+    return f"{task} {metric}" if metric else task
+
+
+def tightest(rows: Sequence[GateRow]) -> GateRow | None:
+    """The row nearest its own threshold (smallest `margin`), to show one metric for a target."""
+    scored = [r for r in rows if r.margin is not None]
+    return min(scored, key=lambda r: r.margin, default=None)  # type: ignore[arg-type,return-value]
+
+
+def stated_point(metric: str, recovery: float, threshold: float, max_increase: float | None = None) -> str:
+    """`GateRow.stated` from a point recovery alone (published metadata has no interval): "forge_mc acc
+    0.9861 (>= 0.95)", or with a maximum increase "forge_prose word_perplexity +5.7% (<= +36.6%)"."""
+    if max_increase is not None:
+        return f"{short_metric(metric)} {_pct(_increase(recovery))} (<= {_pct(max_increase)})"
+    return f"{short_metric(metric)} {format_recovery(recovery)} (>= {threshold:g})"
 
 
 def format_value(value: float | None) -> str:

@@ -150,8 +150,9 @@ def run_suite_remote(
 
     `tokenizer_dir` is the checkpoint being scored: before any request is scored, the server must
     list `model_name` and serve exactly that checkpoint's files (pipeline/serving/identity.py), or
-    this raises ServeError. The result's `extra["served"]` records the engine, its version (from
-    `/version`), the device and the checkpoint digest that answered.
+    this raises ServeError; a server that reports no root (trtllm-serve) is scored only under the
+    bundle's SERVE.md name, recorded as unverified. The result's `extra["served"]` records the engine,
+    its version (from `/version`), the device, the checkpoint digest and whether the weights were checked.
     """
     from lm_eval.api.registry import get_model
 

@@ -37,7 +37,9 @@ class Scored:
     device: str | None
     dtype: str | None
     simulation: dict[str, Any] | None
-    engine_log: str | None = None  # the engine's own log, when forge started it
+    # What the serving run measured of itself (engine start, decode rate): different on every run, so
+    # it goes to the stage's timings file (`--timings`, metrics/run/), never into an output.
+    measured: dict[str, float] | None = None
 
 
 def resolve_kv_numerics(recipe: Recipe, catalog: dict[str, Any], kv_numerics: str) -> Any:

@@ -25,7 +25,14 @@ from pipeline.recipe.loading import Recipe
 
 log = logging.getLogger(__name__)
 
-ENGINE_LOG = "engine.log"
+# The engine's own log, kept outside the stage's output: it holds timestamps, pids and ports, so
+# in the output it would change the output's digest on every run (issue 26). logs/ is git-ignored.
+ENGINE_LOG_DIR = Path("logs")
+
+
+def engine_log_path(out_dir: Path) -> Path:
+    """logs/<output folder name>.engine.log, e.g. logs/smollm2-135m-instruct-fp8-h200-served.engine.log."""
+    return ENGINE_LOG_DIR / f"{Path(out_dir).name}.engine.log"
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,9 @@ def baseline_not_served(baseline_dir: Path) -> str | None:
 
 
 def serve_and_score(choice: Any, served_checkpoint: Path, scored_checkpoint: Path, suite: EvalSuite, eval_dir: Path,
-                    timer: Timer, serving: ServeOptions, options_file: Path | None = None) -> Scored:
+                    timer: Timer, serving: ServeOptions, log_path: Path, options_file: Path | None = None) -> Scored:
     """Start the engine on `served_checkpoint`, score `scored_checkpoint` through it (the identity check
     compares the two), measure its decode rate, stop it."""
-    import tempfile
-
     from pipeline.accuracy.lm_eval_runner import run_suite_remote
     from pipeline.serving.engines_here import device_label
     from pipeline.serving.served_rate import measure_decode
@@ -90,20 +95,23 @@ def serve_and_score(choice: Any, served_checkpoint: Path, scored_checkpoint: Pat
     config = EngineConfig(choice, served_checkpoint, CHECKPOINT_DIR, serving.serve_python,
                           extra_llm_api_options=options_file if options_file and options_file.is_file() else None)
     device = device_label(choice.engine)
-    with tempfile.TemporaryDirectory(prefix="forge-engine-") as scratch:
-        log_path = Path(scratch) / ENGINE_LOG
-        with running_engine(config, log_path, serving.ready_timeout_s) as engine:
-            timer.seconds["engine_start"] = engine.start_seconds
-            with timer("evaluate"):
-                result = run_suite_remote(engine.base_url, CHECKPOINT_DIR, scored_checkpoint, suite, eval_dir / "tasks",
-                                          device=device, launched_checkpoint=served_checkpoint)
-            with timer("decode_benchmark"):
-                decode = measure_decode(engine.base_url, CHECKPOINT_DIR)
-        engine_log = log_path.read_text(errors="replace")
-    result.extra["served"] = {**result.extra["served"], "start_seconds": engine.start_seconds,
-                              "decode": decode.to_dict(), "kv_cache_dtype": choice.kv_cache_dtype,
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with running_engine(config, log_path, serving.ready_timeout_s) as engine:
+        timer.seconds["engine_start"] = engine.start_seconds
+        with timer("evaluate"):
+            result = run_suite_remote(engine.base_url, CHECKPOINT_DIR, scored_checkpoint, suite, eval_dir / "tasks",
+                                      device=device, launched_checkpoint=served_checkpoint)
+        with timer("decode_benchmark"):
+            decode = measure_decode(engine.base_url, CHECKPOINT_DIR)
+    log.info("engine log: %s", log_path)
+    # The engine forge started listened on a free port chosen for this run: the URL would change the
+    # output's bytes on every run (seen: the only difference between two serve-baseline runs), so it
+    # stays in the engine log, not in the output.
+    result.extra.pop("base_url", None)
+    result.extra["served"] = {**result.extra["served"], "kv_cache_dtype": choice.kv_cache_dtype,
                               "kv_not_served": choice.kv_not_served}
-    return Scored(result, f"served-{choice.engine}", device, "bfloat16", None, engine_log)
+    measured = {"served_decode_tok_s": decode.tok_s, "served_decode_completion_tokens": decode.completion_tokens}
+    return Scored(result, f"served-{choice.engine}", device, "bfloat16", None, measured)
 
 
 def score_served(serve_url: str, model_name: str, inputs: EvaluationInputs, suite: EvalSuite, eval_dir: Path,
@@ -130,8 +138,7 @@ def simulate_as_served(recipe: Recipe, choice: Any, inputs: EvaluationInputs, su
     kv_choice = KvNumericsChoice(choice.kv_numerics, "vllm-cpu" if choice.engine == "vllm" else choice.engine,
                                  choice.version, "cpu" if choice.engine == "vllm" else None)
     scored = score_fake_quant(inputs, suite, eval_dir, Timer(), kv_choice)
-    return {"metrics": scored.result.metrics, "path": scored.path, "kv_cache": scored.simulation["kv_cache"],
-            "seconds": scored.result.seconds}
+    return {"metrics": scored.result.metrics, "path": scored.path, "kv_cache": scored.simulation["kv_cache"]}
 
 
 def record_not_served(stage: str, subject: str, out_dir: Path, metrics_path: Path | None, suite: EvalSuite,
@@ -141,7 +148,7 @@ def record_not_served(stage: str, subject: str, out_dir: Path, metrics_path: Pat
     metrics = {"served": False, "reason": reason, "suite": suite.name, "suite_definition": suite_definition(suite)}
     with staged_output(out_dir) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
-        write_manifest(tmp, build_manifest(stage, subject, tmp, inputs, {}, details={"served": False, "reason": reason},
+        write_manifest(tmp, build_manifest(stage, subject, tmp, inputs, details={"served": False, "reason": reason},
                                            recipe=recipe.provenance("quant", "eval") if recipe else None))
     if metrics_path is not None:
         write_kpis(metrics_path, "evaluate", {"served": False})

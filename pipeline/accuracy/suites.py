@@ -126,7 +126,8 @@ class SuiteResult:
             "samples": dict(self.samples),
             "num_fewshot": dict(self.num_fewshot),
             "limit": self.limit,
-            "seconds": self.seconds,
+            # not `seconds`: metrics.json is a stage output, and the run's duration is its `evaluate_s`
+            # timing (pipeline/handoff/kpis.py write_timings), so the same inputs give the same bytes
             "lm_eval_version": self.lm_eval_version,
             **({"extra": dict(self.extra)} if self.extra else {}),
         }

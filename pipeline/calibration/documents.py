@@ -14,7 +14,7 @@ from pipeline.calibration.english import Document, generate_document, load_wordl
 from pipeline.calibration.sets import CalibrationSetSpec, GeneratedCalibrationSet, HFCalibrationSet, LocalCalibrationSet
 from pipeline.core.deadline import DeadlineExceeded, call_within, transfer_deadline
 from pipeline.core.errors import CalibrationError
-from pipeline.sources.models import check_pinned_revision, hub_settings, probe_hub, repo_bytes
+from pipeline.sources.hub import check_pinned_revision, hub_settings, probe_hub, repo_bytes
 
 
 def has_chats(spec: CalibrationSetSpec) -> bool:
@@ -86,6 +86,17 @@ def _hf_documents(
     import datasets
 
     where = f"hf:{spec.dataset}@{spec.revision}"
+    # datasets reads HF_ENDPOINT once, when it is imported (datasets/config.py), and load_dataset
+    # takes no endpoint: one given here that differs would be probed while the data came from
+    # another host, the Hub itself for an in-house mirror's users. Refused before any download.
+    loads_from = datasets.config.HF_ENDPOINT.rstrip("/")
+    if loads_from != settings.endpoint:
+        raise CalibrationError(
+            where,
+            f"the hub endpoint is {settings.endpoint}, but datasets {datasets.__version__} loads from {loads_from} "
+            "(HF_ENDPOINT as it was when datasets was imported).",
+            f"Set HF_ENDPOINT={settings.endpoint} in the environment before forge starts (README: In-house mirrors).",
+        )
     # load_dataset's own timeouts are per request: the whole call gets a total deadline.
     deadline_s = transfer_deadline(repo_bytes(info), timeout_s)
     try:

@@ -109,7 +109,9 @@ def clean_head(root: Path) -> str:
         raise ForgeError(str(root), "not a git repository with a commit.", "run forge fleet from the repository root.")
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                             text=True).stdout.splitlines()
-    dirty = [line[3:] for line in status if line[3:] != "dvc.lock"]
+    # What `dvc repro` itself rewrites in a checkout: dvc.lock and the git-tracked metrics files (dvc.yaml's
+    # `cache: false` outputs under metrics/), committed together after a run; workers need neither.
+    dirty = [line[3:] for line in status if line[3:] != "dvc.lock" and not line[3:].startswith("metrics/")]
     if dirty:
         raise ForgeError(str(root), f"uncommitted changes to {', '.join(dirty[:5])}: workers run the commit "
                          f"{head.stdout.strip()[:12]}, not these edits.", "commit (or stash) them first.")

@@ -1,15 +1,18 @@
 """What every stage leaves beside its outputs, and how the next stage checks it.
 
 A stage's output directory holds `manifest.json`:
-    schema      "forge.manifest/1"
+    schema      "forge.manifest/2"
     stage       download | calibrate | build | evaluate | ...
     subject     what it is about (model name, recipe id, target)
     recipe      {id, path, digest} when a recipe drove it
     inputs      {name: {path, stage, manifest_sha256}}: the upstream manifests, digest by digest
     files       {relpath: {sha256, size}} of everything the stage wrote (manifest excluded)
     tools       {package: version}
-    timings     {phase: seconds}
     details     stage-specific facts (plans, metrics summaries, ...)
+No wall-clock byte: the manifest is part of the stage's DVC output, and DVC's run-cache, `dvc status`
+and a shared remote work on output digests, so two runs of the same inputs must write the same bytes.
+What a run cost (seconds per phase, peak memory) goes to its timings metrics file instead
+(pipeline/handoff/kpis.py write_timings; dvc.yaml's top-level `metrics:`).
 Chaining upstream *manifest* digests (which themselves list file digests) lets publish verify the
 whole lineage recipe -> calibration set -> downloaded model without rehashing gigabytes twice.
 """
@@ -23,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import StageInputError
-from pipeline.core.files import file_digests, now_iso, sha256_file, write_json
+from pipeline.core.files import file_digests, sha256_file, write_json
 from pipeline.core.layout import MANIFEST_NAME
-from pipeline.handoff.models import SCHEMA, check_details
+from pipeline.handoff.models import PREVIOUS_SCHEMAS, SCHEMA, check_details
 
 DEFAULT_TOOLS = ("forge", "torch", "transformers", "nvidia-modelopt", "lm-eval", "dvc", "tensorrt-llm")
 
@@ -55,9 +58,18 @@ def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise StageInputError(str(path), f"is not valid JSON ({exc}).", "re-run the stage that wrote it.") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        schema = manifest.get("schema") if isinstance(manifest, dict) else None
-        raise StageInputError(str(path), f"unknown manifest schema {schema!r}.", "re-run the stage.")
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    if schema in PREVIOUS_SCHEMAS:
+        raise StageInputError(
+            f"{path}: schema",
+            f"is {schema!r}, written by an older forge whose manifests held wall-clock fields (`created`, "
+            f"`timings`) that changed the output's digest on every run; this forge reads {SCHEMA!r}.",
+            f"re-run the {manifest.get('stage') or stage or 'upstream'} stage with this forge: `dvc repro` re-runs it "
+            "(every stage in dvc.yaml depends on pipeline/handoff/manifest.py); for an output that came from "
+            "elsewhere (a DVC remote, a copy), `dvc repro --force <stage>`.")
+    if schema != SCHEMA:
+        raise StageInputError(str(path), f"unknown manifest schema {schema!r} (this forge reads {SCHEMA!r}).",
+                              "re-run the stage.")
     if stage and manifest.get("stage") != stage:
         raise StageInputError(str(path), f"expected a {stage} manifest, found {manifest.get('stage')!r}.",
                               "pass the right directory.")
@@ -103,23 +115,22 @@ def build_manifest(
     subject: str,
     output_dir: Path,
     inputs: dict[str, dict[str, Any]],
-    timings: dict[str, float],
+    *,
     details: dict[str, Any] | None = None,
     recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest for `output_dir`; `details` must match the stage's handoff model (pipeline/handoff/models.py),
-    checked in its JSON form, so the writer fails on a field no reader knows."""
+    checked in its JSON form, so the writer fails on a field no reader knows. Keyword-only after
+    `inputs`: /1 took `timings` in the fifth place, and a caller still passing them fails here, loudly."""
     check_details(stage, json.loads(json.dumps(details or {}, default=str)), f"{output_dir}/{MANIFEST_NAME} ({stage})")
     return {
         "schema": SCHEMA,
         "stage": stage,
         "subject": subject,
-        "created": now_iso(),
         "recipe": recipe,
         "inputs": inputs,
         "files": file_digests(output_dir),
         "tools": tool_versions(),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
         "details": details or {},
     }
 

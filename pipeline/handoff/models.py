@@ -21,7 +21,11 @@ from pipeline.core.closed import Closed
 from pipeline.core.errors import StageInputError
 from pipeline.sizing.plan import Plan
 
-SCHEMA = "forge.manifest/1"
+# /2 dropped /1's `created` and `timings`: a manifest is part of its stage's output, so it holds no
+# wall-clock byte (two runs of the same inputs write the same bytes; the run's cost is a DVC metric,
+# pipeline/handoff/kpis.py write_timings). PREVIOUS_SCHEMAS name the older ones a reader explains.
+SCHEMA = "forge.manifest/2"
+PREVIOUS_SCHEMAS = ("forge.manifest/1",)
 
 # Numbers keep the type they were written with (a smart union: 9216 stays 9216, not 9216.0), so a
 # value copied from a handoff into published metadata serialises to the same bytes as before.
@@ -56,12 +60,10 @@ class Envelope(Closed):
     schema_: Literal[SCHEMA] = Field(alias="schema")
     stage: str
     subject: str | None
-    created: str
     recipe: RecipeRecord | None
     inputs: dict[str, InputRecord]
     files: dict[str, FileRecord]
     tools: dict[str, str | None]
-    timings: dict[str, Number]
     details: dict[str, Any]
 
 
@@ -88,22 +90,19 @@ class CalibrationSetDetails(Closed):
 
 
 class CalibrateResults(Closed):
-    """Held-out perplexity and cost of the calibrate run (the report reads these)."""
+    """Held-out perplexity, size and bits of the calibrate output (the report reads these). What the
+    run cost (seconds, peak memory) is not here: it differs between two runs of the same inputs, so it
+    goes to the run's timings metrics (pipeline/handoff/kpis.py write_timings)."""
 
     perplexity_baseline: Number
     perplexity_quantized: Number
     perplexity_delta_pct: Number | None = None
     heldout_tokens: int | None = None
     calibration_tokens: int | None = None
-    calibrate_seconds: Number | None = None
-    stage_seconds: Number | None = None
-    peak_rss_bytes: int | None = None
-    peak_cuda_bytes: int | None = None
     checkpoint_bytes: int | None = None
     # pipeline/quant/bits.py: bits per decoder-Linear weight (scales counted), and over the checkpoint.
     effective_bits: Number | None = None
     whole_checkpoint_bits: Number | None = None
-    quantize_seconds: Number | None = None
     path: str | None = None
 
 
@@ -230,8 +229,10 @@ class ThroughputDetails(Closed):
 
 class PublishDetails(Closed):
     """The publish stage's receipt, as `--out` records it in receipt.json and the manifest's details.
-    `published`: this bundle is in the registry (as `version`); `created`: this run wrote that version
-    (False when an identical one was already there)."""
+    `published`: this bundle is in the registry (as `version`). `created` (this run wrote that version;
+    False when an identical one was already there) and `tags` (the git tags this run made) are what one
+    run did: `forge publish` returns them and logs them, the written receipt leaves them out
+    (pipeline/stages/publish.py RUN_EVENTS), so a rerun writes the same bytes."""
 
     published: bool
     name: str
@@ -243,6 +244,9 @@ class PublishDetails(Closed):
     tags: list[str] = Field(default_factory=list)
     reason: str | None = None
     gate_failures: list[dict[str, Any]] = Field(default_factory=list)
+    # Which verdict decided, and the rule that made it decide (pipeline/recipe/eval_schema.py GATE_RULE).
+    gated_on: str | None = None
+    gate_rule: str | None = None
 
     @property
     def gate_failed(self) -> bool:

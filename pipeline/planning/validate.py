@@ -162,8 +162,11 @@ def check_named_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec]
     return check_target(recipe, gpu_key, catalog)
 
 
-def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], definitions: Definitions) -> dict[str, Plan]:
-    """Every check for one recipe; returns the plan of each target. Raises all problems found."""
+def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], definitions: Definitions, *,
+                    placement: bool = True) -> dict[str, Plan]:
+    """Every check for one recipe; returns the plan of each target. Raises all problems found.
+    `placement=False` leaves the calibration node out: `forge plan` answers placement apart, beside
+    the serving plan it never blocks."""
     problems: list[ForgeError] = []
     problems += _names_problems(recipe, definitions)
     problems += _calibration_length_problems(recipe)
@@ -174,7 +177,7 @@ def validate_recipe(recipe: Recipe, catalog: dict[str, GpuSpec], definitions: De
         except ForgeError as exc:
             problems.append(exc)
     node = recipe.spec.calibration.node
-    if node is not None or next(iter(recipe.spec.targets)) in catalog:  # else: the target's problem says it
+    if placement and (node is not None or next(iter(recipe.spec.targets)) in catalog):  # else: the target's says it
         try:  # the calibration node holds the BF16 model, or a fix is raised
             plan_recipe_calibration(recipe, catalog)
         except ForgeError as exc:

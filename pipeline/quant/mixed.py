@@ -157,8 +157,10 @@ class AutoResult:
     formats: dict[str, int] = field(default_factory=dict)  # chosen format -> Linears
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "target_bits": self.target_bits,
-                "modelopt_target_bits": self.modelopt_target_bits, "formats": dict(self.formats)}
+        """What the calibrate manifest records; not `seconds` (the run's `auto_quantize_s` timing:
+        a manifest holds no wall-clock byte, pipeline/handoff/manifest.py)."""
+        return {"target_bits": self.target_bits, "modelopt_target_bits": self.modelopt_target_bits,
+                "formats": dict(self.formats)}
 
 
 def candidate_config(format_name: str, algorithm: str | None, backend: str | None) -> dict[str, Any]:

@@ -17,6 +17,17 @@ from pipeline.recipe.fields import plain_name
 Inconclusive = Literal["refuse", "publish"]
 INCONCLUSIVE_POLICIES: tuple[Inconclusive, ...] = ("refuse", "publish")
 
+# The one rule for which verdict publishes, stated in these words wherever it is stated: this field's
+# documentation, the publish receipt (pipeline/stages/publish.py), report.md's publish section and the
+# README (tests/unit/test_publish_stage.py checks each). pipeline/accuracy/gate_source.py applies it.
+# The served verdict is not overridden by the simulation even where the served run scored fewer
+# documents (dvc.yaml serve-eval --limit): a recipe that wants an underpowered, inconclusive served
+# gate to publish says so with `inconclusive: publish`.
+GATE_RULE = ("publish gates on one verdict: the served evaluation's where a real engine served the bundle, else "
+             "the simulated evaluation's. PASS publishes, FAIL refuses, INCONCLUSIVE does what "
+             "eval.gates.inconclusive says (refuse, the default: not published; publish: published). The other "
+             "evaluation is recorded beside it and never replaces it.")
+
 
 def _recovery(value: float, field: str) -> float:
     # Recovery is quantized / baseline (llm-compressor's lm-eval tests; pipeline/accuracy/gates.py), so a
@@ -50,7 +61,8 @@ class GateSection(Closed):
     max_increase: dict[str, float] = Field(
         default_factory=dict, description="per lower-is-better metric: maximum relative increase, > 0")
     inconclusive: str = Field(
-        "refuse", description="an inconclusive gate (interval straddles a threshold): refuse (do not publish) or publish")
+        "refuse", description="an inconclusive gate (interval straddles a threshold): refuse (do not publish) or "
+                              f"publish. The rule: {GATE_RULE}")
 
     @field_validator("default_max_increase")
     @classmethod

@@ -22,6 +22,8 @@ from pipeline.core.files import CHUNK
 from pipeline.registry.transfer import (
     SUMS_FILE,
     ByteProgress,
+    collect_partials,
+    holds_verified,
     sha256sums,
     staged_pull,
 )
@@ -36,6 +38,9 @@ MANIFEST_SCHEMA = "forge-artifact/1"
 MANIFEST_FILENAME = "forge-artifact.json"
 PULL_WRITES = (MANIFEST_FILENAME, SUMS_FILE)  # files pull adds beside the artifact's own
 PASSING_VERDICT = "pass"
+# What a registry can hold: PASS, and INCONCLUSIVE where the recipe's eval.gates.inconclusive said
+# publish (pipeline/recipe/eval_schema.py GATE_RULE); FAIL never publishes.
+PUBLISHED_VERDICTS = (PASSING_VERDICT, "inconclusive")
 MAX_PUBLISH_ATTEMPTS = 1000  # versions a publisher tries before it gives up racing the others
 
 _EXAMPLE_NAME = "smollm2-135m-instruct-fp8-h200"
@@ -84,6 +89,8 @@ class PullResult:
     files: int
     total_bytes: int
     overridden: tuple[str, ...]  # compatibility problems accepted because force=True
+    caveats: tuple[str, ...] = ()  # compatible, but worth knowing (selection.sizing_caveats)
+    already_present: bool = False  # `dest` held this version, verified file by file: nothing fetched
 
 
 # --------------------------------------------------------------------------- names and versions
@@ -118,9 +125,17 @@ def parse_version(version: str) -> tuple[int, int, int]:
     match = re.fullmatch(VERSION_PATTERN, version) if isinstance(version, str) else None
     if not match:
         raise RegistryError(
-            f"version {version!r}", "is not a version of the form vMAJOR.MINOR.PATCH.", "write e.g. 'v1.0.0'."
+            f"version {version!r}", "is not a version of the form vMAJOR.MINOR.PATCH.", "write e.g. 'v1.0.0' (or '1.0.0')."
         )
     return int(match[1]), int(match[2]), int(match[3])
+
+
+def normalize_version(version: str) -> str:
+    """A version as the registry spells it: "1.0.0" and "v1.0.0" both name v1.0.0 (people drop the v)."""
+    text = version.strip() if isinstance(version, str) else version
+    if isinstance(text, str) and re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", text):
+        text = f"v{text}"
+    return format_version(parse_version(text))
 
 
 def format_version(numbers: tuple[int, int, int]) -> str:
@@ -261,21 +276,29 @@ def bundle_files(bundle_dir: Path) -> list[dict]:
 
 
 def place_verified(name: str, manifest: Mapping[str, Any], dest: str | os.PathLike, problems: Sequence[str],
-                   progress: bool, fetch: Callable[[Mapping[str, Any], Path, str, ByteProgress], None]) -> PullResult:
+                   progress: bool, fetch: Callable[[Mapping[str, Any], Path, str, ByteProgress], None],
+                   caveats: Sequence[str] = ()) -> PullResult:
     """Every registry kind's pull, after it has resolved and checked the manifest: `fetch(entry,
     staging, where, bar)` writes one file and verifies its digest; then `forge-artifact.json` and
     `SHA256SUMS` (so `sha256sum -c SHA256SUMS` verifies the folder) are added, and `dest` appears
-    all at once or not at all (staged_pull)."""
+    all at once or not at all (staged_pull). A `dest` that already holds this version, every file
+    verified, is left as it is (holds_verified): pulling again is a no-op, not an error."""
     where = f"{name} {manifest['version']}"
     total = sum(f["size"] for f in manifest["files"])
+    target = Path(dest).absolute()
+    if holds_verified(target, where, manifest, MANIFEST_FILENAME):
+        collect_partials(target)
+        log.info("%s is already in %s, every file verified; nothing fetched", where, target)
+        return PullResult(name, manifest["version"], target, len(manifest["files"]), total, tuple(problems),
+                          tuple(caveats), already_present=True)
     with staged_pull(dest) as staging, ByteProgress(total, where, progress) as bar:
         for entry in manifest["files"]:
             fetch(entry, staging, where, bar)
         (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staging / SUMS_FILE).write_text(sha256sums(manifest["files"]))
-    target = Path(dest).absolute()
     log.info("pulled %s into %s", where, target)
-    return PullResult(name, manifest["version"], target, len(manifest["files"]), total, tuple(problems))
+    return PullResult(name, manifest["version"], target, len(manifest["files"]), total, tuple(problems),
+                      tuple(caveats))
 
 
 class VersionResolver:
@@ -289,6 +312,7 @@ class VersionResolver:
         validate_name(name)
         if version is not None and stage is not None:
             raise RegistryError(f"artifact {name}", "both a version and a stage were given.", "give one of them.")
+        version = None if version is None else normalize_version(version)
         existing = self.versions(name)
         if not existing:
             self.require_root()

@@ -67,7 +67,7 @@ from pipeline.registry.artifacts import (
 )
 from pipeline.registry.blobs import BlobStore
 from pipeline.registry.fsstorage import FsStorage
-from pipeline.registry.selection import check_compatible
+from pipeline.registry.selection import check_compatible, sizing_caveats
 from pipeline.registry.transfer import check_entries
 
 log = logging.getLogger(__name__)
@@ -308,4 +308,5 @@ class Registry(VersionResolver):
         resolved = manifest["version"]
         where = f"{name} {resolved}"
         problems = check_compatible(manifest, where, local_gpu, runtime_versions, force)
-        return place_verified(name, manifest, dest, problems, progress, self.blobs.fetch_verified)
+        return place_verified(name, manifest, dest, problems, progress, self.blobs.fetch_verified,
+                              sizing_caveats(manifest, local_gpu))

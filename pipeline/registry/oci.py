@@ -20,7 +20,9 @@ manifest, waits CLAIM_SETTLE_S, and lists the tags again: the claim that sorts f
 version tag that already exists or a smaller claim sends the others on to the next version; a version
 that has a claim is never chosen by a later publisher. **Limitation**: a winner whose tag PUT is
 delayed by more than CLAIM_SETTLE_S past its check can still be overwritten by a late claimer with a
-smaller claim; claims stay as tags (distribution 2.8 deletes tags only with their manifest).
+smaller claim. A claim is a manifest of its own (the version's, plus a nonce annotation), deleted by
+digest once its race is decided, which removes its tag (distribution 2.8 has no tag-only delete); a
+registry with deletes disabled keeps the claim tags, which forge never lists.
 """
 
 from __future__ import annotations
@@ -56,23 +58,24 @@ from pipeline.registry.artifacts import (
     canonical,
     format_version,
     next_version,
+    normalize_version,
     parse_version,
     place_verified,
     validate_metadata,
     validate_name,
 )
-from pipeline.registry.selection import check_compatible
+from pipeline.registry.modelcar import CHUNKED_ABOVE, TITLE, follow_stage, publish_forms
+from pipeline.registry.selection import check_compatible, sizing_caveats
 from pipeline.registry.transfer import ByteProgress, check_entries, copy_verified
+from pipeline.registry.waiting import DEFAULT_TIMEOUT_S, Deadline, is_timeout
 
 log = logging.getLogger(__name__)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.forge.artifact.config.v1+json"
 LAYER_MEDIA_TYPE = "application/vnd.forge.artifact.file.v1"
-TITLE = "org.opencontainers.image.title"
 CLAIM_SETTLE_S = 0.5
-CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 120
-CHUNKED_ABOVE = 64 << 20  # oras-py's single PUT reads the whole file into memory (provider.put_upload)
+CLAIM_NOTE = "dev.forge.claim"  # the annotation that makes a claim manifest distinct from its version's
 CREDENTIALS_FIX = ("log in with `docker login HOST` or `oras login HOST` (the docker config), or set ORAS_USER "
                    "and ORAS_PASS.")
 
@@ -96,16 +99,19 @@ def parse_oci_url(url: str) -> tuple[str, str, bool]:
 class OciRegistry(ManifestListing):
     """The artifact store API of pipeline.registry.directory.Registry, on an OCI distribution registry."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         import oras.provider  # the OCI client is a core dependency, imported when an oci:// URL is used
 
         self.url = url
         self.host, self.namespace, insecure = parse_oci_url(url)
+        self.deadline = Deadline(url, timeout_s)
         self.scheme = "http" if insecure else "https"
         self.client = oras.provider.Registry(hostname=self.host, insecure=insecure, auth_backend="basic")
-        # oras-py passes no timeout to requests; a registry that accepts and never answers would hang.
+        # oras-py passes requests no timeout (a silent registry hangs), and retries any failed request 5 times
+        # after 3, 5, 11, 29, 83 s (oras/decorator.py `retry`), a deadline stretched to minutes: not used.
         self.client.session.request = functools.partial(self.client.session.request,
-                                                        timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+                                                        timeout=self.deadline.requests_timeout)
+        self.client.do_request = functools.partial(type(self.client).do_request.__wrapped__, self.client)
         self.client.auth.load_configs(self._container("probe"), configs=docker_configs())
         if getattr(self.client.auth, "_basic_auth", None) is None:
             # No credentials found: make it an explicit anonymous client, so a 401 comes back as a
@@ -128,20 +134,23 @@ class OciRegistry(ManifestListing):
     def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         self._check_reachable()
         try:
-            return self.client.do_request(url, method, **kwargs)
+            with self.deadline.waiting(f"{method} {url}"):
+                return self.client.do_request(url, method, **kwargs)
         except (ValueError, AttributeError) as exc:  # oras-py cannot answer a 401 (no credentials: AttributeError)
             raise RegistryError(f"registry {self.url}", f"{method} {url} was refused ({exc}).", CREDENTIALS_FIX) from None
         except requests.RequestException as exc:
-            raise RegistryError(f"registry {self.url}", f"{method} {url} failed ({type(exc).__name__}: {exc}).",
-                                "check that the registry is up and the URL is right.") from None
+            raise self.deadline.failure(f"{method} {url}", exc) from None
 
     def _check_reachable(self) -> None:
         """One quick probe of /v2/ first: oras-py retries a refused connection for minutes (decorator.retry)."""
         if self._checked:
             return
         try:
-            answer = requests.get(self._api(""), timeout=(CONNECT_TIMEOUT_S, 30))
+            with self.deadline.waiting(f"GET {self._api('')}"):
+                answer = requests.get(self._api(""), timeout=self.deadline.requests_timeout)
         except requests.RequestException as exc:
+            if is_timeout(exc):
+                raise self.deadline.exceeded(f"GET {self._api('')}") from None
             raise RegistryError(f"registry {self.url}", f"cannot be reached ({type(exc).__name__}).",
                                 "check the host and port, and that the registry is running.") from None
         if answer.status_code not in (200, 401) or "registry/2.0" not in answer.headers.get(
@@ -229,6 +238,7 @@ class OciRegistry(ManifestListing):
 
     def resolve(self, name: str, version: str | None = None, stage: str | None = None) -> str:
         validate_name(name)
+        version = None if version is None else normalize_version(version)
         existing = self.versions(name)
         if not existing:
             raise RegistryError(f"registry {self.url}", f"has no artifact {name!r}; it has: "
@@ -298,6 +308,7 @@ class OciRegistry(ManifestListing):
             newest, _ = self._manifest(name, existing[-1])
             if (newest.get("config") or {}).get("digest") == config_digest:
                 log.info("%s %s already has this content; nothing pushed", name, existing[-1])
+                publish_forms(self, bundle, name, existing[-1], files, meta, annotations(name, meta, now()))
                 return PublishResult(name, existing[-1], self._ref(name, existing[-1]), created=False)
         container = self._container(name)
         for entry in files:
@@ -319,6 +330,7 @@ class OciRegistry(ManifestListing):
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         self._put_manifest(name, digest, body)
         version, created = self._claim_version(name, body, config_digest)
+        publish_forms(self, bundle, name, version, files, meta, manifest["annotations"])  # modelcar, ModelPack
         return PublishResult(name, version, self._ref(name, version), created=created)
 
     def _ref(self, name: str, tag: str) -> str:
@@ -328,11 +340,14 @@ class OciRegistry(ManifestListing):
         self._check_reachable()
         layer = {"mediaType": media_type, "digest": digest, "size": size}
         try:
-            response = self.client.upload_blob(str(path), container, layer, do_chunked=size > CHUNKED_ABOVE)
+            with self.deadline.waiting(f"pushing {path.name}"):
+                response = self.client.upload_blob(str(path), container, layer, do_chunked=size > CHUNKED_ABOVE)
         except (ValueError, AttributeError):  # as in _request: oras-py had no credentials to answer the 401
             raise RegistryError(f"registry {self.url}", f"pushing {path.name} was refused: 401 unauthorized (no "
                                                         f"valid credentials for {self.host}).",
                                 CREDENTIALS_FIX) from None
+        except requests.RequestException as exc:
+            raise self.deadline.failure(f"pushing {path.name}", exc) from None
         if response.status_code not in (200, 201, 202):
             raise self._fail(response, f"pushing {path.name} ({digest})")
 
@@ -346,6 +361,11 @@ class OciRegistry(ManifestListing):
         """Tag `body` with the next free version (module docstring: claims, then the smallest claim wins);
         (version, False) when a racing publisher of the same content won a version for it."""
         nonce = uuid.uuid4().hex
+        # A claim is the version's manifest plus a nonce annotation: its own digest, so deleting it
+        # (DELETE by digest untags it, distribution's manifest handler) leaves the version alone.
+        oci = json.loads(body)
+        claim = json.dumps({**oci, "annotations": {**oci.get("annotations", {}), CLAIM_NOTE: nonce}},
+                           sort_keys=True).encode()
         for _ in range(MAX_PUBLISH_ATTEMPTS):
             tags = set(self._tags(name))
             versions = sorted((t for t in tags if re.fullmatch(VERSION_PATTERN, t)), key=parse_version)
@@ -356,17 +376,27 @@ class OciRegistry(ManifestListing):
                        and re.fullmatch(VERSION_PATTERN, m[1])]
             version = format_version(next_version(taken + claimed))
             mine = f"claim-{version}-{nonce}"
-            self._put_manifest(name, mine, body)
+            self._put_manifest(name, mine, claim)
             time.sleep(CLAIM_SETTLE_S)
             tags = set(self._tags(name))
             claims = sorted(t for t in tags if t.startswith(f"claim-{version}-"))
-            if version not in tags and claims and claims[0] == mine:
+            won = version not in tags and claims and claims[0] == mine
+            if won:
                 self._put_manifest(name, version, body)
+            self._drop_claim(name, mine, claim)  # decided: the version tag (or a smaller claim) now guards it
+            if won:
                 log.info("published %s %s to %s", name, version, self.url)
                 return version, True
             log.info("%s %s was claimed by another publisher; trying the next version", name, version)
         raise RegistryError(f"artifact {name}", f"lost the race for a new version {MAX_PUBLISH_ATTEMPTS} times.",
                             "publish again.")
+
+    def _drop_claim(self, name: str, tag: str, claim: bytes) -> None:
+        """Delete a decided claim, so tag lists (oras repo tags, registry UIs) show versions and stages only."""
+        digest = "sha256:" + hashlib.sha256(claim).hexdigest()
+        response = self._request("DELETE", self._api(f"{self.namespace}/{name}/manifests/{digest}"))
+        if response.status_code not in (200, 202, 404):  # 405: deletes disabled; forge never lists claims anyway
+            log.info("claim tag %s of %s stays (DELETE answered %s)", tag, name, response.status_code)
 
     def assign_stage(self, name: str, version: str, stage: str) -> StageAssignment:
         validate_name(stage, kind="stage name")
@@ -375,6 +405,7 @@ class OciRegistry(ManifestListing):
         oci = self._request("GET", self._api(f"{self.namespace}/{name}/manifests/{digest}"),
                             headers={"Accept": OCI_MANIFEST}).content
         self._put_manifest(name, stage, oci)
+        follow_stage(self, name, resolved, stage)  # the modelcar and ModelPack forms' stage tags too
         return StageAssignment(name, stage, resolved, 0)
 
     # ---- pulling
@@ -389,9 +420,13 @@ class OciRegistry(ManifestListing):
 
         def fetch(entry: Mapping[str, Any], staging: Path, where: str, bar: ByteProgress) -> None:
             with self._blob(name, f"sha256:{entry['sha256']}") as response:
-                copy_verified(response.iter_content(1 << 20), staging / entry["relpath"], entry, where, bar)
+                try:
+                    copy_verified(response.iter_content(1 << 20), staging / entry["relpath"], entry, where, bar)
+                except requests.RequestException as exc:  # the body stalled (a read timeout) or broke off
+                    raise self.deadline.failure(f"reading {entry['relpath']} of {where}", exc) from None
 
-        return place_verified(name, manifest, dest, problems, progress, fetch)
+        return place_verified(name, manifest, dest, problems, progress, fetch,
+                              sizing_caveats(manifest, local_gpu))
 
 
 def annotations(name: str, meta: Mapping[str, Any], created: datetime) -> dict[str, str]:

@@ -60,7 +60,7 @@ from pipeline.registry.artifacts import (
     validate_name,
 )
 from pipeline.registry.fsstorage import FsStorage
-from pipeline.registry.selection import check_compatible
+from pipeline.registry.selection import check_compatible, sizing_caveats
 from pipeline.registry.transfer import (
     SUMS_FILE,
     ByteProgress,
@@ -70,20 +70,21 @@ from pipeline.registry.transfer import (
     sha256sums,
     umask,
 )
+from pipeline.registry.waiting import DEFAULT_TIMEOUT_S, Deadline
 
 log = logging.getLogger(__name__)
 
 FORGE_FILE = "forge.json"
 INDEX_FILE = "index.json"
 PLAIN_RESERVED = (MANIFEST_FILENAME, SUMS_FILE, FORGE_FILE)
-HTTP_TIMEOUT = (10, 60)
 
 
 class PlainRegistry(VersionResolver, ManifestListing):
     """`plain+<dir or fsspec URL>` (read and write) or `http(s)://...` (read only)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.url = url
+        self.deadline = Deadline(url, timeout_s)  # over HTTP; through fsspec its library's own timeouts apply
         self.http = url.startswith(("http://", "https://"))
         self.base = url.rstrip("/") if self.http else url[len("plain+"):]
         self.store = None if self.http else FsStorage(self.base)  # fsspec, and one-line URL errors
@@ -102,7 +103,9 @@ class PlainRegistry(VersionResolver, ManifestListing):
             return
         url = self._where(*parts)
         try:
-            with requests.get(url, stream=True, timeout=HTTP_TIMEOUT) as response:
+            with self.deadline.waiting(f"GET {url}"):
+                response = requests.get(url, stream=True, timeout=self.deadline.requests_timeout)
+            with response:
                 if response.status_code == 404:
                     raise FileNotFoundError(url)
                 if response.status_code != 200:
@@ -110,8 +113,7 @@ class PlainRegistry(VersionResolver, ManifestListing):
                                         "check the URL and the server.")
                 yield from response.iter_content(1 << 20)
         except requests.RequestException as exc:
-            raise RegistryError(f"registry {self.url}", f"GET {url} failed ({type(exc).__name__}).",
-                                "check that the server is up and the URL is right.") from None
+            raise self.deadline.failure(f"GET {url}", exc) from None
 
     def _json(self, *parts: str) -> dict:
         raw = b"".join(self._chunks(*parts))
@@ -194,8 +196,9 @@ class PlainRegistry(VersionResolver, ManifestListing):
 
     def _writable(self) -> FsStorage:
         if self.store is None:
-            raise RegistryError(f"registry {self.url}", "is read-only over HTTP.",
-                                "publish to the directory or bucket the server serves (--registry plain+DIR).")
+            raise RegistryError(f"registry {self.url}", "is read-only over HTTP: nothing can be published or "
+                                                        "promoted through it.",
+                                "write to the directory or bucket the server serves (--registry plain+DIR).")
         return self.store
 
     def record_refusal(self, name: str, metadata: Mapping[str, Any], reason: str) -> None:
@@ -289,4 +292,5 @@ class PlainRegistry(VersionResolver, ManifestListing):
                 raise VerificationError(where, f"file {entry['relpath']} is missing from the registry.",
                                         "re-publish the artifact.") from None
 
-        return place_verified(name, manifest, dest, problems, progress, fetch)
+        return place_verified(name, manifest, dest, problems, progress, fetch,
+                              sizing_caveats(manifest, local_gpu))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pipeline.core.errors import RegistryError, VerificationError
-from pipeline.core.files import CHUNK
+from pipeline.core.files import CHUNK, sha256_file
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -43,6 +44,7 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # A leftover (pull staging folder, publish temporary blob) whose lock is free and that nobody touched for a
 # minute has no live writer: a younger one may belong to a writer between creating it and taking its lock.
 MIN_LEFTOVER_AGE_SECONDS = 60
+DEST_FIX = "pull into a new directory, or remove this one first."
 
 
 def check_entries(files: Any, where: str, reserved: Iterable[str] = ()) -> list[dict]:
@@ -141,8 +143,42 @@ def collect_partials(target: Path) -> list[Path]:
 
 def check_destination(target: Path) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise RegistryError(f"destination {target}", "already exists and is not an empty directory.",
-                            "pull into a new directory, or remove this one first.")
+        raise RegistryError(f"destination {target}", "already exists and is not an empty directory.", DEST_FIX)
+
+
+def holds_verified(target: Path, where: str, manifest: Mapping[str, Any], record_file: str) -> bool:
+    """Whether `target` already holds the version `manifest` describes, exactly as a pull leaves it
+    (`record_file`, SHA256SUMS, every file's size and sha256 checked): re-running a pull, say an init
+    container's after a restart, is then a no-op. False for a new or empty directory; RegistryError when
+    it holds anything else (another version, changed or extra files), which a pull never overwrites."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return False
+    if not (target / record_file).is_file():
+        check_destination(target)  # files, but not a pull's: refused as before
+    dest = f"destination {target}"
+    try:
+        held = json.loads((target / record_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistryError(dest, f"holds an unreadable {record_file} ({exc}).", DEST_FIX) from None
+    label = f"{held.get('name')} {held.get('version')}" if isinstance(held, dict) else "something else"
+    if label != where:
+        raise RegistryError(dest, f"already holds {label}, not {where}.", DEST_FIX)
+    files = [(f["relpath"], f["sha256"], f["size"]) for f in manifest["files"]]
+    listed = [f for f in held.get("files") or [] if isinstance(f, Mapping)]
+    if sorted(files, key=str) != sorted(((f.get("relpath"), f.get("sha256"), f.get("size")) for f in listed), key=str):
+        raise RegistryError(dest, f"holds a {where} whose file list differs from the registry's.", DEST_FIX)
+    on_disk = {p.relative_to(target).as_posix() for p in target.rglob("*") if not p.is_dir()}
+    expected = {f[0] for f in files} | {record_file, SUMS_FILE}
+    if on_disk != expected:
+        changes = [*(f"{p} added" for p in sorted(on_disk - expected)), *(f"{p} missing" for p in sorted(expected - on_disk))]
+        raise RegistryError(dest, f"holds {where} with other files ({', '.join(changes[:5])}).", DEST_FIX)
+    for relpath, sha, size in files:
+        path = target / relpath
+        if path.is_symlink() or path.stat().st_size != size or sha256_file(path) != sha:
+            raise RegistryError(dest, f"holds {where}, but {relpath} no longer matches its sha256.", DEST_FIX)
+    if (target / SUMS_FILE).read_text() != sha256sums(manifest["files"]):
+        raise RegistryError(dest, f"holds {where}, but its {SUMS_FILE} was changed.", DEST_FIX)
+    return True
 
 
 @contextlib.contextmanager

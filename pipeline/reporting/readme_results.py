@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.accuracy.gates import short_metric
 from pipeline.core.errors import StageInputError
 from pipeline.core.layout import README_RESULTS_FILE
 from pipeline.planning.dvc_plan import FRONTIER_REPORTS_DIR, REPORTS_DIR
@@ -104,13 +105,6 @@ def drift(readme: Path, generated: Path, spec: Block = RESULTS) -> str | None:
         changed.append(f"{len(have.splitlines())} lines in README, {len(want.splitlines())} from the run")
     return (f"{readme} {spec.name} block differs from {generated}: {'; '.join(changed[:3])}. "
             "Fix: run `make readme` and commit README.md.")
-
-
-def short_metric(key: str) -> str:
-    """"forge_mc/acc,none" -> "forge_mc acc": lm-eval's default filter name says nothing."""
-    task, _, metric = key.partition("/")
-    metric = metric.removesuffix(",none")
-    return f"{task} {metric}" if metric else task
 
 
 def results_table(entries: Sequence[TargetEntry], host: str) -> str:

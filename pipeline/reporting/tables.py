@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.accuracy.gates import tightest
 from pipeline.reporting.entries import TargetEntry
 
 RECOVERY_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "metric", "direction", "baseline",
-                    "quantized", "recovery", "recovery_lower", "recovery_upper", "n", "threshold", "verdict",
-                    "eval_path")
-TARGET_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "gate", "min_recovery", "weights_bytes",
-                  "kv_capacity_tokens", "decode_tok_s_max_batch", "throughput_source", "predicted_tok_s",
+                    "quantized", "recovery", "recovery_lower", "recovery_upper", "n", "threshold", "form", "increase",
+                    "increase_lower", "increase_upper", "max_increase", "verdict", "eval_path")
+TARGET_COLUMNS = ("label", "model", "format", "gpu", "tp", "target", "gate", "nearest_gate", "weights_bytes",
+                  "kv_capacity_tokens", "output_tok_s", "throughput_source", "predicted_tok_s",
                   "measured_over_predicted", "joules_per_token", "power_source", "usd_per_mtok", "eval_path")
 
 
@@ -56,7 +57,12 @@ def recovery_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
                     "recovery_lower": finite(r.recovery_lower),
                     "recovery_upper": finite(r.recovery_upper),
                     "n": r.n,
-                    "threshold": r.threshold,
+                    "threshold": r.threshold,  # recovery space; the increase form states it as max_increase
+                    "form": r.form,
+                    "increase": finite(r.increase),
+                    "increase_lower": finite(r.increase_lower),
+                    "increase_upper": finite(r.increase_upper),
+                    "max_increase": r.max_increase,
                     "verdict": r.verdict,
                     "eval_path": e.eval_path,
                 }
@@ -68,7 +74,7 @@ def target_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
     rows = []
     for e in entries:
         report = e.gate
-        values = [r.recovery for r in report.rows if r.recovery is not None] if report else []
+        nearest = tightest(report.rows) if report else None
         rows.append(
             {
                 "label": f"{e.model} {e.target}",
@@ -78,10 +84,11 @@ def target_rows(entries: Sequence[TargetEntry]) -> list[dict[str, Any]]:
                 "tp": e.tp,
                 "target": e.target,
                 "gate": report.verdict if report else None,
-                "min_recovery": min(values) if values and math.isfinite(min(values)) else None,
+                # the metric nearest its threshold, on its own terms (GateRow.stated), not a min over both forms
+                "nearest_gate": nearest.stated if nearest else None,
                 "weights_bytes": e.memory.weights_bytes,
                 "kv_capacity_tokens": e.memory.kv_capacity_tokens,
-                "decode_tok_s_max_batch": e.throughput.decode_tok_s_max_batch if e.throughput else None,
+                "output_tok_s": e.throughput.output_tok_s if e.throughput else None,
                 "throughput_source": e.throughput.source if e.throughput else None,
                 "predicted_tok_s": e.throughput.predicted_tok_s if e.throughput else None,
                 "measured_over_predicted": e.throughput.measured_over_predicted if e.throughput else None,

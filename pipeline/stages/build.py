@@ -29,7 +29,7 @@ from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES, ComputeCapability
 from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.core.layout import CHECKPOINT_DIR, OPTIONS_FILE, QUANT_STATE_FILE
 from pipeline.engines.checkpoint_check import compatibility_table
-from pipeline.handoff.kpis import write_kpis
+from pipeline.handoff.kpis import TIMINGS_HELP, write_kpis, write_timings
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.handoff.models import CalibrateDetails
 from pipeline.handoff.reader import Opened, open_upstream
@@ -78,6 +78,7 @@ class BuildArgs:
     load_test: str = arg("auto", choices=LOAD_TEST_MODES,
                          help="auto: load-test when this machine has the target's GPU and tensorrt_llm; "
                               "require: fail otherwise; never: skip (default: %(default)s)")
+    timings_path: Path | None = arg(flag="timings", help=TIMINGS_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,6 +98,7 @@ def main(
     metrics_path: Path,
     catalog_path: Path = DEFAULT_CATALOG,
     load_test: str = "auto",
+    timings_path: Path | None = None,
 ) -> Path:
     timer = Timer()
     recipe = load_recipe(Path(recipe_path))
@@ -131,12 +133,12 @@ def main(
         details["compatibility"] = compatibility
         manifest = build_manifest(
             "build", recipe.artifact_name(gpu), stage,
-            inputs={"quantized": upstream.opened.input_entry()},
-            timings=timer.seconds, details=details,
+            inputs={"quantized": upstream.opened.input_entry()}, details=details,
             recipe=recipe.provenance("quant", f"targets.{gpu}", "build"),
         )
         write_manifest(stage, manifest)
     write_kpis(Path(metrics_path), "build", metrics(plan, linked, result))
+    write_timings(timings_path, timer.seconds)
     log.info("bundle %s: %s, load_tested=%s", recipe.artifact_name(gpu), out_dir, result.tested)
     return Path(out_dir)
 
@@ -313,19 +315,21 @@ def bundle_details(recipe: Recipe, gpu: str, plan: Plan, options: dict[str, Any]
 
 
 def metrics(plan: Plan, linked: LinkedTree, result: LoadTestResult) -> dict[str, Any]:
-    """The numbers the build KPIs are chosen from (pipeline/handoff/kpis.py). `predicted_*` come from the planner's arithmetic and
-    roofline; `checkpoint_bytes` is measured on disk; `runtime_*` only exists after a load test."""
+    """The numbers the build KPIs are chosen from (pipeline/handoff/kpis.py). `predicted_*` come from the planner's
+    arithmetic and its model of the run (priced at that run), `ceiling_*` from the roofline (upper bounds);
+    `checkpoint_bytes` is measured on disk; `runtime_*` only exists after a load test."""
     return {
         "predicted_weights_bytes": plan.weights_bytes,
         "predicted_weights_bytes_per_gpu": plan.weights_bytes_per_gpu,
         "predicted_kv_capacity_tokens": plan.kv_capacity_tokens,
         "predicted_max_batch_at_seq_len": plan.max_batch_at_seq_len,
-        "predicted_decode_batch": plan.roofline.get("decode_batch"),
-        "predicted_decode_tok_s_batch1": plan.decode_tok_s_batch1,
-        "predicted_decode_tok_s_max_batch": plan.decode_tok_s_max_batch,
-        "predicted_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
+        "ceiling_decode_batch": plan.roofline.get("decode_batch"),
+        "ceiling_decode_tok_s_batch1": plan.decode_tok_s_batch1,
+        "ceiling_decode_tok_s_max_batch": plan.decode_tok_s_max_batch,
+        "ceiling_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
+        "predicted_output_tok_s": plan.throughput.get("predicted_output_tok_s"),
         "predicted_joules_per_token": plan.joules_per_token,
-        "predicted_usd_per_mtok": plan.roofline.get("usd_per_mtok"),
+        "predicted_usd_per_mtok": plan.usd_per_mtok,
         "checkpoint_bytes": linked.bytes,
         "load_tested": result.tested,
         "runtime_kv_capacity_tokens": result.runtime_kv_capacity_tokens,

@@ -33,7 +33,7 @@ from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.core.heartbeat import Progress, heartbeat
 from pipeline.core.layout import CALIBRATION_TENSORS_FILE, CHECKPOINT_DIR, QUANT_STATE_FILE
-from pipeline.handoff.kpis import write_kpis
+from pipeline.handoff.kpis import TIMINGS_HELP, write_kpis, write_timings
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.planning.validate import Definitions, validate_recipe
 from pipeline.recipe.loading import Recipe, load_recipe
@@ -53,6 +53,7 @@ class CalibrateArgs:
     catalog_path: Path = arg(DEFAULT_CATALOG, flag="catalog")
     cpu_memory_budget: int | None = arg(
         metavar="BYTES", help="CPU only: dispatch the model within this much RAM, offloading the rest to disk")
+    timings_path: Path | None = arg(flag="timings", help=TIMINGS_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Path, metrics_path: Path,
-         catalog_path: Path = DEFAULT_CATALOG, cpu_memory_budget: int | None = None) -> int:
+         catalog_path: Path = DEFAULT_CATALOG, cpu_memory_budget: int | None = None,
+         timings_path: Path | None = None) -> int:
     from pipeline.calibration.tensors import load_materialized
     from pipeline.sources.loading import load_checkpoint
 
@@ -80,12 +82,16 @@ def main(recipe_path: Path, model_dir: Path, calibration_dir: Path, out_dir: Pat
                                                   cpu_memory_budget, Path(offload_dir))
             loaded = load_checkpoint(Path(model_dir) / CHECKPOINT_DIR, placement)
             tensors = load_materialized(Path(calibration_dir) / CALIBRATION_TENSORS_FILE)
-        return _calibrate_and_export(recipe, loaded, tensors, inputs, timer, Path(out_dir), Path(metrics_path),
-                                     planned)
+        _calibrate_and_export(recipe, loaded, tensors, inputs, timer, Path(out_dir), Path(metrics_path), planned)
+    # What the run cost, beside the output (never in it: pipeline/handoff/kpis.py).
+    write_timings(timings_path, timer.seconds,
+                  quantize_s=timer.seconds["calibrate"] + timer.seconds.get("auto_quantize", 0.0),
+                  **{f"peak_{device.replace(':', '')}_bytes": peak for device, peak in peak_bytes_per_device().items()})
+    return 0
 
 
 def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: Timer, out_dir: Path,
-                          metrics_path: Path, planned: dict | None) -> int:
+                          metrics_path: Path, planned: dict | None) -> None:
     import torch
 
     from pipeline.quant import mixed
@@ -143,16 +149,10 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                 "perplexity_delta_pct": 100 * (quantized_ppl / baseline_ppl - 1),
                 "heldout_tokens": int(heldout_ids.numel()),
                 "calibration_tokens": int(calibration_ids.numel()),
-                "calibrate_seconds": timer.seconds["calibrate"],
-                "stage_seconds": sum(timer.seconds.values()),
-                "peak_rss_bytes": peak_rss_bytes(),
-                "peak_cuda_bytes": result.peak_cuda_bytes,
                 "checkpoint_bytes": export["total_bytes"],
                 # pipeline/quant/bits.py: decoder Linears, scales counted; and over the whole checkpoint.
                 "effective_bits": bits.effective_bits,
                 "whole_checkpoint_bits": bits.whole_checkpoint_bits,
-                # calibration plus, with quant.auto, ModelOpt's search (the price of the recipe).
-                "quantize_seconds": timer.seconds["calibrate"] + timer.seconds.get("auto_quantize", 0.0),
                 # Which numerics produced perplexity_quantized: ModelOpt's fake quant (FP8 on CPU or
                 # anything on CUDA), or forge's FP4 reference on CPU (pipeline/quant/simulate.py).
                 "path": "forge-fp4-reference-cpu" if simulation.routed else f"modelopt-fake-quant-{loaded.device}",
@@ -168,16 +168,14 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                 "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
                 "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
                 "export": export,
-                "placement": {"device_map": loaded.device_map, "planned": planned,
-                              "peak_bytes_per_device": peak_bytes_per_device()},
+                "placement": {"device_map": loaded.device_map, "planned": planned},
             }
-            write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, timer.seconds, details,
+            write_manifest(tmp, build_manifest("calibrate", recipe.id, tmp, inputs, details=details,
                                                recipe=recipe.provenance("model", "quant", "calibration")))
 
     write_kpis(Path(metrics_path), "calibrate", results)
     log.info("%s: perplexity %.3f -> %.3f (%+.1f%%), calibrate %.1f s", recipe.id, baseline_ppl, quantized_ppl,
              results["perplexity_delta_pct"], timer.seconds["calibrate"])
-    return 0
 
 
 def check_inputs(recipe: Recipe, model_dir: Path, calibration_dir: Path) -> dict:

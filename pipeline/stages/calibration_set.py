@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.core.cliargs import add_verb, arg, runner
 from pipeline.core.files import Timer, staged_output
 from pipeline.core.layout import CALIBRATION_TENSORS_FILE
+from pipeline.handoff.kpis import TIMINGS_HELP, write_timings
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.handoff.reader import open_upstream
 from pipeline.recipe.loading import load_recipe
@@ -32,6 +33,7 @@ class CalibrationSetArgs:
     model_dir: Path = arg(required=True, flag="model", help="download stage output")
     out_dir: Path = arg(required=True, flag="out")
     calibration_dir: Path = arg(CALIBRATION_DIR)
+    timings_path: Path | None = arg(flag="timings", help=TIMINGS_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--model data/models/smollm2-135m-instruct --out data/calibration/smollm2-135m-instruct-fp8")
 
 
-def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Path = CALIBRATION_DIR) -> int:
+def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Path = CALIBRATION_DIR,
+         timings_path: Path | None = None) -> int:
     from transformers import AutoTokenizer
 
     from pipeline.calibration.sets import load_calibration_set
@@ -62,6 +65,7 @@ def main(recipe_path: Path, model_dir: Path, out_dir: Path, calibration_dir: Pat
                    "tensors_sha256": written.sha256, "documents_used": written.documents_used,
                    "set_spec": spec.model_dump(mode="json")}
         write_manifest(tmp, build_manifest("calibration-set", recipe.id, tmp, {"model": model.input_entry()},
-                                           timer.seconds, details, recipe=recipe.provenance("calibration")))
+                                           details=details, recipe=recipe.provenance("calibration")))
+    write_timings(timings_path, timer.seconds)
     log.info("%s: %d + %d rows x %d tokens from %s", recipe.id, section.num_samples, HELDOUT_ROWS, section.seq_len, section.set)
     return 0

@@ -15,6 +15,7 @@ from pipeline.core.cliargs import add_verb, arg, runner
 from pipeline.core.errors import SourceError
 from pipeline.core.files import Timer, staged_output
 from pipeline.core.heartbeat import Progress, heartbeat
+from pipeline.handoff.kpis import TIMINGS_HELP, write_timings
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.recipe.loading import MODEL_FILE, Model, load_model
 from pipeline.recipe.schema import HfSource, LocalGgufSource, LocalSource, PypiGgufSource
@@ -35,6 +36,7 @@ class DownloadArgs:
 
     model_yaml: Path = arg(positional="model_yaml", help="recipes/<model>/model.yaml")
     out_dir: Path = arg(required=True, flag="out", help="output directory")
+    timings_path: Path | None = arg(flag="timings", help=TIMINGS_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--out data/models/smollm2-135m-instruct")
 
 
-def main(model_yaml: Path, out_dir: Path) -> int:
+def main(model_yaml: Path, out_dir: Path, timings_path: Path | None = None) -> int:
     model = load_model(Path(model_yaml).parent)
     timer = Timer()
     with staged_output(out_dir) as tmp:
@@ -56,11 +58,12 @@ def main(model_yaml: Path, out_dir: Path) -> int:
             completion = smoke_generation(tmp / "checkpoint")
         log.info("%s: %r -> %r", model.name, SMOKE_PROMPT, completion)
         manifest = build_manifest(
-            "download", model.name, tmp, inputs={}, timings=timer.seconds,
+            "download", model.name, tmp, inputs={},
             details={"source": source, "smoke_prompt": SMOKE_PROMPT, "smoke_completion": completion,
                      "model_recipe": model.spec.model_dump(mode="json")},
         )
         write_manifest(tmp, manifest)
+    write_timings(timings_path, timer.seconds)
     log.info("downloaded %s into %s in %.1f s", model.name, out_dir, sum(timer.seconds.values()))
     return 0
 

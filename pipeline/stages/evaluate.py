@@ -42,11 +42,11 @@ from pipeline.accuracy.evaluation_outputs import (
 from pipeline.accuracy.gates import GateReport, evaluate_gates
 from pipeline.accuracy.scoring import DEFAULT_KV_NUMERICS, KV_NUMERICS_CHOICES, resolve_kv_numerics, score_fake_quant
 from pipeline.accuracy.served_scoring import (
-    ENGINE_LOG,
     ServeOptions,
     baseline_not_served,
     check_bundle,
     engine_here,
+    engine_log_path,
     record_not_served,
     score_served,
     serve_and_score,
@@ -58,7 +58,7 @@ from pipeline.core.errors import RecipeError
 from pipeline.core.files import Timer, staged_output, write_json
 from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.core.layout import CHECKPOINT_DIR, GATE_REPORT_FILE
-from pipeline.handoff.kpis import write_kpis
+from pipeline.handoff.kpis import TIMINGS_HELP, write_kpis, write_timings
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.planning.validate import Definitions, validate_recipe
 from pipeline.recipe.loading import Recipe, load_recipe
@@ -99,6 +99,7 @@ class EvaluateArgs:
                                 "engine that serves the target GPU per pipeline/engines/contracts.py; "
                                 "pipeline/quant/kv_numerics.py engine_kv_numerics)")
     catalog: Path = arg(DEFAULT_CATALOG)
+    timings: Path | None = arg(help=TIMINGS_HELP)
     engine: ServeArgs = included(ServeArgs)
     suite: SuiteArgs = included(SuiteArgs)
 
@@ -116,7 +117,7 @@ def run_evaluate(args: EvaluateArgs) -> int:
     serving = ServeOptions(args.engine.serve_python, args.engine.ready_timeout, args.bundle, args.served_device)
     return main(args.recipe, args.model, args.quantized, args.baseline, args.out, args.metrics,
                 args.serve_url, args.served_model_name, args.catalog, args.suite.eval_dir, args.suite.limit,
-                serving, args.kv_numerics)
+                serving, args.kv_numerics, args.timings)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -125,7 +126,8 @@ def run_evaluate(args: EvaluateArgs) -> int:
 def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: Path, out_dir: Path,
          metrics_path: Path, serve_url: str | None = None, served_model_name: str = CHECKPOINT_DIR,
          catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None,
-         serving: ServeOptions | None = None, kv_numerics: str = DEFAULT_KV_NUMERICS) -> int:
+         serving: ServeOptions | None = None, kv_numerics: str = DEFAULT_KV_NUMERICS,
+         timings_path: Path | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog, Definitions(suites_dir=Path(eval_dir) / "suites"))
@@ -145,7 +147,7 @@ def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: 
     if bundle is not None:
         inputs.inputs["bundle"] = bundle.input
         scored = serve_and_score(choice, bundle.checkpoint, inputs.checkpoint, suite, Path(eval_dir), timer,
-                                 serving, bundle.options_file)
+                                 serving, engine_log_path(Path(out_dir)), bundle.options_file)
         as_served = simulate_as_served(recipe, choice, inputs, suite, Path(eval_dir))
     elif serve_url:
         scored = score_served(serve_url, served_model_name, inputs, suite, Path(eval_dir), timer,
@@ -165,12 +167,10 @@ def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: 
     with staged_output(Path(out_dir)) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
         write_documents(tmp, scored.result)
-        if scored.engine_log is not None:
-            (tmp / ENGINE_LOG).write_text(scored.engine_log)
         (tmp / GATE_REPORT_FILE).write_text(report.to_json() + "\n")
         (tmp / GATE_MARKDOWN).write_text(gate_markdown(recipe, scored.path, report))
         write_manifest(tmp, build_manifest(
-            "evaluate", recipe.id, tmp, inputs.inputs, timer.seconds,
+            "evaluate", recipe.id, tmp, inputs.inputs,
             details={"suite": suite.name, "path": scored.path, "verdict": report.verdict,
                      "failed": [r.metric for r in report.failed], "simulation": scored.simulation,
                      **({"served": scored.result.extra["served"]} if "served" in scored.result.extra else {})},
@@ -178,6 +178,7 @@ def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: 
         ))
     write_kpis(Path(metrics_path), "evaluate",
                flat_metrics(recipe, scored.result, scored.path, report, sum(timer.seconds.values()), agreement))
+    write_timings(timings_path, timer.seconds, **(scored.measured or {}))
     return verdict_exit_code(recipe, report)
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 from pipeline.core.cliargs import add_verb, arg, runner
 from pipeline.core.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
+from pipeline.planning.dvc_plan import compared_recipes
 from pipeline.planning.validate import Definitions, validate_recipe
-from pipeline.recipe.loading import RECIPES_DIR, Recipe, discover_recipes, load_recipe
+from pipeline.recipe.loading import RECIPES_DIR, Recipe
 from pipeline.reporting.gpu_comparison import compare, markdown
 from pipeline.sizing.plan import Plan
 from pipeline.sizing.published import CALIBRATION_ROWS, HELDOUT_ROWS, load_rows
@@ -57,10 +58,9 @@ def main(out_dir: Path, recipes_dir: Path = RECIPES_DIR, catalog_path: Path = DE
 
 
 def real_model_recipes(recipes_dir: Path, catalog: dict[str, GpuSpec]) -> list[tuple[Recipe, dict[str, Plan]]]:
-    """The real-model recipes (no `default_pipeline`), each validated, with its targets' plans."""
-    recipes = [load_recipe(path) for path in discover_recipes(recipes_dir)]
-    return [(recipe, validate_recipe(recipe, catalog, Definitions()))
-            for recipe in recipes if not recipe.model.spec.default_pipeline]
+    """The real-model recipes (no `default_pipeline`; dvc.yaml's generated deps name the same ones),
+    each validated, with its targets' plans."""
+    return [(recipe, validate_recipe(recipe, catalog, Definitions())) for recipe in compared_recipes(recipes_dir)]
 
 
 def plot(result: dict[str, Any], figures: Path) -> list[Path]:

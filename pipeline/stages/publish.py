@@ -3,7 +3,9 @@ are pipeline/verbs/pull.py and listing.py; all three take pipeline/registry/args
 
 publish (one DVC stage per model x format x GPU) refuses unless the bundle and its evaluation are
 intact and chain back, manifest digest by manifest digest, to this recipe's calibrate output, its
-calibration set and the downloaded model. A failed accuracy gate is a recorded result, not a crash:
+calibration set and the downloaded model. Which verdict gates, and what an inconclusive one does, is
+one rule (pipeline/recipe/eval_schema.py GATE_RULE; the receipt's `gated_on` and `gate_rule` state it).
+A failed accuracy gate is a recorded result, not a crash:
 the receipt in `--out` says why nothing was published, and the exit code is 0 so `dvc repro`
 finishes (`--strict`: 1). Out (`--out`): `receipt.json` and `manifest.json`.
 
@@ -32,17 +34,20 @@ from pipeline.core.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
 from pipeline.core.json_numbers import json_number
 from pipeline.core.layout import GATE_REPORT_FILE, RECEIPT_FILE
 from pipeline.engines.checkpoint_check import require_loadable
+from pipeline.handoff.kpis import TIMINGS_HELP, write_timings
 from pipeline.handoff.lineage import RERUN, Link, check_lineage
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.handoff.models import BuildDetails, EvaluateDetails, PublishDetails
 from pipeline.handoff.reader import Opened, open_upstream
 from pipeline.planning.validate import Definitions, require_target, validate_recipe
+from pipeline.recipe.eval_schema import GATE_RULE
 from pipeline.recipe.loading import Recipe, load_recipe
 from pipeline.registry.args import RegistryArgs
 from pipeline.registry.artifacts import PublishResult, validate_name
 from pipeline.registry.backends import open_registry
 from pipeline.registry.selection import installed_version
 from pipeline.registry.tags import has_tag, tag_stage, tag_version
+from pipeline.registry.waiting import DEFAULT_TIMEOUT_S
 from pipeline.sizing.memory import KV_BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class PublishArgs:
     stage: str | None = arg(help="stage label to assign, e.g. prod (default: the recipe's publish.stage)")
     tag: bool = arg(False, help="also create GTO git tags name@vX.Y.Z / name#stage#N here")
     strict: bool = arg(False, help="exit 1 when the accuracy gate failed (default: 0)")
+    timings: Path | None = arg(help=TIMINGS_HELP)
     where: RegistryArgs = included(RegistryArgs)
 
 
@@ -87,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_publish(args: PublishArgs) -> int:
     receipt = main(args.recipe, args.gpu, args.bundle, args.evaluation, args.where.url, args.out,
                    stage=args.stage, tag=args.tag, repo_dir=Path.cwd(), catalog_path=args.where.catalog,
-                   served_evaluation_dir=args.served_evaluation)
+                   served_evaluation_dir=args.served_evaluation, timings_path=args.timings,
+                   registry_timeout_s=args.where.deadline_s)
     return 1 if args.strict and receipt.gate_failed else 0
 
 
@@ -96,7 +103,8 @@ def run_publish(args: PublishArgs) -> int:
 
 def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, registry: str, out_dir: Path, *,
          stage: str | None = None, tag: bool = False, repo_dir: Path = Path("."),
-         catalog_path: Path = DEFAULT_CATALOG, served_evaluation_dir: Path | None = None) -> PublishDetails:
+         catalog_path: Path = DEFAULT_CATALOG, served_evaluation_dir: Path | None = None,
+         timings_path: Path | None = None, registry_timeout_s: float = DEFAULT_TIMEOUT_S) -> PublishDetails:
     timer = Timer()
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
@@ -114,18 +122,20 @@ def main(recipe_path: Path, gpu: str, bundle_dir: Path, evaluation_dir: Path, re
         gate = read_gate(evaluation)
     meta = artifact_metadata(recipe, gpu, catalog[gpu], bundle, evaluation, gate, lineage)
     meta["gate"]["scored_by"] = source.scored_by
-    target = open_registry(registry)
+    target = open_registry(registry, registry_timeout_s)
+    decided = {"gated_on": gated_on(source.scored_by, gate), "gate_rule": GATE_RULE}
     receipt = refuse(PublishCandidate(recipe, gpu, bundle, evaluation, gate, meta), name, registry)
     if receipt is not None:
-        if served_evaluation_dir is not None:  # the verdict says whether served or simulated scores failed
-            receipt = receipt.model_copy(update={"reason": f"{receipt.reason} (gated on {source.scored_by})"})
+        receipt = receipt.model_copy(update={"reason": f"{receipt.reason} (gated on {decided['gated_on']})", **decided})
         log.warning("%s: not published: %s", name, receipt.reason)
         target.record_refusal(name, meta, receipt.reason)
     else:
         with timer("publish"):
             receipt = publish_verified(target, registry, name, bundle, meta,
                                        stage or recipe.spec.publish.stage, Path(repo_dir) if tag else None)
-    write_receipt(Path(out_dir), receipt, recipe, bundle, evaluation, timer)
+        receipt = receipt.model_copy(update=decided)
+    write_receipt(Path(out_dir), receipt, recipe, bundle, evaluation)
+    write_timings(timings_path, timer.seconds)
     return receipt
 
 
@@ -142,8 +152,15 @@ class PublishCandidate:
 
 
 def accuracy_gate(candidate: PublishCandidate, name: str, registry: str) -> PublishDetails | None:
-    # pass publishes; inconclusive publishes only where the recipe says so (eval.gates.inconclusive)
+    # GATE_RULE: pass publishes; inconclusive publishes only where the recipe says so (eval.gates.inconclusive)
     return refusal(name, registry, candidate.gate) if not candidate.gate.publishes else None
+
+
+def gated_on(scored_by: str, gate: GateReport) -> str:
+    """The verdict that decided, e.g. "served: vllm 0.32.0 on cpu: X, INCONCLUSIVE, eval.gates.inconclusive
+    refuse" (the policy the gate report was judged under, which the lineage check ties to the recipe)."""
+    policy = f", eval.gates.inconclusive {'publish' if gate.inconclusive_publishes else 'refuse'}"
+    return f"{scored_by}, {gate.verdict.upper()}{policy if gate.verdict == 'inconclusive' else ''}"
 
 
 # The seam for further refusals: each check returns a refusal receipt (nothing is published, the
@@ -223,8 +240,11 @@ def artifact_metadata(recipe: Recipe, gpu: str, spec: GpuSpec, bundle: Opened, e
         "memory_plan": memory_plan(plan),
         "min_gpu_memory_bytes": min_gpu_memory_bytes(plan),
         "load_tested": details.load_tested,
+        # A lower-is-better metric gated on a maximum increase also carries that form (`forge list` states it so).
         "accuracy": {r.metric: {"baseline": r.baseline, "quantized": r.quantized,
-                                "recovery": json_number(r.recovery), "threshold": r.threshold}
+                                "recovery": json_number(r.recovery), "threshold": r.threshold,
+                                **({"increase": json_number(r.increase), "max_increase": r.max_increase}
+                                   if r.form == "max_increase" else {})}
                      for r in gate.rows},
         "throughput": predicted_throughput(plan),
         "gate": {"verdict": gate.verdict, "metrics": len(gate.rows),
@@ -256,11 +276,20 @@ def min_gpu_memory_bytes(plan: Mapping[str, Any]) -> int:
                + math.ceil(kv_one_sequence / inputs["kv_cache_free_gpu_memory_fraction"]))
 
 
+PREDICTED_RUN_KEYS = ("predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "predicted_output_tok_s_per_user",
+                      "predicted_ttft_ms", "predicted_tpot_ms", "predicted_joules_per_token", "predicted_usd_per_mtok")
+CEILING_KEYS = ("decode_tok_s_batch1", "decode_tok_s_max_batch", "prefill_tok_s", "decode_batch")
+
+
 def predicted_throughput(plan: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("decode_tok_s_batch1", "decode_tok_s_max_batch", "prefill_tok_s", "decode_batch")
-    values = {f"predicted_{k}": plan[k] for k in keys if plan.get(k) is not None}
-    return {**values, "basis": f"predicted: roofline ceiling from {plan.get('ceilings_source', 'datasheet')} rates "
-                               "(forge plan); TensorRT-LLM reaches ~30-40% of it"}
+    """The predicted run (`predicted_*`, what `forge list` shows) and the roofline (`ceiling_*`), named apart."""
+    run = plan.get("throughput") or {}
+    values = {k: run[k] for k in PREDICTED_RUN_KEYS if run.get(k) is not None}
+    ceilings = {f"ceiling_{k}": plan[k] for k in CEILING_KEYS if plan.get(k) is not None}
+    return {**values, **ceilings,
+            "basis": "predicted_*: forge's model of trtllm-bench's offline run at ISL/OSL (pipeline/sizing/perfmodel.py; "
+                     "per user and TTFT include queue wait), priced at that run; ceiling_*: the roofline from "
+                     f"{plan.get('ceilings_source', 'datasheet')} rates, an upper bound"}
 
 
 def assign_stage(registry, result: PublishResult, label: str) -> bool:
@@ -284,13 +313,17 @@ def create_git_tags(repo_dir: Path, result: PublishResult, label: str | None, as
     return tuple(created)
 
 
-def write_receipt(out_dir: Path, receipt: PublishDetails, recipe: Recipe, bundle: Opened, evaluation: Opened,
-                  timer: Timer) -> None:
-    body = receipt.model_dump()
+# What this run did, not what holds: a rerun finds the version there and creates nothing, so these stay
+# on the returned receipt and in the log, out of the output (the same inputs and registry: the same bytes).
+RUN_EVENTS = frozenset({"created", "tags"})
+
+
+def write_receipt(out_dir: Path, receipt: PublishDetails, recipe: Recipe, bundle: Opened, evaluation: Opened) -> None:
+    body = receipt.model_dump(exclude=set(RUN_EVENTS))
     with staged_output(out_dir) as tmp:
         write_json(tmp / RECEIPT_FILE, body)
         write_manifest(tmp, build_manifest(
             "publish", receipt.name, tmp,
             inputs={"bundle": bundle.input_entry(), "evaluation": evaluation.input_entry()},
-            timings=timer.seconds, details=body, recipe=recipe.provenance("publish"),
+            details=body, recipe=recipe.provenance("publish"),
         ))

@@ -192,8 +192,8 @@ def target_entry(target: PlannedTarget, found: StageOutputs) -> dict[str, Any] |
         "usd_per_mtok": energy.get(f"{prefix}usd_per_mtok"),
         "eval_path": ev["path"] if ev else None,
         "perplexity": {"baseline": cal["perplexity_baseline"], "quantized": cal["perplexity_quantized"]} if cal else None,
-        "publish": ({"published": receipt["published"], "version": receipt.get("version"), "reason": receipt.get("reason")}
-                    if receipt else None),
+        "publish": ({"published": receipt["published"], "version": receipt.get("version"), "reason": receipt.get("reason"),
+                     "gated_on": receipt.get("gated_on")} if receipt else None),
     }
 
 
@@ -210,8 +210,7 @@ def read_served(served_dir: Path) -> dict[str, Any] | None:
     metrics = read_output_json(served_dir / "metrics.json") or {}
     as_served = metrics.get("simulated_as_served") or {}
     return {"served": True, "engine": served["engine"], "engine_version": served.get("engine_version"),
-            "device": served.get("device"), "start_seconds": served.get("start_seconds"),
-            "decode_tok_s": (served.get("decode") or {}).get("tok_s"),
+            "device": served.get("device"),
             "gate": read_output_json(served_dir / GATE_REPORT_FILE),
             "simulated_as_served": as_served.get("metrics"),
             "simulated_as_served_kv": _kv_label(as_served.get("kv_cache")) if as_served else None,
@@ -238,17 +237,16 @@ def _kv_label(kv_cache: dict[str, Any] | None) -> str | None:
 
 
 def throughput_entry(tput: dict[str, Any] | None, plan: dict[str, Any] | None) -> dict[str, Any] | None:
-    # The throughput model's predicted run (predicted_output_tok_s) where the stage carries one, else
-    # the roofline ceiling.
+    # Output tok/s measured by trtllm-bench, else the throughput model's predicted run (the throughput
+    # stage's, else the build's plan). Never the roofline: that is a ceiling, not a prediction.
     if tput and tput.get("measured_output_tok_s"):
-        return {"decode_tok_s_max_batch": tput["measured_output_tok_s"], "source": "measured",
-                "predicted_tok_s": tput.get("predicted_output_tok_s") or tput.get("predicted_decode_tok_s_max_batch"),
+        return {"output_tok_s": tput["measured_output_tok_s"], "source": "measured",
+                "predicted_tok_s": tput.get("predicted_output_tok_s"),
                 "measured_over_predicted": tput.get("measured_over_predicted")}
     for source in (tput, plan):
-        value = source and (source.get("predicted_output_tok_s") or source.get("predicted_decode_tok_s_max_batch")
-                            or source.get("decode_tok_s_max_batch"))
+        value = source and source.get("predicted_output_tok_s")
         if value is not None and source:
-            return {"decode_tok_s_max_batch": value, "source": "predicted"}
+            return {"output_tok_s": value, "source": "predicted"}
     return None
 
 

@@ -2,8 +2,11 @@
 
 Always: the throughput model's prediction of trtllm-bench's offline run for the target
 (`predicted_output_tok_s`, per GPU, per user, TTFT, TPOT, the limits and bounds; pipeline/sizing/perfmodel.py),
-J/token and $/Mtok at TDP from it, and the roofline's decode/prefill ceilings beside it (keys
-`predicted_decode_*`, upper bounds), with the rates and serving shape they came from.
+J/token and $/Mtok at TDP from it (the one price basis), and the roofline's decode/prefill ceilings
+beside it (keys `ceiling_*`, upper bounds, never priced), with the rates and serving shape they came from.
+Per-user tok/s and TTFT include queue wait: trtllm-bench's offline run submits every request at once
+and times each from submission, so below full concurrency most of a request's time is waiting
+(`predicted_latency_includes`).
 Only on the target GPU with TensorRT-LLM's `trtllm-bench` on PATH: a throughput run (streamed, for
 TTFT/TPOT percentiles) and a latency run on a dataset generated for the recipe's input/output
 lengths, NVML power sampled while they run, and measured / predicted. Elsewhere `measured` is null
@@ -51,6 +54,10 @@ RUN_MODES = ("auto", "never", "require")
 # probe) only move the roofline, so these must match exactly or the bundle is stale.
 PLAN_AGREEMENT_KEYS = ("weights_bytes_per_gpu", "kv_capacity_tokens", "max_batch_at_seq_len", "decode_batch")
 PERCENTILES = ("p50", "p90", "p99")
+CEILING_IS = ("roofline upper bounds (pipeline/sizing/roofline.py), not a prediction and never priced; "
+              "predicted_output_tok_s is the prediction of the run")
+QUEUE_WAIT = ("queue wait: predicted_output_tok_s_per_user and predicted_ttft_ms are timed from submission, and "
+              "trtllm-bench's offline run submits every request at once (pipeline/sizing/perfmodel.py)")
 DEFAULT_NUM_REQUESTS = 512
 BENCH_SEED = 0
 
@@ -132,7 +139,7 @@ def write_results(out_dir: Path, recipe: Recipe, gpu: str, bundle: Opened[BuildD
     with staged_output(out_dir) as tmp:
         write_json(tmp / THROUGHPUT_FILE, metrics)
         write_manifest(tmp, build_manifest("throughput", recipe.artifact_name(gpu), tmp,
-                                           {"bundle": bundle.input_entry()}, {},
+                                           {"bundle": bundle.input_entry()},
                                            recipe=recipe.provenance(f"targets.{gpu}")))
 
 
@@ -224,7 +231,7 @@ def decide_measurement(mode: str, local: LocalGpu | None, gpu: str, spec: GpuSpe
 
 def predicted_metrics(recipe: Recipe, gpu: str, plan: Plan, ceilings: Ceilings, spec: GpuSpec,
                       pricing: Pricing) -> dict[str, Any]:
-    """The planner's roofline for this target, every number prefixed `predicted_`, with its inputs."""
+    """The predicted run (`predicted_*`, priced) and the roofline's ceilings (`ceiling_*`), with their inputs."""
     tp = plan.inputs["tp"]
     out: dict[str, Any] = {
         "recipe": recipe.id, "target": recipe.artifact_name(gpu), "model": recipe.model.name,
@@ -238,15 +245,15 @@ def predicted_metrics(recipe: Recipe, gpu: str, plan: Plan, ceilings: Ceilings, 
         },
         "predicted_weights_bytes": plan.weights_bytes,
         "predicted_kv_capacity_tokens": plan.kv_capacity_tokens,
-        "predicted_decode_batch": plan.roofline.get("decode_batch"),
-        "predicted_decode_tok_s_batch1": plan.decode_tok_s_batch1,
-        "predicted_decode_tok_s_max_batch": plan.decode_tok_s_max_batch,
-        "predicted_decode_tok_s_per_user_max_batch": plan.roofline.get("decode_tok_s_per_user_max_batch"),
-        "predicted_decode_bound_max_batch": plan.roofline.get("decode_bound_max_batch"),
-        "predicted_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
+        "ceiling_decode_batch": plan.roofline.get("decode_batch"),
+        "ceiling_decode_tok_s_batch1": plan.decode_tok_s_batch1,
+        "ceiling_decode_tok_s_max_batch": plan.decode_tok_s_max_batch,
+        "ceiling_decode_tok_s_per_user_max_batch": plan.roofline.get("decode_tok_s_per_user_max_batch"),
+        "ceiling_decode_bound_max_batch": plan.roofline.get("decode_bound_max_batch"),
+        "ceiling_prefill_tok_s": plan.roofline.get("prefill_tok_s"),
+        "ceiling_is": CEILING_IS,
         "price_per_gpu_hour_usd": pricing.usd_per_gpu_hour,
         "price_source": pricing.source,
-        "predicted_decode_basis": "ceiling (roofline upper bound); predicted_output_tok_s is the run's prediction",
     }
     out.update(predicted_run(plan))
     tok_s = out.get("predicted_output_tok_s")
@@ -266,7 +273,8 @@ def predicted_run(plan: Plan) -> dict[str, Any]:
             "predicted_ttft_ms", "predicted_tpot_ms")
     return {**{k: t[k] for k in keys}, "predicted_max_batch_size": t["max_batch_size"],
             "predicted_max_num_tokens": t["max_num_tokens"], "predicted_bound_prefill": t["bound_prefill"],
-            "predicted_bound_decode": t["bound_decode"], "predicted_hardware_source": t["hardware_source"]}
+            "predicted_bound_decode": t["bound_decode"], "predicted_hardware_source": t["hardware_source"],
+            "predicted_latency_includes": QUEUE_WAIT}
 
 
 def measure(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: GpuSpec, pricing: Pricing,
@@ -303,7 +311,8 @@ def _measure_in(recipe: Recipe, gpu: str, bundle_dir: Path, plan: Plan, spec: Gp
             runs[command.mode] = {"not_run": outcome.reason}
             continue
         runs[command.mode] = measured_summary(outcome, predicted[command.mode], spec.tdp_watts, pricing.usd_per_gpu_hour)
-    dataset_info = {"path": str(dataset.path), "num_requests": dataset.num_requests, "input_len": dataset.input_len,
+    # its file name, not its path: `work` is a fresh temporary directory unless --workdir is given
+    dataset_info = {"path": dataset.path.name, "num_requests": dataset.num_requests, "input_len": dataset.input_len,
                     "output_len": dataset.output_len, "seed": dataset.seed, "sha256": dataset.sha256}
     return {"measured": {"dataset": dataset_info, **runs}, **flat_measured(runs)}
 

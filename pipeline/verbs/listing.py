@@ -10,6 +10,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+from pipeline.accuracy.gates import stated_point
 from pipeline.core.cliargs import add_verb, arg, included, run_with
 from pipeline.core.errors import RecipeError
 from pipeline.core.gpus import load_catalog
@@ -18,6 +19,7 @@ from pipeline.registry.args import RegistryArgs
 from pipeline.registry.artifacts import ArtifactSummary
 from pipeline.registry.backends import open_registry
 from pipeline.registry.selection import ProfileRow, profile_rows, resolve_gpu
+from pipeline.registry.waiting import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +54,13 @@ def run_list(args: ListArgs) -> int:
         if args.gpu not in catalog:
             raise RecipeError("--gpu", f"unknown GPU {args.gpu!r}.",
                               f"use one of {', '.join(catalog)} (pipeline/core/data/gpus.yaml).")
-        rows, problems = profiles_main(url, resolve_gpu(args.gpu, catalog, args.count))
+        rows, problems = profiles_main(url, resolve_gpu(args.gpu, catalog, args.count), args.where.deadline_s)
         if args.json:
             print(json.dumps([asdict(r) for r in rows], indent=2))
         else:
             render_profiles(url, args.gpu, rows)
     else:
-        summaries, problems = list_main(url)
+        summaries, problems = list_main(url, args.where.deadline_s)
         if args.json:
             print(json.dumps([asdict(s) for s in summaries], indent=2))
         else:
@@ -71,15 +73,16 @@ def run_list(args: ListArgs) -> int:
 # ---------------------------------------------------------------------------- list
 
 
-def list_main(registry_url: str) -> tuple[list[ArtifactSummary], list[str]]:
+def list_main(registry_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[ArtifactSummary], list[str]]:
     """Every artifact's summary, and the unreadable manifests skipped (named, not fatal)."""
-    registry = open_registry(registry_url)
+    registry = open_registry(registry_url, timeout_s)
     return registry.list_artifacts(), registry.problems
 
 
-def profiles_main(registry_url: str, gpu: LocalGpu) -> tuple[list[ProfileRow], list[str]]:
+def profiles_main(registry_url: str, gpu: LocalGpu,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[ProfileRow], list[str]]:
     """Each artifact's compatibility with `gpu`, by the rule `forge pull MODEL --gpu` uses."""
-    registry = open_registry(registry_url)
+    registry = open_registry(registry_url, timeout_s)
     rows = profile_rows(registry.manifests(), registry.refusals(), gpu)
     return rows, registry.problems
 
@@ -111,10 +114,18 @@ def render_profiles(url: str, gpu_key: str, rows: list[ProfileRow]) -> None:
     console.print(table)
 
 
-def key_metrics(summary: ArtifactSummary) -> dict[str, float | None]:
-    recoveries = [v for k, v in summary.metrics.items() if k.startswith("accuracy.") and k.endswith(".recovery")]
-    return {"min_recovery": min(recoveries) if recoveries else None,
-            "predicted_decode_tok_s": summary.metrics.get("throughput.predicted_decode_tok_s_max_batch")}
+def key_metrics(summary: ArtifactSummary) -> dict[str, str | float | None]:
+    """The gated metric nearest its threshold, on its own terms (an increase for perplexity-type
+    metrics), and the predicted run's output tok/s (never the roofline ceiling; artifacts published
+    before the metadata carried the prediction show none)."""
+    m = summary.metrics
+    rows = [(k.removeprefix("accuracy.").removesuffix(".recovery"), v) for k, v in m.items()
+            if k.startswith("accuracy.") and k.endswith(".recovery")]
+    rows = [(name, recovery, m.get(f"accuracy.{name}.threshold")) for name, recovery in rows]
+    rows = [(name, recovery, threshold) for name, recovery, threshold in rows if threshold]
+    tightest = min(rows, key=lambda r: r[1] / r[2], default=None)
+    return {"tightest_gate": stated_point(*tightest, m.get(f"accuracy.{tightest[0]}.max_increase")) if tightest else None,
+            "predicted_output_tok_s": m.get("throughput.predicted_output_tok_s")}
 
 
 def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
@@ -126,17 +137,16 @@ def render_list(url: str, summaries: list[ArtifactSummary]) -> None:
     from pipeline.core.tables import print_table  # widens the console so no name is ever cut
 
     table = Table(title=f"artifacts in {url}", header_style="bold")
-    for column in ("name", "versions", "stages", "format", "bits/w", "gpu", "cc", "gate", "min recovery",
-                   "decode tok/s (predicted)"):
-        table.add_column(column, justify="right" if column in ("bits/w", "min recovery", "decode tok/s (predicted)")
-                         else "left")
+    for column in ("name", "versions", "stages", "format", "bits/w", "gpu", "cc", "gate", "nearest its threshold",
+                   "output tok/s (predicted)"):
+        table.add_column(column, justify="right" if column in ("bits/w", "output tok/s (predicted)") else "left")
     for s in summaries:
         metrics = key_metrics(s)
         versions = s.latest if len(s.versions) == 1 else f"{s.latest} ({len(s.versions)} versions)"
         stages = ", ".join(f"{stage}->{v}" for stage, v in sorted(s.stages.items())) or "-"
         table.add_row(s.name, versions, stages, s.format, f"{s.bits_per_weight:g}", s.gpu, s.compute_capability,
-                      s.gate_verdict, _fmt(metrics["min_recovery"], ".3f"),
-                      _fmt(metrics["predicted_decode_tok_s"], ",.0f"))
+                      s.gate_verdict, metrics["tightest_gate"] or "-",
+                      _fmt(metrics["predicted_output_tok_s"], ",.0f"))
     print_table(table)
 
 

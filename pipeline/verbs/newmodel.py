@@ -124,7 +124,25 @@ def new_model(repo_id: str, revision: str, config_path: Path, gpus: list[str], c
     return dest
 
 
+def require_checkout(root: Path = RECIPES_DIR) -> None:
+    """`forge new` writes into a forge checkout and regenerates its DVC plan: refuse, naming what is
+    missing, anywhere else (an installed forge run from another directory)."""
+    checkout = Path(root).parent
+    definitions = Definitions.of_checkout(checkout)
+    needed = [(Path(root), Path.is_dir), (definitions.calibration_dir, Path.is_dir),
+              (definitions.suites_dir, Path.is_dir), (checkout / DVC_FILE, Path.is_file)]
+    missing = [str(path) + ("/" if check is Path.is_dir else "") for path, check in needed if not check(path)]
+    if missing:
+        here = checkout.resolve()
+        raise RecipeError("forge new", f"{here} is not a forge checkout: it has no {', '.join(missing)} (the recipes "
+                          "`forge new` adds to, the calibration sets and eval suites it validates them against, the "
+                          "DVC pipeline it regenerates).",
+                          "cd into a clone of the forge repository (the directory holding recipes/ and dvc.yaml) "
+                          "and run `forge new` again.")
+
+
 def cmd_new(args: NewArgs) -> int:
+    require_checkout()
     catalog = load_catalog(args.catalog)
     dest = new_model(args.repo_id, args.revision, Path(args.config), list(args.gpu or ()), catalog,
                      name=args.name, trust_remote_code=args.trust_remote_code)

@@ -5,7 +5,9 @@ generated tail instead (pipeline/planning/dvc_plan.py).
 What it prints is one typed object per planned target (`TargetPlanView`), turned into JSON by one
 function and into a table by another, for recipe targets, what-ifs and ad-hoc plans alike: a field
 added to `TargetPlanView` (and one line in `plan_json` / `plan_rows`) appears in every form. A plan
-that does not fit prints its memory rows and what would fit, never throughput.
+that does not fit prints its memory rows and what would fit, never throughput. Calibration placement
+is its own answer beside the serving plan: a node that cannot hold the BF16 model is shown, with its
+fix, and never stops the serving plan (`forge validate` and the calibrate stage still refuse it).
 """
 
 from __future__ import annotations
@@ -34,13 +36,21 @@ from pipeline.planning.dvc_plan import (
     REPORT_STAGE,
     build_plan,
     generated_files,
+    repro_changes,
 )
 from pipeline.planning.targets import TargetSpec, plan_spec, target_spec
 from pipeline.planning.validate import Definitions, fit_problem, spec_problems, validate_recipe, would_fit
 from pipeline.recipe.loading import Recipe, load_recipe
 from pipeline.recipe.schema import TARGET_DEFAULTS
 from pipeline.sizing.memory import Alternative, ServingShape
-from pipeline.sizing.placement import SUPPORTED_MODEL_TYPES, Node, plan_calibration, plan_recipe_calibration
+from pipeline.sizing.placement import (
+    SUPPORTED_MODEL_TYPES,
+    Node,
+    placement_answer,
+    plan_calibration,
+    plan_recipe_calibration,
+    recipe_node,
+)
 from pipeline.sizing.plan import Plan
 
 PLAN_EXAMPLES = """examples:
@@ -93,7 +103,7 @@ class PlanArgs:
 
 def register(sub: argparse._SubParsersAction) -> None:
     add_verb(sub, "plan", run_with(PlanArgs, cmd_plan),
-             help="memory plan and predicted roofline (or --dvc: regenerate plan.yaml)",
+             help="memory plan, roofline ceilings and the predicted run (or --dvc: regenerate plan.yaml)",
              description=textwrap.fill(
                  "Plan a recipe's targets, what-ifs on top of a recipe (any of --gpu/--format/--tp/"
                  "--kv-dtype/--input-len/--output-len/--seq-len/--concurrency/--price), or an ad-hoc "
@@ -186,11 +196,12 @@ def _recipe_requests(args: PlanArgs) -> list[PlanRequest]:
 
     def calibration(catalog):  # calibration runs on the recipe's node, whatever the what-ifs: planned once
         if not planned:
-            planned.update(plan_recipe_calibration(recipe, catalog).to_json())
+            planned.update(placement_answer(lambda: recipe_node(recipe, catalog),
+                                            lambda node: plan_recipe_calibration(recipe, catalog, node)))
         return planned
 
     if not given:
-        validate_recipe(recipe, load_catalog(args.catalog), Definitions.of_checkout(Path(".")))
+        validate_recipe(recipe, load_catalog(args.catalog), Definitions.of_checkout(Path(".")), placement=False)
         return [PlanRequest(recipe.artifact_name(gpu), target_spec(recipe, gpu), defaults=_defaulted(recipe, gpu),
                             calibration=calibration)
                 for gpu in recipe.spec.targets]
@@ -252,26 +263,28 @@ def _adhoc_request(args: PlanArgs) -> PlanRequest:
         if config.get("model_type") not in SUPPORTED_MODEL_TYPES:  # exploring a model forge cannot place yet
             return {"skipped": f"model_type {config.get('model_type')!r} has no module layout in pipeline/sizing/placement.py "
                                f"(known: {', '.join(SUPPORTED_MODEL_TYPES)})"}
-        node = Node(args.gpu, args.calibration_gpus, int(args.cpu_offload_gb * 1e9))
-        return plan_calibration(config, args.format, catalog[args.gpu], node, args.calibration_batch,
-                                args.calibration_seq_len, catalog, where="--calibration-gpus").to_json()
+        return placement_answer(lambda: Node(args.gpu, args.calibration_gpus, int(args.cpu_offload_gb * 1e9)),
+                                lambda node: plan_calibration(config, args.format, catalog[args.gpu], node,
+                                                              args.calibration_batch, args.calibration_seq_len,
+                                                              catalog, where="--calibration-gpus", flags=True))
 
     return PlanRequest("ad-hoc", spec, defaults=defaults, calibration=calibration)
 
 
 def _write_dvc_plan(args: PlanArgs, catalog: dict[str, GpuSpec]) -> int:
     plan = build_plan(catalog, include_all=args.all, models_wanted=list(args.model) if args.model else None)
-    wanted = generated_files(plan)
+    wanted, changes = generated_files(plan), repro_changes(plan)
     if args.check:
         stale = [str(path) for path, text in wanted.items() if not path.exists() or path.read_text() != text]
         if stale:
-            raise RecipeError(", ".join(stale), "stale: recipes/ changed since it was generated.",
+            raise RecipeError(", ".join(stale), f"stale: recipes/ changed since it was generated ({'; '.join(changes)}).",
                               "run `make plan` and commit plan.yaml and dvc.yaml.")
-        print(f"{PLAN_FILE} and the generated tail of {DVC_FILE} (report stages, artifacts) are fresh.")
+        print(f"{PLAN_FILE} and the generated tail of {DVC_FILE} (gpu-compare, report stages, artifacts) are fresh.")
         return 0
     for path, text in wanted.items():
         path.write_text(text)
         print(f"wrote {path}")
+    print("\n".join(changes))
     print(f"the embedded default: dvc repro {REPORT_STAGE} (make repro); every variant: dvc repro "
           f"{FRONTIER_REPORT_STAGE} (make frontier); one target (and what it needs): " + (
               "; ".join(f"dvc repro publish@{t}" for t in sorted(plan["targets"])) or "none planned"))
@@ -352,6 +365,8 @@ def plan_rows(target: TargetPlanView) -> list[tuple[str, str]]:
     ]
     if target.calibration_plan and "skipped" in target.calibration_plan:
         rows.append(("calibration placement", f"not planned: {target.calibration_plan['skipped']}"))
+    elif target.calibration_plan and "refused" in target.calibration_plan:
+        rows.append(("calibration placement", f"not placeable on {_refused_node(target.calibration_plan)} (below)"))
     elif target.calibration_plan is not None:
         rows += calibration_rows(target.calibration_plan)
     if not target.fits:
@@ -361,11 +376,13 @@ def plan_rows(target: TargetPlanView) -> list[tuple[str, str]]:
         (f"decode tok/s, batch {p['decode_batch']} (ceiling)", significant(p["decode_tok_s_max_batch"], 4)),
         ("  bound by", str(p["decode_bound_max_batch"])),
         ("prefill tok/s (ceiling)", significant(p["prefill_tok_s"], 4)),
-        ("J/token at TDP (at the ceiling)", significant(p["joules_per_token"], 3, " J")),
-        ("$ per M output tokens (at the ceiling)",
-         "-" if p["usd_per_mtok"] is None else "$" + significant(p["usd_per_mtok"], 3)),
     ]
     return rows + throughput_rows(p)
+
+
+def _refused_node(plan: dict[str, Any]) -> str:
+    node = plan["refused"]["node"]
+    return "the recipe's calibration.node" if node is None else f"{node['count']} x {node['gpu']}"
 
 
 def calibration_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
@@ -395,9 +412,13 @@ def throughput_rows(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
         ("runtime limits: max batch / max tokens", f"{t['max_batch_size']:,} / {t['max_num_tokens']:,}"),
         (f"output tok/s, ISL/OSL {plan_json['inputs']['max_input_len']}/{plan_json['inputs']['max_output_len']} (predicted)",
          f"{t['predicted_output_tok_s']:,.1f}" + (f" ({t['predicted_output_tok_s_per_gpu']:,.1f} per GPU)" if gpus > 1 else "")),
-        ("  per user / TTFT / TPOT (predicted)", (f"{t['predicted_output_tok_s_per_user']:,.1f} tok/s / "
-                                                  f"{t['predicted_ttft_ms'] / 1e3:,.1f} s / {t['predicted_tpot_ms']:,.1f} ms")),
+        ("  per user / TTFT, both incl. queue wait / TPOT (predicted)",
+         f"{t['predicted_output_tok_s_per_user']:,.1f} tok/s / {t['predicted_ttft_ms'] / 1e3:,.1f} s / "
+         + f"{t['predicted_tpot_ms']:,.1f} ms"),
         ("  bound by (prefill / decode)", f"{t['bound_prefill']} / {t['bound_decode']}"),
+        ("J/token at TDP (predicted)", significant(plan_json["joules_per_token"], 3, " J")),
+        ("$ per M output tokens (predicted)",
+         "-" if plan_json["usd_per_mtok"] is None else "$" + significant(plan_json["usd_per_mtok"], 3)),
     ]
 
 
@@ -414,9 +435,14 @@ def render_plan_table(target: TargetPlanView) -> None:
         print("what-if: " + ", ".join(f"{k}={v}" for k, v in target.what_ifs.items()) + " (on top of the recipe)")
     if target.defaults:
         print("defaults: " + ", ".join(f"{k}={v}" for k, v in target.defaults.items()))
+    refused = (target.calibration_plan or {}).get("refused")
+    if refused:
+        print(f"calibration placement (answered apart from the serving plan above): {refused['where']}: "
+              f"{refused['problem']} Fix: {refused['fix']}")
     if not target.fits:
         print("what would fit (same model and serving shape): "
               + ("; ".join(str(a) for a in target.would_fit[:6]) or "nothing in the GPU catalog"))
     else:
         print(f"ceiling = decode/prefill roofline from {target.plan.roofline['ceilings_source']} rates, an upper "
-              "bound; predicted = trtllm-bench's offline run at the chosen limits (pipeline/sizing/perfmodel.py).")
+              "bound; predicted = trtllm-bench's offline run at the chosen limits (pipeline/sizing/perfmodel.py), "
+              "priced at that run; it submits every request at once, so TTFT and per-user tok/s include queue wait.")

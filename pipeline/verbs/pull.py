@@ -1,8 +1,11 @@
 """`forge pull`: get the right published artifact onto a serving machine. pull verifies every file
 against the registry manifest's sha256 before the destination appears (pipeline/registry/transfer.py), and
-refuses an artifact built for another compute capability or another TensorRT-LLM version unless
-`--force`. `forge pull MODEL --gpu auto` picks among a model's artifacts the way NVIDIA NIM picks a
-profile: the local SKU, then fewer bits per weight, then the newest.
+refuses an artifact this GPU cannot run (below its format's compute-capability floor; a TensorRT engine
+built for another one) or built for another TensorRT-LLM version unless `--force`; one built for another
+GPU is pulled with a caveat (its runtime options were sized for that GPU's memory). Pulling again into a
+destination that holds the version, every file verified, is a no-op. `forge pull MODEL --gpu auto` picks
+among a model's artifacts the way NVIDIA NIM picks a profile: the local SKU, then fewer bits per
+weight, then the newest.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from pipeline.core.local_gpu import LocalGpu
 from pipeline.registry.args import RegistryArgs
 from pipeline.registry.artifacts import PullResult, validate_name
 from pipeline.registry.backends import open_registry
-from pipeline.registry.selection import installed_version, profile_rows, resolve_gpu, select_for_gpu
+from pipeline.registry.selection import (
+    installed_version,
+    profile_rows,
+    resolve_gpu,
+    select_for_gpu,
+    why_compatible,
+)
+from pipeline.registry.waiting import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +54,14 @@ class PullArgs:
 
     target: str = arg(positional="target",
                       help="an artifact name, or with --gpu a model name to choose an artifact for")
-    dest: Path = arg(required=True, help="a new (or empty) directory")
-    version: str | None = arg(group="which", help="vX.Y.Z (default: the newest)")
+    dest: Path = arg(required=True, help="a new (or empty) directory; one that holds this version already is "
+                                         "verified and left as it is")
+    version: str | None = arg(group="which", help="vX.Y.Z or X.Y.Z (default: the newest)")
     stage: str | None = arg(group="which", help="the version a stage label points at, e.g. prod")
     gpu: str | None = arg(help="'auto' (NVML) or a GPU catalog key: the GPU the artifact will run on. "
                                "Default: the local GPU when NVML finds one, else no compute-capability check")
     count: int | None = arg(help="GPUs of that kind available (default: as detected, or 1)")
-    force: bool = arg(False, help="pull despite a compute capability or runtime mismatch")
+    force: bool = arg(False, help="pull despite a GPU this artifact cannot run on, or another runtime version")
     where: RegistryArgs = included(RegistryArgs)
 
 
@@ -66,10 +77,14 @@ def run_pull(args: PullArgs) -> int:
     local_gpu = resolve_gpu(args.gpu, catalog, args.count)
     result = pull_main(args.target, args.dest, args.where.url, local_gpu, local_runtime_versions(),
                        version=args.version, stage=args.stage, select=args.gpu is not None, force=args.force,
-                       progress=sys.stderr.isatty())
-    print(f"pulled {result.name} {result.version} into {result.dest}: {result.files} files, "
-          f"{result.total_bytes / 1e6:,.1f} MB, every file's sha256 verified against the registry manifest"
+                       progress=sys.stderr.isatty(), timeout_s=args.where.deadline_s)
+    done = (f"already present, verified: {result.name} {result.version} in {result.dest}" if result.already_present
+            else f"pulled {result.name} {result.version} into {result.dest}")
+    print(f"{done}: {result.files} files, {result.total_bytes / 1e6:,.1f} MB, every file's sha256 verified against "
+          "the registry manifest" + ("; nothing fetched" if result.already_present else "")
           + (f" (forced past: {'; '.join(result.overridden)})" if result.overridden else ""))
+    for caveat in result.caveats:
+        print(f"caveat: {caveat}")
     return 0
 
 
@@ -83,8 +98,9 @@ def local_runtime_versions() -> dict[str, str | None]:
 
 def pull_main(target: str, dest: Path, registry_url: str, local_gpu: LocalGpu | None,
               runtime_versions: Mapping[str, str | None], *, version: str | None = None, stage: str | None = None,
-              select: bool = False, force: bool = False, progress: bool = False) -> PullResult:
-    registry = open_registry(registry_url)
+              select: bool = False, force: bool = False, progress: bool = False,
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> PullResult:
+    registry = open_registry(registry_url, timeout_s)
     name, version = choose_artifact(registry, target, local_gpu, version, stage, select)
     return registry.pull(name, dest, version=version, stage=stage, force=force,
                          local_gpu=local_gpu, runtime_versions=runtime_versions, progress=progress)
@@ -123,8 +139,6 @@ def choose_artifact(registry, target: str, local_gpu: LocalGpu | None, version: 
                                                f"(compute capability {local_gpu.compute_capability}): {reasons}.",
                             "build one for this GPU (add a target to the recipe), or pull one by name with --force. "
                             f"`forge list --gpu {local_gpu.sku or '<key>'}` shows the same rows.")
-    exact = local_gpu.sku is not None and chosen["metadata"].get("gpu") == local_gpu.sku
-    log.info("selected %s %s for %s: %s, %s bits/weight", chosen["name"], chosen["version"], local_gpu.name,
-             "built for this SKU" if exact else f"built for {chosen['metadata'].get('gpu')} (same compute capability)",
-             chosen["metadata"].get("bits_per_weight"))
+    log.info("selected %s %s for %s: %s", chosen["name"], chosen["version"], local_gpu.name,
+             why_compatible(chosen["metadata"], local_gpu))
     return chosen["name"], chosen["version"]

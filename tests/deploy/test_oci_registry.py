@@ -129,6 +129,9 @@ def test_racing_publishers_get_distinct_versions(oci, logged_in, tmp_path):
     for version in versions:  # each version holds one publisher's content, whole
         assert registry.get_manifest("race-fp8-h200", version)["metadata"]["gate"]["n"] in (0, 1, 2)
     assert {registry.get_manifest("race-fp8-h200", v)["metadata"]["gate"]["n"] for v in versions} == {0, 1, 2}
+    # every claim tag the race used was deleted once decided (issue 26 item 8): tag lists show versions only
+    tags = json.loads(curl(oci, f"http://{oci.host}/v2/forge/race-fp8-h200/tags/list"))["tags"]
+    assert sorted(tags) == ["v1.0.0", "v1.0.1", "v1.0.2"]
 
 
 def test_unreachable_and_malformed_oci_urls_are_one_line(tmp_path):
@@ -136,3 +139,56 @@ def test_unreachable_and_malformed_oci_urls_are_one_line(tmp_path):
         OciRegistry("oci+http://127.0.0.1:9/forge").versions("x")
     with pytest.raises(RegistryError, match="is not an OCI registry URL. Fix: write oci://HOST"):
         open_registry("oci://no-namespace")
+
+
+# ---- issue 26: promotion as a registry operation, claim tags, pulling again
+
+
+def test_promote_moves_the_stage_tag_and_pull_by_stage_follows(oci, logged_in, tmp_path, capsys, monkeypatch):
+    name = "promote-fp8-h200"
+    registry = OciRegistry(logged_in)
+    registry.publish(make_bundle(tmp_path, seed="p0"), name, metadata())
+    registry.publish(make_bundle(tmp_path, seed="p1"), name, metadata())
+    monkeypatch.chdir(tmp_path)  # anywhere: no checkout
+    repo = f"http://{oci.host}/v2/forge/{name}"
+    # the claim tags a publish races with are gone once it is decided: versions only
+    assert json.loads(curl(oci, f"{repo}/tags/list"))["tags"] == ["v1.0.0", "v1.0.1"]
+
+    assert cli.main(["promote", name, "--version", "1.0.0", "--to", "prod", "--registry", logged_in]) == 0
+    assert capsys.readouterr().out == (f"promoted {name} v1.0.0 to prod (a new stage) in {logged_in}; "
+                                       f"`forge pull {name} --stage prod` gets v1.0.0\n")
+    assert curl(oci, "-H", ACCEPT, f"{repo}/manifests/prod") == curl(oci, "-H", ACCEPT, f"{repo}/manifests/v1.0.0")
+    dest = tmp_path / "prod"
+    assert cli.main(["pull", name, "--stage", "prod", "--registry", logged_in, "--dest", str(dest)]) == 0
+    assert f"pulled {name} v1.0.0 into {dest}" in capsys.readouterr().out
+    assert without_pull_files(tree(dest)) == tree(tmp_path / "bundle-p0")
+
+    assert cli.main(["promote", name, "--version", "v1.0.1", "--to", "prod", "--registry", logged_in]) == 0
+    assert "(it pointed at v1.0.0)" in capsys.readouterr().out
+    assert cli.main(["promote", name, "--from", "prod", "--to", "canary", "--registry", logged_in]) == 0
+    assert registry.stages(name) == {"canary": "v1.0.1", "prod": "v1.0.1"}
+    assert cli.main(["promote", name, "--version", "v1.0.1", "--to", "prod", "--registry", logged_in]) == 0
+    assert capsys.readouterr().out.endswith(f"{name}: prod already points at v1.0.1; nothing changed\n")
+    again = tmp_path / "prod-again"
+    assert cli.main(["pull", name, "--stage", "prod", "--registry", logged_in, "--dest", str(again)]) == 0
+    assert without_pull_files(tree(again)) == tree(tmp_path / "bundle-p1")
+    assert sorted(json.loads(curl(oci, f"{repo}/tags/list"))["tags"]) == ["canary", "prod", "v1.0.0", "v1.0.1"]
+
+
+def test_promote_without_credentials_is_refused_in_one_line(oci, logged_in, tmp_path, capsys, monkeypatch):
+    name = "anon-promote-fp8-h200"
+    OciRegistry(logged_in).publish(make_bundle(tmp_path), name, metadata())
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli.main(["promote", name, "--version", "v1.0.0", "--to", "prod", "--registry", logged_in]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: registry {logged_in}: ") and "401 unauthorized" in err and "docker login" in err
+
+
+def test_pulling_again_from_oci_is_a_verified_no_op(oci, logged_in, tmp_path, capsys):
+    name = "again-fp8-h200"
+    OciRegistry(logged_in).publish(make_bundle(tmp_path), name, metadata())
+    argv = ["pull", name, "--registry", logged_in, "--dest", str(tmp_path / "d")]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"already present, verified: {name} v1.0.0 in {tmp_path / 'd'}: 5 files")

@@ -104,7 +104,8 @@ def test_curl_fetches_a_version_directory_as_is(served, tmp_path):
 
 def test_kubernetes_init_container_command_runs_as_written(served, tmp_path):
     _, url, bundle = served
-    pod = yaml.safe_load((ROOT / "deploy/kubernetes/init-container.yaml").read_text())
+    pod = next(doc for doc in yaml.safe_load_all((ROOT / "deploy/kubernetes/init-container.yaml").read_text())
+               if doc["kind"] == "Pod")
     [init] = pod["spec"]["initContainers"]
     env = {e["name"]: e["value"] for e in init["env"]}
     dest = tmp_path / "models"
@@ -171,3 +172,17 @@ def test_object_stores_without_their_extra_name_it(url, extra, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: registry {url}: {url.split(':')[0]}:// needs a package that is not installed")
     assert err.rstrip().endswith(f"Fix: pip install 'forge-quant[{extra}]'.") and "Traceback" not in err
+
+
+def test_promote_over_http_is_refused_and_through_the_served_directory_it_is_seen(served, tmp_path, capsys):
+    """Issue 26 item 9: a plain layout served over HTTP is read only; promotion goes to the directory it serves."""
+    root, url, _ = served
+    open_registry(f"plain+{root}").publish(make_bundle(tmp_path, "b"), NAME, metadata())
+    assert cli.main(["promote", NAME, "--version", "v1.0.1", "--to", "prod", "--registry", url]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: registry {url}: is read-only over HTTP: nothing can be published or promoted through it. "
+        "Fix: write to the directory or bucket the server serves (--registry plain+DIR).")
+    assert cli.main(["promote", NAME, "--version", "v1.0.1", "--to", "prod", "--registry", f"plain+{root}"]) == 0
+    assert "(it pointed at v1.0.0)" in capsys.readouterr().out
+    assert cli.main(["pull", NAME, "--stage", "prod", "--registry", url, "--dest", str(tmp_path / "d")]) == 0
+    assert f"pulled {NAME} v1.0.1 into" in capsys.readouterr().out

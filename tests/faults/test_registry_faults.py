@@ -19,7 +19,6 @@ from test_registry import H200, NAME, make_bundle, metadata
 
 from pipeline import cli
 from pipeline.core.errors import RegistryError, VerificationError
-from pipeline.registry import plain as registry_plain
 from pipeline.registry.backends import open_registry
 from pipeline.registry.directory import Registry
 from pipeline.registry.transfer import collect_partials
@@ -98,9 +97,16 @@ def test_sha256_that_is_a_path_is_refused_before_any_file_is_read(tmp_path, monk
 # ---- item 30: URLs and manifests that used to end in tracebacks
 
 
+SCHEMES = ("forge reads registries from a directory or file://, s3://, gs://, az://, ssh:// (directory registry; "
+           "with plain+ in front, the plain layout); oci://HOST/NAMESPACE or oci+http://HOST/NAMESPACE (OCI registry); "
+           "http(s):// (plain layout, read only). Fix: pass --registry (or $FORGE_REGISTRY) in one of those forms.")
+
+
 @pytest.mark.parametrize("url, message", [
-    ("foo://bucket/x", "registry foo://bucket/x: unknown URL scheme 'foo'"),
+    ("foo://bucket/x", f"registry foo://bucket/x: unknown URL scheme 'foo': {SCHEMES}"),
     ("s3://bucket/x", "Fix: pip install 'forge-quant[s3]'."),
+    ("ftp://127.0.0.1:9/forge", f"registry ftp://127.0.0.1:9/forge: unknown URL scheme 'ftp': {SCHEMES}"),
+    ("plain+ftp://127.0.0.1:9/forge", f"registry plain+ftp://127.0.0.1:9/forge: unknown URL scheme 'ftp': {SCHEMES}"),
 ])
 def test_bad_registry_urls_are_one_line(url, message, tmp_path, capsys):
     assert cli.main(["list", "--registry", url]) == 2
@@ -220,17 +226,75 @@ def _silent_server() -> tuple[socket.socket, int]:
     return server, server.getsockname()[1]
 
 
-def test_http_registry_that_never_answers_times_out(monkeypatch):
-    monkeypatch.setattr(registry_plain, "HTTP_TIMEOUT", (2, 2))
+def _dripping_server() -> tuple[socket.socket, int]:
+    """Answers 200 with the start of a body, then never sends the rest (a stalled transfer)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    conns = []
+
+    def serve() -> None:
+        try:
+            for _ in range(8):
+                conn, _ = server.accept()
+                conns.append(conn)
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"artifacts\": [")
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+DEADLINE_FIX = ("Fix: check that the registry is up and reachable from here, or wait longer with --timeout-s SECONDS "
+                "(or $FORGE_REGISTRY_TIMEOUT_S).")
+
+
+@pytest.mark.parametrize("scheme", ["http", "oci+http"])
+def test_a_silent_registry_fails_at_its_deadline_and_says_what_it_waits_for(scheme, capsys, monkeypatch):
+    """Issue 26 item 8: a registry that accepts and never answers failed after 61 s (HTTP) or 31 s (OCI),
+    silently. One deadline for every backend, from the environment here, and a line while it waits."""
     server, port = _silent_server()
+    monkeypatch.setenv("FORGE_REGISTRY_TIMEOUT_S", "6")
+    url = f"{scheme}://127.0.0.1:{port}/forge"
+    what = f"GET http://127.0.0.1:{port}/forge/index.json" if scheme == "http" else f"GET http://127.0.0.1:{port}/v2/"
     try:
         start = time.monotonic()
-        with pytest.raises(RegistryError) as err:
-            open_registry(f"http://127.0.0.1:{port}/forge").names()
-        assert time.monotonic() - start < 20
-        assert f"GET http://127.0.0.1:{port}/forge/index.json failed (ReadTimeout)" in str(err.value)
+        assert cli.main(["list", "--registry", url]) == 2
+        took = time.monotonic() - start
     finally:
         server.close()
+    err = capsys.readouterr().err
+    assert 5.5 < took < 15
+    assert f"still waiting for registry {url} ({what}): 5 s so far; a wait of 6 s fails (--timeout-s)" in err
+    assert err.splitlines()[-1] == f"error: registry {url}: {what}: no answer within the 6 s deadline. {DEADLINE_FIX}"
+
+
+def test_a_transfer_that_stalls_fails_at_the_deadline_given_on_the_command_line(capsys):
+    server, port = _dripping_server()
+    url = f"http://127.0.0.1:{port}/forge"
+    try:
+        start = time.monotonic()
+        assert cli.main(["pull", NAME, "--registry", url, "--timeout-s", "2", "--dest", "/nonexistent/d"]) == 2
+        assert time.monotonic() - start < 10
+    finally:
+        server.close()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: registry {url}: GET {url}/index.json: no answer within the 2 s deadline. {DEADLINE_FIX}")
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--timeout-s", "0"], None, ("--timeout-s: must be a positive number of seconds, got 0. Fix: pass e.g. "
+                                  "--timeout-s 60 (the default).")),
+    ([], "soon", ("$FORGE_REGISTRY_TIMEOUT_S: 'soon' is not a number of seconds. Fix: set it to e.g. 60, or unset "
+                  "it for the default.")),
+])
+def test_a_deadline_that_is_not_a_positive_number_is_refused(tmp_path, capsys, monkeypatch, argv, env, message):
+    if env is not None:
+        monkeypatch.setenv("FORGE_REGISTRY_TIMEOUT_S", env)
+    assert cli.main(["list", "--registry", str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_plain_file_longer_than_its_manifest_says_is_refused(tmp_path):

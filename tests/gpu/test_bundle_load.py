@@ -63,7 +63,7 @@ def _quantized_dir(tiny_llama, directory: Path, recipe_id: str) -> Path:
     tiny_llama.tokenizer.save_pretrained(directory / "checkpoint")
     (directory / "quant_state.pt").write_bytes(b"not used by the PyTorch-backend bundle")
     write_manifest(directory, build_manifest(
-        "calibrate", recipe_id, directory, inputs={}, timings={},
+        "calibrate", recipe_id, directory, inputs={},
         details={"format": "fp8", "kv_cache_dtype": "fp8", "quant_algo": "FP8"},
         recipe={"id": recipe_id, "path": "", "digest": ""},
     ))

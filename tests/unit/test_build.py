@@ -62,7 +62,7 @@ def fabricate_calibrate_output(directory: Path, recipe_path: Path, quant_algo: s
     save_file({"lm_head.weight": torch.randn(4, 16).to(torch.bfloat16)}, ckpt / "model-00002-of-00002.safetensors")
     (directory / "quant_state.pt").write_bytes(b"quant state placeholder")
     recipe = load_recipe(recipe_path)
-    manifest = build_manifest("calibrate", recipe.id, directory, inputs={}, timings={"calibrate": 1.0},
+    manifest = build_manifest("calibrate", recipe.id, directory, inputs={},
                               details={"format": "fp8", "kv_cache_dtype": "fp8", "quant_algo": quant_algo},
                               recipe=recipe.provenance("model", "quant", "calibration"))
     write_manifest(directory, manifest)
@@ -355,7 +355,7 @@ def _rewrite_checkpoint(quantized: Path, tensors: dict, exclude: list[str] | Non
             data[key]["exclude_modules" if key == "quantization" else "ignore"] = exclude
             (ckpt / name).write_text(json.dumps(data))
     old = read_manifest(quantized, "calibrate")
-    write_manifest(quantized, build_manifest("calibrate", old["subject"], quantized, inputs={}, timings={},
+    write_manifest(quantized, build_manifest("calibrate", old["subject"], quantized, inputs={},
                                              details=old["details"], recipe=old["recipe"]))
 
 

@@ -96,3 +96,22 @@ def test_new_refuses_remote_code_and_existing_models(repo, capsys, tmp_path):
     code, _, err = _run(capsys, "new", "meta-llama/Llama-3.1-8B-Instruct", "--revision", REVISION,
                         "--config", str(CONFIG_8B), "--gpu", "h200")
     assert code == 2 and "recipes/llama-3-1-8b-instruct: already exists." in err
+
+
+def test_new_outside_a_checkout_names_what_is_missing_and_the_fix(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 8: run from any other directory, `forge new` ended in a FileNotFoundError traceback."""
+    monkeypatch.chdir(tmp_path)
+    argv = ("new", "meta-llama/Llama-3.1-8B-Instruct", "--revision", REVISION, "--config", str(CONFIG_8B),
+            "--gpu", "h200")
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    assert err == (f"error: forge new: {tmp_path.resolve()} is not a forge checkout: it has no recipes/, calibration/, "
+                   "eval/suites/, dvc.yaml (the recipes `forge new` adds to, the calibration sets and eval suites it "
+                   "validates them against, the DVC pipeline it regenerates). Fix: cd into a clone of the forge "
+                   "repository (the directory holding recipes/ and dvc.yaml) and run `forge new` again.\n")
+    for name in ("recipes", "calibration", "eval"):  # a partial checkout: only what is missing is named
+        shutil.copytree(ROOT / name, tmp_path / name)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "it has no dvc.yaml (" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration", "eval", "recipes"]  # nothing written
+    assert sorted(p.name for p in (tmp_path / "recipes").iterdir()) == sorted(p.name for p in (ROOT / "recipes").iterdir())

@@ -325,3 +325,37 @@ def test_plan_reads_a_nested_text_config(tmp_path, capsys):
     result = json.loads(out)
     assert result["inputs"]["shape"]["hidden"] == 2560 and result["inputs"]["shape"]["layers"] == 34
     assert result["fits"] is True
+
+
+# ---------------------------------------------------------------------------- issue 26, item 12
+
+
+def test_plan_dvc_says_what_make_repro_gains_and_generates_gpu_compare_deps(tmp_path, capsys, monkeypatch):
+    """A new variant silently joined `make repro`, and a new real model left gpu-compare "up to date"
+    (its deps named two recipe folders by hand): `forge plan --dvc` says the one and regenerates the other."""
+    for name in ("recipes", "calibration", "eval"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    for name in ("plan.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    smol = tmp_path / "recipes/smollm2-135m-instruct"
+    shutil.copy(smol / "fp8.yaml", smol / "fp8-b.yaml")
+    (smol / "fp8-c.yaml").write_text((smol / "fp8.yaml").read_text() + "frontier: true\n")
+    shutil.copytree(tmp_path / "recipes/llama-3-1-8b-instruct", tmp_path / "recipes/llama-3-1-8b-copy")
+    code, _, err = _run(capsys, "plan", "--dvc", "--check")
+    assert code == 2 and "dvc.yaml: stale" in err
+    code, out, _ = _run(capsys, "plan", "--dvc")
+    assert code == 0
+    assert ("`make repro` (dvc repro report): gains smollm2-135m-instruct-fp8-b-h200 "
+            "(recipes/smollm2-135m-instruct/fp8-b.yaml) (now 3 target(s)); to run a variant only in `make frontier`, "
+            "set `frontier: true` in its recipe\n") in out
+    assert ("`make frontier` (dvc repro report-frontier): gains smollm2-135m-instruct-fp8-b-h200 "
+            "(recipes/smollm2-135m-instruct/fp8-b.yaml), smollm2-135m-instruct-fp8-c-h200 "
+            "(recipes/smollm2-135m-instruct/fp8-c.yaml) (now 8 target(s))\n") in out
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert [d for d in stages["gpu-compare"]["deps"] if d.startswith("recipes/")] == [
+        "recipes/llama-3-1-8b-copy", "recipes/llama-3-1-8b-instruct", "recipes/llama-3-3-70b-instruct"]
+    assert list(stages).count("gpu-compare") == 1 and (tmp_path / "dvc.yaml").read_text().count("# ---- generated") == 1
+    code, out, _ = _run(capsys, "plan", "--dvc")
+    assert "`make repro` (dvc repro report): unchanged, 3 target(s)\n" in out
+    assert _run(capsys, "plan", "--dvc", "--check")[0] == 0

@@ -144,11 +144,14 @@ def test_an_unsupported_annotation_is_refused_when_the_parser_is_built():
 
 
 def test_pull_list_and_publish_share_one_declaration_of_the_registry_options():
-    from pipeline.registry.args import RegistryArgs
+    from pipeline.registry.args import RegistryArgs, RegistryLocation
     from pipeline.stages import publish
-    from pipeline.verbs import listing, pull
+    from pipeline.verbs import listing, promote, pull
 
     for spec in (pull.PullArgs, listing.ListArgs, publish.PublishArgs):
         hints = typing.get_type_hints(spec)
         assert [f.name for f in dataclasses.fields(spec) if hints[f.name] is RegistryArgs] == ["where"]
-        assert not {"registry", "catalog"} & {f.name for f in dataclasses.fields(spec)}
+        assert not {"registry", "timeout_s", "catalog"} & {f.name for f in dataclasses.fields(spec)}
+    # promote reaches a registry but judges no GPU: the registry and its deadline, the same declaration
+    assert typing.get_type_hints(promote.PromoteArgs)["where"] is RegistryLocation
+    assert typing.get_type_hints(RegistryArgs)["at"] is RegistryLocation

@@ -63,7 +63,7 @@ def calibrate_into(directory: Path, recipe_path: Path, model_dir: Path) -> Path:
     loaded.tokenizer.save_pretrained(directory / "checkpoint")
     shutil.copy(model_dir / "checkpoint" / "config.json", directory / "checkpoint" / "config.json")
     write_manifest(directory, build_manifest("calibrate", recipe.id, directory, {"model": input_entry(model_dir, "download")},
-                                             {}, recipe=recipe.provenance("model", "quant", "calibration")))
+                                             recipe=recipe.provenance("model", "quant", "calibration")))
     return directory
 
 
@@ -79,7 +79,7 @@ def world(tiny_llama, tmp_path_factory):
         "source: {kind: local, path: /nonexistent}\neval: {suite: smoke}\n")
     model_dir = root / "models" / "tiny-llama"
     shutil.copytree(tiny_llama.model_dir, model_dir / "checkpoint")
-    write_manifest(model_dir, build_manifest("download", "tiny-llama", model_dir, {}, {}))
+    write_manifest(model_dir, build_manifest("download", "tiny-llama", model_dir, {}))
 
     eval_dir = root / "eval"
     shutil.copytree(ROOT / "eval" / "tasks", eval_dir / "tasks")
@@ -127,7 +127,7 @@ def rewrite(directory: Path, stage: str, change) -> None:
     """Edit a stage output and re-seal its manifest, so only the edited fact is wrong."""
     change(directory)
     manifest = read_manifest(directory, stage)
-    write_manifest(directory, {**manifest, **build_manifest(stage, manifest["subject"], directory, manifest["inputs"], {},
+    write_manifest(directory, {**manifest, **build_manifest(stage, manifest["subject"], directory, manifest["inputs"],
                                                             recipe=manifest["recipe"])})
 
 

@@ -228,8 +228,8 @@ def _recipe_with_gates(tmp_path, gates: str):
     dst.mkdir()
     for name in ("model.yaml", "config.json"):
         shutil.copy(src / name, dst / name)
-    text = (src / "fp8.yaml").read_text().replace("    default_min_recovery: 0.95       # llm-compressor's lm-eval regression gate\n",
-                                                  gates)
+    text = (src / "fp8.yaml").read_text().replace("    inconclusive: publish\n", "")  # the recipe's own policy
+    text = text.replace("    default_min_recovery: 0.95       # llm-compressor's lm-eval regression gate\n", gates)
     (dst / "fp8.yaml").write_text(text)
     return dst / "fp8.yaml"
 
@@ -250,12 +250,24 @@ def test_gate_section_schema_errors_name_file_field_and_fix(tmp_path):
         load_recipe(path)
 
 
-def test_shipped_recipes_default_to_refusing_inconclusive_gates():
+def test_shipped_recipes_refuse_inconclusive_gates_unless_they_say_why():
+    """The default refuses. The embedded fp8 recipe alone publishes an INCONCLUSIVE served verdict (its
+    served run scores 151 questions, too few to rule out a 5% drop: issue 26), and says so in a comment
+    beside the setting; no other shipped recipe does."""
     from pathlib import Path
 
     from pipeline.recipe.loading import discover_recipes, load_recipe
+    from pipeline.recipe.eval_schema import GateSection
 
+    assert GateSection().inconclusive == "refuse"
     root = Path(__file__).resolve().parents[2] / "recipes"
+    publishing = []
     for path in discover_recipes(root):
         gates = load_recipe(path).spec.eval.gates
-        assert gates.inconclusive == "refuse" and gates.default_max_increase is None, path
+        assert gates.default_max_increase is None, path
+        if gates.inconclusive == "publish":
+            publishing.append(path.relative_to(root).as_posix())
+            text = path.read_text()
+            comment = text[:text.index("    inconclusive: publish")].rsplit("max_increase", 1)[1]
+            assert "151" in comment and "INCONCLUSIVE" in comment, path
+    assert publishing == ["smollm2-135m-instruct/fp8.yaml"]

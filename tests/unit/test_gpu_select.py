@@ -18,8 +18,10 @@ H100 = LocalGpu(
 )
 
 
-def manifest(name, version="v1.0.0", *, gpu="h200", cc="9.0", bits=8.0, verdict="pass", tp=1, mem=None):
+def manifest(name, version="v1.0.0", *, gpu="h200", cc="9.0", bits=8.0, verdict="pass", tp=1, mem=None, fmt="fp8",
+             engine=None):
     meta = {
+        "format": fmt,
         "gpu": gpu,
         "compute_capability": cc,
         "bits_per_weight": bits,
@@ -28,6 +30,8 @@ def manifest(name, version="v1.0.0", *, gpu="h200", cc="9.0", bits=8.0, verdict=
     }
     if mem is not None:
         meta["min_gpu_memory_bytes"] = mem
+    if engine is not None:
+        meta["engine"] = engine
     return {"name": name, "version": version, "metadata": meta}
 
 
@@ -66,13 +70,23 @@ def test_failed_gate_never_chosen_even_if_best():
     ]
     assert pick(cands, H200) == "m-fp8-h200@v1.0.0"
     assert pick([c for c in cands if c["version"] != "v1.0.0"], H200) is None
-    assert reject_reason(cands[0], H200) == "accuracy gate verdict is 'fail', not 'pass'"
+    assert reject_reason(cands[0], H200) == "accuracy gate verdict is 'fail', not one that publishes (pass, inconclusive)"
+
+
+def test_an_inconclusive_artifact_its_recipe_published_is_chosen_only_where_no_pass_qualifies():
+    """The registry holds INCONCLUSIVE artifacts a recipe published with `inconclusive: publish`
+    (GATE_RULE); `pull --gpu` takes one (issue 26: it refused the embedded fp8 artifact), after any PASS."""
+    inconclusive = manifest("m-fp8-h200", "v1.0.0", bits=8.0, verdict="inconclusive")
+    assert pick([inconclusive], H200) == "m-fp8-h200@v1.0.0" and reject_reason(inconclusive, H200) is None
+    passing = manifest("m-fp8-h200", "v1.0.1", bits=8.0, gpu="h100")
+    assert pick([inconclusive, passing], H200) == "m-fp8-h200@v1.0.1"  # a PASS first, even for another SKU
 
 
 def test_compute_capability_tp_and_memory_filter():
-    b200_only = [manifest("m-nvfp4-b200", gpu="b200", cc="10.0", bits=4.5)]
+    b200_only = [manifest("m-nvfp4-b200", gpu="b200", cc="10.0", bits=4.5, fmt="nvfp4")]
     assert pick(b200_only, H200) is None
-    assert reject_reason(b200_only[0], H200) == "built for compute capability 10.0, local GPU is 9.0"
+    assert reject_reason(b200_only[0], H200) == ("nvfp4 weights need compute capability 10.0 or newer; "
+                                                 "this GPU (NVIDIA H200) is 9.0")
 
     tp2 = manifest("m-fp8-h200-tp2", bits=8.0, tp=2)
     assert pick([tp2], H200) is None
@@ -177,3 +191,25 @@ def test_detect_with_real_pynvml():
     else:
         assert gpu is not None and gpu.memory_bytes > 0
         assert gpu.compute_capability.replace(".", "").isdigit()
+
+
+def test_a_checkpoint_bundle_runs_on_any_gpu_at_its_formats_floor_an_engine_only_on_its_own():
+    """Issue 26 item 5: FP8's floor is 8.9 (pipeline/core/formats.py), so an FP8 bundle built for an H200
+    runs on a B200 and an L40S; a serialized TensorRT engine only on the compute capability it was built for."""
+    b200 = LocalGpu("NVIDIA B200", "10.0", 192_265_846_784, sku="b200")
+    l40s = LocalGpu("NVIDIA L40S 48GB", "8.9", 48_305_799_168, sku="l40s")
+    a100 = LocalGpu("NVIDIA A100-SXM4-80GB", "8.0", 85_899_345_920)
+    fp8 = manifest("m-fp8-h200")
+    assert pick([fp8], b200) == pick([fp8], l40s) == "m-fp8-h200@v1.0.0"
+    assert reject_reason(fp8, a100) == ("fp8 weights need compute capability 8.9 or newer; "
+                                        "this GPU (NVIDIA A100-SXM4-80GB) is 8.0")
+    kv = manifest("m-bf16-h200", fmt="bf16", bits=16.0)
+    kv["metadata"]["kv_cache_dtype"] = "fp8"
+    assert reject_reason(kv, a100) == ("the fp8 KV cache needs compute capability 8.9 or newer; "
+                                       "this GPU (NVIDIA A100-SXM4-80GB) is 8.0")
+    # the exact SKU still comes first: its options were sized for this card
+    assert pick([fp8, manifest("m-fp8-b200", gpu="b200", cc="10.0")], b200) == "m-fp8-b200@v1.0.0"
+    engine = manifest("m-fp8-h200-engine", engine="tensorrt")
+    assert pick([engine], b200) is None and pick([engine], H100) == "m-fp8-h200-engine@v1.0.0"
+    assert reject_reason(engine, b200) == ("a TensorRT engine built for compute capability 9.0 (h200) runs only there; "
+                                           "this GPU (NVIDIA B200) is 10.0")

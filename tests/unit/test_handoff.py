@@ -24,8 +24,8 @@ def bundle(tmp_path: Path, **fields) -> Path:
     directory = tmp_path / "bundle"
     directory.mkdir()
     (directory / "llm_api_options.yaml").write_text("max_batch_size: 8\n")
-    write_manifest(directory, build_manifest("build", recipe.artifact_name("h200"), directory, {}, {},
-                                             build_details(**fields), recipe=recipe.provenance("quant", "build")))
+    write_manifest(directory, build_manifest("build", recipe.artifact_name("h200"), directory, {},
+                                             details=build_details(**fields), recipe=recipe.provenance("quant", "build")))
     return directory
 
 
@@ -62,7 +62,7 @@ def test_a_model_whose_field_type_changed_fails_on_old_outputs(tmp_path, monkeyp
 
 def test_a_writer_with_a_field_no_model_knows_is_refused(tmp_path):
     with pytest.raises(StageInputError, match=r"details\.tensor_parallel is not a field of this stage's handoff model"):
-        build_manifest("build", "x", tmp_path, {}, {}, build_details(tensor_parallel=2))
+        build_manifest("build", "x", tmp_path, {}, details=build_details(tensor_parallel=2))
 
 
 def test_missing_recipe_id_and_missing_section_do_not_pass(tmp_path):

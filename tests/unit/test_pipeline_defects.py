@@ -30,7 +30,7 @@ def test_kpis_are_numbers_with_human_names_and_nothing_else():
                "gate_verdict": "pass", "path": "simulated-cpu"}
     assert kpis.select("evaluate", results) == {"gate_pass": 1, "min_recovery": 0.973123, "gates_failed": 0}
     # A KPI the stage could not measure (no GPU) is left out, never written as a placeholder.
-    assert kpis.select("throughput", {"predicted_output_tok_s": 400.0, "predicted_decode_tok_s_max_batch": 1000.0,
+    assert kpis.select("throughput", {"predicted_output_tok_s": 400.0, "ceiling_decode_tok_s_max_batch": 1000.0,
                                       "measured_output_tok_s": None}) == {"predicted_tok_s": 400.0, "ceiling_tok_s": 1000.0}
     with pytest.raises(TypeError, match=r"^KPI evaluate.min_recovery \(min_recovery\) must be a finite number, got inf$"):
         kpis.select("evaluate", {"min_recovery": float("inf")})
@@ -49,7 +49,7 @@ def test_adding_a_kpi_is_one_line_in_one_table(monkeypatch, tmp_path):
     monkeypatch.setitem(kpis.KPIS, "calibrate", (*kpis.KPIS["calibrate"], extra))
     written = kpis.write_kpis(tmp_path / "m.json", "calibrate", {"perplexity_delta_pct": 2.5, "stage_seconds": 31.0,
                                                                  "checkpoint_bytes": 10, "calibrate_seconds": 3.0})
-    assert written == {"perplexity_change_pct": 2.5, "checkpoint_bytes": 10, "calibrate_s": 3.0, "stage_s": 31.0}
+    assert written == {"perplexity_change_pct": 2.5, "checkpoint_bytes": 10, "stage_s": 31.0}
     assert yaml.safe_load((tmp_path / "m.json").read_text()) == written
 
 
@@ -89,16 +89,20 @@ def test_recovery_plot_has_short_labels_and_a_threshold_rule(monkeypatch, tmp_pa
     entry = TargetEntry.model_validate({
         "model": "smollm2-135m-instruct", "format": "fp8", "gpu": "h200", "tp": 1,
         "gate": {"verdict": "pass", "rows": rows}, "memory": {"weights_bytes": 1, "kv_capacity_tokens": 1},
-        "throughput": {"decode_tok_s_max_batch": 10.0, "source": "predicted"}})
+        "throughput": {"output_tok_s": 10.0, "source": "predicted"}})
     plot_recovery(entry.model, [entry], tmp_path / "r.png")
     plot_throughput([entry], tmp_path / "t.png")
     recovery, throughput = (f.axes[0] for f in figures)
     assert [t.get_text() for t in recovery.get_xticklabels()] == ["forge_mc acc", "forge_mc acc_norm"]
-    assert sorted(t.get_text() for t in recovery.get_legend().get_texts()) == ["fp8@h200", "threshold 0.95"]
-    rule = [line for line in recovery.get_lines() if line.get_linestyle() == "--"]
-    assert len(rule) == 1 and set(rule[0].get_ydata()) == {0.95}
+    assert sorted(t.get_text() for t in recovery.get_legend().get_texts()) == [
+        "forge_mc acc gate >= 0.95", "forge_mc acc_norm gate >= 0.95", "fp8@h200"]
+    # each metric's own gate, over its own bars (issue 26), not one rule across the axis
+    rules = [c for c in recovery.collections if c.get_label().endswith("gate >= 0.95")]
+    assert [[tuple(point) for point in c.get_segments()[0]] for c in rules] == [
+        [(-0.45, 0.95), (0.45, 0.95)], [(0.55, 0.95), (1.45, 0.95)]]
     assert [t.get_text() for t in throughput.get_xticklabels()] == ["fp8@h200"]
     texts = [t.get_text() for ax in (recovery, throughput) for t in (*ax.get_xticklabels(), ax.title)]
+    texts += [f.get_suptitle() for f in figures]
     assert all(text.isascii() and "…" not in text for text in texts), texts
 
 
@@ -125,8 +129,13 @@ def test_a_new_recipe_file_makes_the_plan_stale(tmp_path, monkeypatch, capsys):
     shutil.copy(tmp_path / "recipes/smollm2-135m-instruct/fp8.yaml", tmp_path / "recipes/smollm2-135m-instruct/fp8-b.yaml")
     capsys.readouterr()
     assert main(["plan", "--dvc", "--check"]) == 2
-    assert capsys.readouterr().err == ("error: plan.yaml, dvc.yaml: stale: recipes/ changed since it was generated. "
-                                       "Fix: run `make plan` and commit plan.yaml and dvc.yaml.\n")
+    # and says what the regeneration changes: a new variant joins `make repro` unless it says `frontier: true`
+    assert capsys.readouterr().err == (
+        "error: plan.yaml, dvc.yaml: stale: recipes/ changed since it was generated (`make repro` (dvc repro "
+        "report): gains smollm2-135m-instruct-fp8-b-h200 (recipes/smollm2-135m-instruct/fp8-b.yaml) (now 3 "
+        "target(s)); to run a variant only in `make frontier`, set `frontier: true` in its recipe; `make frontier` "
+        "(dvc repro report-frontier): gains smollm2-135m-instruct-fp8-b-h200 (recipes/smollm2-135m-instruct/fp8-b.yaml) "
+        "(now 7 target(s))). Fix: run `make plan` and commit plan.yaml and dvc.yaml.\n")
 
 
 # ---------------------------------------------------------------------------- 19: heartbeat, noise

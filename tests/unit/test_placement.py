@@ -217,6 +217,47 @@ def test_adhoc_plan_for_405b_on_h200s(capsys):
     assert calibration["gpus"] == 6 and len(calibration["per_gpu_bytes"]) == 6
 
 
+def test_adhoc_405b_fp8_on_8_h100s_is_planned_and_its_placement_answered_apart(capsys):
+    """Issue 26 item 7: serving 405B FP8 at TP 8 on H100 (a configuration NVIDIA benchmarks with trtllm-bench)
+    was stopped by the calibration placement's error. Placement is its own answer: the serving plan is
+    printed and exits 0; the placement problem is shown beside it, in the ad-hoc flags' terms."""
+    argv = ["plan", "--model-config", str(CONFIGS["llama-3.1-405b"]), "--format", "fp8", "--gpu", "h100", "--tp", "8",
+            "--catalog", str(ROOT / "pipeline/core/data/gpus.yaml")]
+    assert main(argv) == 0
+    table = " ".join(capsys.readouterr().out.split())  # rich wraps cells; compare the words
+    assert "fits │ yes" in table and "output tok/s, ISL/OSL 1024/1024 (predicted)" in table
+    assert "calibration placement │ not placeable on 8 x h100 (below)" in table
+    assert ("calibration placement (answered apart from the serving plan above): --calibration-gpus: calibrating "
+            "needs 811.7 GB of BF16 weights plus activations and export buffers; 8 x h100 hold 684 GB, leaving 201.8 GB "
+            "for CPU offload where --cpu-offload-gb allows 0. Fix: --calibration-gpus 11, or --cpu-offload-gb 202 "
+            "(slower: layers stream from host memory); or calibrate on another node that holds it (a recipe's "
+            "calibration.node): 6 x h200, 5 x b200") in table
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["throughput"]["predicted_output_tok_s"] > 0
+    refused = out["calibration_plan"]["refused"]
+    assert refused["where"] == "--calibration-gpus" and refused["problem"].startswith("calibrating needs 811.7 GB")
+    assert refused["fix"].startswith("--calibration-gpus 11, or --cpu-offload-gb 202")
+    assert main([*argv, "--cpu-offload-gb", "202", "--json"]) == 0  # the fix it names places it
+    placed = json.loads(capsys.readouterr().out)["calibration_plan"]
+    assert placed["gpus"] == 8 and round(placed["offload_bytes"] / 1e9, 1) == 201.8  # README's table
+
+
+def test_recipe_plan_shows_serving_and_a_calibration_node_too_small_apart(tmp_path, monkeypatch, capsys):
+    """On a recipe too: `forge plan` answers serving and placement apart; `forge validate` (and calibrate) refuse it."""
+    path = _recipe(tmp_path, {"gpu": "h100", "count": 1})
+    monkeypatch.chdir(tmp_path)
+    argv = [str(path.relative_to(tmp_path)), "--catalog", str(ROOT / "pipeline/core/data/gpus.yaml")]
+    assert main(["plan", *argv]) == 0
+    table = " ".join(capsys.readouterr().out.split())
+    assert "fits │ yes" in table and "calibration placement │ not placeable on 1 x h100 (below)" in table
+    assert (f"calibration placement (answered apart from the serving plan above): {path.relative_to(tmp_path)}: "
+            "calibration.node: calibrating needs 141.1 GB of BF16 weights plus activations and export buffers; "
+            "1 x h100 hold 86 GB, leaving 60.3 GB for CPU offload where cpu_offload_gb allows 0. Fix: use "
+            "calibration.node {gpu: h100, count: 2}") in table
+    assert main(["validate", *argv]) == 2
+
+
 def _fake_cuda(monkeypatch, count: int, total_memory: int):
     import types
 

@@ -17,6 +17,7 @@ from pipeline import cli
 from pipeline.core.errors import RegistryError, VerificationError
 from pipeline.core.local_gpu import LocalGpu
 from pipeline.registry.artifacts import MANIFEST_FILENAME, artifact_name, validate_name
+from pipeline.registry.backends import open_registry
 from pipeline.registry.directory import Registry
 from pipeline.registry.selection import compatibility_problems
 from pipeline.registry.tags import tag_stage, tag_version
@@ -54,6 +55,11 @@ def make_bundle(root: Path, seed: str = "a") -> Path:
     (bundle / "llm_api_options.yaml").write_text("max_batch_size: 64\nkv_cache_config:\n  dtype: fp8\n")
     (bundle / "empty.txt").write_bytes(b"")
     return bundle
+
+
+def last_line(text: str) -> str:
+    """The CLI's error line (log lines may come before it on stderr)."""
+    return text.rstrip("\n").splitlines()[-1]
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -258,19 +264,20 @@ def test_fsspec_remote_code_path_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- compatibility
 
 
-def test_compute_capability_mismatch_refused_then_forced(tmp_path):
+def test_format_below_its_compute_capability_floor_refused_then_forced(tmp_path):
     reg = Registry(tmp_path / "reg")
-    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    name = "smollm2-135m-instruct-nvfp4-b200"
+    reg.publish(make_bundle(tmp_path), name, metadata(format="nvfp4", gpu="b200", compute_capability="10.0"))
     with pytest.raises(RegistryError) as err:
-        reg.pull(NAME, tmp_path / "dest", local_gpu=B200)
+        reg.pull(name, tmp_path / "dest", local_gpu=H200)
     assert str(err.value) == (
-        f"{NAME} v1.0.0: does not match this machine: built for compute capability 9.0 (h200), "
-        "this GPU (NVIDIA B200) is 10.0. Fix: pull the artifact built for this GPU and runtime "
+        f"{name} v1.0.0: does not match this machine: nvfp4 weights need compute capability 10.0 or newer; "
+        "this GPU (NVIDIA H200) is 9.0. Fix: pull the artifact built for this GPU and runtime "
         "(`forge list`), or pass --force to pull anyway."
     )
     assert not (tmp_path / "dest").exists()
-    forced = reg.pull(NAME, tmp_path / "dest", local_gpu=B200, force=True)
-    assert forced.overridden == ("built for compute capability 9.0 (h200), this GPU (NVIDIA B200) is 10.0",)
+    forced = reg.pull(name, tmp_path / "dest", local_gpu=H200, force=True)
+    assert forced.overridden == ("nvfp4 weights need compute capability 10.0 or newer; this GPU (NVIDIA H200) is 9.0",)
     assert (tmp_path / "dest" / "llm_api_options.yaml").is_file()
 
 
@@ -509,24 +516,25 @@ def test_corrupt_manifest_named(tmp_path):
     assert str(err.value).startswith(f"{path}: is not valid JSON (Expecting value: line 1 column 10 (char 9)).")
 
 
-def test_b200_rows_say_the_artifacts_exist_but_were_refused_by_their_gate(tmp_path, capsys):
+def test_h200_rows_say_the_artifacts_exist_but_were_refused_by_their_gate(tmp_path, capsys):
     reg = Registry(tmp_path / "reg")
-    reg.publish(make_bundle(tmp_path), NAME, metadata())
-    refused = "smollm2-135m-instruct-nvfp4-b200"
+    nvfp4 = "smollm2-135m-instruct-nvfp4-b200"
+    reg.publish(make_bundle(tmp_path), nvfp4, metadata(format="nvfp4", gpu="b200", compute_capability="10.0"))
+    refused = "smollm2-135m-instruct-fp8-h200"
     reason = "accuracy gate failed: word_perplexity recovery 0.654 < 0.95"
-    reg.record_refusal(refused, metadata(format="nvfp4", gpu="b200", compute_capability="10.0",
-                                         gate={"verdict": "fail"}), reason)
+    reg.record_refusal(refused, metadata(gate={"verdict": "fail"}), reason)
     url = str(tmp_path / "reg")
-    assert cli.main(["list", "--registry", url, "--gpu", "b200", "--json"]) == 0
+    assert cli.main(["list", "--registry", url, "--gpu", "h200", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[refused]["version"] is None and not rows[refused]["compatible"]
     assert rows[refused]["reason"] == f"built, but refused by its accuracy gate ({reason}); nothing to pull"
-    assert rows[NAME]["reason"] == "built for compute capability 9.0, local GPU is 10.0"
-    code = cli.main(["pull", "smollm2-135m-instruct", "--gpu", "b200", "--registry", url, "--dest", str(tmp_path / "d")])
+    floor = "nvfp4 weights need compute capability 10.0 or newer; this GPU (NVIDIA H200 SXM 141GB) is 9.0"
+    assert rows[nvfp4]["reason"] == floor
+    code = cli.main(["pull", "smollm2-135m-instruct", "--gpu", "h200", "--registry", url, "--dest", str(tmp_path / "d")])
     err = capsys.readouterr().err
     assert code == 2 and f"{refused}: built, but refused by its accuracy gate ({reason})" in err
-    assert f"{NAME} v1.0.0: built for compute capability 9.0, local GPU is 10.0" in err
-    assert "`forge list --gpu b200` shows the same rows." in err
+    assert f"{nvfp4} v1.0.0: {floor}" in err
+    assert "`forge list --gpu h200` shows the same rows." in err
 
 
 def test_progress_counts_every_byte_when_asked_and_draws_nothing_otherwise(tmp_path, monkeypatch):
@@ -543,3 +551,170 @@ def test_progress_counts_every_byte_when_asked_and_draws_nothing_otherwise(tmp_p
     assert bar.__enter__()._progress is None  # ...but not drawn off a terminal
     loud = reg.pull(NAME, tmp_path / "loud", progress=True)
     assert sum(advanced) == 2 * loud.total_bytes
+
+
+# ----------------------------------------------------------------------------- issue 26, item 5: a format's floor
+
+
+BUILT_ON_H200 = {"gpu_name": "NVIDIA H200 SXM 141GB", "kv_cache_dtype": "fp8",
+                 "memory_plan": {"weights_bytes": 270_000_000, "memory_bytes": 150_754_820_096}}
+
+
+@pytest.mark.parametrize(("gpu", "gpu_name", "cc", "gib"), [("b200", "NVIDIA B200 (DGX/HGX B200)", "10.0", 179),
+                                                            ("l40s", "NVIDIA L40S 48GB", "8.9", 45)])
+def test_fp8_bundle_built_for_h200_runs_where_fp8_does_with_a_sizing_caveat(tmp_path, capsys, gpu, gpu_name, cc, gib):
+    """A checkpoint + LLM-API options bundle is not a TensorRT engine: FP8 (floor 8.9) pulls onto a B200
+    or an L40S, and pull says the options were sized for the H200's memory, naming both GPUs."""
+    url = str(tmp_path / "reg")
+    Registry(url).publish(make_bundle(tmp_path), NAME, metadata(**BUILT_ON_H200))
+    dest = tmp_path / "dest"
+    assert cli.main(["pull", NAME, "--gpu", gpu, "--registry", url, "--dest", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert f"pulled {NAME} v1.0.0 into {dest}: 5 files" in out
+    assert (f"caveat: llm_api_options.yaml's runtime options were sized for the memory of NVIDIA H200 SXM 141GB "
+            f"(h200, 140 GiB), not of this GPU, {gpu_name} ({gpu}, {gib} GiB): they run, but batch and KV cache are "
+            f"not planned for it; `forge plan RECIPE --gpu {gpu}` plans them") in out
+    assert cli.main(["list", "--registry", url, "--gpu", gpu, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["selected"] and row["reason"] == (f"selected: built for h200 (compute capability 9.0); fp8 runs on {cc}, "
+                                                 "options sized for h200's memory, 8.0 bits/weight")
+    assert cli.main(["pull", "smollm2-135m-instruct", "--gpu", gpu, "--registry", url,
+                     "--dest", str(tmp_path / "chosen")]) == 0  # the model's choice for that GPU takes it too
+    assert "caveat: llm_api_options.yaml's runtime options were sized" in capsys.readouterr().out
+
+
+def test_a_tensorrt_engine_still_runs_only_on_its_compute_capability(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(make_bundle(tmp_path), NAME, metadata(engine="tensorrt"))
+    with pytest.raises(RegistryError) as err:
+        reg.pull(NAME, tmp_path / "d", local_gpu=B200)
+    assert ("does not match this machine: a TensorRT engine built for compute capability 9.0 (h200) runs only "
+            "there; this GPU (NVIDIA B200) is 10.0.") in str(err.value)
+    h100 = LocalGpu(name="NVIDIA H100", compute_capability="9.0", memory_bytes=85_000_000_000, sku="h100")
+    pulled = reg.pull(NAME, tmp_path / "d", local_gpu=h100)  # same compute capability: runs, sized for an H200
+    assert pulled.overridden == () and pulled.caveats[0].startswith(
+        "llm_api_options.yaml's runtime options were sized for the memory of h200 (h200), not of this GPU, "
+        "NVIDIA H100 (h100, 79 GiB)")
+
+
+# ----------------------------------------------------------------------------- issue 26, item 8: pull, day two
+
+
+def test_pulling_again_into_the_complete_verified_destination_is_a_no_op(tmp_path, capsys):
+    url = str(tmp_path / "reg")
+    reg = Registry(url)
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    dest = tmp_path / "serve"
+    argv = ["pull", NAME, "--registry", url, "--dest", str(dest)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    before = tree(dest)
+    assert cli.main(argv) == 0  # an init container restarted after its pull finished
+    out = capsys.readouterr().out
+    assert out.startswith(f"already present, verified: {NAME} v1.0.0 in {dest}: 5 files, ")
+    assert "every file's sha256 verified against the registry manifest; nothing fetched" in out
+    assert tree(dest) == before
+
+    def refused(problem: str) -> None:
+        assert cli.main(argv) == 2
+        assert last_line(capsys.readouterr().err) == (f"error: destination {dest}: {problem} "
+                                                      "Fix: pull into a new directory, or remove this one first.")
+
+    (dest / "llm_api_options.yaml").write_text("max_batch_size: 1\n")
+    refused(f"holds {NAME} v1.0.0, but llm_api_options.yaml no longer matches its sha256.")
+    (dest / "llm_api_options.yaml").write_bytes(before["llm_api_options.yaml"])
+    (dest / "extra.txt").write_text("mine")
+    refused(f"holds {NAME} v1.0.0 with other files (extra.txt added).")
+    (dest / "extra.txt").unlink()
+    reg.publish(make_bundle(tmp_path, "b"), NAME, metadata())
+    refused(f"already holds {NAME} v1.0.0, not {NAME} v1.0.1.")  # the newest is another version
+    assert tree(dest) == before
+
+
+def test_version_is_accepted_with_or_without_its_v(tmp_path, capsys):
+    url = str(tmp_path / "reg")
+    reg = Registry(url)
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    reg.publish(make_bundle(tmp_path, "b"), NAME, metadata())
+    assert cli.main(["pull", NAME, "--version", "1.0.0", "--registry", url, "--dest", str(tmp_path / "d")]) == 0
+    assert f"pulled {NAME} v1.0.0 into" in capsys.readouterr().out
+    assert reg.get_manifest(NAME, version="v1.0.1")["version"] == reg.get_manifest(NAME, version="1.0.1")["version"]
+    assert cli.main(["pull", NAME, "--version", "1.0", "--registry", url, "--dest", str(tmp_path / "e")]) == 2
+    assert last_line(capsys.readouterr().err) == ("error: version '1.0': is not a version of the form "
+                                                  "vMAJOR.MINOR.PATCH. Fix: write e.g. 'v1.0.0' (or '1.0.0').")
+
+
+@pytest.mark.parametrize("verb", ["pull", "list"])
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_count_below_one_is_refused(tmp_path, capsys, verb, count):
+    url = str(tmp_path / "reg")
+    Registry(url).publish(make_bundle(tmp_path), NAME, metadata())
+    args = ["pull", "smollm2-135m-instruct", "--dest", str(tmp_path / "d")] if verb == "pull" else ["list"]
+    assert cli.main([*args, "--gpu", "h200", "--count", count, "--registry", url]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"error: --count: must be at least 1 (how many GPUs of that kind there are), got {count}. "
+        "Fix: pass the number of GPUs, e.g. --count 8, or leave it out (as detected, or 1).")
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- issue 26, item 9: promote
+
+
+@pytest.mark.parametrize("kind", ["directory", "plain"])
+def test_promote_moves_a_stage_from_anywhere_and_pull_by_stage_follows(tmp_path, capsys, monkeypatch, kind):
+    url = str(tmp_path / "reg") if kind == "directory" else f"plain+{tmp_path / 'reg'}"
+    reg = open_registry(url)
+    reg.publish(make_bundle(tmp_path), NAME, metadata())
+    reg.publish(make_bundle(tmp_path, "b"), NAME, metadata())
+    reg.assign_stage(NAME, "v1.0.0", "staging")
+    anywhere = tmp_path / "anywhere"  # no checkout, recipe or bundle: only the registry
+    anywhere.mkdir()
+    monkeypatch.chdir(anywhere)
+
+    def run(*argv: str) -> str:
+        assert cli.main([*argv, "--registry", url]) == 0
+        return capsys.readouterr().out
+
+    assert run("promote", NAME, "--from", "staging", "--to", "prod") == (
+        f"promoted {NAME} v1.0.0 to prod (a new stage) in {url}; `forge pull {NAME} --stage prod` gets v1.0.0\n")
+    assert f"pulled {NAME} v1.0.0 into" in run("pull", NAME, "--stage", "prod", "--dest", "a")
+    assert run("promote", NAME, "--version", "1.0.1", "--to", "prod") == (
+        f"promoted {NAME} v1.0.1 to prod (it pointed at v1.0.0) in {url}; "
+        f"`forge pull {NAME} --stage prod` gets v1.0.1\n")
+    assert f"pulled {NAME} v1.0.1 into" in run("pull", NAME, "--stage", "prod", "--dest", "b")
+    assert run("promote", NAME, "--version", "v1.0.1", "--to", "prod") == (
+        f"{NAME}: prod already points at v1.0.1; nothing changed\n")
+    assert reg.stages(NAME) == {"prod": "v1.0.1", "staging": "v1.0.0"}
+    if kind == "directory":  # the history of the label: two moves, and no event for the no-op
+        assert sorted(p.name for p in (tmp_path / "reg" / "artifacts" / NAME / "stages" / "prod").iterdir()) == [
+            "00000001.json", "00000002.json"]
+
+    for argv, error in [
+        ([NAME, "--to", "prod"], (f"forge promote {NAME}: needs the version to promote: --version vX.Y.Z, or --from "
+                                  "STAGE for the version a stage points at (one of them). Fix: e.g. forge promote "
+                                  f"{NAME} --version v1.0.0 --to prod.")),
+        ([NAME, "--version", "v9.9.9", "--to", "prod"], (f"artifact {NAME}: has no version 'v9.9.9'; it has: "
+                                                         "v1.0.0, v1.0.1. Fix: pick one of those versions, or omit "
+                                                         "the version for the newest.")),
+        ([NAME, "--from", "canary", "--to", "prod"], (f"artifact {NAME}: has no stage 'canary'; its stages are: "
+                                                      "prod -> v1.0.1, staging -> v1.0.0. Fix: assign it first, or "
+                                                      "pull a version (v1.0.0, v1.0.1).")),
+        ([NAME, "--version", "v1.0.0", "--to", "Prod"], "stage name 'Prod': must match"),
+    ]:
+        assert cli.main(["promote", *argv, "--registry", url]) == 2
+        assert last_line(capsys.readouterr().err).startswith(f"error: {error}")
+    assert reg.stages(NAME) == {"prod": "v1.0.1", "staging": "v1.0.0"}
+
+
+def test_promote_tag_writes_gtos_stage_tag_on_the_version_commit(git_repo, tmp_path, capsys, monkeypatch):
+    url = str(tmp_path / "reg")
+    Registry(url).publish(make_bundle(tmp_path), NAME, metadata())
+    tag_version(git_repo, NAME, "v1.0.0", "forge publish")  # what `forge publish --tag` left
+    (git_repo / "README").write_text("later")
+    _git(git_repo, "commit", "-q", "-am", "later")
+    monkeypatch.chdir(git_repo)
+    assert cli.main(["promote", NAME, "--version", "v1.0.0", "--to", "prod", "--tag", "--registry", url]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"git tag {NAME}#prod#1 created (push it with "
+                                                        f"`git push origin {NAME}#prod#1`)")
+    assert _git(git_repo, "rev-parse", f"{NAME}#prod#1^{{commit}}") == _git(git_repo, "rev-parse",
+                                                                           f"{NAME}@v1.0.0^{{commit}}")

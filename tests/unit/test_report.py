@@ -21,7 +21,7 @@ def _entry(fmt, gpu, quantized, tok_s, source, tp=1, weights=142_000_000):
         "tp": tp,
         "gate": gate,
         "memory": {"weights_bytes": weights, "kv_capacity_tokens": 1_234_567, "kv_bytes_per_token": 9216},
-        "throughput": {"decode_tok_s_max_batch": tok_s, "source": source},
+        "throughput": {"output_tok_s": tok_s, "source": source},
         "joules_per_token": 0.0123,
         "usd_per_mtok": 0.456,
     }
@@ -77,8 +77,8 @@ def test_report_files_and_numbers(entries, tmp_path):
     md = files.markdown.read_text()
     assert md.count("## smollm2-135m") == 1 and md.count("## tiny") == 1
     header = (
-        "| recipe | GPU | TP | gate | recovery forge_mc/acc,none [95% CI] | recovery forge_prose/word_perplexity,none [95% CI] | "
-        "weights GiB | KV capacity (tokens) | decode tok/s (max batch) | J/token | $/Mtok |"
+        "| recipe | GPU | TP | gate | recovery forge_mc/acc,none [95% CI] | increase forge_prose/word_perplexity,none [95% CI] | "
+        "weights GiB | KV capacity (tokens) | output tok/s (trtllm-bench run) | J/token | $/Mtok |"
     )
     assert header in md
     assert "| bf16 | h200 | 1 | not gated | — | — | 0.25 | 1,234,567 | 21,000 (predicted) | 0.0123 | 0.456 |" in md
@@ -92,7 +92,7 @@ def test_report_files_and_numbers(entries, tmp_path):
     # a quantized perplexity of 0 gives an infinite recovery: shown as ∞, not a crash
     assert "| fp8 | h100 | 1 | PASS | 1.0023 | -100.0% |" in md
     assert "![recovery for smollm2-135m](figures/recovery_smollm2-135m.png)" in md
-    assert "![decode tok/s per target](figures/throughput.png)" in md
+    assert "![output tok/s per target](figures/throughput.png)" in md
     assert "## Missing results" not in md
 
 
@@ -109,9 +109,10 @@ def test_dvc_tables(entries, tmp_path):
     with (tmp_path / "plots" / "throughput.csv").open() as fh:
         targets = list(csv.DictReader(fh))
     assert [t["target"] for t in targets] == ["bf16@h200x1", "fp8@h200x1", "nvfp4@b200x1", "fp8@h100x1"]
-    assert targets[1]["decode_tok_s_max_batch"] == "35500.0" and targets[1]["throughput_source"] == "measured"
+    assert targets[1]["output_tok_s"] == "35500.0" and targets[1]["throughput_source"] == "measured"
     assert targets[0]["gate"] == "" and targets[2]["gate"] == "fail"
-    assert float(targets[2]["min_recovery"]) == pytest.approx(133.31 / 204.5)
+    # the metric nearest its own threshold, on its own terms (here: word perplexity's increase vs its maximum)
+    assert targets[2]["nearest_gate"] == f"forge_prose word_perplexity {204.5 / 133.31 - 1:+.1%} (<= +5.3%)"
     assert json.loads((tmp_path / "plots" / "throughput.json").read_text())[0]["weights_bytes"] == 269_060_552
     assert [t["label"] for t in targets][:2] == ["smollm2-135m bf16@h200x1", "smollm2-135m fp8@h200x1"]
 
@@ -121,7 +122,7 @@ def test_bad_entries_are_named(entries):
     with pytest.raises(StageInputError) as err:
         load_entries(bad)
     assert str(err.value).startswith("report input[1]: througput: unknown field.")
-    bad_source = [{**entries[1], "throughput": {"decode_tok_s_max_batch": 1.0, "source": "guessed"}}]
+    bad_source = [{**entries[1], "throughput": {"output_tok_s": 1.0, "source": "guessed"}}]
     with pytest.raises(
         StageInputError, match=r"report input\[0\]: throughput.source: Input should be 'predicted' or 'measured'"
     ):
@@ -138,7 +139,7 @@ def test_empty_report_is_an_error(tmp_path):
 def test_measured_labels_paths_perplexity_and_missing_targets(entries, tmp_path):
     fp8 = {
         **entries[1],
-        "throughput": {"decode_tok_s_max_batch": 35500.0, "source": "measured", "predicted_tok_s": 100000.0,
+        "throughput": {"output_tok_s": 35500.0, "source": "measured", "predicted_tok_s": 100000.0,
                        "measured_over_predicted": 0.355},
         "power_source": "nvml",
         "eval_path": "trtllm-serve",
@@ -159,3 +160,92 @@ def test_only_missing_targets_still_make_a_report(tmp_path):
     files = write_report([], tmp_path, missing=["a-fp8-h200: nothing ran"])
     assert "- a-fp8-h200: nothing ran" in files.markdown.read_text()
     assert (tmp_path / "plots" / "recovery.csv").read_text().startswith("label,model,format,gpu,tp,target,metric,")
+
+
+# ----------------------------------------------------------------------------- issue 26: each metric on its own terms
+
+WORD_PPL = "forge_prose/word_perplexity,none"
+
+
+def _gated(quantized_ppl: float, intervals=None) -> dict:
+    """fp8 as the run had it: acc passes >= 0.95, word perplexity +5.7% passes its <= +36.6% (recovery 0.946)."""
+    policy = GatePolicy(0.95, max_increase={WORD_PPL: 0.366})
+    gate = evaluate_gates(BASELINE, {"forge_mc/acc,none": 0.7379, WORD_PPL: quantized_ppl}, DIRS, policy,
+                          intervals=intervals)
+    return {"model": "smollm2-135m", "format": "fp8", "gpu": "h200", "tp": 1, "gate": gate.to_dict(),
+            "memory": {"weights_bytes": 1, "kv_capacity_tokens": 1},
+            "publish": {"published": True, "version": "v1.0.0",
+                        "gated_on": "served: vllm 0.32.0 on cpu: X, PASS"}}
+
+
+def test_the_summary_states_the_metric_nearest_its_gate_on_its_own_terms():
+    """`gate pass, min recovery 0.946` put a perplexity-type metric's recovery (allowed down to 0.732)
+    beside a pass, below the 0.95 another metric is held to."""
+    from pipeline.reporting.report import summary_lines
+
+    [_, line] = summary_lines([_gated(133.31 * 1.057)])
+    assert line == ("  PUBLISHED smollm2-135m fp8@h200x1 v1.0.0: gate pass, nearest its threshold: "
+                    "forge_mc acc 0.9861 (>= 0.95)")
+    assert "min recovery" not in line
+    # when word perplexity is the nearest, it is stated as an increase against its own maximum
+    [_, line] = summary_lines([_gated(133.31 * 1.33)])
+    assert line.endswith("gate pass, nearest its threshold: forge_prose word_perplexity +33.0% (<= +36.6%)")
+
+
+def test_the_recovery_figure_draws_each_gates_own_threshold_over_its_own_metric():
+    from pipeline.reporting.entries import load_entries
+    from pipeline.reporting.plots import recovery_figure
+
+    [entry] = load_entries([_gated(133.31 * 1.057)])
+    recovery_ax, increase_ax = recovery_figure("smollm2-135m", [entry]).axes
+    # acc: recovery against its minimum; word perplexity: its increase (%) against its maximum, not a
+    # recovery of 0.946 under a 0.95 line drawn across every metric
+    assert recovery_ax.get_ylabel() == "recovery (1.0 = baseline)"
+    assert increase_ax.get_ylabel() == "increase over baseline, %"
+    assert [round(bar.get_height(), 4) for bar in recovery_ax.patches] == [round(0.7379 / 0.7483, 4)]
+    assert [round(bar.get_height(), 1) for bar in increase_ax.patches] == [5.7]
+    for ax, level, label in ((recovery_ax, 0.95, "forge_mc acc gate >= 0.95"),
+                             (increase_ax, 36.6, "forge_prose word_perplexity gate <= +36.6%")):
+        [rule] = [c for c in ax.collections if c.get_label() == label]
+        [segment] = rule.get_segments()
+        assert segment[0][1] == segment[1][1] == pytest.approx(level)
+        assert (segment[0][0], segment[1][0]) == (-0.45, 0.45)  # over that metric's bars only
+        assert not [line for line in ax.lines if line.get_linestyle() == "--"]  # no rule across the whole axis
+
+
+def test_the_publish_section_states_the_rule_and_what_gated(tmp_path):
+    from pipeline.recipe.eval_schema import GATE_RULE
+
+    md = write_report([_gated(133.31 * 1.057)], tmp_path).markdown.read_text()
+    assert f"The rule: {GATE_RULE}\n" in md
+    assert "| smollm2-135m | fp8@h200x1 | v1.0.0 | served: vllm 0.32.0 on cpu: X, PASS |  |" in md
+
+
+def test_the_served_table_shows_n_and_each_metric_on_its_own_terms():
+    """The served-vs-simulated table mixed 1,397 and 151 questions without showing n (issue 26)."""
+    from pipeline.accuracy.stats import Interval
+    from pipeline.reporting.entries import load_entries
+    from pipeline.reporting.markdown import served_table
+
+    simulated = _gated(133.31 * 1.057, intervals={"forge_mc/acc,none": Interval(0.9861, 0.9665, 1.0055, 1397),
+                                                  WORD_PPL: Interval(1.057, 1.046, 1.070, 99)})
+    served_gate = evaluate_gates(BASELINE, {"forge_mc/acc,none": 0.70, WORD_PPL: 133.31 * 1.2}, DIRS,
+                                 GatePolicy(0.95, max_increase={WORD_PPL: 0.366}),
+                                 intervals={"forge_mc/acc,none": Interval(0.935, 0.88, 0.99, 151),
+                                            WORD_PPL: Interval(1.2, 1.1, 1.3, 99)})
+    [entry] = load_entries([{**simulated, "served": {"served": True, "engine": "vllm", "engine_version": "0.32.0",
+                                                     "device": "cpu: X", "gate": served_gate.to_dict()}}])
+    table = served_table([entry])
+    assert "| n sim / served | recovery (increase for max-increase gates) sim / as-served sim / served |" in table
+    assert "| forge_mc/acc,none | 0.7379 | 0.7379 | 0.7 | 1,397 / 151 | 0.986 / 0.986 / 0.935 (>= 0.95) ? |" in table
+    assert f"| {WORD_PPL} | 140.9 | 140.9 | 160 | 99 / 99 | +5.7% / +5.7% / +20.0% (<= +36.6%) |" in table
+
+
+def test_a_zero_recovery_is_shown_not_hidden():
+    """Accuracy 0, or a perplexity that overflowed (recovery 0), was printed as "—" like a missing value."""
+    from pipeline.reporting.markdown import _on_terms
+
+    assert _on_terms(0.0, "min_recovery") == "0.000"
+    assert _on_terms(0.0, "max_increase") == "+inf%"
+    assert _on_terms(None, "max_increase") == "—"
+    assert _on_terms(0.8, "max_increase") == "+25.0%"

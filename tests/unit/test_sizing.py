@@ -109,8 +109,11 @@ def test_max_batch_decode_and_energy_cost():
     assert p.roofline["decode_batch"] == 64
     tok_s = p.decode_tok_s_max_batch
     assert tok_s > 10 * p.decode_tok_s_batch1  # batching amortizes the weight stream
-    assert p.joules_per_token == pytest.approx(700 / tok_s)
-    assert p.roofline["usd_per_mtok"] == pytest.approx(3.5 / (tok_s * 3600) * 1e6)
+    # J/token and $/Mtok are of the predicted run, not of the ceiling (one price basis, issue 26)
+    run = p.throughput["predicted_output_tok_s"]
+    assert run < tok_s and "usd_per_mtok" not in p.roofline
+    assert p.joules_per_token == pytest.approx(700 / run)
+    assert p.usd_per_mtok == pytest.approx(3.5 / (run * 3600) * 1e6)
 
 
 def test_tp_splits_weights_and_kv_heads():

@@ -432,6 +432,23 @@ def test_snapshot_downloads_safetensors_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_snapshot_refuses_an_answer_for_another_commit(tmp_path):
+    """A mirror that ignores the revision answers for the commit it has; snapshot_download would then
+    fetch that commit's files (it uses the answer's sha), so nothing is downloaded."""
+    routes = _fake_hub({"config.json": b"{}", "model.safetensors": b"w"})
+    other = "f" * 40
+    info = {"id": "org/model", "sha": other, "siblings": [{"rfilename": "model.safetensors"}]}
+    routes[f"/api/models/org/model/revision/{COMMIT}"] = (200, {}, json.dumps(info).encode())
+    with serve(routes) as (endpoint, log), pytest.raises(SourceError) as err:
+        snapshot_hf("org/model", COMMIT, tmp_path / "m", timeout_s=5.0, endpoint=endpoint, offline=False, token=False)
+    assert str(err.value) == (
+        f"hf:org/model@{COMMIT}: {endpoint} answered for commit {other}, not the pinned {COMMIT}: it does not "
+        "honour revisions, so its files would not be the pinned ones. Fix: Use a mirror that serves "
+        "/api/{models,datasets}/<repo>/revision/<commit> at that commit (olah does).")
+    assert not any("/resolve/" in line for line in log)
+    assert not (tmp_path / "m").exists()
+
+
 def test_snapshot_refuses_pickle_only_repo(tmp_path):
     files = {"config.json": b"{}", "pytorch_model.bin": b"pickle"}
     with serve(_fake_hub(files)) as (endpoint, log), pytest.raises(SourceError) as err:

@@ -50,7 +50,7 @@ def bundle(tiny_llama, tmp_path_factory):
     save_file({"w": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, ckpt / "model.safetensors")
     (quantized / "quant_state.pt").write_bytes(b"state")
     recipe = load_recipe(ROOT / FP8)
-    write_manifest(quantized, build_manifest("calibrate", recipe.id, quantized, {}, {},
+    write_manifest(quantized, build_manifest("calibrate", recipe.id, quantized, {},
                                              recipe=recipe.provenance("model", "quant", "calibration")))
     out = root / "bundle"
     with pytest.MonkeyPatch.context() as mp:
@@ -71,7 +71,8 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
     m = json.loads((tmp_path / "out" / "throughput.json").read_text())
     # The DVC metrics file: the throughput KPIs only (pipeline/handoff/kpis.py); measured ones only when measured.
     assert json.loads(metrics_path.read_text()) == {"predicted_tok_s": round(m["predicted_output_tok_s"], 6),
-                                                    "ceiling_tok_s": round(m["predicted_decode_tok_s_max_batch"], 6)}
+                                                    "usd_per_mtok": round(m["predicted_usd_per_mtok"], 6),
+                                                    "ceiling_tok_s": round(m["ceiling_decode_tok_s_max_batch"], 6)}
     plan = plan_now()
     tok_s = plan.throughput["predicted_output_tok_s"]  # the throughput model's run, not the ceiling
     assert tok_s < plan.decode_tok_s_max_batch
@@ -84,10 +85,12 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
     assert m["predicted_max_batch_size"] == plan.roofline["decode_batch"]
     assert m["predicted_max_num_tokens"] == plan.inputs["max_num_tokens"]
     assert m["predicted_ttft_ms"] > 0 and m["predicted_tpot_ms"] > 0
-    assert m["predicted_decode_tok_s_max_batch"] == plan.decode_tok_s_max_batch  # the ceiling stays, labelled
-    assert m["predicted_decode_basis"].startswith("ceiling")
-    assert m["predicted_decode_batch"] == plan.roofline["decode_batch"] == 256  # the recipe's concurrency
-    assert m["predicted_prefill_tok_s"] == plan.roofline["prefill_tok_s"]
+    assert m["ceiling_decode_tok_s_max_batch"] == plan.decode_tok_s_max_batch  # the ceiling stays, named so
+    assert m["ceiling_is"].startswith("roofline upper bounds") and "never priced" in m["ceiling_is"]
+    assert not [k for k in m if k.startswith("predicted_decode") or k == "predicted_prefill_tok_s"]
+    assert m["ceiling_decode_batch"] == plan.roofline["decode_batch"] == 256  # the recipe's concurrency
+    assert m["ceiling_prefill_tok_s"] == plan.roofline["prefill_tok_s"]
+    assert m["predicted_latency_includes"].startswith("queue wait: predicted_output_tok_s_per_user and predicted_ttft_ms")
     assert m["predicted_power_source"] == "tdp"
     assert m["predicted_joules_per_token"] == pytest.approx(700 / tok_s)
     assert m["predicted_usd_per_mtok"] == pytest.approx(3.50 / (tok_s * 3600) * 1e6)
@@ -96,6 +99,27 @@ def test_cpu_machine_gets_labelled_predictions_and_no_measurement(bundle, tmp_pa
     assert m["measured_reason"] == ("not run: this machine lacks a NVIDIA H200 SXM 141GB (no NVIDIA GPU visible "
                                     "through NVML) and trtllm-bench on PATH (TensorRT-LLM)")
     assert not any(k.startswith("measured_") and k != "measured_reason" for k in m)
+
+
+def test_forge_plan_prices_the_same_run_the_stage_does(bundle, tmp_path, capsys):
+    """One price basis, the prediction (issue 26: `forge plan` priced $/Mtok at the roofline ceiling,
+    $0.121 for 70B FP8 on H200, where the report priced the predicted run, $0.298)."""
+    from pipeline import cli
+    from pipeline.verbs.plan import significant
+
+    throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", measured_dir=tmp_path)
+    m = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert cli.main(["plan", str(FP8), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["usd_per_mtok"] == pytest.approx(m["predicted_usd_per_mtok"], rel=1e-12)
+    assert planned["joules_per_token"] == pytest.approx(m["predicted_joules_per_token"], rel=1e-12)
+    assert planned["usd_per_mtok"] > 3.50 / (planned["decode_tok_s_max_batch"] * 3600) * 1e6  # not the ceiling's
+    assert "usd_per_mtok" in planned["predicted"] and "decode_tok_s_max_batch" not in planned["predicted"]
+    assert cli.main(["plan", str(FP8)]) == 0
+    rows = capsys.readouterr().out
+    [price] = [line for line in rows.splitlines() if "$ per M output tokens" in line]
+    assert "(predicted)" in price and price.rstrip(" │").endswith("$" + significant(m["predicted_usd_per_mtok"], 3))
+    assert "at the ceiling" not in rows and "per user / TTFT, both incl. queue wait / TPOT (predicted)" in rows
 
 
 def test_price_on_the_command_line_wins(bundle, tmp_path):
@@ -115,7 +139,7 @@ def test_probe_of_the_gpu_gives_measured_ceilings(bundle, tmp_path):
     assert m["ceilings_source"] == "measured"
     assert (m["predicted_inputs"]["memory_bandwidth_bytes_per_s"], m["predicted_inputs"]["peak_flops"]) == (4.3e12, 1.3e15)
     measured_plan = plan_now(load_ceilings("h200", "fp8", tmp_path / "measured"))
-    assert m["predicted_decode_tok_s_max_batch"] == pytest.approx(measured_plan.decode_tok_s_max_batch)
+    assert m["ceiling_decode_tok_s_max_batch"] == pytest.approx(measured_plan.decode_tok_s_max_batch)
     # The probe's rates replace the datasheet's in the predicted run too (at the same runtime limits).
     assert m["predicted_hardware_source"] == "measured"
     assert m["predicted_output_tok_s"] == pytest.approx(measured_plan.throughput["predicted_output_tok_s"])
