@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.formats import FORMATS, ComputeCapability
+from pipeline.core.host import cpu_model
 from pipeline.engines.contracts import ENGINES, FormatContract
 from pipeline.serving.trtllm import LocalRuntime
 
@@ -134,12 +135,4 @@ def device_label(engine: str | None) -> str:
             return f"cuda: {torch.cuda.get_device_name(0)}"
         except Exception:  # noqa: BLE001 - a label, never a reason to fail a finished evaluation
             return "cuda"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    import platform
-
-    return f"cpu: {platform.processor() or platform.machine()}"
+    return f"cpu: {cpu_model()}"

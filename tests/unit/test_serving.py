@@ -241,7 +241,8 @@ def _stage_output(directory: Path, stage: str, details: dict, inputs: dict | Non
     return directory
 
 
-def test_gate_source_prefers_the_served_result_of_this_bundle(tmp_path):
+def _served_chain(tmp_path):
+    """A build output, its simulated evaluation and a served evaluation of that very bundle."""
     bundle = _stage_output(tmp_path / "bundle", "build", build_details())
     simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
     served = _stage_output(tmp_path / "served", "evaluate",
@@ -249,6 +250,11 @@ def test_gate_source_prefers_the_served_result_of_this_bundle(tmp_path):
                                                               "device": "cpu: X"}},
                            {"bundle": {"path": str(bundle), "stage": "build",
                                        "manifest_sha256": manifest_digest(bundle)}})
+    return bundle, simulated, served
+
+
+def test_gate_source_prefers_the_served_result_of_this_bundle(tmp_path):
+    bundle, simulated, served = _served_chain(tmp_path)
     source = choose_gate_source(simulated, served, bundle)
     assert source.served and source.evaluation_dir == served
     assert source.scored_by == "served: vllm 0.32.0 on cpu: X"
@@ -308,13 +314,7 @@ def test_report_puts_served_next_to_simulated_with_engine_and_version():
 def test_the_served_verdict_gates_whatever_it_is(tmp_path, verdict):
     """GATE_RULE (issue 26): an inconclusive served verdict is not replaced by the simulated one; the
     recipe's eval.gates.inconclusive decides it (tests/unit/test_publish_stage.py runs publish on it)."""
-    bundle = _stage_output(tmp_path / "bundle", "build", build_details())
-    simulated = _stage_output(tmp_path / "sim", "evaluate", {"path": "simulated-cpu"})
-    served = _stage_output(tmp_path / "served", "evaluate",
-                           {"path": "served-vllm", "served": {"engine": "vllm", "engine_version": "0.32.0",
-                                                              "device": "cpu: X"}},
-                           {"bundle": {"path": str(bundle), "stage": "build",
-                                       "manifest_sha256": manifest_digest(bundle)}})
+    bundle, simulated, served = _served_chain(tmp_path)
     write_json(served / "gate_report.json", {"verdict": verdict, "rows": []})
     source = choose_gate_source(simulated, served, bundle)
     assert source.served and source.evaluation_dir == served
