@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.accuracy.benchmarks import BENCHMARKS_DIR
 from pipeline.accuracy.suites import EVAL_DIR
 from pipeline.core.cliargs import arg
 from pipeline.serving.server import DEFAULT_SERVE_PYTHON, READY_TIMEOUT_S
@@ -26,3 +27,5 @@ class SuiteArgs:
 
     eval_dir: Path = arg(EVAL_DIR, help="holds suites/ and tasks/ (default: %(default)s)")
     limit: int | None = arg(help="at most N documents per task (smoke runs); baseline and evaluate must agree")
+    benchmarks: Path = arg(BENCHMARKS_DIR, help="the installed benchmark data an `installed` suite reads "
+                                               "(`forge benchmark-data`; default: %(default)s)")

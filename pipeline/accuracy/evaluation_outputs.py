@@ -44,8 +44,9 @@ def flat_metrics(recipe: Recipe, result: SuiteResult, path: str, report: GateRep
     metric, the verdict as 1/0 (numbers plot and diff) and as text, the lowest finite recovery,
     and how the numbers were produced (`path`, pipeline/accuracy/scoring.py Scored.path)."""
     rows = report.to_dict()["rows"]
-    recoveries = [r.recovery for r in report.rows if r.recovery is not None and math.isfinite(r.recovery)]
-    lows = [r.recovery_lower for r in report.rows if r.recovery_lower is not None and math.isfinite(r.recovery_lower)]
+    deciding = [r for r in report.rows if r.decides]
+    recoveries = [r.recovery for r in deciding if r.recovery is not None and math.isfinite(r.recovery)]
+    lows = [r.recovery_lower for r in deciding if r.recovery_lower is not None and math.isfinite(r.recovery_lower)]
     return {
         "recipe": recipe.id,
         "model": recipe.model.name,
@@ -68,7 +69,7 @@ def flat_metrics(recipe: Recipe, result: SuiteResult, path: str, report: GateRep
         "gates": {r["metric"]: {**{k: r[k] for k in ("baseline", "quantized", "recovery", "recovery_lower",
                                                       "recovery_upper", "threshold", "form", "max_increase",
                                                       "increase", "increase_lower", "increase_upper", "n", "method",
-                                                      "direction", "verdict", "reason")},
+                                                      "direction", "verdict", "reason", "decides")},
                                 "passed": int(r["verdict"] == "pass")}
                   for r in rows},
     }
@@ -90,7 +91,7 @@ def gate_intervals(baseline_metrics: dict[str, float], baseline_documents: dict[
                    result: SuiteResult, suite: EvalSuite, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Paired bootstrap intervals per gated metric, and how often the two models' answers differ
     (per multiple-choice task: the rate that sizes the suite, README "Accuracy gates")."""
-    from pipeline.accuracy.samples import disagreement, paired_intervals
+    from pipeline.accuracy.samples import disagreement, leaves, paired_intervals
 
     if result.documents is None or baseline_documents is None:
         raise StageInputError(str(out_dir), "no per-document results to pair.", "re-run baseline and evaluate.")
@@ -98,10 +99,12 @@ def gate_intervals(baseline_metrics: dict[str, float], baseline_documents: dict[
     intervals = paired_intervals(baseline_documents, result.documents, suite.directions(),
                                  baseline_metrics, result.metrics, where)
     agreement = {}
+    groups = result.documents.get("groups") or {}
     for task in suite.tasks:
-        rate = disagreement(baseline_documents, result.documents, task.name)
-        if rate is not None:
-            agreement[task.name] = {"disagreement": round(rate, 6), "n": len(result.documents["tasks"][task.name]["doc_ids"])}
+        for leaf in leaves(task.name, groups):  # a pooled group's members, each on its own
+            rate = disagreement(baseline_documents, result.documents, leaf)
+            if rate is not None:
+                agreement[leaf] = {"disagreement": round(rate, 6), "n": len(result.documents["tasks"][leaf]["doc_ids"])}
     return intervals, agreement
 
 

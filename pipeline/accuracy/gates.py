@@ -136,6 +136,8 @@ class GateRow:
     n: int = 0
     method: str = POINT_ONLY
     confidence: float | None = None
+    # False: shown with its verdict, but the suite gates on other rows (eval/suites/*.yaml `gate: false`)
+    decides: bool = True
 
     def to_dict(self) -> dict:
         return {k: (json_number(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -143,7 +145,8 @@ class GateRow:
     @classmethod
     def from_dict(cls, data: Mapping) -> GateRow:
         names = cls.__dataclass_fields__
-        return cls(**{k: (from_json_number(v) if k not in ("metric", "direction", "verdict", "reason", "form", "method")
+        return cls(**{k: (from_json_number(v) if k not in ("metric", "direction", "verdict", "reason", "form", "method",
+                                                           "decides")
                           else v) for k, v in data.items() if k in names})
 
     @property
@@ -191,11 +194,11 @@ class GateReport:
 
     @property
     def failed(self) -> tuple[GateRow, ...]:
-        return tuple(row for row in self.rows if row.verdict == "fail")
+        return tuple(row for row in self.rows if row.verdict == "fail" and row.decides)
 
     @property
     def inconclusive(self) -> tuple[GateRow, ...]:
-        return tuple(row for row in self.rows if row.verdict == "inconclusive")
+        return tuple(row for row in self.rows if row.verdict == "inconclusive" and row.decides)
 
     @property
     def publishes(self) -> bool:
@@ -227,7 +230,8 @@ class GateReport:
         for r in self.rows:
             lines.append(
                 f"| {r.metric} | {r.direction} | {format_value(r.baseline)} | {format_value(r.quantized)} | "
-                f"{r.interval_text} | {r.threshold_text} | {r.n} | {r.verdict.upper()} | {r.reason} |"
+                f"{r.interval_text} | {r.threshold_text} | {r.n} | {r.verdict.upper()}{'' if r.decides else ' (reported)'} | "
+                f"{r.reason} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -241,7 +245,7 @@ def short_metric(key: str) -> str:
 
 def tightest(rows: Sequence[GateRow]) -> GateRow | None:
     """The row nearest its own threshold (smallest `margin`), to show one metric for a target."""
-    scored = [r for r in rows if r.margin is not None]
+    scored = [r for r in rows if r.margin is not None and r.decides]
     return min(scored, key=lambda r: r.margin, default=None)  # type: ignore[arg-type,return-value]
 
 
@@ -369,8 +373,10 @@ def evaluate_gates(
     policy: GatePolicy,
     where: str = "accuracy gates",
     intervals: Mapping[str, Interval] | None = None,
+    reported: frozenset[str] = frozenset(),
 ) -> GateReport:
-    """Gate every metric in `directions` (the suite's declared metrics), in their given order.
+    """Gate every metric in `directions` (the suite's declared metrics), in their given order; those in
+    `reported` get a row and a verdict that does not decide the report's.
 
     `intervals` holds the paired bootstrap interval of quantized / baseline per metric
     (pipeline/accuracy/stats.py); a metric without one is judged on its point estimate and says so
@@ -403,11 +409,11 @@ def evaluate_gates(
                           "state each metric's threshold once: keep max_increase or the override.")
     intervals = intervals or {}
     rows = tuple(
-        _row(metric, _number(baseline.get(metric)), _number(quantized.get(metric)), direction, policy,
-             intervals.get(metric))
+        replace(_row(metric, _number(baseline.get(metric)), _number(quantized.get(metric)), direction, policy,
+                     intervals.get(metric)), decides=metric not in reported)
         for metric, direction in directions.items()
     )
-    verdicts = {r.verdict for r in rows}
+    verdicts = {r.verdict for r in rows if r.decides}
     verdict: Verdict = "fail" if "fail" in verdicts else ("inconclusive" if "inconclusive" in verdicts else "pass")
     return GateReport(verdict=verdict, rows=rows, inconclusive_publishes=policy.inconclusive == "publish")
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.accuracy.benchmarks import BENCHMARKS_SPEC, load_benchmark_spec, provenance, wrapper_name
 from pipeline.accuracy.lm_eval_tasks import task_specs
 from pipeline.accuracy.samples import document_table, leaves
 from pipeline.accuracy.suites import EvalSuite, SuiteResult
@@ -43,7 +46,8 @@ def run_suite(
     its requests and forward batches are counted there instead, for the stage's heartbeat."""
     from lm_eval.models.huggingface import HFLM
 
-    specs = task_specs(suite, tasks_dir)
+    wrappers = Path(tempfile.mkdtemp(prefix="forge-lm-eval-"))
+    specs = task_specs(suite, tasks_dir, wrappers)
     start = time.perf_counter()
     model.to(device)
     model.eval()
@@ -53,10 +57,11 @@ def run_suite(
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     hook = None if progress is None else model.register_forward_hook(lambda *_: progress.advance())
     try:
-        return _evaluate(lm, suite, specs, tasks_dir, start, model_name=name)
+        return _evaluate(lm, suite, specs, [tasks_dir, wrappers], start, model_name=name)
     finally:
         if hook is not None:
             hook.remove()
+        shutil.rmtree(wrappers, ignore_errors=True)
 
 
 def _counted_hflm(base: type, progress: Any, batch_size: int) -> type:
@@ -154,10 +159,6 @@ def run_suite_remote(
     bundle's SERVE.md name, recorded as unverified. The result's `extra["served"]` records the engine,
     its version (from `/version`), the device, the checkpoint digest and whether the weights were checked.
     """
-    from lm_eval.api.registry import get_model
-
-    from pipeline.serving.identity import check_served_identity
-
     # lm-eval's API models need its [api] extra; say so before any task is loaded.
     missing = [pkg for pkg in ("aiohttp", "tenacity", "requests") if importlib.util.find_spec(pkg) is None]
     if missing:
@@ -166,13 +167,27 @@ def run_suite_remote(
             f"lm-eval's local-completions model needs {', '.join(missing)}, which is not installed.",
             "pip install 'lm-eval[api]'.",
         )
-    specs = task_specs(suite, tasks_dir)
+    wrappers = Path(tempfile.mkdtemp(prefix="forge-lm-eval-"))
+    try:
+        return _evaluate_remote(base_url, model_name, tokenizer_dir, suite, task_specs(suite, tasks_dir, wrappers),
+                                [tasks_dir, wrappers], batch_size, num_concurrent, device, launched_checkpoint)
+    finally:
+        shutil.rmtree(wrappers, ignore_errors=True)
+
+
+def _evaluate_remote(base_url: str, model_name: str, tokenizer_dir: Path, suite: EvalSuite,
+                     specs: Mapping[str, str | dict[str, Any]], task_paths: list[Path], batch_size: int | None,
+                     num_concurrent: int, device: str | None, launched_checkpoint: Path | None) -> SuiteResult:
+    from lm_eval.api.registry import get_model
+
+    from pipeline.serving.identity import check_served_identity
+
     start = time.perf_counter()
     args = remote_model_args(base_url, model_name, tokenizer_dir, num_concurrent=num_concurrent)
     identity = check_served_identity(base_url, model_name, Path(tokenizer_dir), device=device,
                                      launched_checkpoint=launched_checkpoint)
     lm = get_model("local-completions").create_from_arg_obj(args, {"batch_size": batch_size or 1})
-    return _evaluate(lm, suite, specs, tasks_dir, start, model_name=model_name,
+    return _evaluate(lm, suite, specs, task_paths, start, model_name=model_name,
                      extra={"base_url": args["base_url"], "served": identity.to_dict()})
 
 
@@ -180,7 +195,7 @@ def _evaluate(
     lm: Any,
     suite: EvalSuite,
     specs: Mapping[str, str | dict[str, Any]],
-    tasks_dir: Path,
+    task_paths: list[Path],
     start: float,
     model_name: str,
     extra: dict[str, Any] | None = None,
@@ -189,7 +204,7 @@ def _evaluate(
     from lm_eval.tasks import TaskManager
 
     # include_defaults=False skips indexing lm-eval's ~14,700 built-in tasks (~16 s per run).
-    manager = TaskManager(include_defaults=suite.source == "builtin", include_path=str(tasks_dir))
+    manager = TaskManager(include_defaults=suite.source != "local", include_path=[str(p) for p in task_paths])
     merged: dict[str, dict[str, Any]] = {
         k: {} for k in ("results", "n-samples", "n-shot", "higher_is_better", "group_subtasks", "samples", "configs")
     }
@@ -216,6 +231,12 @@ def _evaluate(
             bucket.update(out.get(key) or {})
     metrics, stderr, samples, shots_used = _extract(suite, merged)
     documents = document_table(merged["samples"], merged["configs"], merged["group_subtasks"])
+    if suite.source == "installed":
+        # what each installed task scored (its split, its dataset's licence), from the configs lm-eval ran
+        spec = load_benchmark_spec(Path(task_paths[0]).parent / BENCHMARKS_SPEC.name)  # eval/tasks -> eval/benchmarks.yaml
+        used = {member: merged["configs"][next(iter(leaves(member, merged["group_subtasks"])))]
+                for t in suite.tasks if specs[t.name] == wrapper_name(spec, t.name) for member in spec.members(t.name)}
+        extra = {**(extra or {}), "benchmark_data": provenance(spec, used)}
     return SuiteResult(
         suite=suite.name,
         metrics=metrics,

@@ -7,6 +7,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from pipeline.accuracy.benchmarks import (
+    BENCHMARKS_SPEC,
+    installed_tasks,
+    load_benchmark_spec,
+    wrapper_name,
+    write_wrappers,
+)
 from pipeline.accuracy.suites import EvalSuite
 from pipeline.core.errors import StageInputError
 from pipeline.core.yamlio import YamlSyntaxError, load_yaml_file
@@ -68,14 +75,17 @@ def local_task_config(yaml_path: Path) -> dict[str, Any]:
     return cfg
 
 
-def task_specs(suite: EvalSuite, tasks_dir: Path) -> dict[str, str | dict[str, Any]]:
-    """What to hand lm-eval for each suite task: a resolved config dict (local) or the name (built-in).
+def task_specs(suite: EvalSuite, tasks_dir: Path, wrapper_dir: Path | None = None) -> dict[str, str | dict[str, Any]]:
+    """What to hand lm-eval for each suite task: a resolved config dict (local), the name (built-in),
+    or the name of its wrapper group written into `wrapper_dir` (installed: pipeline/accuracy/benchmarks.py).
 
-    Checks every local task exists before any model is loaded.
+    Checks every task exists, and an installed suite's data is in place, before any model is loaded.
     """
     if suite.source == "builtin":
         return {t.name: t.name for t in suite.tasks}
     files = local_task_files(tasks_dir)
+    if suite.source == "installed":
+        return _installed_specs(suite, files, tasks_dir, wrapper_dir)
     missing = [t.name for t in suite.tasks if t.name not in files]
     if missing:
         raise StageInputError(
@@ -84,3 +94,16 @@ def task_specs(suite: EvalSuite, tasks_dir: Path) -> dict[str, str | dict[str, A
             "add the task YAML to eval/tasks, or set `source: builtin` for lm-eval's own tasks.",
         )
     return {t.name: local_task_config(files[t.name]) for t in suite.tasks}
+
+
+def _installed_specs(suite: EvalSuite, files: dict[str, Path], tasks_dir: Path,
+                     wrapper_dir: Path | None) -> dict[str, str | dict[str, Any]]:
+    if suite.data_dir is None or wrapper_dir is None:
+        raise StageInputError(f"eval suite {suite.name!r}", "an installed suite was run without its benchmark data "
+                              "folder.", "load it with load_eval_suite(..., benchmarks_dir).")
+    spec = load_benchmark_spec(Path(tasks_dir).parent / BENCHMARKS_SPEC.name)  # eval/tasks -> eval/benchmarks.yaml
+    installed = [t.name for t in suite.tasks if t.name not in files]
+    wrappers = installed_tasks(spec, installed, suite.data_dir, f"eval suite {suite.name!r}")
+    write_wrappers(wrappers, wrapper_dir)
+    return {t.name: (wrapper_name(spec, t.name) if t.name in wrappers else local_task_config(files[t.name]))
+            for t in suite.tasks}

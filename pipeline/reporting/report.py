@@ -46,6 +46,7 @@ def write_report(
     title: str = "forge comparison report",
     missing: Sequence[str] = (),
     sections: Sequence[str] = (),
+    published: Mapping[str, Any] | None = None,
 ) -> ReportFiles:
     """Write report.md, PNG plots and CSV/JSON tables for `raw_entries` into `out_dir`.
 
@@ -73,7 +74,7 @@ def write_report(
     markdown = out_dir / REPORT_FILE
     markdown.write_text(report_markdown(title, by_model, [p for p in plots if p is not None], missing, sections),
                         encoding="utf-8")
-    (out_dir / README_RESULTS_FILE).write_text(results_table(entries, numerics_host()), encoding="utf-8")
+    (out_dir / README_RESULTS_FILE).write_text(results_table(entries, numerics_host(), published), encoding="utf-8")
     log.info("report: %s (%d targets, %d models, %d missing)", markdown, len(entries), len(by_model), len(missing))
     return ReportFiles(markdown=markdown, plots=tuple(p for p in plots if p is not None), tables=tables)
 

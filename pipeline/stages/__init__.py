@@ -9,7 +9,7 @@ import importlib
 from collections.abc import Callable
 
 # In pipeline order. A module listed here must exist: there are no placeholder verbs.
-STAGE_MODULES: tuple[str, ...] = ("download", "calibration_set", "calibrate", "build", "baseline", "evaluate", "throughput", "gpu_compare", "report", "publish")
+STAGE_MODULES: tuple[str, ...] = ("download", "benchmark_data", "calibration_set", "calibrate", "build", "baseline", "evaluate", "throughput", "gpu_compare", "report", "publish")
 
 
 def registry_of_verbs() -> dict[str, Callable[[argparse._SubParsersAction], None]]:

@@ -65,13 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_baseline(args: BaselineArgs) -> int:
     serving = ServeOptions(args.engine.serve_python, args.engine.ready_timeout) if args.serve else None
-    return main(args.model_yaml, args.model, args.out, args.suite.eval_dir, args.suite.limit, serving, args.timings)
+    return main(args.model_yaml, args.model, args.out, args.suite.eval_dir, args.suite.limit, serving, args.timings,
+                benchmarks_dir=args.suite.benchmarks)
 
 
 def main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Path = EVAL_DIR,
-         limit: int | None = None, serving: ServeOptions | None = None, timings_path: Path | None = None) -> int:
+         limit: int | None = None, serving: ServeOptions | None = None, timings_path: Path | None = None,
+         benchmarks_dir: Path | None = None) -> int:
     model = load_model(Path(model_yaml).parent)
-    suite = load_eval_suite(model.spec.eval.suite, Path(eval_dir), limit)
+    suite = load_eval_suite(model.spec.eval.suite, Path(eval_dir), limit, benchmarks_dir)
     inputs = {"model": check_model_dir(Path(model_dir), model)}
     timer = Timer()
     checkpoint = Path(model_dir) / CHECKPOINT_DIR

@@ -117,7 +117,7 @@ def run_evaluate(args: EvaluateArgs) -> int:
     serving = ServeOptions(args.engine.serve_python, args.engine.ready_timeout, args.bundle, args.served_device)
     return main(args.recipe, args.model, args.quantized, args.baseline, args.out, args.metrics,
                 args.serve_url, args.served_model_name, args.catalog, args.suite.eval_dir, args.suite.limit,
-                serving, args.kv_numerics, args.timings)
+                serving, args.kv_numerics, args.timings, benchmarks_dir=args.suite.benchmarks)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -127,12 +127,12 @@ def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: 
          metrics_path: Path, serve_url: str | None = None, served_model_name: str = CHECKPOINT_DIR,
          catalog_path: Path = DEFAULT_CATALOG, eval_dir: Path = EVAL_DIR, limit: int | None = None,
          serving: ServeOptions | None = None, kv_numerics: str = DEFAULT_KV_NUMERICS,
-         timings_path: Path | None = None) -> int:
+         timings_path: Path | None = None, benchmarks_dir: Path | None = None) -> int:
     recipe = load_recipe(Path(recipe_path))
     catalog = load_catalog(Path(catalog_path))
     validate_recipe(recipe, catalog, Definitions(suites_dir=Path(eval_dir) / "suites"))
     kv_choice = resolve_kv_numerics(recipe, catalog, kv_numerics)
-    suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit)
+    suite = load_eval_suite(recipe.spec.eval.suite, Path(eval_dir), limit, benchmarks_dir)
     policy = gate_policy(recipe)
     bundle = check_bundle(serving.bundle, recipe) if serving and serving.bundle else None
     if bundle is not None:
@@ -157,7 +157,7 @@ def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: 
     intervals, agreement = gate_intervals(inputs.baseline_metrics, inputs.baseline_documents, scored.result,
                                          suite, Path(out_dir))
     report = evaluate_gates(inputs.baseline_metrics, scored.result.metrics, suite.directions(), policy,
-                            where=f"{recipe.path}: eval.gates", intervals=intervals)
+                            where=f"{recipe.path}: eval.gates", intervals=intervals, reported=suite.reported())
 
     metrics = suite_metrics(scored.result, suite, scored.path, scored.device, scored.dtype)
     metrics["simulation"] = scored.simulation

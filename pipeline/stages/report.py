@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.accuracy.evaluation_outputs import METRICS_FILE
 from pipeline.core.cliargs import add_verb, arg, runner
 from pipeline.core.errors import StageInputError
 from pipeline.core.layout import GATE_REPORT_FILE, MANIFEST_NAME, RECEIPT_FILE, THROUGHPUT_FILE
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge comparison report",
          gpu_compare_dir: Path | None = None, frontier: bool = False) -> int:
     from pipeline.reporting.markdown import gpu_comparison_section
+    from pipeline.reporting.readme_results import PUBLISHED_FILE, load_published
     from pipeline.reporting.report import summary_lines, write_report
 
     targets = read_plan_targets(Path(plan_path), frontier)
@@ -68,7 +70,8 @@ def main(plan_path: Path, data_dir: Path, out_dir: Path, title: str = "forge com
     sections = [gpu_comparison_section(Path(gpu_compare_dir), Path(out_dir))] if gpu_compare_dir else []
     if (frontier := frontier_section(targets, Path(data_dir), Path(out_dir))) is not None:
         sections.append(frontier)
-    files = write_report(collected.entries, Path(out_dir), title, collected.missing, sections)
+    files = write_report(collected.entries, Path(out_dir), title, collected.missing, sections,
+                         published=load_published(PUBLISHED_FILE))
     for line in collected.missing:
         log.warning("report: %s", line)
     log.info("report: %s, %d figures, %d of %d targets complete", files.markdown, len(files.plots),
@@ -157,7 +160,10 @@ def read_outputs(dirs: dict[str, Path]) -> StageOutputs:
     results = calibrate.details.results if calibrate else None
     return StageOutputs(
         calibrate=results.model_dump() if results else None,
-        evaluate={"gate": gate, "path": getattr(evaluate.details, "path", None)} if evaluate and gate else None,
+        evaluate={"gate": gate, "path": getattr(evaluate.details, "path", None),
+                  # how often the two models' answers differ, per multiple-choice task (sizes the suite)
+                  "agreement": (read_output_json(dirs["evaluate"] / METRICS_FILE) or {}).get("agreement") or {}}
+        if evaluate and gate else None,
         build=build.details.plan.model_dump() if build else None,
         throughput=read_output_json(dirs["throughput"] / THROUGHPUT_FILE) if opened("throughput") else None,
         publish=read_output_json(dirs["publish"] / RECEIPT_FILE) if opened("publish") else None,
@@ -191,6 +197,7 @@ def target_entry(target: PlannedTarget, found: StageOutputs) -> dict[str, Any] |
         "power_source": energy.get(f"{prefix}power_source") or ("tdp" if energy.get("predicted_joules_per_token") else None),
         "usd_per_mtok": energy.get(f"{prefix}usd_per_mtok"),
         "eval_path": ev["path"] if ev else None,
+        "disagreement": {task: a["disagreement"] for task, a in ev["agreement"].items()} if ev else None,
         "perplexity": {"baseline": cal["perplexity_baseline"], "quantized": cal["perplexity_quantized"]} if cal else None,
         "publish": ({"published": receipt["published"], "version": receipt.get("version"), "reason": receipt.get("reason"),
                      "gated_on": receipt.get("gated_on")} if receipt else None),

@@ -47,7 +47,8 @@ def test_editing_sizing_reruns_build_and_throughput_and_nothing_upstream(stages,
 
 
 def test_every_stage_lists_its_own_code(stages):
-    own = {"download": "pipeline/stages/download.py", "calibration-set": "pipeline/stages/calibration_set.py",
+    own = {"download": "pipeline/stages/download.py", "benchmark-data": "pipeline/stages/benchmark_data.py",
+           "calibration-set": "pipeline/stages/calibration_set.py",
            "calibrate": "pipeline/stages/calibrate.py", "baseline": "pipeline/stages/baseline.py",
            "evaluate": "pipeline/stages/evaluate.py", "build": "pipeline/stages/build.py",
            "serve-baseline": "pipeline/stages/baseline.py", "serve-eval": "pipeline/stages/evaluate.py",

@@ -94,12 +94,12 @@ CASES = {
     ),
     "unknown eval suite": (
         "fp8", lambda d: d["eval"].update(suite="mmlu-pro"),
-        "fp8.yaml: eval.suite: unknown eval suite 'mmlu-pro'. Fix: use one of smoke, standard.",
+        "fp8.yaml: eval.suite: unknown eval suite 'mmlu-pro'. Fix: use one of smoke, standard, zero-shot.",
     ),
     "gate override for a metric the suite lacks": (
         "fp8", lambda d: d["eval"]["gates"].update(overrides={"forge_mc/acc": 0.99}),
-        ("fp8.yaml: eval.gates.overrides: no metric 'forge_mc/acc' in eval suite 'smoke'. "
-        "Fix: use the suite's metric keys: forge_mc/acc,none,"),
+        ("fp8.yaml: eval.gates.overrides: no metric 'forge_mc/acc' in eval suite 'zero-shot'. "
+        "Fix: use the suite's metric keys: commonsense_0shot/acc,none,"),
     ),
     "unknown calibration set": (
         "fp8", lambda d: d["calibration"].update(set="nope"),
@@ -355,4 +355,4 @@ def test_validation_reads_the_definitions_it_is_given_not_the_working_directory(
     with pytest.raises(ForgeError) as err:
         validate_recipe(recipe, load_catalog(), Definitions(calibration_dir=tmp_path, suites_dir=tmp_path / "suites"))
     assert "calibration.set: unknown calibration set 'generated-en'" in str(err.value)
-    assert "eval.suite: unknown eval suite 'smoke'" in str(err.value)
+    assert "eval.suite: unknown eval suite 'zero-shot'" in str(err.value)

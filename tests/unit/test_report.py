@@ -249,3 +249,50 @@ def test_a_zero_recovery_is_shown_not_hidden():
     assert _on_terms(0.0, "max_increase") == "+inf%"
     assert _on_terms(None, "max_increase") == "—"
     assert _on_terms(0.8, "max_increase") == "+25.0%"
+
+
+POOLED = {"core/acc,none": "higher", "arc_easy/acc,none": "higher", "piqa/acc_norm,none": "higher"}
+POOLED_BASE = {"core/acc,none": 0.60, "arc_easy/acc,none": 0.55, "piqa/acc_norm,none": 0.66}
+
+
+def _pooled_entry(fmt, gpu, quantized):
+    gate = evaluate_gates(POOLED_BASE, quantized, POOLED, GatePolicy(0.95),
+                          reported=frozenset({"arc_easy/acc,none", "piqa/acc_norm,none"}))
+    return {**_entry(fmt, gpu, None, 1.0, "predicted"), "gate": gate.to_dict()}
+
+
+def test_a_reported_row_has_its_own_verdict_and_does_not_decide():
+    # arc_easy alone falls below 0.95 (0.50 / 0.55 = 0.909): its row says FAIL, the pooled row passes the gate
+    gate = evaluate_gates(POOLED_BASE, {"core/acc,none": 0.59, "arc_easy/acc,none": 0.50, "piqa/acc_norm,none": 0.66},
+                          POOLED, GatePolicy(0.95), reported=frozenset({"arc_easy/acc,none", "piqa/acc_norm,none"}))
+    assert gate.verdict == "pass" and gate.failed == () and gate.publishes
+    assert {r.metric: (r.verdict, r.decides) for r in gate.rows}["arc_easy/acc,none"] == ("fail", False)
+    assert "| FAIL (reported) |" in gate.to_markdown()
+    assert type(gate).from_dict(json.loads(gate.to_json())) == gate  # `decides` survives the JSON
+
+
+def test_the_readme_block_shows_per_task_rows_and_the_published_figures():
+    from pipeline.reporting.readme_results import PublishedFigures, results_table
+
+    entries = load_entries([
+        _pooled_entry("fp8", "h200", {"core/acc,none": 0.60, "arc_easy/acc,none": 0.56, "piqa/acc_norm,none": 0.65}),
+        _pooled_entry("nvfp4", "b200", {"core/acc,none": 0.40, "arc_easy/acc,none": 0.35, "piqa/acc_norm,none": 0.55})])
+    published = {"smollm2-135m": PublishedFigures(source="a card", settings="lighteval",
+                                                  figures={"piqa/acc_norm,none": 0.663, "hellaswag/acc_norm,none": 0.4})}
+    table = results_table(entries, "a CPU", published)
+    head = table.splitlines()[2]
+    assert "core acc recovery" in head and "arc_easy" not in head  # the main table: only what decides
+    assert "| arc_easy acc | 0 | 0.5500 | 1.0182 PASS | 0.6364 FAIL |" in table
+    assert "| piqa acc_norm | 0 | 0.6600 | 0.9848 PASS | 0.8333 FAIL |" in table
+    # published: only the metrics the run has, beside the measured baseline
+    assert "| piqa acc_norm | 0 | 0.6600 | 0.6630 |" in table and "hellaswag" not in table
+    assert "smollm2-135m baseline beside its published figures (a card; there: lighteval):" in table
+
+
+def test_published_figures_with_a_bad_field_are_named(tmp_path):
+    from pipeline.reporting.readme_results import load_published
+
+    (tmp_path / "p.yaml").write_text("m:\n  source: s\n  settings: t\n  figures: {a: high}\n")
+    with pytest.raises(StageInputError) as err:
+        load_published(tmp_path / "p.yaml")
+    assert str(err.value).startswith(f"{tmp_path / 'p.yaml'}: m.figures.a: Input should be a valid number")

@@ -148,6 +148,6 @@ def test_every_manifest_writing_stage_depends_on_the_manifest_writer():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     writers = [name for name, s in stages.items() if "forge " in (s.get("do") or s)["cmd"]
                and not name.startswith(("report", "gpu-compare"))]
-    assert len(writers) == 10
+    assert len(writers) == 11
     for name in writers:
         assert "pipeline/handoff/manifest.py" in (stages[name].get("do") or stages[name])["deps"], name
