@@ -58,6 +58,8 @@ class TaskData(_Closed):
 
     dataset: str = Field(description="a key of `datasets`")
     unshipped: tuple[SplitField, ...] = Field(default=(), description="split fields set to null for lm-eval")
+    lm_eval_group: bool = Field(False, description="lm-eval registers the name as a group of tasks (mmlu: one per "
+                                                   "subject); forge's overrides then pass down to every member")
 
 
 class BenchmarkSpec(_Closed):
@@ -83,7 +85,7 @@ class BenchmarkSpec(_Closed):
         for group, members in self.groups.items():
             if group in self.tasks:
                 raise ValueError(f"groups.{group}: also a task name; name the group differently")
-            unknown = [m for m in members if m not in self.tasks or m == "mmlu"]
+            unknown = [m for m in members if m not in self.tasks or self.tasks[m].lm_eval_group]
             if unknown or not members:
                 raise ValueError(f"groups.{group}: {', '.join(unknown) or 'no members'}: a group's members are "
                                  f"tasks (not groups) of `tasks`")
@@ -190,8 +192,7 @@ def _member(spec: BenchmarkSpec, name: str, data_dir: Path) -> dict[str, Any]:
         raise StageInputError(
             str(folder), f"the installed data for {name} ({task.dataset}) is not here.",
             f"run `forge benchmark-data --out {data_dir}` (dvc repro benchmark-data).")
-    # a group (mmlu) passes these overrides down to every member task
-    return {("group" if name == "mmlu" else "task"): name, "dataset_path": str(folder),
+    return {("group" if task.lm_eval_group else "task"): name, "dataset_path": str(folder),
             **{field: None for field in task.unshipped}}
 
 

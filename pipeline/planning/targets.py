@@ -13,6 +13,7 @@ from pipeline.core.yamlio import excerpt
 from pipeline.recipe.loading import Recipe
 from pipeline.recipe.schema import Target
 from pipeline.sizing.memory import ServingShape
+from pipeline.sizing.parallel import Parallelism
 from pipeline.sizing.plan import Plan, plan
 from pipeline.sizing.roofline import Ceilings
 
@@ -45,6 +46,12 @@ class TargetSpec:
     where: str  # e.g. "recipes/x/fp8.yaml: targets.h200", or "forge plan --gpu h200"
     fields: dict[str, str] = field(default_factory=dict)  # setting -> "file: field" or "--flag"
     flags: bool = False  # name settings as command-line flags rather than YAML keys
+    ep: int = 1
+    attention_dp: bool = False
+
+    @property
+    def parallelism(self) -> Parallelism:
+        return Parallelism(self.tp, self.ep, self.attention_dp)
 
     def at(self, setting: str) -> str:
         return self.fields.get(setting, self.where)
@@ -56,7 +63,8 @@ class TargetSpec:
 
 
 SETTING_NAMES = {"format": ("format", "--format"), "kv": ("kv_cache_dtype", "--kv-dtype"),
-                 "tp": ("tp", "--tp"), "seq": ("max_seq_len", "--seq-len")}
+                 "tp": ("tp", "--tp"), "ep": ("ep", "--ep"), "attention_dp": ("attention_dp", "--attention-dp"),
+                 "seq": ("max_seq_len", "--seq-len")}
 
 
 def target_spec(recipe: Recipe, gpu_key: str) -> TargetSpec:
@@ -64,16 +72,17 @@ def target_spec(recipe: Recipe, gpu_key: str) -> TargetSpec:
     at = f"{recipe.path}: targets.{excerpt(gpu_key)[1:-1]}"
     return TargetSpec(
         model=recipe.model.name, config=recipe.model.architecture(), format=recipe.spec.quant.format,
-        kv_cache_dtype=recipe.spec.quant.kv_cache_dtype, gpu=gpu_key, tp=target.tp,
-        serving=serving_shape(target), where=at,
+        kv_cache_dtype=recipe.spec.quant.kv_cache_dtype, gpu=gpu_key, tp=target.tp, ep=target.ep,
+        attention_dp=target.attention_dp, serving=serving_shape(target), where=at,
         fields={"format": f"{recipe.path}: quant.format", "kv": f"{recipe.path}: quant.kv_cache_dtype", "tp": f"{at}.tp",
+                "ep": f"{at}.ep", "attention_dp": f"{at}.attention_dp",
                 "seq": f"{at}.max_seq_len" if target.max_seq_len else f"{at}.max_input_len + max_output_len"},
     )
 
 
 def plan_spec(spec: TargetSpec, catalog: dict[str, GpuSpec], ceilings: Ceilings | None = None) -> Plan:
     return plan(spec.config, FORMATS[spec.format], KV_CACHE_DTYPES[spec.kv_cache_dtype], catalog[spec.gpu],
-                spec.gpu, spec.serving, tp=spec.tp, ceilings=ceilings)
+                spec.gpu, spec.serving, par=spec.parallelism, ceilings=ceilings)
 
 
 def plan_target(recipe: Recipe, gpu_key: str, catalog: dict[str, GpuSpec], ceilings: Ceilings | None = None) -> Plan:

@@ -18,9 +18,10 @@ from pipeline.engines.contracts import engines_loading_format
 from pipeline.planning.targets import TargetSpec, plan_spec, target_spec
 from pipeline.recipe.loading import Recipe
 from pipeline.sizing.memory import Alternative, fitting_alternatives
+from pipeline.sizing.parallel import parallel_choices, parallelism_problem, tp_is_valid
 from pipeline.sizing.placement import plan_recipe_calibration
 from pipeline.sizing.plan import Plan
-from pipeline.sizing.shapes import TP_CHOICES, ModelShape, max_positions, tp_is_valid
+from pipeline.sizing.shapes import TP_CHOICES, ModelShape, max_positions
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,20 @@ def spec_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[ForgeEr
             f"a {kv.name} KV cache needs compute capability >= {kv.min_compute_capability}, {spec.gpu} is {gpu.cc}.",
             f"use {' or '.join(spec.spell('kv', k) for k in usable)} for this target.",
         ))
-    shape = ModelShape.from_hf_config(spec.config)
+    shape = ModelShape.from_hf_config(spec.config, spec.where)
     if not tp_is_valid(shape, spec.tp):
         problems.append(RecipeError(
             spec.at("tp"),
             f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {spec.tp} ways.",
             f"use {' or '.join(spec.spell('tp', t) for t in TP_CHOICES if tp_is_valid(shape, t))}.",
         ))
+    elif problem := parallelism_problem(shape, spec.parallelism):
+        setting = "attention_dp" if "attention data parallelism" in problem else "ep"
+        valid = parallel_choices(shape, spec.tp)
+        fix = (f"set {spec.spell('attention_dp', 'off' if spec.flags else 'false')}" if setting == "attention_dp" else
+               f"set {' or '.join(spec.spell('ep', e) for e in sorted({p.ep for p in valid}))}")
+        problems.append(RecipeError(spec.at(setting), f"{problem}.",
+                                    f"{fix} (the splits at TP {spec.tp}: {'; '.join(str(p) for p in valid)})."))
     problems += engine_problems(spec, catalog)
     positions = max_positions(spec.config)
     if positions is not None and spec.serving.seq_len > positions:

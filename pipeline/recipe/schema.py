@@ -236,6 +236,14 @@ class Target(Closed):
     max_output_len: int = Field(TARGET_DEFAULTS.max_output_len, ge=1)
     max_seq_len: int | None = Field(None, ge=1, description="defaults to max_input_len + max_output_len")
     tp: Literal[1, 2, 4, 8] = TARGET_DEFAULTS.tp
+    ep: Literal[1, 2, 4, 8] = Field(
+        1, description="expert parallel size: the MoE layers' experts split this many ways over the TP GPUs "
+        "(TensorRT-LLM moe_expert_parallel_size; must divide tp and the expert count)",
+    )
+    attention_dp: bool = Field(
+        False, description="attention data parallelism: each of the TP GPUs holds the whole attention and serves its "
+        "own requests (TensorRT-LLM enable_attention_dp)",
+    )
     max_num_tokens: int = Field(TARGET_DEFAULTS.max_num_tokens, ge=1, description="tokens per engine step (TensorRT-LLM default 8192)")
     kv_cache_free_gpu_memory_fraction: float = Field(
         TARGET_DEFAULTS.kv_cache_free_gpu_memory_fraction, gt=0, le=1,
@@ -244,13 +252,13 @@ class Target(Closed):
     concurrency: int | None = Field(None, ge=1, description="target concurrent sequences; capped by KV capacity")
     price_per_gpu_hour_usd: float | None = Field(None, gt=0, description="for $/Mtok; none means not reported")
 
-    @field_validator("tp", mode="before")
+    @field_validator("tp", "ep", mode="before")
     @classmethod
-    def _tp_is_a_number(cls, value: Any) -> Any:
+    def _tp_is_a_number(cls, value: Any, info: Any) -> Any:
         # Literal[1, 2, 4, 8] accepts True (True == 1 in Python), even in strict mode.
         if isinstance(value, bool):
             # ValueError, not TypeError: pydantic reports only ValueError/AssertionError as a field error.
-            raise ValueError(f"tp is a number of GPUs (1, 2, 4 or 8), got the YAML boolean {str(value).lower()}")  # noqa: TRY004
+            raise ValueError(f"{info.field_name} is a number of GPUs (1, 2, 4 or 8), got the YAML boolean {str(value).lower()}")  # noqa: TRY004
         return value
 
     @model_validator(mode="after")

@@ -84,6 +84,9 @@ def serve_commands(
          "reserve + KV pool as a share of the whole card (their meaning differs from TensorRT-LLM's "
          "free_gpu_memory_fraction)."),
     ]
+    if options.get("moe_expert_parallel_size", 1) > 1 or options.get("enable_attention_dp"):
+        notes.append("the vLLM and SGLang commands split the model by tensor parallelism only; the options file's "
+                     "expert parallelism and attention DP are TensorRT-LLM's (their flags are not mapped here).")
     vllm = ["vllm", "serve", checkpoint, "--tensor-parallel-size", str(tp),
             "--max-model-len", str(options["max_seq_len"]), "--max-num-seqs", str(options["max_batch_size"]),
             "--max-num-batched-tokens", str(options["max_num_tokens"]), "--gpu-memory-utilization", str(fraction)]

@@ -17,6 +17,7 @@ Pure: plan + target in, a dict out, testable on any CPU.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pipeline.engines.contracts import TENSORRT_LLM_VERSION
@@ -73,7 +74,34 @@ KV_CACHE_CONFIG_FIELDS = frozenset({
 CUDA_GRAPH_CONFIG_FIELDS = frozenset({"batch_sizes", "max_batch_size", "enable_padding"})
 
 
-NESTED_FIELDS = {"kv_cache_config": KV_CACHE_CONFIG_FIELDS, "cuda_graph_config": CUDA_GRAPH_CONFIG_FIELDS}
+# MoeConfig(StrictBaseModel), same file, 1.2 line: backend is one of AUTO (the default), CUTLASS,
+# CUTEDSL, WIDEEP, TRTLLM, DEEPGEMM, VANILLA, TRITON.
+MOE_CONFIG_FIELDS = frozenset({"backend", "max_num_tokens", "load_balancer", "disable_finalize_fusion",
+                               "use_low_precision_moe_combine"})
+
+
+NESTED_FIELDS = {"kv_cache_config": KV_CACHE_CONFIG_FIELDS, "cuda_graph_config": CUDA_GRAPH_CONFIG_FIELDS,
+                 "moe_config": MOE_CONFIG_FIELDS}
+
+
+def moe_backend(model_type: str, compute_capability: str, attention_dp: bool) -> str:
+    """The fused-MoE kernels for a model on an SM, as TensorRT-LLM and its deployment configs choose
+    them, written out so the options file does not depend on a default that moves between releases:
+    - gpt-oss on Hopper: TRITON (ModelConfig.resolve_moe_backend, tensorrt_llm/_torch/model_config.py:
+      AUTO gives "TRITON" for GptOssForCausalLM on SM 90-99; the H200 configs in
+      examples/configs/database/openai/gpt-oss-120b set it too);
+    - gpt-oss on Blackwell: TRTLLM (AUTO's choice for SM 100-119, and examples/configs/gpt-oss-120b-latency.yaml),
+      but CUTLASS with attention DP (examples/configs/gpt-oss-120b-throughput.yaml: tp 8, ep 8,
+      enable_attention_dp, backend CUTLASS);
+    - every other model: CUTLASS, AUTO's resolution, which runs BF16, per-tensor FP8 (SM >= 89) and
+      NVFP4 (SM 100/103) experts (fused_moe_cutlass.py). DEEPGEMM, which NVIDIA's DeepSeek-R1 B200
+      configs name, needs FP8 *block* scales (DeepSeek's own checkpoint), not ModelOpt's per-tensor FP8."""
+    major = int(compute_capability.partition(".")[0])
+    if model_type == "gpt_oss" and major == 9:
+        return "TRITON"
+    if model_type == "gpt_oss" and major == 10:
+        return "CUTLASS" if attention_dp else "TRTLLM"
+    return "CUTLASS"
 
 
 def accepted_fields(engine: str) -> frozenset[str]:
@@ -114,7 +142,11 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
     """
     if format_name != plan.inputs["format"] or kv_dtype != plan.inputs["kv_cache_dtype"]:
         raise ValueError(f"plan is for {plan.inputs['format']}/{plan.inputs['kv_cache_dtype']}, not {format_name}/{kv_dtype}")
-    batch = int(plan.roofline["decode_batch"])
+    # Under attention DP each rank schedules its own requests from its own KV pool, so the batch and
+    # the KV tokens are per rank: NVIDIA's gpt-oss-120b throughput config (tp 8, enable_attention_dp)
+    # gives max_batch_size 720 and captures CUDA graphs up to the same 720, graphs being per rank.
+    ranks = int(plan.inputs["tp"]) if plan.inputs["attention_dp"] else 1
+    batch = math.ceil(int(plan.roofline["decode_batch"]) / ranks)
     kv_cache_config: dict[str, Any] = {
         "max_tokens": plan.kv_capacity_tokens,
         "free_gpu_memory_fraction": target.kv_cache_free_gpu_memory_fraction,
@@ -136,6 +168,13 @@ def llm_api_options(plan: Plan, target: Target, format_name: str, kv_dtype: str,
         "max_seq_len": target.seq_len,
         "kv_cache_config": kv_cache_config,
     }
+    shape = plan.inputs["shape"]
+    if shape.get("experts"):
+        options["moe_expert_parallel_size"] = int(plan.inputs["ep"])
+        options["enable_attention_dp"] = bool(plan.inputs["attention_dp"])
+        if engine == "pytorch":
+            options["moe_config"] = {"backend": moe_backend(shape.get("model_type", ""), plan.inputs["compute_capability"],
+                                                            bool(plan.inputs["attention_dp"]))}
     if engine == "pytorch":
         # enable_padding rounds a batch up to the next captured size ("usually a net win for
         # performance", CudaGraphConfig.enable_padding), which is what makes a sparse list useful.

@@ -14,15 +14,13 @@ from typing import Any, NamedTuple
 
 from pipeline.core.formats import Format, KvCacheDtype
 from pipeline.core.gpus import GpuSpec
-from pipeline.sizing.shapes import (
-    TP_CHOICES,
-    ModelShape,
-    ParamCounts,
-    count_params,
+from pipeline.sizing.parallel import (
+    Parallelism,
     kv_bytes_per_token,
-    tp_is_valid,
-    weight_bytes,
+    parallelism_problem,
+    weight_bytes_per_gpu,
 )
+from pipeline.sizing.shapes import TP_CHOICES, ModelShape, ParamCounts, count_params, weight_bytes
 
 KV_BLOCK_TOKENS = 32
 # CUDA context, cuBLAS/NCCL workspaces and the runtime's own buffers: ~0.5-1 GiB seen on H100
@@ -49,53 +47,65 @@ class ServingShape:
         return self.max_input_len + self.max_output_len / 2
 
 
-def reserve_bytes(shape: ModelShape, serving: ServingShape, tp: int) -> int:
-    per_token = 2 * shape.hidden + 2 * (shape.expert_intermediate or shape.intermediate) // tp
+def reserve_bytes(shape: ModelShape, serving: ServingShape, par: Parallelism) -> int:
+    per_token = 2 * shape.hidden + 2 * (shape.expert_intermediate or shape.intermediate) // par.tp
     return RUNTIME_OVERHEAD_BYTES + serving.max_num_tokens * per_token * ACTIVATION_BYTES_PER_ELEMENT
 
 
 class MemorySplit(NamedTuple):
-    """One GPU's memory at a TP: what the weights and the reserve take, the KV pool and what it holds."""
+    """One GPU's memory under a parallelism: what the weights and the reserve take, the KV pool and
+    what it holds. Under attention DP each rank's pool holds its own sequences, so the instance
+    serves `dp_ranks` times one rank's batch."""
 
     weights: int  # all GPUs
     weights_per_gpu: int
     reserve: int
     left: int  # for the KV pool, before the fraction; 0 when nothing is left
     pool: int
-    capacity: int  # tokens
-    max_batch: int  # sequences of serving.seq_len
+    capacity: int  # tokens one GPU's pool holds
+    max_batch: int  # sequences of serving.seq_len the instance serves at once (all DP ranks)
     why_not: str | None  # None when it fits
+    max_batch_per_rank: int = 0
 
 
 def memory_at_tp(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheDtype, gpu: GpuSpec,
-                 serving: ServingShape, tp: int) -> MemorySplit:
+                 serving: ServingShape, par: Parallelism) -> MemorySplit:
     weights = weight_bytes(counts, fmt)
-    weights_per_gpu = math.ceil(weights / tp)
-    reserve = reserve_bytes(shape, serving, tp)
+    weights_per_gpu = weight_bytes_per_gpu(counts, fmt, par)
+    reserve = reserve_bytes(shape, serving, par)
     left = gpu.memory_bytes - weights_per_gpu - reserve
-    kv_per_token_gpu = kv_bytes_per_token(shape, kv, tp)
+    # Every layer at full length, sliding-window ones too: that is what TensorRT-LLM 1.2 allocates.
+    # Without kv_cache_config.max_attention_window the KV manager sizes every layer to max_seq_len
+    # (tensorrt_llm/_torch/pyexecutor/resource_manager.py KVCacheManager.__init__: "Use max_seq_len as
+    # default max_attention_window"); with a per-layer window list it splits the pool *equally* per
+    # window size (calculate_max_num_blocks_for_vswa, unless TRTLLM_WINDOW_SIZE_SHARES says otherwise),
+    # which for gpt-oss's half-sliding layers leaves the full layers the same tokens. So forge writes
+    # no window list and plans what the runtime holds.
+    kv_per_token_gpu = kv_bytes_per_token(shape, kv, par)
     pool = max(0, int(left * serving.kv_cache_free_gpu_memory_fraction))
     blocks = int(pool // (kv_per_token_gpu * KV_BLOCK_TOKENS))
     capacity = blocks * KV_BLOCK_TOKENS
-    max_batch = blocks // math.ceil(serving.seq_len / KV_BLOCK_TOKENS)
+    per_rank = blocks // math.ceil(serving.seq_len / KV_BLOCK_TOKENS)
     if left <= 0:
         why = (
             f"weights {weights_per_gpu / 1e9:.1f} GB/GPU + reserve {reserve / 1e9:.1f} GB exceed "
-            f"{gpu.memory_bytes / 1e9:.0f} GB at TP {tp}"
+            f"{gpu.memory_bytes / 1e9:.0f} GB at {par}"
         )
-    elif max_batch < 1:
+    elif per_rank < 1:
         why = (
             f"KV pool {pool / 1e9:.2f} GB holds {capacity} tokens, less than one sequence of {serving.seq_len}"
         )
     else:
         why = None
-    return MemorySplit(weights, weights_per_gpu, reserve, max(0, left), pool, capacity, max_batch, why)
+    return MemorySplit(weights, weights_per_gpu, reserve, max(0, left), pool, capacity, per_rank * par.dp_ranks,
+                       why, per_rank)
 
 
 def smallest_fitting_tp(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheDtype, gpu: GpuSpec,
                         serving: ServingShape) -> int | None:
     for tp in TP_CHOICES:
-        if tp_is_valid(shape, tp) and memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp).why_not is None:
+        par = Parallelism(tp)
+        if parallelism_problem(shape, par) is None and memory_at_tp(shape, counts, fmt, kv, gpu, serving, par).why_not is None:
             return tp
     return None
 
@@ -132,6 +142,6 @@ def fitting_alternatives(
                 continue
             tp = smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving)
             if tp is not None:
-                max_batch = memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp).max_batch
+                max_batch = memory_at_tp(shape, counts, fmt, kv, gpu, serving, Parallelism(tp)).max_batch
                 found.append(Alternative(fmt.name, key, tp, max_batch))
     return sorted(found, key=lambda a: (a.tp, -a.max_batch))

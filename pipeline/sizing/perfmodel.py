@@ -36,13 +36,13 @@ from pipeline.core.errors import RecipeError
 from pipeline.core.formats import Format, KvCacheDtype
 from pipeline.core.gpus import GpuSpec
 from pipeline.sizing.memory import KV_BLOCK_TOKENS, ServingShape, memory_at_tp
+from pipeline.sizing.parallel import Parallelism, kv_bytes_per_token
 from pipeline.sizing.roofline import Ceilings
 from pipeline.sizing.shapes import (
     EMBEDDING_BYTES_PER_PARAM,
     ModelShape,
     ParamCounts,
     count_params,
-    kv_bytes_per_token,
     weight_bytes,
 )
 
@@ -176,7 +176,9 @@ class StepModel:
 
 
 def step_model(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheDtype, hw: Hardware, tp: int,
-               eff: Efficiency) -> StepModel:
+               eff: Efficiency, context: float | None = None) -> StepModel:
+    """`context`: the mean context a decode step reads, for sliding-window layers (they read at most
+    their window); None reads every layer in full."""
     head = counts.lm_head or counts.embeddings
     active_linear = counts.attention + counts.active_mlp + counts.router
     return StepModel(
@@ -184,8 +186,8 @@ def step_model(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheD
         head_flops_per_seq=2 * head / tp,
         weight_bytes_per_gpu=(weight_bytes(counts, fmt) - counts.embeddings * EMBEDDING_BYTES_PER_PARAM
                               * (0 if shape.tie_embeddings else 1)) / tp,  # the embedding table is gathered, not streamed
-        kv_bytes_per_token_gpu=kv_bytes_per_token(shape, kv, tp),
-        attention_flops_per_token_ctx=4 * shape.layers * shape.heads * shape.head_dim / tp,
+        kv_bytes_per_token_gpu=kv_bytes_per_token(shape, kv, Parallelism(tp), context=context),
+        attention_flops_per_token_ctx=2 * shape.layers * shape.heads * (shape.qk_head_dim + shape.v_head_dim) / tp,
         allreduce_bytes_per_token=shape.hidden * 2,  # BF16 activations
         allreduces=2 * shape.layers,  # after attention and after the MLP
         tp=tp, hw=hw, eff=eff,
@@ -306,13 +308,13 @@ def _dominant(times: dict[str, float]) -> str:
 
 
 def kv_capacity(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheDtype, gpu: GpuSpec, tp: int,
-                max_num_tokens: int, fraction: float) -> int:
+                max_num_tokens: int, fraction: float, seq_len: int = 2) -> int:
     """Tokens the KV pool holds, by the planner's memory model (pipeline/sizing/memory.py), which follows
     TensorRT-LLM's KvCacheCreator._cal_max_memory (tensorrt_llm/_torch/pyexecutor/_util.py):
     (total GPU memory - peak memory of the profiling run) x free_gpu_memory_fraction."""
-    serving = ServingShape(max_input_len=1, max_output_len=1, seq_len=2, max_num_tokens=max_num_tokens,
+    serving = ServingShape(max_input_len=1, max_output_len=1, seq_len=seq_len, max_num_tokens=max_num_tokens,
                            kv_cache_free_gpu_memory_fraction=fraction)
-    return memory_at_tp(shape, counts, fmt, kv, gpu, serving, tp).capacity
+    return memory_at_tp(shape, counts, fmt, kv, gpu, serving, Parallelism(tp)).capacity
 
 
 def trtllm_bench_limits(kv_tokens: int, work: Workload) -> tuple[int, int]:
@@ -337,15 +339,18 @@ def predict(config: dict[str, Any], fmt: Format, kv: KvCacheDtype, gpu: GpuSpec,
     throughput, each at the KV capacity its max_num_tokens leaves (activations scale with it)."""
     shape = ModelShape.from_hf_config(config)
     counts = count_params(shape)
-    step = step_model(shape, counts, fmt, kv, Hardware.of(gpu, fmt, ceilings), tp, eff or Efficiency.load())
+    step = step_model(shape, counts, fmt, kv, Hardware.of(gpu, fmt, ceilings), tp, eff or Efficiency.load(),
+                      context=work.input_len + work.output_len / 2)
+    seq_len = work.input_len + work.output_len
     if limits is not None:
-        return simulate(step, work, limits[0], limits[1], kv_capacity(shape, counts, fmt, kv, gpu, tp, limits[1], fraction))
+        return simulate(step, work, limits[0], limits[1],
+                        kv_capacity(shape, counts, fmt, kv, gpu, tp, limits[1], fraction, seq_len))
     tokens = sorted({t for t in TOKEN_CHOICES if token_cap is None or t <= token_cap} | ({token_cap} if token_cap else set()))
     batches = tuple(b for b in BATCH_CHOICES if batch_cap is None or b < batch_cap) + ((batch_cap,) if batch_cap else ())
     seq_blocks = math.ceil((work.input_len + work.output_len) / KV_BLOCK_TOKENS)
     best: Prediction | None = None
     for t in tokens:
-        capacity = kv_capacity(shape, counts, fmt, kv, gpu, tp, t, fraction)
+        capacity = kv_capacity(shape, counts, fmt, kv, gpu, tp, t, fraction, seq_len)
         kv_requests = (capacity // KV_BLOCK_TOKENS) // seq_blocks
         if kv_requests < 1:
             continue

@@ -54,10 +54,10 @@ def export_temp_bytes_per_element(fmt: str) -> int:
     spec = FORMATS[fmt]
     return EXPORT_TEMP_BYTES_PER_ELEMENT_TYPE[spec.element_type] if spec.quantized else 0
 # Transformers' decoder-only layout (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM,
-# Qwen2/Qwen3ForCausalLM): model.embed_tokens, model.rotary_emb, model.layers.N, model.norm, lm_head.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
-# Qwen2's attention always has q/k/v biases (transformers modeling_qwen2.py: bias=True).
-_QKV_BIAS_TYPES = ("qwen2",)
+# Qwen2/Qwen3ForCausalLM, Qwen2Moe/Qwen3MoeForCausalLM, GptOssForCausalLM): model.embed_tokens,
+# model.rotary_emb, model.layers.N (every layer the same size), model.norm, lm_head. DeepSeek (dense
+# first layers) and Llama-4 (language_model.* beside a vision tower) are laid out otherwise.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gpt_oss")
 MAX_GPUS_TO_SUGGEST = 64
 
 
@@ -92,16 +92,12 @@ def module_list(config: dict[str, Any], batch: int, seq_len: int, where: str = "
     Param counts come from `pipeline.sizing.shapes.count_params` (one source for the arithmetic); a
     decoder layer is the unit accelerate never splits (`_no_split_modules` = the decoder layer).
     """
-    model_type = _need_model_type(config, where)
+    _need_model_type(config, where)
     shape = ModelShape.from_hf_config(config, where)
     counts = count_params(shape)
     h, L = shape.hidden, shape.layers
-    bias = 0
-    if config.get("attention_bias") or model_type in _QKV_BIAS_TYPES:
-        bias += (shape.heads + 2 * shape.kv_heads) * shape.head_dim
-        bias += h if config.get("attention_bias") else 0  # o_proj has a bias only with attention_bias
-    if config.get("mlp_bias"):
-        bias += 2 * shape.intermediate + h
+    # Attention biases are in count_params (ModelShape.qkv_bias / o_bias); a Llama-style mlp_bias is not.
+    bias = 2 * shape.intermediate + h if config.get("mlp_bias") else 0
     layer_params = (counts.attention + counts.mlp + counts.router) // L + 2 * h + bias
     ffn = shape.expert_intermediate or shape.intermediate
     if shape.experts:

@@ -17,8 +17,14 @@ from pipeline.core.formats import Format, KvCacheDtype
 from pipeline.core.gpus import GpuSpec
 from pipeline.sizing import perfmodel
 from pipeline.sizing.memory import ServingShape, memory_at_tp, smallest_fitting_tp
+from pipeline.sizing.parallel import (
+    Parallelism,
+    kv_bytes_per_token,
+    parallel_choices,
+    parallelism_problem,
+)
 from pipeline.sizing.roofline import Ceilings, roofline
-from pipeline.sizing.shapes import TP_CHOICES, ModelShape, count_params, kv_bytes_per_token, tp_is_valid
+from pipeline.sizing.shapes import TP_CHOICES, ModelShape, count_params
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,12 @@ class Plan:
     min_tp: int | None
     roofline: dict[str, Any] = field(default_factory=dict)
     # trtllm-bench's offline scenario at the target's ISL/OSL (pipeline/sizing/perfmodel.py), all predicted;
-    # empty when nothing fits.
+    # empty when nothing fits or the model does not predict this parallelism (`throughput_not_predicted`).
     throughput: dict[str, Any] = field(default_factory=dict)
+    throughput_not_predicted: str | None = None
+    # MoE: every valid split of the experts and attention over the same GPUs, with its memory
+    # (`choices_at`); the target's own is the one marked `chosen`.
+    parallel_choices: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def decode_tok_s_batch1(self) -> float | None:
@@ -77,6 +87,17 @@ PREDICTED_KEYS = ("predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "t
                   "usd_per_mtok")
 
 
+# Not in the throughput model yet: attention DP serves a batch per rank and shards differently; the
+# time model of an MoE under it (all-to-all, per-rank batches) is issue 25's. EP without attention DP
+# is predicted as TP: each GPU streams the same expert bytes (1/TP of them) either way, and the
+# all-to-all is modelled as TP's all-reduce.
+ATTENTION_DP_NOT_PREDICTED = ("attention DP is not in the throughput model (pipeline/sizing/perfmodel.py); the "
+                              "runtime limits come from the memory plan")
+
+
+SINGLE_GPU = Parallelism()
+
+
 def plan(
     config: dict[str, Any],
     fmt: Format,
@@ -84,26 +105,25 @@ def plan(
     gpu: GpuSpec,
     gpu_key: str,
     serving: ServingShape,
-    tp: int = 1,
+    par: Parallelism = SINGLE_GPU,
     ceilings: Ceilings | None = None,
 ) -> Plan:
     shape = ModelShape.from_hf_config(config)
     counts = count_params(shape)
-    if not tp_is_valid(shape, tp):
+    problem = parallelism_problem(shape, par)
+    if problem:
         raise RecipeError(
-            f"tp={tp}",
-            f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {tp} ways.",
-            f"use a TP size in {[t for t in TP_CHOICES if tp_is_valid(shape, t)]}.",
+            f"tp={par.tp}" + (f", ep={par.ep}" if par.ep > 1 else "") + (", attention_dp" if par.attention_dp else ""),
+            f"{problem}.",
+            f"use one of: {'; '.join(str(p) for t in TP_CHOICES for p in parallel_choices(shape, t))}.",
         )
-    sized = workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings)
+    sized = None if par.attention_dp else workload_throughput(config, fmt, kv, gpu, serving, par.tp, ceilings)
     if sized:  # the runtime limits the throughput model chose for this workload
         serving = replace(serving, max_num_tokens=sized["max_num_tokens"])
     ceilings = ceilings or Ceilings(gpu.memory_bandwidth_bytes_per_s, gpu.peak_flops(fmt.compute_dtype), "datasheet")
-    weights, weights_gpu, reserve, left, pool, capacity, max_batch, why = memory_at_tp(
-        shape, counts, fmt, kv, gpu, serving, tp
-    )
-    batch = min(max_batch, serving.concurrency) if serving.concurrency else max_batch
-    if sized and why is None:
+    split = memory_at_tp(shape, counts, fmt, kv, gpu, serving, par)
+    batch = min(split.max_batch, serving.concurrency) if serving.concurrency else split.max_batch
+    if sized and split.why_not is None:
         batch = sized["max_batch_size"]
     return Plan(
         inputs={
@@ -111,36 +131,55 @@ def plan(
             "kv_cache_dtype": kv.name,
             "gpu": gpu_key,
             "compute_capability": gpu.compute_capability,
-            "tp": tp,
+            "tp": par.tp,
+            "ep": par.ep,
+            "attention_dp": par.attention_dp,
             **asdict(serving),
-            "shape": asdict(shape),
+            "shape": shape.to_json(),
         },
         params=counts.total,
         params_by_component={
             "attention": counts.attention,
             "mlp": counts.mlp,
+            "routed_experts": counts.routed_experts,
             "router": counts.router,
             "embeddings": counts.embeddings,
             "lm_head": counts.lm_head,
             "norms": counts.norms,
+            "vision": counts.vision,
             "active_per_token": counts.active,
+            "active_per_token_with_embeddings": counts.active_with_embeddings,
         },
-        weights_bytes=weights,
-        weights_bytes_per_gpu=weights_gpu,
-        kv_bytes_per_token=kv_bytes_per_token(shape, kv, 1),
-        kv_bytes_per_token_per_gpu=kv_bytes_per_token(shape, kv, tp),
+        weights_bytes=split.weights,
+        weights_bytes_per_gpu=split.weights_per_gpu,
+        kv_bytes_per_token=kv_bytes_per_token(shape, kv),
+        kv_bytes_per_token_per_gpu=kv_bytes_per_token(shape, kv, par),
         memory_bytes=gpu.memory_bytes,
-        reserve_bytes=reserve,
-        memory_left_for_kv_bytes=left,
-        kv_pool_bytes=pool,
-        kv_capacity_tokens=capacity,
-        max_batch_at_seq_len=max_batch,
-        fits=why is None,
-        why_not=why,
+        reserve_bytes=split.reserve,
+        memory_left_for_kv_bytes=split.left,
+        kv_pool_bytes=split.pool,
+        kv_capacity_tokens=split.capacity,
+        max_batch_at_seq_len=split.max_batch,
+        fits=split.why_not is None,
+        why_not=split.why_not,
         min_tp=smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving),
-        roofline=roofline(shape, counts, fmt, kv, gpu, serving, tp, batch, ceilings),
-        throughput=priced(sized, gpu, tp, serving.price_per_gpu_hour_usd) if sized else {},
+        roofline=roofline(shape, counts, fmt, kv, gpu, serving, par.tp, batch, ceilings),
+        throughput=priced(sized, gpu, par.tp, serving.price_per_gpu_hour_usd) if sized else {},
+        throughput_not_predicted=ATTENTION_DP_NOT_PREDICTED if par.attention_dp else None,
+        parallel_choices=choices_at(shape, counts, fmt, kv, gpu, serving, par) if shape.experts else [],
     )
+
+
+def choices_at(shape, counts, fmt, kv, gpu, serving: ServingShape, chosen: Parallelism) -> list[dict[str, Any]]:
+    """Each valid EP / attention-DP split over the chosen TP, with one GPU's memory under it."""
+    rows = []
+    for par in parallel_choices(shape, chosen.tp):
+        split = memory_at_tp(shape, counts, fmt, kv, gpu, serving, par)
+        rows.append({"parallelism": str(par), "tp": par.tp, "ep": par.ep, "attention_dp": par.attention_dp,
+                     "weights_bytes_per_gpu": split.weights_per_gpu, "kv_pool_bytes_per_gpu": split.pool,
+                     "kv_capacity_tokens_per_gpu": split.capacity, "max_batch_at_seq_len": split.max_batch,
+                     "fits": split.why_not is None, "why_not": split.why_not, "chosen": par == chosen})
+    return rows
 
 
 def priced(run: dict[str, Any], gpu: GpuSpec, tp: int, usd_per_gpu_hour: float | None) -> dict[str, Any]:

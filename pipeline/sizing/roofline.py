@@ -5,13 +5,15 @@ is an upper bound, never a prediction of a run (that is pipeline/sizing/perfmode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.formats import Format, KvCacheDtype
 from pipeline.core.gpus import GpuSpec
 from pipeline.sizing.memory import ServingShape
-from pipeline.sizing.shapes import EMBEDDING_BYTES_PER_PARAM, ModelShape, ParamCounts, kv_bytes_per_token
+from pipeline.sizing.parallel import kv_bytes_per_token
+from pipeline.sizing.shapes import EMBEDDING_BYTES_PER_PARAM, ModelShape, ParamCounts
 
 
 @dataclass(frozen=True)
@@ -38,21 +40,23 @@ def roofline(
     so nothing is priced here (J/token and $/Mtok are of the predicted run: pipeline/sizing/plan.py)."""
     bw, peak = ceilings.memory_bandwidth_bytes_per_s, ceilings.peak_flops
     bf16_bytes = (counts.router + counts.norms + (counts.lm_head or counts.embeddings)) * EMBEDDING_BYTES_PER_PARAM
-    attention_flops_per_ctx_token = 4 * shape.layers * shape.heads * shape.head_dim  # QK^T and PV, 2 FLOP/MAC
+    # QK^T and PV, 2 FLOP/MAC (MLA: 192-wide query-key and 128-wide value heads, prefill form)
+    attention_flops_per_ctx_token = 2 * shape.layers * shape.heads * (shape.qk_head_dim + shape.v_head_dim)
 
     def expert_params_touched(b: int) -> float:
         if not shape.experts:
             return counts.mlp
-        # Expected distinct experts hit by b tokens routing top-k of E uniformly.
+        # Expected distinct experts hit by b tokens routing top-k of E uniformly; dense layers and
+        # shared experts are read whole.
         e, k = shape.experts, shape.experts_per_token
         hit = e * (1 - (1 - k / e) ** b)
-        shared = shape.layers * 3 * shape.hidden * shape.shared_expert_intermediate
-        return (counts.mlp - shared) * hit / e + shared
+        return counts.mlp - counts.routed_experts + counts.routed_experts * hit / e
 
     def decode(b: int) -> tuple[float, str]:
         quantized_params = counts.attention + expert_params_touched(b)
         weight_traffic = quantized_params * fmt.bytes_per_weight + bf16_bytes
-        kv_traffic = b * serving.mean_decode_context * kv_bytes_per_token(shape, kv, 1)
+        context = serving.mean_decode_context
+        kv_traffic = b * context * kv_bytes_per_token(shape, kv, context=math.ceil(context))
         flops = b * (2 * counts.active + attention_flops_per_ctx_token * serving.mean_decode_context)
         t_mem = (weight_traffic + kv_traffic) / (bw * tp)
         t_compute = flops / (peak * tp)

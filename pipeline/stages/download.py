@@ -94,6 +94,7 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
         converted = sources.convert_gguf_to_hf(path, checkpoint_dir, dtype=model.spec.dtype)
         return {"kind": spec.kind, "path": str(path), "sha256": actual, "gguf_tensor_types": converted.gguf_tensor_types}
     if isinstance(spec, HfSource):
+        refuse_prequantized(model)
         snap = sources.snapshot_hf(spec.repo_id, spec.revision, checkpoint_dir, trust_remote_code=spec.trust_remote_code)
         return {"kind": spec.kind, "repo_id": spec.repo_id, "revision": spec.revision, "files": list(snap.files)}
     if isinstance(spec, LocalSource):
@@ -101,6 +102,20 @@ def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
         return {"kind": spec.kind, "path": str(copy.source), "linked": copy.linked, "copied": copy.copied,
                 "dropped": list(copy.dropped)}
     raise SourceError(str(model.directory / MODEL_FILE), f"unsupported source kind {spec.kind!r}.", "see pipeline/recipe/schema.py.")
+
+
+def refuse_prequantized(model: Model) -> None:
+    """Calibration starts from BF16 weights; a checkpoint the publisher already quantized (gpt-oss's
+    MXFP4 experts, DeepSeek's FP8 blocks) would reach ModelOpt in a form it does not calibrate.
+    Refused before anything is fetched, until a source path dequantizes it."""
+    quant = model.architecture().get("quantization_config")
+    if isinstance(quant, dict):
+        raise SourceError(
+            f"{model.architecture_path}: quantization_config",
+            f"the source checkpoint is already quantized (quant_method {quant.get('quant_method')!r}); forge's "
+            "download writes a BF16 checkpoint for calibration and does not dequantize a published one.",
+            "plan it with forge plan (its BF16 shape is planned), or start from a BF16 release of the model.",
+        )
 
 
 def check_architecture(model: Model, checkpoint_dir: Path) -> None:

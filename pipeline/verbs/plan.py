@@ -2,10 +2,10 @@
 with the checks `forge validate` runs (pipeline/planning/); with --dvc, plan.yaml and dvc.yaml's
 generated tail instead (pipeline/planning/dvc_plan.py).
 
-What it prints is one typed object per planned target (`TargetPlanView`), turned into JSON by one
-function and into a table by another, for recipe targets, what-ifs and ad-hoc plans alike: a field
-added to `TargetPlanView` (and one line in `plan_json` / `plan_rows`) appears in every form. A plan
-that does not fit prints its memory rows and what would fit, never throughput. Calibration placement
+What it prints is one typed object per planned target (`TargetPlanView`, pipeline/planning/plan_view.py),
+turned into JSON by one function and into a table by another, for recipe targets, what-ifs and ad-hoc
+plans alike: a field added to `TargetPlanView` (and one line in `plan_json` / `plan_rows`) appears in
+every form. A plan that does not fit prints its memory rows and what would fit, never throughput. Calibration placement
 is its own answer beside the serving plan: a node that cannot hold the BF16 model is shown, with its
 fix, and never stops the serving plan (`forge validate` and the calibrate stage still refuse it).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from pipeline.core.cliargs import add_verb, arg, run_with
 from pipeline.core.errors import RecipeError, raise_all
 from pipeline.core.formats import FORMATS, KV_CACHE_NAMES, canonical_kv_dtype
 from pipeline.core.gpus import DEFAULT_CATALOG, GpuSpec, load_catalog
-from pipeline.core.tables import print_table
 from pipeline.core.yamlio import read_json
 from pipeline.measure.probe import probe_ceilings
 from pipeline.planning.dvc_plan import (
@@ -38,11 +36,12 @@ from pipeline.planning.dvc_plan import (
     generated_files,
     repro_changes,
 )
+from pipeline.planning.plan_view import TargetPlanView, plan_json, render_plan_table
 from pipeline.planning.targets import TargetSpec, plan_spec, target_spec
 from pipeline.planning.validate import Definitions, fit_problem, spec_problems, validate_recipe, would_fit
 from pipeline.recipe.loading import Recipe, load_recipe
 from pipeline.recipe.schema import TARGET_DEFAULTS
-from pipeline.sizing.memory import Alternative, ServingShape
+from pipeline.sizing.memory import ServingShape
 from pipeline.sizing.placement import (
     SUPPORTED_MODEL_TYPES,
     Node,
@@ -51,7 +50,6 @@ from pipeline.sizing.placement import (
     plan_recipe_calibration,
     recipe_node,
 )
-from pipeline.sizing.plan import Plan
 
 PLAN_EXAMPLES = """examples:
   forge plan recipes/llama-3-3-70b-instruct/fp8.yaml                 # every target of the recipe
@@ -63,7 +61,8 @@ PLAN_EXAMPLES = """examples:
 """
 
 # Flags that change what is planned; on a recipe they are what-ifs on top of its targets.
-WHAT_IF_FLAGS = {"gpu": "--gpu", "format": "--format", "tp": "--tp", "kv_dtype": "--kv-dtype",
+WHAT_IF_FLAGS = {"gpu": "--gpu", "format": "--format", "tp": "--tp", "ep": "--ep", "attention_dp": "--attention-dp",
+                 "kv_dtype": "--kv-dtype",
                  "input_len": "--input-len", "output_len": "--output-len", "seq_len": "--seq-len",
                  "concurrency": "--concurrency", "price": "--price"}
 
@@ -80,6 +79,9 @@ class PlanArgs:
     format: str | None = arg(choices=tuple(FORMATS), help="weight format (pipeline/core/formats.py)")
     gpu: str | None = arg(metavar="GPU", help="GPU key from the catalog (forge formats lists them)")
     tp: int | None = arg(choices=(1, 2, 4, 8), help=f"tensor-parallel GPUs (default {TARGET_DEFAULTS.tp})")
+    ep: int | None = arg(choices=(1, 2, 4, 8), help="MoE: split the experts this many ways over the TP GPUs (default 1)")
+    attention_dp: str | None = arg(choices=("on", "off"),
+                                   help="MoE: attention data parallelism, each GPU serving its own requests (default off)")
     kv_dtype: str | None = arg(choices=tuple(KV_CACHE_NAMES),
                                help="KV-cache dtype; bf16/fp16 name the unquantized cache (= auto) "
                                     f"(default {TARGET_DEFAULTS.kv_cache_dtype})")
@@ -217,9 +219,10 @@ def _recipe_requests(args: PlanArgs) -> list[PlanRequest]:
         spec = dataclasses.replace(
             base, gpu=gpu, format=given.get("format", base.format),
             kv_cache_dtype=canonical_kv_dtype(given.get("kv_dtype", base.kv_cache_dtype)),
-            tp=given.get("tp", base.tp), serving=serving,
-            where=f"{recipe.path} (what-if {flags})", flags=True,
-            fields={"kv": "--kv-dtype", "tp": "--tp", "seq": "--seq-len"},
+            tp=given.get("tp", base.tp), ep=given.get("ep", base.ep),
+            attention_dp=given["attention_dp"] == "on" if "attention_dp" in given else base.attention_dp,
+            serving=serving, where=f"{recipe.path} (what-if {flags})", flags=True,
+            fields={"kv": "--kv-dtype", "tp": "--tp", "ep": "--ep", "attention_dp": "--attention-dp", "seq": "--seq-len"},
         )
         specs.append(PlanRequest(f"{recipe.artifact_prefix}-{gpu} (what-if)", spec, what_ifs=given,
                                  calibration=calibration))
@@ -255,8 +258,10 @@ def _adhoc_request(args: PlanArgs) -> PlanRequest:
     spec = TargetSpec(
         model=Path(args.model_config).parent.name or "model", config=config, format=args.format,
         kv_cache_dtype=canonical_kv_dtype(args.kv_dtype or d.kv_cache_dtype), gpu=args.gpu,
-        tp=args.tp or d.tp, serving=_serving(base, given), where=f"forge plan --gpu {args.gpu}",
-        fields={"kv": "--kv-dtype", "tp": "--tp", "seq": "--seq-len"}, flags=True,
+        tp=args.tp or d.tp, ep=args.ep or 1, attention_dp=args.attention_dp == "on", serving=_serving(base, given),
+        where=f"forge plan --gpu {args.gpu}",
+        fields={"kv": "--kv-dtype", "tp": "--tp", "ep": "--ep", "attention_dp": "--attention-dp", "seq": "--seq-len"},
+        flags=True,
     )
 
     def calibration(catalog):
@@ -289,160 +294,3 @@ def _write_dvc_plan(args: PlanArgs, catalog: dict[str, GpuSpec]) -> int:
           f"{FRONTIER_REPORT_STAGE} (make frontier); one target (and what it needs): " + (
               "; ".join(f"dvc repro publish@{t}" for t in sorted(plan["targets"])) or "none planned"))
     return 0
-
-
-# ---------------------------------------------------------------------------- what it prints
-
-# Keys of Plan.to_json() that are throughput predictions: left out (None) when the plan does not fit.
-THROUGHPUT_KEYS = ("decode_tok_s_batch1", "decode_bound_batch1", "decode_tok_s_max_batch", "decode_bound_max_batch",
-                   "decode_tok_s_per_user_max_batch", "prefill_tok_s", "joules_per_token", "usd_per_mtok",
-                   "predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "throughput")
-
-
-@dataclass(frozen=True)
-class TargetPlanView:
-    """One planned target as `forge plan` shows it: its plan and how it was asked for."""
-
-    title: str  # the artifact name, or "ad-hoc"
-    plan: Plan
-    what_ifs: dict[str, Any] = field(default_factory=dict)  # settings overridden on top of a recipe
-    defaults: dict[str, Any] = field(default_factory=dict)  # settings taken from TARGET_DEFAULTS
-    would_fit: tuple[Alternative, ...] = ()  # when it does not fit: what would, computed
-    calibration_plan: dict[str, Any] | None = None  # pipeline.sizing.placement.CalibrationPlan.to_json()
-
-    @property
-    def fits(self) -> bool:
-        return self.plan.fits
-
-
-def plan_json(target: TargetPlanView) -> dict[str, Any]:
-    out = target.plan.to_json()
-    if not target.fits:
-        out.update({key: None for key in THROUGHPUT_KEYS})
-        out["predicted"] = []
-    out["what_ifs"] = target.what_ifs
-    out["defaults"] = target.defaults
-    out["would_fit"] = [vars(a) for a in target.would_fit]
-    if target.calibration_plan is not None:
-        out["calibration_plan"] = target.calibration_plan
-    return out
-
-
-def significant(value: float | None, digits: int = 3, unit: str = "") -> str:
-    """`digits` significant digits without an exponent: 0.0152 J, $0.0123, 2,587 tok/s."""
-    if value is None:
-        return "-"
-    if value == 0:
-        return f"0{unit}"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-    return f"{value:,.{decimals}f}{unit}"
-
-
-def _gb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e9:,.2f} GB"
-
-
-def plan_rows(target: TargetPlanView) -> list[tuple[str, str]]:
-    p = plan_json(target)
-    inputs = p["inputs"]
-    rows = [
-        ("format / KV cache", f"{inputs['format']} / {inputs['kv_cache_dtype']}"),
-        ("GPU (compute capability) x TP", f"{inputs['gpu']} ({inputs['compute_capability']}) x {inputs['tp']}"),
-        ("ISL / OSL / max_seq_len", f"{inputs['max_input_len']:,} / {inputs['max_output_len']:,} / {inputs['seq_len']:,}"),
-        ("params", f"{p['params'] / 1e9:,.3f} B"),
-        ("weights (all GPUs)", _gb(p["weights_bytes"])),
-        ("weights per GPU", _gb(p["weights_bytes_per_gpu"])),
-        ("KV per token (per GPU)",
-         f"{p['kv_bytes_per_token'] / 1024:,.1f} KiB ({p['kv_bytes_per_token_per_gpu'] / 1024:,.1f} KiB)"),
-        ("GPU memory", _gb(p["memory_bytes"])),
-        ("runtime reserve (estimate)", _gb(p["reserve_bytes"])),
-        ("memory left for KV", _gb(p["memory_left_for_kv_bytes"])),
-        (f"KV pool ({inputs['kv_cache_free_gpu_memory_fraction']:.0%} of that)", _gb(p["kv_pool_bytes"])),
-        ("KV capacity", f"{p['kv_capacity_tokens']:,} tokens"),
-        (f"max batch at seq len {inputs['seq_len']:,}", f"{p['max_batch_at_seq_len']:,}"),
-        ("fits", "yes" if p["fits"] else f"NO: {p['why_not']}"),
-        ("smallest TP that fits", str(p["min_tp"]) if p["min_tp"] else "none up to 8"),
-    ]
-    if target.calibration_plan and "skipped" in target.calibration_plan:
-        rows.append(("calibration placement", f"not planned: {target.calibration_plan['skipped']}"))
-    elif target.calibration_plan and "refused" in target.calibration_plan:
-        rows.append(("calibration placement", f"not placeable on {_refused_node(target.calibration_plan)} (below)"))
-    elif target.calibration_plan is not None:
-        rows += calibration_rows(target.calibration_plan)
-    if not target.fits:
-        return rows  # no throughput for a plan that cannot run; what would fit is printed below
-    rows += [
-        ("decode tok/s, batch 1 (ceiling)", significant(p["decode_tok_s_batch1"], 4)),
-        (f"decode tok/s, batch {p['decode_batch']} (ceiling)", significant(p["decode_tok_s_max_batch"], 4)),
-        ("  bound by", str(p["decode_bound_max_batch"])),
-        ("prefill tok/s (ceiling)", significant(p["prefill_tok_s"], 4)),
-    ]
-    return rows + throughput_rows(p)
-
-
-def _refused_node(plan: dict[str, Any]) -> str:
-    node = plan["refused"]["node"]
-    return "the recipe's calibration.node" if node is None else f"{node['count']} x {node['gpu']}"
-
-
-def calibration_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
-    """`forge plan`'s table rows for a calibration plan (its JSON form)."""
-    node = plan["node"]
-    rows = [
-        ("calibration node", f"{node['count']} x {node['gpu']}"
-         + (f" + {node['cpu_offload_bytes'] / 1e9:,.0f} GB CPU offload" if node["cpu_offload_bytes"] else "")),
-        ("calibration BF16 weights", f"{plan['weights_bytes'] / 1e9:,.2f} GB"),
-        (f"calibration GPUs used (batch {plan['batch_size']} x {plan['seq_len']})", str(plan["gpus"])),
-    ]
-    for load in plan["loads"]:
-        first, last = load["modules"][0], load["modules"][-1]
-        rows.append((f"  GPU {load['gpu']}: {first} .. {last}",
-                     f"{load['total_bytes'] / 1e9:,.1f} GB, headroom {load['headroom_bytes'] / 1e9:,.1f} GB"))
-    rows.append(("calibration CPU offload", f"{plan['offload_bytes'] / 1e9:,.2f} GB"))
-    return rows
-
-
-def throughput_rows(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
-    """`forge plan`'s table rows for the predicted run (throughput_json's keys)."""
-    t = plan_json.get("throughput")
-    if not t:
-        return [("output tok/s (predicted)", "-")]
-    gpus = plan_json["inputs"]["tp"]
-    return [
-        ("runtime limits: max batch / max tokens", f"{t['max_batch_size']:,} / {t['max_num_tokens']:,}"),
-        (f"output tok/s, ISL/OSL {plan_json['inputs']['max_input_len']}/{plan_json['inputs']['max_output_len']} (predicted)",
-         f"{t['predicted_output_tok_s']:,.1f}" + (f" ({t['predicted_output_tok_s_per_gpu']:,.1f} per GPU)" if gpus > 1 else "")),
-        ("  per user / TTFT, both incl. queue wait / TPOT (predicted)",
-         f"{t['predicted_output_tok_s_per_user']:,.1f} tok/s / {t['predicted_ttft_ms'] / 1e3:,.1f} s / "
-         + f"{t['predicted_tpot_ms']:,.1f} ms"),
-        ("  bound by (prefill / decode)", f"{t['bound_prefill']} / {t['bound_decode']}"),
-        ("J/token at TDP (predicted)", significant(plan_json["joules_per_token"], 3, " J")),
-        ("$ per M output tokens (predicted)",
-         "-" if plan_json["usd_per_mtok"] is None else "$" + significant(plan_json["usd_per_mtok"], 3)),
-    ]
-
-
-def render_plan_table(target: TargetPlanView) -> None:
-    from rich.table import Table
-
-    table = Table(title=target.title, show_header=True, header_style="bold")
-    table.add_column("quantity", no_wrap=True)
-    table.add_column("value", justify="right")
-    for key, value in plan_rows(target):
-        table.add_row(key, value)
-    print_table(table)
-    if target.what_ifs:
-        print("what-if: " + ", ".join(f"{k}={v}" for k, v in target.what_ifs.items()) + " (on top of the recipe)")
-    if target.defaults:
-        print("defaults: " + ", ".join(f"{k}={v}" for k, v in target.defaults.items()))
-    refused = (target.calibration_plan or {}).get("refused")
-    if refused:
-        print(f"calibration placement (answered apart from the serving plan above): {refused['where']}: "
-              f"{refused['problem']} Fix: {refused['fix']}")
-    if not target.fits:
-        print("what would fit (same model and serving shape): "
-              + ("; ".join(str(a) for a in target.would_fit[:6]) or "nothing in the GPU catalog"))
-    else:
-        print(f"ceiling = decode/prefill roofline from {target.plan.roofline['ceilings_source']} rates, an upper "
-              "bound; predicted = trtllm-bench's offline run at the chosen limits (pipeline/sizing/perfmodel.py), "
-              "priced at that run; it submits every request at once, so TTFT and per-user tok/s include queue wait.")

@@ -20,8 +20,9 @@ from pipeline.core.gpus import load_catalog
 from pipeline.recipe.loading import load_recipe
 from pipeline.recipe.schema import TARGET_DEFAULTS
 from pipeline.sizing.memory import ServingShape
+from pipeline.sizing.parallel import Parallelism
 from pipeline.sizing.plan import plan
-from pipeline.verbs.plan import significant
+from pipeline.planning.plan_view import significant
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_70B = "recipes/llama-3-3-70b-instruct/config.json"
@@ -117,13 +118,13 @@ def test_what_would_fit_is_computed_by_the_planner(tmp_path, capsys):
     serving = ServingShape(1024, 1024, 2048)
     for alt in alternatives:  # each one fits at its TP, and not at the next smaller TP
         kv = KV_CACHE_DTYPES[TARGET_DEFAULTS.kv_cache_dtype]
-        fitted = plan(LLAMA_405B, FORMATS[alt["format"]], kv, CATALOG[alt["gpu"]], alt["gpu"], serving, tp=alt["tp"])
+        fitted = plan(LLAMA_405B, FORMATS[alt["format"]], kv, CATALOG[alt["gpu"]], alt["gpu"], serving, Parallelism(alt["tp"]))
         # The alternative's max batch is at the default max_num_tokens; the full plan sizes the runtime
         # to the workload (pipeline/sizing/perfmodel.py), which moves the activation reserve a little.
         assert fitted.fits and abs(fitted.max_batch_at_seq_len - alt["max_batch"]) <= 0.02 * alt["max_batch"]
         if alt["tp"] > 1:
             smaller = plan(LLAMA_405B, FORMATS[alt["format"]], kv, CATALOG[alt["gpu"]], alt["gpu"], serving,
-                           tp=alt["tp"] // 2)
+                           Parallelism(alt["tp"] // 2))
             assert not smaller.fits
     assert {a["gpu"] for a in alternatives} <= {"b200", "h200", "rtx-pro-6000", "h100", "l40s"}
     assert not any(a["format"] == "bf16" and a["gpu"] == "h100" for a in alternatives)
@@ -305,7 +306,7 @@ def test_dvc_plan_for_one_model(tmp_path, capsys, monkeypatch):
                                          "llama-3-1-8b-instruct-nvfp4-b200"}
     assert "dvc repro publish@llama-3-1-8b-instruct-fp8-h200" in out
     code, _, err = _run(capsys, "plan", "--dvc", "--all", "--model", "llama-9")
-    assert code == 2 and "--model: no recipes for 'llama-9' under recipes. Fix: use one of llama-3-1-8b-instruct" in err
+    assert code == 2 and "--model: no recipes for 'llama-9' under recipes. Fix: use one of gpt-oss-120b, llama-3-1-8b-instruct" in err
 
 
 # ---------------------------------------------------------------------------- item 15
@@ -354,7 +355,9 @@ def test_plan_dvc_says_what_make_repro_gains_and_generates_gpu_compare_deps(tmp_
             "(recipes/smollm2-135m-instruct/fp8-c.yaml) (now 8 target(s))\n") in out
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert [d for d in stages["gpu-compare"]["deps"] if d.startswith("recipes/")] == [
-        "recipes/llama-3-1-8b-copy", "recipes/llama-3-1-8b-instruct", "recipes/llama-3-3-70b-instruct"]
+        "recipes/gpt-oss-120b", "recipes/llama-3-1-8b-copy", "recipes/llama-3-1-8b-instruct",
+        "recipes/llama-3-3-70b-instruct", "recipes/mixtral-8x22b-instruct", "recipes/mixtral-8x7b-instruct",
+        "recipes/qwen3-30b-a3b"]
     assert list(stages).count("gpu-compare") == 1 and (tmp_path / "dvc.yaml").read_text().count("# ---- generated") == 1
     code, out, _ = _run(capsys, "plan", "--dvc")
     assert "`make repro` (dvc repro report): unchanged, 3 target(s)\n" in out

@@ -27,9 +27,12 @@ def compared(tmp_path_factory):
 def test_every_real_recipe_target_is_compared(compared):
     _, result = compared
     targets = {r["target"] for r in result["rows"]}
+    # every real recipe's (fp8, H100/H200) and (nvfp4, B200) targets (gpu_comparison.COMPARED)
     assert targets == {"llama-3-1-8b-instruct-fp8-h100", "llama-3-1-8b-instruct-fp8-h200",
                        "llama-3-1-8b-instruct-nvfp4-b200", "llama-3-3-70b-instruct-fp8-h100",
-                       "llama-3-3-70b-instruct-fp8-h200", "llama-3-3-70b-instruct-nvfp4-b200"}
+                       "llama-3-3-70b-instruct-fp8-h200", "llama-3-3-70b-instruct-nvfp4-b200",
+                       "mixtral-8x7b-instruct-fp8-h200", "mixtral-8x22b-instruct-fp8-h200", "qwen3-30b-a3b-fp8-h200",
+                       "qwen3-30b-a3b-nvfp4-b200", "gpt-oss-120b-fp8-h200"}
     for r in result["rows"]:
         assert r["predicted_output_tok_s_per_gpu"] == pytest.approx(r["predicted_output_tok_s"] / r["tp"])
         tdp = {"h100": 700, "h200": 700, "b200": 1000}[r["gpu"]]

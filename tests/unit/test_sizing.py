@@ -11,6 +11,7 @@ import pytest
 from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
 from pipeline.sizing.memory import ServingShape
+from pipeline.sizing.parallel import Parallelism
 from pipeline.sizing.plan import plan
 from pipeline.sizing.shapes import ModelShape, count_params
 
@@ -40,7 +41,7 @@ def reserve_70b(tokens: int) -> int:
 
 
 def _plan(config, fmt, kv, gpu, tp=1, serving=SERVING):
-    return plan(config, FORMATS[fmt], KV_CACHE_DTYPES[kv], CATALOG[gpu], gpu, serving, tp=tp)
+    return plan(config, FORMATS[fmt], KV_CACHE_DTYPES[kv], CATALOG[gpu], gpu, serving, par=Parallelism(tp))
 
 
 def test_llama_70b_param_count_matches_hand_arithmetic():
@@ -124,8 +125,9 @@ def test_tp_splits_weights_and_kv_heads():
 
 
 def test_moe_counts_active_experts_only():
-    mixtral = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
+    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8,
+               "num_experts_per_tok": 2}
     counts = count_params(ModelShape.from_hf_config(mixtral))
     per_expert = 3 * 4096 * 14336
     assert counts.mlp == 32 * 8 * per_expert

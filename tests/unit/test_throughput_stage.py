@@ -105,7 +105,7 @@ def test_forge_plan_prices_the_same_run_the_stage_does(bundle, tmp_path, capsys)
     """One price basis, the prediction (issue 26: `forge plan` priced $/Mtok at the roofline ceiling,
     $0.121 for 70B FP8 on H200, where the report priced the predicted run, $0.298)."""
     from pipeline import cli
-    from pipeline.verbs.plan import significant
+    from pipeline.planning.plan_view import significant
 
     throughput.main(FP8, "h200", bundle, tmp_path / "m.json", out_dir=tmp_path / "out", measured_dir=tmp_path)
     m = json.loads((tmp_path / "out" / "throughput.json").read_text())
