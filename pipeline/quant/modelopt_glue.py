@@ -90,6 +90,7 @@ def calibrate(
     progress: bool,
     input_device: str | torch.device | None = None,
     before_calibration: Any = None,
+    around_calibration: Any = None,
 ) -> CalibrationResult:
     """Insert ModelOpt quantizers into `model` (in place) and calibrate them on `batches`.
 
@@ -98,6 +99,8 @@ def calibrate(
 
     `before_calibration(model)`: called once the quantizers exist, before any forward pass (the
     calibrate stage checks there that no fused group is split across formats).
+    `around_calibration`: a context manager entered around the calibration passes only (the stage
+    counts routed tokens per expert there: pipeline/quant/experts.py).
 
     `input_device`: where batches go; for a model dispatched over several devices, the device its
     first module executes on (pipeline.sources.loading.input_device). Default: the first parameter's.
@@ -149,7 +152,7 @@ def calibrate(
         mtq.quantize(model, {**config, "algorithm": None}, None)
         if before_calibration is not None:
             before_calibration(model)
-        with reference_fp4_simulation(model, during_calibration=True):
+        with reference_fp4_simulation(model, during_calibration=True), around_calibration or contextlib.nullcontext():
             mtq.calibrate(model, config.get("algorithm"), forward_loop)
     fused_groups = unify_fused_shard_scales(model)
     seconds = time.perf_counter() - start

@@ -78,7 +78,29 @@ class LocalGgufSource(Closed):
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 
-ModelSource = Annotated[HfSource | LocalSource | PypiGgufSource | LocalGgufSource, Field(discriminator="kind")]
+DenseSource = Annotated[HfSource | LocalSource | PypiGgufSource | LocalGgufSource, Field(discriminator="kind")]
+
+
+class UpcycledSource(Closed):
+    """A mixture-of-experts model built from a dense one (pipeline/sources/upcycle.py): every expert a
+    copy of the dense MLP, a fresh seeded router, so it computes the dense model exactly."""
+
+    kind: Literal["upcycled"]
+    dense: DenseSource = Field(description="the dense model, as any other source")
+    experts: int = Field(ge=2, le=64, description="experts per MoE layer")
+    top_k: int = Field(ge=1, description="experts each token is routed to")
+    router_seed: int = Field(0, ge=0, description="seed of the router's normal initialisation")
+    router_std: float = Field(0.02, gt=0, description="standard deviation of the router's weights")
+
+    @model_validator(mode="after")
+    def _top_k_below_experts(self) -> UpcycledSource:
+        if self.top_k >= self.experts:
+            raise ValueError(f"top_k {self.top_k} must be below experts {self.experts} (else every token uses every expert)")
+        return self
+
+
+ModelSource = Annotated[HfSource | LocalSource | PypiGgufSource | LocalGgufSource | UpcycledSource,
+                        Field(discriminator="kind")]
 
 
 class BaselineEval(Closed):

@@ -14,6 +14,8 @@ live in the vllm-cpu engine contract, pipeline/engines/contracts.py, the one sou
 - NVFP4: "Failed to find a kernel that can implement the NVFP4 linear layer" (no CPU kernel).
 - MXFP4 as ModelOpt 0.47 exports it (dense, weight-only, `quant_algo: "mxfp4"`): refused by
   vLLM ("ModelOpt currently only supports: [FP8, ..., NVFP4, W4A16_NVFP4, MXFP8, ...]").
+- Mixture of experts (recipes/smollm2-135m-moe, Mixtral layout): BF16 serves through the CPU fused-MoE
+  kernel; ModelOpt FP8 experts do not load (the contract's `moe` rows say why).
 trtllm-serve runs everything the TensorRT-LLM build accepts, but only on a GPU of the target's
 compute capability with tensorrt_llm installed (pipeline/serving/trtllm.py LocalRuntime).
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from pipeline.core.formats import FORMATS, ComputeCapability
 from pipeline.core.host import cpu_model
-from pipeline.engines.contracts import ENGINES, FormatContract
+from pipeline.engines.contracts import ENGINES, MOE_LOADS, FormatContract
 from pipeline.serving.trtllm import LocalRuntime
 
 VLLM = "vllm"
@@ -62,9 +64,10 @@ class EngineChoice:
 
 
 def choose_engine(format_name: str | None, kv_cache_dtype: str, target_cc: ComputeCapability | None,
-                  runtime: LocalRuntime, vllm_available: bool) -> EngineChoice:
+                  runtime: LocalRuntime, vllm_available: bool, moe: bool = False) -> EngineChoice:
     """trtllm-serve on a GPU of the target's compute capability (the engine the bundle is built
-    for), else vLLM's CPU build where it runs the format, else not served, with the reason.
+    for), else vLLM's CPU build where it runs the format (and, for a mixture-of-experts checkpoint,
+    its experts in that format), else not served, with the reason.
 
     `format_name` None is the unquantized baseline; `target_cc` None accepts any CUDA GPU."""
     gpu_missing = runtime.missing_for(target_cc) if target_cc is not None else (
@@ -76,6 +79,9 @@ def choose_engine(format_name: str | None, kv_cache_dtype: str, target_cc: Compu
     contract = vllm_cpu_contract(format_name)
     if contract is None:
         return EngineChoice(None, f"{trt_reason}; {VLLM_CPU_REFUSALS.get(str(format_name), f'vLLM CPU does not run {format_name}')}")
+    if moe and contract.moe != MOE_LOADS:
+        return EngineChoice(None, f"{trt_reason}; vLLM's CPU build does not load {format_name or 'bf16'} mixture-of-experts "
+                                  f"weights: {contract.moe_note or 'no verified MoE contract'}")
     engine = ENGINES[VLLM_CPU]
     kv_flag = engine.kv_cache_dtype_flag(kv_cache_dtype)
     if kv_flag is None:

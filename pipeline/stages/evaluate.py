@@ -137,7 +137,7 @@ def main(recipe_path: Path, model_dir: Path, quantized_dir: Path, baseline_dir: 
     bundle = check_bundle(serving.bundle, recipe) if serving and serving.bundle else None
     if bundle is not None:
         choice = engine_here(recipe.spec.quant.format, recipe.spec.quant.kv_cache_dtype, bundle.compute_capability,
-                             serving)
+                             serving, bundle.checkpoint)
         not_served = choice.reason if not choice.served else baseline_not_served(Path(baseline_dir))
         if not_served:
             return record_not_served("evaluate", recipe.id, Path(out_dir), Path(metrics_path), suite,

@@ -352,7 +352,7 @@ def test_plan_dvc_says_what_make_repro_gains_and_generates_gpu_compare_deps(tmp_
             "set `frontier: true` in its recipe\n") in out
     assert ("`make frontier` (dvc repro report-frontier): gains smollm2-135m-instruct-fp8-b-h200 "
             "(recipes/smollm2-135m-instruct/fp8-b.yaml), smollm2-135m-instruct-fp8-c-h200 "
-            "(recipes/smollm2-135m-instruct/fp8-c.yaml) (now 8 target(s))\n") in out
+            "(recipes/smollm2-135m-instruct/fp8-c.yaml) (now 9 target(s))\n") in out
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert [d for d in stages["gpu-compare"]["deps"] if d.startswith("recipes/")] == [
         "recipes/gpt-oss-120b", "recipes/llama-3-1-8b-copy", "recipes/llama-3-1-8b-instruct",

@@ -251,9 +251,9 @@ def test_gate_section_schema_errors_name_file_field_and_fix(tmp_path):
 
 
 def test_shipped_recipes_refuse_inconclusive_gates_unless_they_say_why():
-    """The default refuses. The embedded fp8 recipe alone publishes an INCONCLUSIVE served verdict (its
+    """The default refuses. The embedded fp8 recipe publishes an INCONCLUSIVE served verdict (its
     served run scores 151 questions, too few to rule out a 5% drop: issue 26), and says so in a comment
-    beside the setting; no other shipped recipe does."""
+    beside the setting, as does its upcycled MoE twin (issue 24); no other shipped recipe does."""
     from pathlib import Path
 
     from pipeline.recipe.loading import discover_recipes, load_recipe
@@ -270,4 +270,4 @@ def test_shipped_recipes_refuse_inconclusive_gates_unless_they_say_why():
             text = path.read_text()
             comment = text[:text.index("    inconclusive: publish")].rsplit("max_increase", 1)[1]
             assert "30 questions per" in comment and "INCONCLUSIVE" in comment, path
-    assert publishing == ["smollm2-135m-instruct/fp8.yaml"]
+    assert publishing == ["smollm2-135m-instruct/fp8.yaml", "smollm2-135m-moe/fp8.yaml"]

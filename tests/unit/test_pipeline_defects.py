@@ -135,7 +135,7 @@ def test_a_new_recipe_file_makes_the_plan_stale(tmp_path, monkeypatch, capsys):
         "report): gains smollm2-135m-instruct-fp8-b-h200 (recipes/smollm2-135m-instruct/fp8-b.yaml) (now 3 "
         "target(s)); to run a variant only in `make frontier`, set `frontier: true` in its recipe; `make frontier` "
         "(dvc repro report-frontier): gains smollm2-135m-instruct-fp8-b-h200 (recipes/smollm2-135m-instruct/fp8-b.yaml) "
-        "(now 7 target(s))). Fix: run `make plan` and commit plan.yaml and dvc.yaml.\n")
+        "(now 8 target(s))). Fix: run `make plan` and commit plan.yaml and dvc.yaml.\n")
 
 
 # ---------------------------------------------------------------------------- 19: heartbeat, noise
