@@ -18,7 +18,7 @@ from pipeline.engines.contracts import engines_loading_format
 from pipeline.planning.targets import TargetSpec, plan_spec, target_spec
 from pipeline.recipe.loading import Recipe
 from pipeline.sizing.memory import Alternative, fitting_alternatives
-from pipeline.sizing.parallel import parallel_choices, parallelism_problem, tp_is_valid
+from pipeline.sizing.parallel import Parallelism, parallel_choices, parallelism_problem, tp_is_valid
 from pipeline.sizing.placement import plan_recipe_calibration
 from pipeline.sizing.plan import Plan
 from pipeline.sizing.shapes import TP_CHOICES, ModelShape, max_positions
@@ -65,10 +65,11 @@ def spec_problems(spec: TargetSpec, catalog: dict[str, GpuSpec]) -> list[ForgeEr
             f"use {' or '.join(spec.spell('kv', k) for k in usable)} for this target.",
         ))
     shape = ModelShape.from_hf_config(spec.config, spec.where)
-    if not tp_is_valid(shape, spec.tp):
+    if tp_problem := parallelism_problem(shape, Parallelism(spec.tp)):
         problems.append(RecipeError(
             spec.at("tp"),
-            f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {spec.tp} ways.",
+            f"{shape.heads} attention heads / {shape.kv_heads} KV heads cannot be split {spec.tp} ways."
+            if "heads" in tp_problem else f"{tp_problem}.",
             f"use {' or '.join(spec.spell('tp', t) for t in TP_CHOICES if tp_is_valid(shape, t))}.",
         ))
     elif problem := parallelism_problem(shape, spec.parallelism):

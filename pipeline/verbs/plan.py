@@ -55,6 +55,7 @@ PLAN_EXAMPLES = """examples:
   forge plan recipes/llama-3-3-70b-instruct/fp8.yaml                 # every target of the recipe
   forge plan recipes/llama-3-3-70b-instruct/fp8.yaml --gpu b200 --format nvfp4 --tp 2   # a what-if on top
   forge plan --model-config recipes/llama-3-3-70b-instruct/config.json --format nvfp4 --gpu b200 --json
+  forge plan recipes/gpt-oss-120b/fp8.yaml --gpu h200 --tp 4 --ep 4 --attention-dp on   # an MoE split
   forge plan --dvc                                  # regenerate plan.yaml (+ dvc.yaml artifacts)
   forge plan --dvc --all --model llama-3-1-8b-instruct   # one Hub model on a GPU node
   dvc repro publish@smollm2-135m-instruct-fp8-h200  # then run one target and what it needs

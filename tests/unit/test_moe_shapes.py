@@ -300,3 +300,15 @@ def test_a_prequantized_source_is_refused_before_download(in_repo):
     with pytest.raises(SourceError, match="quantization_config.*already quantized .quant_method 'mxfp4'"):
         refuse_prequantized(load_model(Path("recipes/gpt-oss-120b")))
     refuse_prequantized(load_model(Path("recipes/mixtral-8x7b-instruct")))  # a BF16 release passes
+
+
+def test_plan_what_if_takes_an_moe_split(in_repo, capsys):
+    from pipeline.cli import main
+
+    assert main(["plan", "recipes/gpt-oss-120b/fp8.yaml", "--gpu", "h200", "--tp", "4", "--ep", "4",
+                 "--attention-dp", "on", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["inputs"]["tp"], out["inputs"]["ep"], out["inputs"]["attention_dp"]) == (4, 4, True)
+    assert out["predicted_output_tok_s"] is None and "attention DP" in out["throughput_not_predicted"]
+    assert main(["plan", "recipes/mixtral-8x22b-instruct/fp8.yaml", "--gpu", "h200", "--tp", "1"]) == 2
+    assert "--ep: EP 2 must divide TP 1" in capsys.readouterr().err  # the recipe's ep 2 with a what-if tp 1
