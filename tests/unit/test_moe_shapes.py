@@ -230,6 +230,10 @@ MOE_RECIPES = ["mixtral-8x7b-instruct/fp8.yaml", "mixtral-8x22b-instruct/fp8.yam
 @pytest.fixture
 def in_repo(monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes load by relative path, as under DVC
+    # forge's main() turns the Hub off in-process for offline verbs; set through monkeypatch, the
+    # variables are restored after the test instead of leaking into later ones.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 def _options(rel: str, gpu: str):
