@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.core.errors import RecipeError
 from pipeline.core.formats import Format
-from pipeline.core.hf_config import EXPERT_KEYS, language_config
+from pipeline.core.hf_config import EXPERT_KEYS, is_moe, language_config
 
 EMBEDDING_BYTES_PER_PARAM = 2  # embeddings, lm_head, norms and routers stay BF16 (ModelOpt default)
 TP_CHOICES = (1, 2, 4, 8)
@@ -120,7 +120,7 @@ class ModelShape:
         heads = need("num_attention_heads")
         layers = need("num_hidden_layers")
         sliding_window, sliding_layers = _sliding(config, model_type, layers, where)
-        moe = _moe(config, model_type, layers, need) if any(config.get(k) for k in EXPERT_KEYS) else {}
+        moe = _moe(config, model_type, layers, need) if is_moe(config) else {}
         return cls(
             hidden=hidden,
             intermediate=need("intermediate_size_mlp", "intermediate_size") if model_type.startswith("llama4")
