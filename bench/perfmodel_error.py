@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.gpus import load_catalog
-from pipeline.sizing.perfmodel import Efficiency
+from pipeline.sizing.iteration import Efficiency
 from pipeline.sizing.published import CALIBRATION_ROWS, HELDOUT_ROWS, ROOT, errors, load_rows, summary
 
 

@@ -19,6 +19,7 @@ from pipeline.fleet.cli import register as register_fleet
 from pipeline.verbs.newmodel import register as register_new
 from pipeline.verbs.plan import register as register_plan
 from pipeline.verbs.recipes import register as register_recipe_verbs
+from pipeline.verbs.recommend import register as register_recommend
 
 log = logging.getLogger("forge")
 
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
   forge plan recipes/llama-3-3-70b-instruct/fp8.yaml
   forge plan --model-config recipes/llama-3-3-70b-instruct/config.json --format nvfp4 --gpu b200
   forge plan --dvc                                 # regenerate plan.yaml (+ dvc.yaml artifacts)
+  forge recommend recipes/llama-3-3-70b-instruct --input-len 1000 --output-len 1000 --rate 20 --ttft-ms 2000 --tpot-ms 50
   forge list --gpu h200                            # published artifacts for one GPU
   forge pull smollm2-135m-instruct --gpu auto --dest ./model   # best artifact for this machine's GPU
   forge promote smollm2-135m-instruct-fp8-h200 --version v1.0.0 --to prod   # a stage label, in the registry
@@ -81,6 +83,7 @@ def build_parser(stage_verbs: dict[str, Callable[[argparse._SubParsersAction], N
 
     register_recipe_verbs(sub)
     register_plan(sub)
+    register_recommend(sub)
     register_new(sub)
     register_fleet(sub)
 

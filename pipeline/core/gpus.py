@@ -28,6 +28,8 @@ class GpuSpec(BaseModel):
     tdp_watts: float = Field(gt=0)
     nvlink_bytes_per_s: float = Field(ge=0)
     pcie_bytes_per_s: float = Field(default=0, ge=0, description="host link, bidirectional: TP's path without NVLink")
+    usd_per_gpu_hour: float | None = Field(default=None, gt=0, description="default rental price for `forge recommend` "
+                                           "(an input: --price overrides it); None = not priced")
 
     @property
     def interconnect_bytes_per_s(self) -> float:

@@ -138,8 +138,7 @@ def throughput_rows(plan_json: dict[str, Any]) -> list[tuple[str, str]]:
     """`forge plan`'s table rows for the predicted run (throughput_json's keys)."""
     t = plan_json.get("throughput")
     if not t:
-        return [("output tok/s (predicted)", f"not predicted: {plan_json['throughput_not_predicted']}"
-                 if plan_json.get("throughput_not_predicted") else "-")]
+        return [("output tok/s (predicted)", "-")]
     gpus = plan_json["inputs"]["tp"]
     return [
         ("runtime limits: max batch / max tokens", f"{t['max_batch_size']:,} / {t['max_num_tokens']:,}"),

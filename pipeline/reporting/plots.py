@@ -21,10 +21,10 @@ def short_target(e: TargetEntry) -> str:
 
 def recovery_figure_name(model: str) -> str:
     """The file name of a model's recovery plot under figures/."""
-    return f"recovery_{_slug(model)}.png"
+    return f"recovery_{slug(model)}.png"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "model"
 
 
@@ -130,5 +130,27 @@ def plot_throughput(entries: Sequence[TargetEntry], path: Path) -> Path | None:
         ],
         fontsize=8,
     )
+    fig.savefig(path)
+    return path
+
+
+def plot_pareto(curves: Sequence[tuple[str, Sequence[dict[str, float]]]], title: str, path: Path) -> Path | None:
+    """Output tok/s per GPU against tok/s per user (1000 / TPOT), one curve per configuration as its
+    concurrency grows (pipeline/sizing/recommend.py pareto_points), all predicted."""
+    drawn = [(label, points) for label, points in curves if points]
+    if not drawn:
+        return None
+    fig = _figure(7.5, 5.0)
+    ax = fig.subplots()
+    for label, points in drawn:
+        ax.plot([p["tok_s_per_user"] for p in points], [p["tok_s_per_gpu"] for p in points], marker="o",
+                markersize=3, label=label)
+    ax.set_xlabel("output tok/s per user (1000 / TPOT), predicted")
+    ax.set_ylabel("output tok/s per GPU, predicted")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.savefig(path)
     return path

@@ -69,9 +69,9 @@ class MemorySplit(NamedTuple):
 
 
 def memory_at_tp(shape: ModelShape, counts: ParamCounts, fmt: Format, kv: KvCacheDtype, gpu: GpuSpec,
-                 serving: ServingShape, par: Parallelism) -> MemorySplit:
-    weights = weight_bytes(counts, fmt)
-    weights_per_gpu = weight_bytes_per_gpu(counts, fmt, par)
+                 serving: ServingShape, par: Parallelism, expert_fmt: Format | None = None) -> MemorySplit:
+    weights = weight_bytes(counts, fmt, expert_fmt)
+    weights_per_gpu = weight_bytes_per_gpu(counts, fmt, par, expert_fmt)
     reserve = reserve_bytes(shape, serving, par)
     left = gpu.memory_bytes - weights_per_gpu - reserve
     # Every layer at full length, sliding-window ones too: that is what TensorRT-LLM 1.2 allocates.

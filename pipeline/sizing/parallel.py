@@ -40,6 +40,11 @@ class Parallelism:
         return f"TP {self.tp}" + (f", EP {self.ep}" if self.ep > 1 else "") + (", attention DP" if self.attention_dp else "")
 
 
+def as_parallelism(tp: int | Parallelism) -> Parallelism:
+    """A plain GPU count is tensor parallelism over that many GPUs."""
+    return tp if isinstance(tp, Parallelism) else Parallelism(tp)
+
+
 def parallelism_problem(shape: ModelShape, par: Parallelism) -> str | None:
     """Why this split is not possible for the model; None when it is."""
     if par.tp < 1 or par.ep < 1 or par.tp % par.ep:
@@ -74,17 +79,18 @@ def parallel_choices(shape: ModelShape, tp: int) -> list[Parallelism]:
     return [p for p in options if parallelism_problem(shape, p) is None]
 
 
-def weight_bytes_per_gpu(counts: ParamCounts, fmt: Format, par: Parallelism) -> int:
+def weight_bytes_per_gpu(counts: ParamCounts, fmt: Format, par: Parallelism, expert_fmt: Format | None = None) -> int:
     """One GPU's share. Routed experts: 1/(EP x expert TP) = 1/TP of them either way. Under attention
     DP everything else is whole on every rank: attention and MLA projections (tp_size 1), dense MLPs
     and shared experts (DeepSeek's mlp_tp_size / shared_tp_size 1, Llama-4's overridden_tp_size=1),
     routers, and the embedding and lm_head ("Attention DP doesn't work with embedding
     parallelization", TensorRT-LLM tensorrt_llm/_torch/modules/embedding.py LMHead.__init__;
     enable_lm_head_tp_in_adp splits the lm_head's compute, not its weight)."""
+    total = weight_bytes(counts, fmt, expert_fmt)
     if not par.attention_dp:
-        return math.ceil(weight_bytes(counts, fmt) / par.tp)
-    experts = counts.routed_experts * fmt.bytes_per_weight
-    return math.ceil(weight_bytes(counts, fmt) - experts + experts / par.tp)
+        return math.ceil(total / par.tp)
+    experts = counts.routed_experts * (expert_fmt or fmt).bytes_per_weight
+    return math.ceil(total - experts + experts / par.tp)
 
 
 def kv_heads_per_gpu(shape: ModelShape, tp: int) -> int:

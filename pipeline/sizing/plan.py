@@ -47,9 +47,8 @@ class Plan:
     min_tp: int | None
     roofline: dict[str, Any] = field(default_factory=dict)
     # trtllm-bench's offline scenario at the target's ISL/OSL (pipeline/sizing/perfmodel.py), all predicted;
-    # empty when nothing fits or the model does not predict this parallelism (`throughput_not_predicted`).
+    # empty when nothing fits. Under attention DP its max_batch_size is per rank, as TensorRT-LLM's is.
     throughput: dict[str, Any] = field(default_factory=dict)
-    throughput_not_predicted: str | None = None
     # MoE: every valid split of the experts and attention over the same GPUs, with its memory
     # (`choices_at`); the target's own is the one marked `chosen`.
     parallel_choices: list[dict[str, Any]] = field(default_factory=list)
@@ -87,14 +86,6 @@ PREDICTED_KEYS = ("predicted_output_tok_s", "predicted_output_tok_s_per_gpu", "t
                   "usd_per_mtok")
 
 
-# Not in the throughput model yet: attention DP serves a batch per rank and shards differently; the
-# time model of an MoE under it (all-to-all, per-rank batches) is issue 25's. EP without attention DP
-# is predicted as TP: each GPU streams the same expert bytes (1/TP of them) either way, and the
-# all-to-all is modelled as TP's all-reduce.
-ATTENTION_DP_NOT_PREDICTED = ("attention DP is not in the throughput model (pipeline/sizing/perfmodel.py); the "
-                              "runtime limits come from the memory plan")
-
-
 SINGLE_GPU = Parallelism()
 
 
@@ -117,14 +108,14 @@ def plan(
             f"{problem}.",
             f"use one of: {'; '.join(str(p) for t in TP_CHOICES for p in parallel_choices(shape, t))}.",
         )
-    sized = None if par.attention_dp else workload_throughput(config, fmt, kv, gpu, serving, par.tp, ceilings)
+    sized = workload_throughput(config, fmt, kv, gpu, serving, par, ceilings)
     if sized:  # the runtime limits the throughput model chose for this workload
         serving = replace(serving, max_num_tokens=sized["max_num_tokens"])
     ceilings = ceilings or Ceilings(gpu.memory_bandwidth_bytes_per_s, gpu.peak_flops(fmt.compute_dtype), "datasheet")
     split = memory_at_tp(shape, counts, fmt, kv, gpu, serving, par)
     batch = min(split.max_batch, serving.concurrency) if serving.concurrency else split.max_batch
     if sized and split.why_not is None:
-        batch = sized["max_batch_size"]
+        batch = sized["max_batch_size"] * par.dp_ranks
     return Plan(
         inputs={
             "format": fmt.name,
@@ -165,7 +156,6 @@ def plan(
         min_tp=smallest_fitting_tp(shape, counts, fmt, kv, gpu, serving),
         roofline=roofline(shape, counts, fmt, kv, gpu, serving, par.tp, batch, ceilings),
         throughput=priced(sized, gpu, par.tp, serving.price_per_gpu_hour_usd) if sized else {},
-        throughput_not_predicted=ATTENTION_DP_NOT_PREDICTED if par.attention_dp else None,
         parallel_choices=choices_at(shape, counts, fmt, kv, gpu, serving, par) if shape.experts else [],
     )
 
@@ -189,15 +179,15 @@ def priced(run: dict[str, Any], gpu: GpuSpec, tp: int, usd_per_gpu_hour: float |
     return {**run, "predicted_joules_per_token": tp * gpu.tdp_watts / tok_s, "predicted_usd_per_mtok": usd}
 
 
-def workload_throughput(config, fmt, kv, gpu, serving, tp, ceilings) -> dict[str, Any] | None:
+def workload_throughput(config, fmt, kv, gpu, serving, par: Parallelism, ceilings) -> dict[str, Any] | None:
     """Runtime limits sized to the workload and the predicted trtllm-bench run at them
     (pipeline/sizing/perfmodel.py). The limits come from datasheet rates, so a bundle's limits do not
     depend on which machine built it; `forge probe` ceilings, where given, re-predict the run."""
-    sized = perfmodel.size_runtime(config, fmt, kv, gpu, serving, tp)
+    sized = perfmodel.size_runtime(config, fmt, kv, gpu, serving, par)
     if sized is None or ceilings is None or ceilings.source == "datasheet":
         return sized.to_json() if sized else None
     work = perfmodel.Workload.published(serving.max_input_len, serving.max_output_len)
-    return perfmodel.predict(config, fmt, kv, gpu, tp, work, ceilings, serving.kv_cache_free_gpu_memory_fraction,
+    return perfmodel.predict(config, fmt, kv, gpu, par, work, ceilings, serving.kv_cache_free_gpu_memory_fraction,
                              limits=(sized.max_batch_size, sized.max_num_tokens)).to_json()
 
 

@@ -354,9 +354,11 @@ def count_params(shape: ModelShape) -> ParamCounts:
     )
 
 
-def weight_bytes(counts: ParamCounts, fmt: Format) -> int:
-    """Quantized decoder Linear layers at the format's effective bits; the rest in BF16."""
-    return math.ceil(counts.linear * fmt.bytes_per_weight + _unquantized(counts) * EMBEDDING_BYTES_PER_PARAM)
+def weight_bytes(counts: ParamCounts, fmt: Format, expert_fmt: Format | None = None) -> int:
+    """Quantized decoder Linear layers at the format's effective bits; the rest in BF16. `expert_fmt`:
+    the routed experts' own format where it differs (gpt-oss ships MXFP4 experts beside BF16 attention)."""
+    experts = counts.routed_experts * ((expert_fmt or fmt).bytes_per_weight - fmt.bytes_per_weight)
+    return math.ceil(counts.linear * fmt.bytes_per_weight + experts + _unquantized(counts) * EMBEDDING_BYTES_PER_PARAM)
 
 
 def _unquantized(counts: ParamCounts) -> int:

@@ -22,6 +22,7 @@ from pipeline.planning.dvc_plan import compared_recipes
 from pipeline.planning.validate import Definitions, validate_recipe
 from pipeline.recipe.loading import RECIPES_DIR, Recipe
 from pipeline.reporting.gpu_comparison import compare, markdown
+from pipeline.reporting.plots import plot_pareto, slug
 from pipeline.sizing.plan import Plan
 from pipeline.sizing.published import CALIBRATION_ROWS, HELDOUT_ROWS, load_rows
 
@@ -65,7 +66,8 @@ def real_model_recipes(recipes_dir: Path, catalog: dict[str, GpuSpec]) -> list[t
 
 def plot(result: dict[str, Any], figures: Path) -> list[Path]:
     """Three figures (tok/s per GPU, $/Mtok, J/token), one panel per model with its own scale, one
-    bar per GPU + format (hatched: predicted); a published measurement is a black bar beside it."""
+    bar per GPU + format (hatched: predicted); a published measurement is a black bar beside it. Then
+    one throughput-per-GPU vs tok/s-per-user figure per model, from the SLO scenario's configurations."""
     from matplotlib.figure import Figure
 
     rows = result["rows"]
@@ -98,4 +100,12 @@ def plot(result: dict[str, Any], figures: Path) -> list[Path]:
         path = figures / name
         fig.savefig(path)
         out.append(path)
+    for model in dict.fromkeys(r["model"] for r in result["serving"]):
+        curves = [(f"{r['gpu']} {r['format']} {r['parallelism']}", r["pareto"]) for r in result["serving"]
+                  if r["model"] == model]
+        name = model.split("/")[-1]
+        path = plot_pareto(curves, f"{name}: tok/s per GPU vs per user, 1000/1000 (predicted)",
+                           figures / f"pareto_{slug(name)}.png")
+        if path:
+            out.append(path)
     return out

@@ -88,7 +88,7 @@ def _filled(parser, namespace):
     """The defaults, with a value of the right type for each required argument."""
     for a in parser._actions:
         if a.required:
-            setattr(namespace, a.dest, (a.type or str)("x"))
+            setattr(namespace, a.dest, (a.type or str)("1" if a.type in (int, float) else "x"))
     return namespace
 
 

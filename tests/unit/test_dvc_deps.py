@@ -23,16 +23,24 @@ def _reads(deps: list[str], path: str) -> bool:
     return any(PurePosixPath(path) == PurePosixPath(d) or PurePosixPath(d) in PurePosixPath(path).parents for d in deps)
 
 
+def _overlap(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
 def rerun_by(stages, path: str) -> set[str]:
-    """Stages `dvc repro` re-runs after `path` changes: those that depend on it, then their consumers."""
-    changed = {name for name, (deps, _) in stages.items() if _reads(deps, path)}
-    while True:
-        outs = [o for name in changed for o in stages[name][1]]
-        more = {name for name, (deps, _) in stages.items() if any(_reads(deps, o) or _reads([o], d) for o in outs
-                                                                     for d in deps)}
-        if more <= changed:
-            return changed
-        changed |= more
+    """Stages `dvc repro` re-runs after `path` changes: those that depend on it, then their consumers
+    (a stage consumes another when one of its deps is, contains or lies inside one of the other's outs)."""
+    deps = {name: [PurePosixPath(d) for d in d_] for name, (d_, _) in stages.items()}
+    outs = {name: [PurePosixPath(o) for o in o_] for name, (_, o_) in stages.items()}
+    consumers = {name: {other for other in stages if any(_overlap(o, d) for o in outs[name] for d in deps[other])}
+                 for name in stages}
+    changed = {name for name, (d_, _) in stages.items() if _reads(d_, path)}
+    todo = list(changed)
+    while todo:
+        for other in consumers[todo.pop()] - changed:
+            changed.add(other)
+            todo.append(other)
+    return changed
 
 
 @pytest.mark.parametrize("module", ["shapes.py", "memory.py", "roofline.py", "perfmodel.py",
@@ -69,11 +77,13 @@ def test_inputs_read_from_the_tree_are_deps(stages):
 
 def upstream_of(stages, name: str) -> set[str]:
     """The stages `dvc repro <name>` runs: `name` and, transitively, the stages whose outputs it reads."""
+    deps = {n: [PurePosixPath(d) for d in d_] for n, (d_, _) in stages.items()}
+    outs = {n: [PurePosixPath(o) for o in o_] for n, (_, o_) in stages.items()}
     wanted, todo = {name}, [name]
     while todo:
-        deps = stages[todo.pop()][0]
-        for other, (_, outs) in stages.items():
-            if other not in wanted and any(_reads(deps, o) or _reads([o], d) for o in outs for d in deps):
+        mine = deps[todo.pop()]
+        for other in stages:
+            if other not in wanted and any(_overlap(o, d) for o in outs[other] for d in mine):
                 wanted.add(other)
                 todo.append(other)
     return wanted

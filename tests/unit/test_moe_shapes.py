@@ -209,9 +209,11 @@ def test_plan_lists_the_parallel_choices_and_marks_the_chosen_one():
     assert [c["parallelism"] for c in chosen] == ["TP 4, EP 4"]
     assert p.inputs["ep"] == 4 and p.inputs["attention_dp"] is False
     assert {c["parallelism"] for c in p.parallel_choices} >= {"TP 4", "TP 4, EP 4, attention DP"}
-    assert p.throughput  # EP without attention DP is predicted (as TP: same expert bytes per GPU)
+    assert p.throughput
     adp = plan(cfg, FP8, KV8, CATALOG["h200"], "h200", SEED_SERVING, Parallelism(4, 4, True))
-    assert not adp.throughput and "attention DP" in adp.throughput_not_predicted
+    # Attention DP is predicted per rank: the options' max_batch_size is one rank's, the plan's batch the instance's.
+    assert adp.roofline["decode_batch"] == 4 * adp.throughput["max_batch_size"]
+    assert adp.throughput["predicted_output_tok_s"] > 0 and adp.throughput["bound_decode"] != "-"
 
 
 def test_a_parallelism_the_model_cannot_take_is_a_clear_error():
@@ -313,6 +315,7 @@ def test_plan_what_if_takes_an_moe_split(in_repo, capsys):
                  "--attention-dp", "on", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["inputs"]["tp"], out["inputs"]["ep"], out["inputs"]["attention_dp"]) == (4, 4, True)
-    assert out["predicted_output_tok_s"] is None and "attention DP" in out["throughput_not_predicted"]
+    assert out["predicted_output_tok_s"] > 0 and out["throughput"]["predicted_output_tok_s_per_gpu"] == pytest.approx(
+        out["predicted_output_tok_s"] / 4)
     assert main(["plan", "recipes/mixtral-8x22b-instruct/fp8.yaml", "--gpu", "h200", "--tp", "1"]) == 2
     assert "--ep: EP 2 must divide TP 1" in capsys.readouterr().err  # the recipe's ep 2 with a what-if tp 1

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.core.gpus import load_catalog
 from pipeline.reporting.markdown import gpu_comparison_section
-from pipeline.sizing.perfmodel import Efficiency
+from pipeline.sizing.iteration import Efficiency
 from pipeline.sizing.published import CALIBRATION_ROWS, load_rows, predict_row
 from pipeline.stages import gpu_compare
 
@@ -69,12 +69,39 @@ def test_ratio_and_claims(compared):
 def test_figures_and_the_report_section(compared, tmp_path):
     out, _ = compared
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert figures == ["joules_per_token.png", "tok_s_per_gpu.png", "usd_per_mtok.png"]
+    pareto = {f for f in figures if f.startswith("pareto_")}
+    assert set(figures) - pareto == {"joules_per_token.png", "tok_s_per_gpu.png", "usd_per_mtok.png"}
+    assert {"pareto_Llama-3-3-70B-Instruct.png", "pareto_Qwen3-30B-A3B.png"} <= pareto
     section = gpu_comparison_section(out, out.parent)
     assert section.startswith("## GPU comparison (predicted)")
     assert f"]({out.name}/figures/tok_s_per_gpu.png)" in section
     assert "| llama-3-1-8b-instruct-fp8-h200 | 1 | 1024/1024 |" in section
     assert "0.4 J/token" in section and "17,744" in section
+    assert "Under a latency SLO" in section and "| published measurement |" in section
+
+
+def test_serving_under_the_slo_and_the_seeds_claims_with_the_published_figure(compared):
+    from pipeline.reporting.gpu_comparison import SCENARIO
+
+    _, result = compared
+    serving = result["serving"]
+    assert {(r["gpu"], r["format"]) for r in serving} == {("h100", "fp8"), ("h200", "fp8"), ("b200", "nvfp4")}
+    for r in serving:
+        assert r["ttft_ms_p99"] <= SCENARIO.slo.ttft_ms and r["tpot_ms_p99"] <= SCENARIO.slo.tpot_ms
+        assert r["replicas"] * r["replica_rate_per_s"] >= SCENARIO.rate_per_s
+        assert r["pareto"], r  # the curve the figure draws
+    claims = {c["claim"]: c for c in result["claims"]}
+    # NVIDIA's Llama-3.3-70B 1000/1000 rows (B200 FP4 7,007, H200 FP8 2,909 tok/s, TP 1), at catalog prices and TDP.
+    catalog = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
+    cost = claims["cost per token 25-50% lower with FP4"]
+    assert cost["published"] == pytest.approx(1 - (catalog["b200"].usd_per_gpu_hour / 7007)
+                                              / (catalog["h200"].usd_per_gpu_hour / 2909))
+    assert claims["0.4 J/token"]["published"] == pytest.approx(1000 / 7007)
+    per_b200 = claims["a single B200 handles what needed two or three H200s"]
+    pairs = {r["model"]: {} for r in serving}
+    for r in serving:
+        pairs[r["model"]][r["gpu"]] = r["gpus"]
+    assert per_b200["forge_predicted"] == min(p["h200"] / p["b200"] for p in pairs.values())
 
 
 def test_missing_comparison_is_one_clear_error(tmp_path):

@@ -13,8 +13,9 @@ from pipeline import cli
 from pipeline.core.errors import RecipeError
 from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.core.gpus import load_catalog
-from pipeline.sizing.perfmodel import CONSTANTS_FILE, Efficiency, Hardware, Workload, predict, simulate, step_model
-from pipeline.sizing.published import CALIBRATION_ROWS, errors, load_rows, summary
+from pipeline.sizing.iteration import CONSTANTS_FILE, Efficiency, Hardware, step_model
+from pipeline.sizing.perfmodel import Workload, predict, simulate
+from pipeline.sizing.published import CALIBRATION_ROWS, MOE_CALIBRATION_ROWS, errors, load_rows, summary
 from pipeline.sizing.shapes import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,22 +62,25 @@ def test_tp2_per_gpu_throughput_is_below_tp1_when_tp1_fits(config, gpu):
     assert two.predicted_output_tok_s_per_gpu == pytest.approx(two.predicted_output_tok_s / 2)
 
 
-def test_calibration_error_is_within_the_acceptance_bound():
-    result = errors(load_rows(CALIBRATION_ROWS), CATALOG, EFF)
+@pytest.mark.parametrize("path,key,rows,median,worst", [(CALIBRATION_ROWS, "dense", 22, 0.10, 0.30),
+                                                         (MOE_CALIBRATION_ROWS, "moe", 6, 0.20, 0.40)])
+def test_calibration_error_is_within_the_acceptance_bound(path, key, rows, median, worst):
+    result = errors(load_rows(path), CATALOG, EFF)
     stats = summary([e for _, _, e in result])
-    assert stats["rows"] == 22
-    assert stats["median_abs_error"] <= 0.10
-    assert stats["worst_abs_error"] <= 0.30
+    assert stats["rows"] == rows
+    assert stats["median_abs_error"] <= median
+    assert stats["worst_abs_error"] <= worst
     # The constants file records the fit that produced it; it must still describe these constants.
-    recorded = json.loads(CONSTANTS_FILE.read_text())["fit"]
+    recorded = json.loads(CONSTANTS_FILE.read_text())["fit"][key]
     assert recorded["median_abs_error"] == pytest.approx(stats["median_abs_error"], abs=1e-4)
     assert recorded["worst_abs_error"] == pytest.approx(stats["worst_abs_error"], abs=1e-4)
 
 
 def test_constants_are_physical_shares_and_times():
-    for share in (EFF.gemm, EFF.gemm_fp4, EFF.hbm, EFF.attention):
+    for share in (EFF.gemm, EFF.gemm_fp4, EFF.hbm, EFF.attention, EFF.moe_gemm):
         assert 0 < share <= 1
-    assert EFF.step_overhead_s >= 0 and EFF.seq_overhead_s >= 0
+    assert EFF.step_overhead_s >= 0 and EFF.seq_overhead_s >= 0 and EFF.moe_layer_overhead_s >= 0
+    assert EFF.roofline_p >= 1  # between the sum of the two limits and their max
 
 
 def test_a_prediction_is_fast_and_self_consistent():
