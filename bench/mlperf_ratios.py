@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES
 from pipeline.core.gpus import load_catalog
 from pipeline.sizing.iteration import Efficiency, Hardware, step_model
-from pipeline.sizing.memory import KV_BLOCK_TOKENS
+from pipeline.sizing.memory import ServingShape, memory_at_tp
 from pipeline.sizing.online import Slo, max_rate
-from pipeline.sizing.perfmodel import kv_capacity
+from pipeline.sizing.parallel import Parallelism
 from pipeline.sizing.shapes import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +63,9 @@ def predicted_ratio(model: str, scenario: str, fmt_name: str, tp: int, isl: int,
     shape = ModelShape.from_hf_config(config)
     counts = count_params(shape)
     gpu, fmt, kv = catalog[GPUS[model]], FORMATS[fmt_name], KV_CACHE_DTYPES["fp8"]
-    capacity = kv_capacity(shape, counts, fmt, kv, gpu, tp, MAX_NUM_TOKENS, 0.9, isl + osl)
-    batch = min(4096, (capacity // KV_BLOCK_TOKENS) // math.ceil((isl + osl) / KV_BLOCK_TOKENS))
+    split = memory_at_tp(shape, counts, fmt, kv, gpu, ServingShape(max_input_len=isl, max_output_len=osl, seq_len=isl + osl,
+                         max_num_tokens=MAX_NUM_TOKENS, kv_cache_free_gpu_memory_fraction=0.9), Parallelism(tp))
+    capacity, batch = split.capacity, min(4096, split.max_batch_per_rank)
     if batch < 8:
         return None
     step = step_model(shape, counts, fmt, kv, Hardware.of(gpu, fmt), tp, eff, context=isl + osl / 2)

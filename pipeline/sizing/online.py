@@ -78,6 +78,11 @@ class Latencies:
         return self.ttft_ms[key] <= slo.ttft_ms and self.tpot_ms[key] <= slo.tpot_ms
 
 
+def mean_lengths(lengths: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> tuple[float, float]:
+    """Mean ISL and OSL of equally likely request kinds."""
+    return sum(i for i, _ in lengths) / len(lengths), sum(o for _, o in lengths) / len(lengths)
+
+
 def poisson_arrivals(rate_per_s: float, n: int, seed: int = 0) -> list[float]:
     """Arrival times of `n` requests at `rate_per_s` (exponential gaps, seeded: the same inputs give
     the same prediction)."""
@@ -209,8 +214,7 @@ def lifetime(step: StepModel, lengths: list[tuple[int, int]], rank_rate: float, 
     between them run pure-decode iterations. Per second: rate prompt iterations of T_p, the rest decode
     iterations of T_d, so a decoding request gets rate + (1 - rate T_p) / T_d tokens per second. The
     decode batch is Little's law (rate x decode time, at most max_batch_size); fixed-point iteration."""
-    isl = sum(i for i, _ in lengths) / len(lengths)
-    osl = sum(o for _, o in lengths) / len(lengths)
+    isl, osl = mean_lengths(lengths)
     decode_s = osl * step.time(1, isl, 0, 0, 0)[0]
     prompt = step.time(0, 0, isl, isl * (isl + 1) / 2, 1)[0]
     for _ in range(8):
@@ -250,8 +254,7 @@ def offline_tok_s(step: StepModel, lengths: list[tuple[int, int]], max_batch_siz
     model's scheduler (pipeline/sizing/perfmodel.py simulate) at the mean lengths, with twenty batches'
     worth of requests so that the first fill and the last drain weigh little (MLPerf Offline issues
     24,576 queries for Llama-2-70B)."""
-    isl = round(sum(i for i, _ in lengths) / len(lengths))
-    osl = round(sum(o for _, o in lengths) / len(lengths))
+    isl, osl = (round(x) for x in mean_lengths(lengths))
     work = Workload(isl, osl, max(3000, 20 * max_batch_size * step.par.dp_ranks))
     return simulate(step, work, max_batch_size, max_num_tokens, kv_capacity_tokens).predicted_output_tok_s
 
@@ -298,8 +301,7 @@ def max_rate(step: StepModel, lengths: list[tuple[int, int]], slo: Slo, kv_batch
     the rate just above the answer misses on TPOT, half that batch is tried too (a server trades
     queueing for per-user speed). None-run when not even ceiling / 2^10 meets it. `offline`: the
     offline output tok/s (offline_tok_s), where the caller has it already."""
-    mean_isl = sum(i for i, _ in lengths) / len(lengths)
-    mean_osl = sum(o for _, o in lengths) / len(lengths)
+    mean_isl, mean_osl = mean_lengths(lengths)
     full = offline or offline_tok_s(step, lengths, kv_batch_limit, max_num_tokens, kv_capacity_tokens)
     ceiling = full / mean_osl  # requests/s the instance completes flat out
     cap = decode_batch_for_tpot(step, slo, mean_isl + mean_osl / 2, kv_batch_limit)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.core.formats import FORMATS, ComputeCapability, Format, KvCacheDtype
 from pipeline.core.gpus import GpuSpec
 from pipeline.sizing.iteration import Efficiency, Hardware, StepModel, step_model
 from pipeline.sizing.memory import ServingShape, memory_at_tp
-from pipeline.sizing.online import Slo, max_rate, offline_tok_s
+from pipeline.sizing.online import Slo, max_rate, mean_lengths, offline_tok_s
 from pipeline.sizing.parallel import Parallelism, parallel_choices
 from pipeline.sizing.perfmodel import Workload, simulate
 from pipeline.sizing.shapes import TP_CHOICES, ModelShape, count_params
@@ -47,11 +47,11 @@ class Demand:
 
     @property
     def mean_input_len(self) -> float:
-        return sum(i for i, _ in self.lengths) / len(self.lengths)
+        return mean_lengths(self.lengths)[0]
 
     @property
     def mean_output_len(self) -> float:
-        return sum(o for _, o in self.lengths) / len(self.lengths)
+        return mean_lengths(self.lengths)[1]
 
     @property
     def max_seq_len(self) -> int:
@@ -91,7 +91,7 @@ class Option:
     pareto: list[dict[str, float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,9 @@ def recommend(config: dict[str, Any], demand: Demand, offers: list[Offer], kv: K
     if cheapest_only:  # branch and bound: cheapest floor first, stop where the floor reaches the best found
         candidates.sort(key=lambda c: c[0])
     sweeps: dict[int, tuple[Any, int, int]] = {}  # id(option) -> (step model, batch limit, KV capacity)
+    best = math.inf  # the lowest $/hour found so far
     for floor, offer, fmt, accuracy, par, step, batch, capacity, offline in candidates:
-        priced = [o.usd_per_hour for o in options if o.usd_per_hour is not None]
-        if cheapest_only and priced and floor >= min(priced):
+        if cheapest_only and floor >= best:
             break
         option = _option(step, offer, fmt, par, capacity, batch, demand, accuracy, offline)
         if isinstance(option, str):
@@ -186,6 +186,8 @@ def recommend(config: dict[str, Any], demand: Demand, offers: list[Offer], kv: K
         else:
             options.append(option)
             sweeps[id(option)] = (step, batch, capacity)
+            if option.usd_per_hour is not None:
+                best = min(best, option.usd_per_hour)
     options.sort(key=lambda o: (o.usd_per_hour is None, o.usd_per_hour or 0.0, o.gpus, o.format))
     for option in options[:pareto]:
         option.pareto.extend(pareto_points(*sweeps[id(option)], demand))

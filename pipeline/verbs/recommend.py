@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,7 @@ def recommendation_json(result: Recommendation, demand: Demand, offers: list[Off
         "accuracy_evidence": evidence,
         "cheapest": cheapest.to_json() if cheapest else None,
         "options": [o.to_json() for o in result.options],
-        "rejected": [r.__dict__ for r in result.rejected],
+        "rejected": [asdict(r) for r in result.rejected],
         "seconds_per_configuration_median": statistics.median([o.seconds for o in result.options]) if result.options else None,
     }
 
