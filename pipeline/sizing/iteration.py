@@ -123,6 +123,23 @@ class Precision:
         blackwell = ComputeCapability(10, 0) <= ComputeCapability.parse(gpu.compute_capability)
         return cls(FORMATS["bf16"], FORMATS["mxfp4"], "fp8" if blackwell else "bf16")
 
+    @classmethod
+    def as_published(cls, config: dict, gpu: GpuSpec) -> Precision | None:
+        """The precision a pre-quantized HF checkpoint ships in, from its config.json
+        `quantization_config`; None for an unquantized one. A quant_method forge cannot price is
+        refused, never read as BF16."""
+        quant = config.get("quantization_config")
+        if not quant:
+            return None
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        moe = any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+        if method == "mxfp4" and moe:
+            return cls.mxfp4_experts(gpu)
+        raise RecipeError("config.json: quantization_config", f"a checkpoint published as {method!r}"
+                          f"{' (dense)' if not moe else ''} is not a precision forge prices (it prices MXFP4-expert "
+                          "MoE checkpoints, as gpt-oss ships, and the formats it quantizes to itself).",
+                          "plan the BF16 checkpoint instead (remove quantization_config from the config you pass).")
+
     @property
     def expert_format(self) -> Format | None:
         """The experts' format for the memory plan; None where it is the dense one."""
@@ -200,10 +217,37 @@ class StepModel:
     def time(self, decode: int, decode_ctx_sum: float, prefill_tokens: float, prefill_ctx_work: float,
              prefill_seqs: int) -> tuple[float, str]:
         """Seconds for one iteration and the term that dominated it."""
-        gemm, weights, kv_tok, attn, ring, fixed_ar, per_seq, per_step, expert_gemm, hbm, a2a, fixed_a2a = self._rates
-        p = self.eff.roofline_p
+        _, _, kv_tok, attn, *_ = self._rates
         tokens = decode + prefill_tokens
-        seqs = decode + prefill_seqs
+        linears, compute, weights, experts, allreduce, gather, overhead = self._batch_terms(tokens, decode + prefill_seqs)
+        kv = decode_ctx_sum * kv_tok
+        attention = prefill_ctx_work * attn
+        terms = (compute, weights, experts, kv, attention, allreduce, gather, overhead)
+        bound = BOUND_NAMES[terms.index(max(terms))]
+        return linears + kv + attention + allreduce + gather + overhead, bound
+
+    def seconds(self, decode: int, decode_ctx_sum: float, prefill_tokens: float, prefill_ctx_work: float,
+                prefill_seqs: int) -> float:
+        """time() without the dominating term's name: the simulators' inner loop (same sum, same order,
+        so the same float)."""
+        _, _, kv_tok, attn, *_ = self._rates
+        linears, _, _, _, allreduce, gather, overhead = self._batch_terms(decode + prefill_tokens, decode + prefill_seqs)
+        return linears + decode_ctx_sum * kv_tok + prefill_ctx_work * attn + allreduce + gather + overhead
+
+    def _batch_terms(self, tokens: float, seqs: int) -> tuple[float, ...]:
+        """The terms that depend on the iteration's token and request counts only, memoized: a simulated
+        run prices millions of iterations over a few thousand distinct (tokens, requests) pairs, and the
+        roofline's powers dominated the search's time (profiled: 56% of gpu-compare's serving table)."""
+        memo = self.__dict__.get("_terms_memo")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_terms_memo", memo)
+        key = (tokens, seqs)
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+        gemm, weights, _, _, ring, fixed_ar, per_seq, per_step, expert_gemm, hbm, a2a, fixed_a2a = self._rates
+        p = self.eff.roofline_p
         compute = (tokens * self.linear_flops_per_token + seqs * self.head_flops_per_seq) * gemm
         experts = gather = 0.0
         if self.experts:
@@ -213,13 +257,12 @@ class StepModel:
             expert_bytes = e.touched(routed) * e.bytes_per_expert * hbm
             experts = roof(expert_compute, expert_bytes, p) + e.moe_layers * self.eff.moe_layer_overhead_s
             gather = tokens * a2a + fixed_a2a
-        kv = decode_ctx_sum * kv_tok
-        attention = prefill_ctx_work * attn
         allreduce = fixed_ar + tokens * ring
         overhead = per_step + per_seq * seqs
-        terms = (compute, weights, experts, kv, attention, allreduce, gather, overhead)
-        bound = BOUND_NAMES[terms.index(max(terms))]
-        return roof(compute, weights, p) + experts + kv + attention + allreduce + gather + overhead, bound
+        hit = (roof(compute, weights, p) + experts, compute, weights, experts, allreduce, gather, overhead)
+        if len(memo) < TERMS_MEMO_SIZE:
+            memo[key] = hit
+        return hit
 
     @property
     def _rates(self) -> tuple[float, ...]:
@@ -228,6 +271,9 @@ class StepModel:
             cached = self.seconds_per()
             object.__setattr__(self, "_rates_cache", cached)
         return cached
+
+# Distinct (tokens, requests) pairs kept per StepModel (a few MB at most).
+TERMS_MEMO_SIZE = 65536
 
 
 def roof(compute: float, bandwidth: float, p: float) -> float:

@@ -154,14 +154,14 @@ def simulate_online(step: StepModel, arrivals: list[float], lengths: list[tuple[
             steps = finishing[0][0] - it + 1
             admissible = not waiting and decode + len(prefill) < max_batch_size
             if admissible and nxt < n:
-                dt0, _ = step.time(decode, ctx_sum, 0, 0, 0)
+                dt0 = step.seconds(decode, ctx_sum, 0, 0, 0)
                 steps = max(1, min(steps, math.ceil((arrivals[nxt] - now) / dt0)))
-            dt, _ = step.time(decode, ctx_sum + decode * (steps - 1) / 2, 0, 0, 0)
+            dt = step.seconds(decode, ctx_sum + decode * (steps - 1) / 2, 0, 0, 0)
             now += steps * dt
             it += steps
             ctx_sum += decode * steps
         else:
-            dt, _ = step.time(decode, ctx_sum, tokens, ctx_work, seqs)
+            dt = step.seconds(decode, ctx_sum, tokens, ctx_work, seqs)
             now += dt
             it += 1
             ctx_sum += decode

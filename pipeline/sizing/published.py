@@ -37,10 +37,10 @@ MODEL_CONFIGS = {
     "Qwen3-235B-A22B": ROOT / "tests/data/configs/qwen3-235b-a22b.json",
     "GPT-OSS-120B": ROOT / "recipes/gpt-oss-120b/config.json",
 }
-# Models whose published runs serve the checkpoint as its publisher ships it, whatever the table's
-# precision label says: gpt-oss's MXFP4 experts beside BF16 attention (the release/1.2 page runs
-# openai/gpt-oss-120b; its "FP8"/"FP4" headers name the KV cache and the Blackwell activation path).
-SHIPPED_PRECISION = {"GPT-OSS-120B": Precision.mxfp4_experts}
+# A published run of a pre-quantized checkpoint serves it as its publisher ships it (Precision.as_published,
+# from the config's quantization_config), whatever the table's precision label says: the release/1.2 page
+# runs openai/gpt-oss-120b, MXFP4 experts beside BF16 attention; its "FP8"/"FP4" headers name the KV
+# cache and the Blackwell activation path.
 PRECISION_FORMAT = {"FP8": "fp8", "FP4": "nvfp4"}
 GPU_KEYS = {"H100": "h100", "H200": "h200", "B200": "b200", "RTX6000PRO": "rtx-pro-6000"}
 # trtllm-bench's default KV share (perf-overview.md: "the default setting of 0.90").
@@ -80,8 +80,7 @@ def predict_row(row: Row, catalog: dict[str, GpuSpec], eff: Efficiency) -> Predi
     config = json.loads(MODEL_CONFIGS[row.model].read_text())
     fmt, kv = FORMATS[PRECISION_FORMAT[row.precision]], KV_CACHE_DTYPES["fp8"]  # published runs: FP8 KV cache
     gpu = catalog[GPU_KEYS[row.gpu]]
-    shipped = SHIPPED_PRECISION.get(row.model)
-    precision = shipped(gpu) if shipped else Precision.uniform(fmt)
+    precision = Precision.as_published(config, gpu) or Precision.uniform(fmt)
     work = Workload.published(row.isl, row.osl)
     shape = ModelShape.from_hf_config(config)
     # Under attention DP trtllm-bench sizes each rank: its own KV pool and its share of the requests.

@@ -10,7 +10,9 @@ replicas. Cost is the GPUs' hourly price; $/Mtok is that price over the tokens t
 share is paid for). J/token is at TDP, an upper bound.
 
 Formats: a format forge has evaluated for this model is offered only where its accuracy gate passed
-(the caller reads the verdicts); one never evaluated is offered with "accuracy not measured".
+(the caller reads the verdicts); one never evaluated is offered with "accuracy not measured". A
+pre-quantized checkpoint is also offered as its publisher ships it (AS_PUBLISHED, e.g. gpt-oss's
+MXFP4 experts), labelled with the publisher's accuracy.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.core.errors import RecipeError
 from pipeline.core.formats import FORMATS, ComputeCapability, Format, KvCacheDtype
 from pipeline.core.gpus import GpuSpec
-from pipeline.sizing.iteration import Efficiency, Hardware, StepModel, step_model
+from pipeline.sizing.iteration import Efficiency, Hardware, Precision, StepModel, step_model
 from pipeline.sizing.memory import ServingShape, memory_at_tp
 from pipeline.sizing.online import Slo, max_rate, mean_lengths, offline_tok_s
 from pipeline.sizing.parallel import Parallelism, parallel_choices
@@ -37,6 +40,10 @@ HOURS_PER_MONTH = 730  # 8,760 h / 12
 BASELINE = "baseline (unquantized)"
 NOT_MEASURED = "accuracy not measured"
 PASSED = "accuracy gate passed"
+# A pre-quantized checkpoint served as its publisher ships it (Precision.as_published: gpt-oss's MXFP4
+# experts), beside the formats forge quantizes to itself; its accuracy is the publisher's, not forge's.
+AS_PUBLISHED = "as-published"
+PUBLISHERS = "the publisher's checkpoint (accuracy not measured by forge)"
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,8 @@ def formats_for(gpu: GpuSpec, evaluated: dict[str, str], wanted: tuple[str, ...]
     cc = ComputeCapability.parse(gpu.compute_capability)
     out = []
     for name in wanted or tuple(FORMATS):
+        if name == AS_PUBLISHED:  # not a format forge quantizes to: recommend() reads it from the config
+            continue
         fmt = FORMATS[name]
         if not fmt.min_compute_capability <= cc:
             continue
@@ -155,34 +164,46 @@ def recommend(config: dict[str, Any], demand: Demand, offers: list[Offer], kv: K
             rejected.append(Rejected(offer.key, "-", "-", f"a {kv.name} KV cache needs compute capability "
                                      f"{kv.min_compute_capability}; {offer.key} has {offer.gpu.compute_capability}"))
             continue
+        precisions = []  # (name, precision, accuracy label)
         for fmt, accuracy in formats_for(offer.gpu, evaluated, formats):
             if accuracy is None:
                 rejected.append(Rejected(offer.key, fmt.name, "-", f"accuracy gate {evaluated[fmt.name]} for this model"))
-                continue
+            else:
+                precisions.append((fmt.name, Precision.uniform(fmt), accuracy))
+        if formats is None or AS_PUBLISHED in formats:
+            try:
+                shipped = Precision.as_published(config, offer.gpu)
+            except RecipeError as e:
+                rejected.append(Rejected(offer.key, AS_PUBLISHED, "-", e.problem))
+                shipped = None
+            if shipped is not None:
+                precisions.append((AS_PUBLISHED, shipped, PUBLISHERS))
+        for name, precision, accuracy in precisions:
+            fmt = precision.dense
             for tp in TP_CHOICES:
                 for par in parallel_choices(shape, tp):
-                    split = memory_at_tp(shape, counts, fmt, kv, offer.gpu, serving, par)
+                    split = memory_at_tp(shape, counts, fmt, kv, offer.gpu, serving, par, precision.expert_format)
                     if split.why_not:
-                        rejected.append(Rejected(offer.key, fmt.name, str(par), split.why_not))
+                        rejected.append(Rejected(offer.key, name, str(par), split.why_not))
                         continue
                     batch = min(split.max_batch_per_rank, 4096)
-                    step = step_model(shape, counts, fmt, kv, Hardware.of(offer.gpu, fmt), par, eff,
-                                      context=demand.mean_input_len + demand.mean_output_len / 2)
+                    step = step_model(shape, counts, fmt, kv, Hardware.of(offer.gpu, fmt, precision=precision), par, eff,
+                                      context=demand.mean_input_len + demand.mean_output_len / 2, precision=precision)
                     floor, offline = math.inf, None
                     if cheapest_only and offer.usd_per_gpu_hour is not None:
                         offline = offline_tok_s(step, list(demand.lengths), batch, MAX_NUM_TOKENS, split.capacity)
                         floor = math.ceil(demand.rate_per_s * demand.mean_output_len / offline) * par.tp * offer.usd_per_gpu_hour
-                    candidates.append((floor, offer, fmt, accuracy, par, step, batch, split.capacity, offline))
+                    candidates.append((floor, offer, name, accuracy, par, step, batch, split.capacity, offline))
     if cheapest_only:  # branch and bound: cheapest floor first, stop where the floor reaches the best found
         candidates.sort(key=lambda c: c[0])
     sweeps: dict[int, tuple[Any, int, int]] = {}  # id(option) -> (step model, batch limit, KV capacity)
     best = math.inf  # the lowest $/hour found so far
-    for floor, offer, fmt, accuracy, par, step, batch, capacity, offline in candidates:
+    for floor, offer, name, accuracy, par, step, batch, capacity, offline in candidates:
         if cheapest_only and floor >= best:
             break
-        option = _option(step, offer, fmt, par, capacity, batch, demand, accuracy, offline)
+        option = _option(step, offer, name, par, capacity, batch, demand, accuracy, offline)
         if isinstance(option, str):
-            rejected.append(Rejected(offer.key, fmt.name, str(par), option))
+            rejected.append(Rejected(offer.key, name, str(par), option))
         else:
             options.append(option)
             sweeps[id(option)] = (step, batch, capacity)
@@ -194,7 +215,7 @@ def recommend(config: dict[str, Any], demand: Demand, offers: list[Offer], kv: K
     return Recommendation(options, rejected)
 
 
-def _option(step: StepModel, offer: Offer, fmt: Format, par: Parallelism, capacity: int, batch_limit: int,
+def _option(step: StepModel, offer: Offer, fmt: str, par: Parallelism, capacity: int, batch_limit: int,
             demand: Demand, accuracy: str, offline: float | None = None) -> Option | str:
     start = time.perf_counter()
     answer = max_rate(step, list(demand.lengths), demand.slo, batch_limit, MAX_NUM_TOKENS, capacity, offline)
@@ -207,7 +228,7 @@ def _option(step: StepModel, offer: Offer, fmt: Format, par: Parallelism, capaci
     tok_s = demand.rate_per_s * demand.mean_output_len
     usd_hour = None if offer.usd_per_gpu_hour is None else gpus * offer.usd_per_gpu_hour
     return Option(
-        gpu=offer.key, format=fmt.name, parallelism=str(par), gpus_per_replica=par.tp, accuracy=accuracy,
+        gpu=offer.key, format=fmt, parallelism=str(par), gpus_per_replica=par.tp, accuracy=accuracy,
         replica_rate_per_s=answer.max_rate_per_s, replicas=replicas, gpus=gpus,
         ttft_ms=answer.run.ttft_ms, tpot_ms=answer.run.tpot_ms, output_tok_s_per_gpu=tok_s / gpus,
         usd_per_hour=usd_hour, usd_per_month=None if usd_hour is None else usd_hour * HOURS_PER_MONTH,

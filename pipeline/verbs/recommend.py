@@ -24,7 +24,7 @@ from pipeline.planning.accuracy_evidence import model_verdicts
 from pipeline.recipe.loading import load_model
 from pipeline.reporting.plots import plot_pareto
 from pipeline.sizing.online import Slo
-from pipeline.sizing.recommend import Demand, Offer, Recommendation, recommend
+from pipeline.sizing.recommend import AS_PUBLISHED, Demand, Offer, Recommendation, recommend
 
 RECOMMEND_EXAMPLE = """examples:
   forge recommend recipes/llama-3-3-70b-instruct --input-len 1000 --output-len 1000 --rate 20 --ttft-ms 2000 --tpot-ms 50
@@ -53,7 +53,9 @@ class RecommendArgs:
     percentile: float = arg(99.0, help="the percentile over requests the limits hold at (MLPerf: 99)")
     gpu: tuple[str, ...] = arg((), help="a candidate GPU (repeat); default: every GPU in the catalog")
     price: tuple[str, ...] = arg((), metavar="GPU=USD", help="USD per GPU-hour for a GPU (repeat); default: the catalog's")
-    format: tuple[str, ...] = arg((), choices=tuple(FORMATS), help="only these formats (repeat); default: all the GPU runs")
+    format: tuple[str, ...] = arg((), choices=(*FORMATS, AS_PUBLISHED),
+                                  help=f"only these formats (repeat; {AS_PUBLISHED}: a pre-quantized checkpoint as shipped); "
+                                       "default: all the GPU runs")
     kv_dtype: str = arg("fp8", choices=KV_CACHE_NAMES, help="KV-cache dtype (default fp8, as NVIDIA's published runs)")
     json: bool = arg(False, help="print JSON: every option and every rejected configuration")
     plot: Path | None = arg(help="write the throughput-per-GPU vs tok/s-per-user plot (PNG) here")

@@ -103,6 +103,30 @@ def test_single_request_decodes_at_one_token_per_step():
     assert p.predicted_output_tok_s == pytest.approx(50 / (p.predicted_ttft_ms / 1e3 + 49 * p.predicted_tpot_ms / 1e3))
 
 
+def test_the_memoized_iteration_prices_as_the_formula_does():
+    """StepModel memoizes the terms that depend on the batch's token and request counts; an iteration's
+    price must be the unmemoized formula's, bit for bit, whatever came before (an MoE, so the expert
+    terms are in it too)."""
+    from pipeline.sizing.iteration import roof
+
+    config = json.loads((ROOT / "recipes/qwen3-30b-a3b/config.json").read_text())
+    shape = ModelShape.from_hf_config(config)
+    step = step_model(shape, count_params(shape), FP8, KV8, Hardware.of(CATALOG["h200"], FP8), 1, EFF)
+    gemm, weights, kv_tok, attn, ring, fixed_ar, per_seq, per_step, expert_gemm, hbm, a2a, fixed_a2a = step.seconds_per()
+    e, p = step.experts, EFF.roofline_p
+    cases = [(0, 0.0, 512, 512 * 513 / 2, 1), (64, 64 * 1500.0, 0, 0, 0), (64, 64 * 1500.0, 448, 448 * 300.0, 2),
+             (64, 70_000.0, 0, 0, 0), (1, 1000.0, 0, 0, 0)]
+    for decode, ctx, tokens, work, seqs in cases + cases:  # the second pass reads the memo
+        t, s = decode + tokens, decode + seqs
+        compute = (t * step.linear_flops_per_token + s * step.head_flops_per_seq) * gemm
+        experts = roof(t * e.top_k / e.ep * e.flops_per_slot * expert_gemm, e.touched(t) * e.bytes_per_expert * hbm,
+                       p) + e.moe_layers * EFF.moe_layer_overhead_s
+        want = (roof(compute, weights, p) + experts + ctx * kv_tok + work * attn + (fixed_ar + t * ring)
+                + (t * a2a + fixed_a2a) + (per_step + per_seq * s))
+        assert step.time(decode, ctx, tokens, work, seqs)[0] == want
+        assert step.seconds(decode, ctx, tokens, work, seqs) == want
+
+
 def test_no_request_fits_is_one_clear_error():
     shape = ModelShape.from_hf_config(LLAMA_70B)
     step = step_model(shape, count_params(shape), FP8, KV8, Hardware.of(CATALOG["h200"], FP8), 1, EFF)

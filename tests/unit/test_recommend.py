@@ -14,7 +14,7 @@ from pipeline.core.formats import KV_CACHE_DTYPES
 from pipeline.core.gpus import load_catalog
 from pipeline.planning.accuracy_evidence import model_verdicts
 from pipeline.sizing.online import Slo
-from pipeline.sizing.recommend import NOT_MEASURED, PASSED, Demand, Offer, recommend
+from pipeline.sizing.recommend import AS_PUBLISHED, NOT_MEASURED, PASSED, PUBLISHERS, Demand, Offer, recommend
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = load_catalog(ROOT / "pipeline/core/data/gpus.yaml")
@@ -99,6 +99,26 @@ def test_an_moe_model_is_searched_over_its_expert_splits():
     result = recommend(qwen, Demand(((1024, 256),), 20.0, Slo(2000, 50)), offers()[2:], KV8, {}, formats=("nvfp4",))
     splits = {o.parallelism for o in result.options}
     assert {"TP 1", "TP 2, EP 2, attention DP"} <= splits
+
+
+def test_a_pre_quantized_checkpoint_is_offered_as_its_publisher_ships_it():
+    """gpt-oss ships MXFP4 experts beside BF16 attention (config.json quantization_config): offered as
+    published, it fits one H200 (about 65 GB of weights), where its BF16 form (about 234 GB) needs four;
+    a published precision forge cannot price (DeepSeek-R1's block FP8) is rejected with the reason, not
+    priced as BF16."""
+    gpt_oss = json.loads((ROOT / "recipes/gpt-oss-120b/config.json").read_text())
+    demand = Demand(((1000, 200),), 2.0, Slo(2000, 50))
+    result = recommend(gpt_oss, demand, offers()[1:2], KV8, {}, formats=("bf16", AS_PUBLISHED), cheapest_only=True)
+    assert result.cheapest.format == AS_PUBLISHED and result.cheapest.parallelism == "TP 1"
+    assert result.cheapest.accuracy == PUBLISHERS
+    bf16_tp1 = [r.why for r in result.rejected if r.format == "bf16" and r.parallelism == "TP 1"]
+    assert bf16_tp1 and "exceed" in bf16_tp1[0]
+    r1 = json.loads((ROOT / "tests/data/configs/deepseek-r1.json").read_text())
+    refused = recommend(r1, demand, offers()[2:], KV8, {}, formats=(AS_PUBLISHED,))
+    assert not refused.options
+    why = ("a checkpoint published as 'fp8' is not a precision forge prices (it prices MXFP4-expert MoE checkpoints, "
+           "as gpt-oss ships, and the formats it quantizes to itself).")
+    assert [r.why for r in refused.rejected] == [why]
 
 
 def test_verdicts_come_from_the_committed_metrics(tmp_path):
