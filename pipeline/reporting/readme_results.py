@@ -198,20 +198,27 @@ def _per_task_table(entries: Sequence[TargetEntry]) -> str:
     gated = [e for e in entries if e.gate and any(not r.decides for r in e.gate.rows)]
     if not gated:
         return ""
-    rows: dict[str, dict[str, object]] = {}
+    rows: dict[str, dict[tuple[str, str], object]] = {}
     for e in gated:
         for r in e.gate.rows:  # type: ignore[union-attr]
             if not r.decides:
-                rows.setdefault(r.metric, {})[e.target] = r
-    head = ["task metric", "n", "baseline", *(f"{e.recipe} -> {e.gpu.upper()} recovery [95% CI]" for e in gated)]
+                rows.setdefault(r.metric, {})[(e.model, e.target)] = r  # a target is unique per model
+    # Several models (the frontier's dense and MoE variants): each target and baseline says whose it is.
+    models = list(dict.fromkeys(e.model for e in gated))
+    named = len(models) > 1
+    head = ["task metric", "n", *(f"{m} baseline" if named else "baseline" for m in models),
+            *(f"{e.model + ': ' if named else ''}{e.recipe} -> {e.gpu.upper()} recovery [95% CI]" for e in gated)]
     lines = ["", ("Per task (each row's verdict is its own, the pooled row above decides; disagree: the fraction of "
                   "the task's questions the two models answer differently):"), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric, by_target in rows.items():
         first = next(iter(by_target.values()))
-        cells = [short_metric(metric), str(first.n), _four(first.baseline)]  # type: ignore[attr-defined]
+        cells = [short_metric(metric), str(first.n)]  # type: ignore[attr-defined]
+        for m in models:
+            own = next((by_target[(m, e.target)] for e in gated if e.model == m and (m, e.target) in by_target), None)
+            cells.append("—" if own is None else _four(own.baseline))  # type: ignore[attr-defined]
         for e in gated:
-            r = by_target.get(e.target)
+            r = by_target.get((e.model, e.target))
             rate = (e.disagreement or {}).get(metric.partition("/")[0])
             cells.append("—" if r is None else f"{r.interval_text} {r.verdict.upper()}"  # type: ignore[attr-defined]
                          + ("" if rate is None else f", disagree {rate:.3f}"))

@@ -289,6 +289,22 @@ def test_the_readme_block_shows_per_task_rows_and_the_published_figures():
     assert "smollm2-135m baseline beside its published figures (a card; there: lighteval):" in table
 
 
+def test_the_per_task_table_names_each_model_when_it_spans_two():
+    """The frontier's table holds the dense recipes and the upcycled MoE's: two "fp8 -> H200" columns
+    (seen in reports/frontier/readme_results.md) and one model's baseline for both."""
+    from pipeline.reporting.readme_results import results_table
+
+    moe = {**_pooled_entry("fp8", "h200", {"core/acc,none": 0.60, "arc_easy/acc,none": 0.55, "piqa/acc_norm,none": 0.66}),
+           "model": "smollm2-135m-moe"}
+    entries = load_entries([
+        _pooled_entry("fp8", "h200", {"core/acc,none": 0.60, "arc_easy/acc,none": 0.56, "piqa/acc_norm,none": 0.65}), moe])
+    per_task = results_table(entries, "a CPU", {}).split("Per task")[1]
+    head = next(line for line in per_task.splitlines() if line.startswith("| task metric"))
+    assert head == ("| task metric | n | smollm2-135m baseline | smollm2-135m-moe baseline | smollm2-135m: fp8 -> H200 "
+                    "recovery [95% CI] | smollm2-135m-moe: fp8 -> H200 recovery [95% CI] |")
+    assert "| arc_easy acc | 0 | 0.5500 | 0.5500 | 1.0182 PASS | 1.0000 PASS |" in per_task
+
+
 def test_published_figures_with_a_bad_field_are_named(tmp_path):
     from pipeline.reporting.readme_results import load_published
 
