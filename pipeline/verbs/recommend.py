@@ -19,6 +19,7 @@ from pipeline.core.cliargs import add_verb, arg, run_with
 from pipeline.core.errors import RecipeError
 from pipeline.core.formats import FORMATS, KV_CACHE_DTYPES, KV_CACHE_NAMES, canonical_kv_dtype
 from pipeline.core.gpus import DEFAULT_CATALOG, load_catalog
+from pipeline.core.tables import print_table as print_rich_table
 from pipeline.core.yamlio import read_json
 from pipeline.planning.accuracy_evidence import model_verdicts
 from pipeline.recipe.loading import load_model
@@ -178,16 +179,19 @@ def print_table(result: Recommendation, demand: Demand, label: str, evidence: di
                 plot: Path | None) -> None:
     key = f"p{demand.slo.percentile:g}"
     lengths = ", ".join(f"{i}/{o}" for i, o in demand.lengths)
+    from rich.table import Table
+
     print(f"{label}: {demand.rate_per_s:g} req/s of ISL/OSL {lengths} within {demand.slo} (all figures predicted)")
-    header = ("GPU", "format", "parallelism", "replicas x GPUs", "req/s/replica", f"{key} TTFT/TPOT ms",
-              "tok/s/GPU", "$/hour", "$/month", "$/Mtok", "J/token", "accuracy")
-    rows = [(o.gpu, o.format, o.parallelism, f"{o.replicas} x {o.gpus_per_replica}", f"{o.replica_rate_per_s:,.2f}",
-             f"{o.ttft_ms[key]:,.0f} / {o.tpot_ms[key]:,.1f}", f"{o.output_tok_s_per_gpu:,.0f}", _money(o.usd_per_hour),
-             _money(o.usd_per_month, 0), _money(o.usd_per_mtok, 3), f"{o.joules_per_token:.2f}", o.accuracy)
-            for o in result.options[:top]]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    table = Table()
+    for column in ("GPU", "format", "parallelism", "replicas x GPUs", "req/s/replica", f"{key} TTFT/TPOT ms",
+                   "tok/s/GPU", "$/hour", "$/month", "$/Mtok", "J/token", "accuracy"):
+        table.add_column(column)
+    for o in result.options[:top]:
+        table.add_row(o.gpu, o.format, o.parallelism, f"{o.replicas} x {o.gpus_per_replica}", f"{o.replica_rate_per_s:,.2f}",
+                      f"{o.ttft_ms[key]:,.0f} / {o.tpot_ms[key]:,.1f}", f"{o.output_tok_s_per_gpu:,.0f}",
+                      _money(o.usd_per_hour), _money(o.usd_per_month, 0), _money(o.usd_per_mtok, 3),
+                      f"{o.joules_per_token:.2f}", o.accuracy)
+    print_rich_table(table)
     if len(result.options) > top:
         print(f"... {len(result.options) - top} more feasible configurations (--top, --json)")
     cheapest = result.cheapest
